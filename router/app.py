@@ -1,0 +1,83 @@
+"""The app factory. Nothing runs at import time; every resource has one cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+from aiohttp import web
+
+from router import keys
+from router.config import RouterConfig
+from router.fleet.health import HealthChecker
+from router.fleet.scraper import scrape_loop, scrape_once
+from router.handlers import add_routes, error_middleware
+from router.metrics import RouterMetrics
+from router.pipeline import ModelRoutes
+
+log = logging.getLogger(__name__)
+
+
+def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.server.max_body_bytes)
+    app[keys.CONFIG] = cfg
+    app[keys.METRICS] = metrics or RouterMetrics()
+    app[keys.EXECUTOR] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-tok")
+    routes = ModelRoutes(cfg, app[keys.EXECUTOR])
+    app[keys.ROUTES] = routes
+
+    def on_worker_state(worker) -> None:
+        # A worker that failed or came back may have lost its KV cache.
+        routes.route_of(worker).index.drop_worker(worker.url)
+        app[keys.METRICS].healthy.labels(worker.model, worker.url).set(1 if worker.healthy else 0)
+
+    app[keys.HEALTH] = HealthChecker(on_worker_state)
+    add_routes(app)
+    app.cleanup_ctx.extend([_client_session, _executor, _scraper, _health_loop])
+    return app
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG].server
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        app[keys.SESSION] = session
+        yield
+
+
+async def _executor(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[keys.EXECUTOR].shutdown(wait=False, cancel_futures=True)
+
+
+async def _run_background(coro) -> AsyncIterator[None]:
+    task = asyncio.create_task(coro)
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _scraper(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG].scrape
+    routes = app[keys.ROUTES]
+    session = app[keys.SESSION]
+    # One scrape before serving, so the KV block size is known for the first request.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(scrape_once(session, routes.all_workers(), cfg.timeout_s), cfg.timeout_s + 1)
+    async for _ in _run_background(scrape_loop(session, routes.all_workers, cfg.interval_s, cfg.timeout_s)):
+        yield
+
+
+async def _health_loop(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG].health
+    checker = app[keys.HEALTH]
+    routes = app[keys.ROUTES]
+    session = app[keys.SESSION]
+    async for _ in _run_background(checker.run(session, routes.all_workers, cfg.interval_s, cfg.timeout_s)):
+        yield

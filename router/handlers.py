@@ -1,0 +1,110 @@
+"""HTTP handlers and the error middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from router import keys
+from router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
+from router.pipeline import run_request
+from router.requests import CHAT, COMPLETION, parse_request, read_body
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Turn every failure into an OpenAI-style error body; never crash the router."""
+    try:
+        return await handler(request)
+    except UpstreamStatusError as exc:
+        request.app[keys.METRICS].errors.labels("upstream_status").inc()
+        return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type.split(";")[0])
+    except KvrouteError as exc:
+        request.app[keys.METRICS].errors.labels(exc.code or exc.type).inc()
+        return web.json_response(exc.to_body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = KvrouteError(exc.reason or "HTTP error", code=str(exc.status))
+        err.status, err.type = exc.status, "invalid_request_error"
+        return web.json_response(err.to_body(), status=exc.status)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        request.app[keys.METRICS].errors.labels("internal").inc()
+        return web.json_response(KvrouteError("Internal router error").to_body(), status=500)
+
+
+async def _completion(request: web.Request, kind: str) -> web.StreamResponse:
+    cfg = request.app[keys.CONFIG]
+    raw = await read_body(request, cfg.server.max_body_bytes)
+    req = parse_request(kind, raw, request.headers)
+    return await run_request(request, req)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, COMPLETION)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    routes = request.app[keys.ROUTES]
+    now = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": now, "owned_by": "kvroute"}
+        for name, route in routes.by_name.items()
+        if route.pool.healthy()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    routes = request.app[keys.ROUTES]
+    models = {}
+    for name, route in routes.by_name.items():
+        models[name] = {
+            "mode": route.mode,
+            "policy": route.cfg.policy,
+            "block_size": route.block_size,
+            "healthy_workers": len(route.pool.healthy()),
+            "index_entries": len(route.index),
+            "workers": [
+                {"url": w.url, "healthy": w.healthy, "in_flight": w.in_flight_requests,
+                 "index_blocks": route.index.blocks_of(w.url)}
+                for w in route.pool.all()
+            ],
+        }
+    ok = all(m["healthy_workers"] for m in models.values())
+    return web.json_response({"status": "ok" if ok else "degraded", "models": models})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].render()
+    return web.Response(body=body, headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"Unknown route: {request.method} {request.path}")
+
+
+async def method_not_allowed(request: web.Request) -> web.Response:
+    err = InvalidRequest(f"Method {request.method} not allowed on {request.path}")
+    err.status = 405
+    raise err
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        app.router.add_route("*", path, method_not_allowed)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", not_found)

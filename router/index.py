@@ -1,0 +1,84 @@
+"""Speculative prefix index: which worker is believed to hold which KV block.
+
+Block key -> set of worker URLs, plus one LRU per worker bounded by about that worker's
+KV capacity in blocks. When a request is dispatched, all its block keys are recorded for
+the chosen worker (vLLM will cache them); when a worker's LRU overflows, its oldest
+blocks are forgotten, as vLLM would evict them. Memory is therefore bounded by
+``sum(capacity)`` entries whatever the traffic.
+
+Everything runs on the event loop, so no locking is needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+
+class PrefixIndex:
+    def __init__(self, capacity_blocks: int):
+        if capacity_blocks <= 0:
+            raise ValueError("capacity_blocks must be positive")
+        self.capacity_blocks = capacity_blocks
+        self._holders: dict[int, set[str]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+
+    def __len__(self) -> int:
+        """Number of (block, worker) entries held."""
+        return sum(len(lru) for lru in self._lru.values())
+
+    def blocks_of(self, worker: str) -> int:
+        return len(self._lru.get(worker, ()))
+
+    def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
+        """Longest cached prefix, in blocks, of ``keys`` on each of ``workers``."""
+        result = {w: 0 for w in workers}
+        alive = set(result)
+        for depth, key in enumerate(keys):
+            holders = self._holders.get(key)
+            if not holders:
+                break
+            alive &= holders
+            if not alive:
+                break
+            for w in alive:
+                result[w] = depth + 1
+        return result
+
+    def insert(self, worker: str, keys: Sequence[int]) -> None:
+        """Record that ``worker`` holds ``keys`` (most recently used)."""
+        lru = self._lru.setdefault(worker, OrderedDict())
+        for key in keys:
+            if key in lru:
+                lru.move_to_end(key)
+            else:
+                lru[key] = None
+                self._holders.setdefault(key, set()).add(worker)
+        while len(lru) > self.capacity_blocks:
+            old, _ = lru.popitem(last=False)
+            self._discard(old, worker)
+
+    def remove(self, worker: str, keys: Iterable[int]) -> None:
+        lru = self._lru.get(worker)
+        if lru is None:
+            return
+        for key in keys:
+            if lru.pop(key, 0) is None:
+                self._discard(key, worker)
+
+    def drop_worker(self, worker: str) -> None:
+        """Forget everything about a worker (it left, restarted or was ejected)."""
+        for key in self._lru.pop(worker, ()):
+            self._discard(key, worker)
+
+    def retain_workers(self, workers: Iterable[str]) -> None:
+        keep = set(workers)
+        for w in [w for w in self._lru if w not in keep]:
+            self.drop_worker(w)
+
+    def _discard(self, key: int, worker: str) -> None:
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self._holders[key]

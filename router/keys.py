@@ -1,0 +1,23 @@
+"""Typed keys for the objects an app holds. Nothing is stored under string keys."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from router.config import RouterConfig
+from router.fleet.health import HealthChecker
+from router.metrics import RouterMetrics
+
+if TYPE_CHECKING:
+    pass
+
+CONFIG = web.AppKey("config", RouterConfig)
+METRICS = web.AppKey("metrics", RouterMetrics)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+HEALTH = web.AppKey("health", HealthChecker)
+ROUTES = web.AppKey("routes", "ModelRoutes")

@@ -1,0 +1,49 @@
+"""Prometheus metrics owned by one ``RouterMetrics`` object per app (no global registry).
+
+Labels come from a small fixed set: ``model``, ``worker`` and ``status``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        mw = ["model", "worker"]
+        self.requests = Counter("kvroute_worker_requests", "Requests per worker and outcome",
+                                mw + ["status"], registry=r)
+        self.prompt_tokens = Counter("kvroute_worker_prompt_tokens", "Prompt tokens (usage)",
+                                     mw, registry=r)
+        self.completion_tokens = Counter("kvroute_worker_completion_tokens",
+                                         "Completion tokens (usage)", mw, registry=r)
+        self.cached_tokens = Counter("kvroute_worker_cached_prompt_tokens",
+                                     "Prompt tokens served from the worker's prefix cache "
+                                     "(usage.prompt_tokens_details.cached_tokens)", mw, registry=r)
+        self.predicted_cached_tokens = Counter("kvroute_worker_predicted_cached_tokens",
+                                               "Prompt tokens the router expected to be cached",
+                                               mw, registry=r)
+        self.in_flight = Gauge("kvroute_worker_in_flight_requests", "Requests in flight",
+                               mw, registry=r)
+        self.healthy = Gauge("kvroute_worker_healthy", "1 when the worker is routable",
+                             mw, registry=r)
+        self.ttft = Histogram("kvroute_ttft_seconds", "Time to first token (streams) or to "
+                              "the response (non-streaming)", mw, buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.latency = Histogram("kvroute_request_seconds", "End-to-end request time", mw,
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.decision = Histogram("kvroute_route_decision_seconds",
+                                  "Time to choose a worker (policy select)", ["model"],
+                                  buckets=_DECISION_BUCKETS, registry=r)
+        self.retries = Counter("kvroute_retries", "Requests retried on another worker",
+                               ["model"], registry=r)
+        self.errors = Counter("kvroute_errors", "Requests answered with a kvroute error",
+                              ["code"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,141 @@
+"""The request path as one straight line: parse -> govern -> choose tier -> choose worker
+-> proxy -> account.
+
+``ModelRoute`` holds what one model needs to route: its worker pool, policy, prefix index
+and prefixer. ``run_request`` is the whole path; each stage is a short call into its own
+module, so adding a stage (budgets, tiers) touches this file and the new module only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from router import keys
+from router.config import ModelConfig, RouterConfig
+from router.errors import ModelNotFound, NoHealthyWorker, UpstreamError
+from router.fleet.workers import Worker, WorkerPool
+from router.index import PrefixIndex
+from router.policies.base import Policy, PolicyDeps, RequestContext
+from router.policies.registry import create_policy
+from router.prefix import Prefixer, PromptTokenizer
+from router.proxy import Dispatch, forward
+from router.requests import ParsedRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16  # used only until a worker reports its own
+DEFAULT_MAX_TOKENS = 256
+MAX_TOKENS_CLAMP = 4096
+MAX_ATTEMPTS = 2  # one retry on another worker, only before the first byte
+
+
+@dataclass
+class ModelRoute:
+    cfg: ModelConfig
+    pool: WorkerPool
+    policy: Policy
+    index: PrefixIndex
+    prefixer: Prefixer
+
+    @property
+    def mode(self) -> str:
+        return "exact" if self.prefixer.exact else "approximate"
+
+    @property
+    def block_size(self) -> int:
+        if self.cfg.block_size:
+            return self.cfg.block_size
+        for w in self.pool.all():
+            if w.block_size:
+                return w.block_size
+        return DEFAULT_BLOCK_SIZE
+
+
+class ModelRoutes:
+    """All configured models, by the name clients send."""
+
+    def __init__(self, cfg: RouterConfig, executor=None):
+        self.by_name: dict[str, ModelRoute] = {}
+        for m in cfg.models:
+            index = PrefixIndex(m.kv_capacity_blocks)
+            tokenizer = PromptTokenizer(m.tokenizer) if m.tokenizer else None
+            if tokenizer is None:
+                log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
+                            "(character chunks, not KV blocks)", m.name)
+            pool = WorkerPool(m.name, m.workers)
+            policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
+            pool.on_change(policy.on_workers_changed)
+            self.by_name[m.name] = ModelRoute(m, pool, policy, index,
+                                              Prefixer(tokenizer, m.approx_chunk_chars, executor))
+
+    def get(self, name: str) -> ModelRoute:
+        route = self.by_name.get(name)
+        if route is None:
+            raise ModelNotFound(f"The model '{name}' does not exist or is not served by this "
+                                f"router. Available: {', '.join(self.by_name)}", param="model")
+        return route
+
+    def all_workers(self) -> Iterable[Worker]:
+        for route in self.by_name.values():
+            yield from route.pool.all()
+
+    def route_of(self, worker: Worker) -> ModelRoute:
+        return self.by_name[worker.model]
+
+
+def expected_max_tokens(body: dict) -> int:
+    value = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+    return max(1, min(int(value), MAX_TOKENS_CLAMP))
+
+
+async def build_context(route: ModelRoute, req: ParsedRequest) -> RequestContext:
+    pk = await route.prefixer.keys(req.body, route.block_size)
+    session = req.headers.get("x-kvroute-session") or req.body.get("user")
+    return RequestContext(
+        model=route.cfg.name,
+        block_keys=pk.block_keys,
+        block_size=pk.block_size,
+        prompt_tokens=pk.prompt_tokens,
+        max_tokens=expected_max_tokens(req.body),
+        session_key=session if isinstance(session, str) else None,
+        headers=req.headers,
+    )
+
+
+def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext,
+                  exclude: set[str]) -> Worker:
+    candidates = [w for w in route.pool.healthy() if w.url not in exclude]
+    if not candidates:
+        raise NoHealthyWorker(f"No healthy worker for model '{route.cfg.name}'; retry later.",
+                              param="model")
+    start = time.perf_counter()
+    worker = route.policy.select(candidates, ctx) or candidates[0]
+    app[keys.METRICS].decision.labels(route.cfg.name).observe(time.perf_counter() - start)
+    return worker
+
+
+async def run_request(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
+    app = request.app
+    routes = app[keys.ROUTES]
+    # govern: budgets and kill switch slot in here (issue 8).
+    route = routes.get(req.model)  # choose tier: one tier per model until issue 5
+    ctx = await build_context(route, req)
+    tried: set[str] = set()
+    while True:
+        worker = choose_worker(app, route, ctx, tried)
+        tried.add(worker.url)
+        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req)
+        try:
+            return await forward(request, dispatch)  # proxy + account
+        except UpstreamError as exc:
+            if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
+                    and len(route.pool.healthy()) > 0):
+                raise
+            app[keys.METRICS].retries.labels(route.cfg.name).inc()
+            log.warning("retrying %s request on another worker after %s: %s",
+                        route.cfg.name, worker.url, exc.message)

@@ -1,0 +1,1 @@
+"""Routing policies: one small synchronous interface, one module per policy."""

@@ -1,0 +1,79 @@
+"""The policy interface.
+
+``select(workers, ctx)`` is synchronous, does no I/O and has the same signature for every
+policy. The framework (``router.pipeline``) filters out unhealthy workers before calling
+it, updates load, and retries on another worker when a dispatch fails. Hooks do nothing
+by default.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from router.fleet.workers import Worker
+from router.index import PrefixIndex
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Everything a policy may look at, computed once per request."""
+
+    model: str
+    block_keys: tuple[int, ...]  # chained hashes of the prompt's full KV blocks
+    block_size: int  # tokens per block (characters per chunk in approximate mode)
+    prompt_tokens: int  # exact with a tokenizer, estimated in approximate mode
+    max_tokens: int  # expected decode tokens (clamped)
+    session_key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyDeps:
+    """Shared state handed to a policy at construction."""
+
+    index: PrefixIndex
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class Policy:
+    name: ClassVar[str]
+
+    def __init__(self, deps: PolicyDeps, options: Mapping[str, Any] | None = None):
+        self.deps = deps
+        self.options = dict(options or {})
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
+        """Raise ``ConfigError`` naming ``key`` for bad options. Default: none accepted."""
+        from router.errors import ConfigError
+
+        for k in options:
+            raise ConfigError(f"{key}.{k}", f"policy {cls.name!r} takes no option {k!r}")
+
+    def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
+        raise NotImplementedError
+
+    def predicted_cached_tokens(self, worker: Worker, ctx: RequestContext) -> int:
+        """Tokens of the prompt the policy believes ``worker`` has cached."""
+        matched = self.deps.index.match(ctx.block_keys, [worker.url])[worker.url]
+        return min(matched * ctx.block_size, ctx.prompt_tokens)
+
+    def on_dispatch(self, worker: Worker, ctx: RequestContext) -> None:
+        """The request was sent to ``worker``: by default, record its blocks there."""
+        self.deps.index.insert(worker.url, ctx.block_keys)
+
+    def on_complete(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
+        pass
+
+    def on_workers_changed(self, workers: Sequence[Worker]) -> None:
+        self.deps.index.retain_workers(w.url for w in workers)
+
+
+def pick_random_min(workers: Sequence[Worker], scores: Sequence[float], rng: random.Random) -> Worker:
+    """The worker with the lowest score; ties broken at random."""
+    best = min(scores)
+    tied = [w for w, s in zip(workers, scores) if s == best]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)

@@ -1,0 +1,216 @@
+"""Proxy one request to one worker and account for it.
+
+Non-streaming responses are read whole and passed through byte for byte. Streams are
+relayed event by event as they arrive; the client response is only started once the
+first upstream event is in hand, so a worker that fails before that can be retried
+transparently on another worker. The router always asks the worker for a final usage
+chunk (``stream_options.include_usage``) and strips it again when the client did not
+ask for it.
+
+``map_client_errors`` is the one boundary where aiohttp's exceptions become kvroute's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from router import keys
+from router.errors import UpstreamConnectError, UpstreamStatusError, UpstreamTimeout
+from router.fleet.workers import Worker
+from router.policies.base import RequestContext
+from router.requests import ParsedRequest
+
+if TYPE_CHECKING:
+    from router.pipeline import ModelRoute
+
+WORKER_HEADER = "x-kvroute-worker"
+
+
+@contextlib.contextmanager
+def map_client_errors(worker: Worker) -> Iterator[None]:
+    try:
+        yield
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"Worker {worker.url} timed out") from exc
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise UpstreamConnectError(f"Worker {worker.url} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class Dispatch:
+    route: ModelRoute
+    worker: Worker
+    ctx: RequestContext
+    req: ParsedRequest
+    client_started: bool = False  # bytes were sent to the client: no retry from here on
+    usage: dict | None = None
+    status: str = "error"
+    started_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+def upstream_body(d: Dispatch) -> bytes:
+    body = dict(d.req.body)
+    body["model"] = d.route.cfg.served_name
+    if d.req.stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(body)
+
+
+async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
+    app = request.app
+    session = app[keys.SESSION]
+    policy = d.route.policy
+    worker = d.worker
+    predicted = policy.predicted_cached_tokens(worker, d.ctx)
+    load_tokens = max(0, d.ctx.prompt_tokens - predicted) + d.ctx.max_tokens
+    policy.on_dispatch(worker, d.ctx)
+    worker.in_flight_requests += 1
+    worker.in_flight_tokens += load_tokens
+    metrics = app[keys.METRICS]
+    labels = (d.route.cfg.name, worker.url)
+    metrics.in_flight.labels(*labels).inc()
+    try:
+        with map_client_errors(worker):
+            async with session.post(
+                worker.url + d.req.path,
+                data=upstream_body(d),
+                headers={"content-type": "application/json", **_trace_headers(d.req)},
+            ) as resp:
+                if resp.status >= 400:
+                    body = await resp.read()
+                    d.status = str(resp.status)
+                    raise UpstreamStatusError(resp.status, body, resp.headers.get("content-type"))
+                if d.req.stream:
+                    response = await _relay_stream(request, resp, d)
+                else:
+                    response = await _relay_whole(resp, d)
+        d.status = "ok"
+        metrics.predicted_cached_tokens.labels(*labels).inc(predicted)
+        return response
+    except UpstreamConnectError as exc:
+        if not d.client_started:
+            app[keys.HEALTH].eject(worker, exc.message)
+        raise
+    finally:
+        worker.in_flight_requests -= 1
+        worker.in_flight_tokens -= load_tokens
+        metrics.in_flight.labels(*labels).dec()
+        policy.on_complete(worker, d.ctx, d.status == "ok")
+        account(app, d)
+
+
+async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
+    raw = await resp.read()
+    d.first_token_at = time.perf_counter()
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+        d.usage = orjson.loads(raw).get("usage")
+    return web.Response(
+        body=raw,
+        status=resp.status,
+        content_type="application/json",
+        headers={WORKER_HEADER: d.worker.url},
+    )
+
+
+async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: Dispatch) -> web.StreamResponse:
+    out: web.StreamResponse | None = None
+    event: list[bytes] = []
+    try:
+        async for line in resp.content:
+            if line not in (b"\n", b"\r\n"):
+                event.append(line)
+                continue
+            if not event:
+                continue
+            data = b"".join(event)
+            event = []
+            if not _keep_event(data, d):
+                continue
+            if out is None:
+                out = await _start_stream(request, d)
+            if d.first_token_at is None:
+                d.first_token_at = time.perf_counter()
+            try:
+                await out.write(data + b"\n")
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                d.status = "client_disconnected"
+                return out  # the client left; stop reading the worker
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if out is None:
+            raise  # nothing sent yet: map_client_errors makes it retryable
+        # Too late to retry: end the stream with a clean, final SSE error event.
+        d.status = "upstream_error"
+        err = UpstreamConnectError(f"Worker {d.worker.url} failed mid-stream: {type(exc).__name__}")
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await out.write(b"data: " + orjson.dumps(err.to_body()) + b"\n\n")
+            await out.write_eof()
+        return out
+    if out is None:  # an empty stream: still answer well-formed SSE
+        out = await _start_stream(request, d)
+    await out.write_eof()
+    return out
+
+
+async def _start_stream(request: web.Request, d: Dispatch) -> web.StreamResponse:
+    out = web.StreamResponse(
+        status=200,
+        headers={"content-type": "text/event-stream", "cache-control": "no-cache",
+                 WORKER_HEADER: d.worker.url},
+    )
+    await out.prepare(request)
+    d.client_started = True
+    return out
+
+
+def _keep_event(data: bytes, d: Dispatch) -> bool:
+    """Record usage; drop the usage-only chunk unless the client asked for it."""
+    if not data.startswith(b"data: {") or b'"usage"' not in data:
+        return True
+    try:
+        chunk = orjson.loads(data[6:])
+    except orjson.JSONDecodeError:
+        return True
+    usage = chunk.get("usage") if isinstance(chunk, dict) else None
+    if usage:
+        d.usage = usage
+        if not chunk.get("choices") and not d.req.wants_usage_chunk:
+            return False
+    return True
+
+
+def _trace_headers(req: ParsedRequest) -> dict[str, str]:
+    tp = req.headers.get("traceparent")
+    return {"traceparent": tp} if tp else {}
+
+
+def account(app: web.Application, d: Dispatch) -> None:
+    """Per-worker token and latency metrics from the response's own usage."""
+    m = app[keys.METRICS]
+    labels = (d.route.cfg.name, d.worker.url)
+    m.requests.labels(*labels, d.status).inc()
+    now = time.perf_counter()
+    if d.first_token_at is not None:
+        m.ttft.labels(*labels).observe(d.first_token_at - d.started_at)
+    if d.status == "ok":
+        m.latency.labels(*labels).observe(now - d.started_at)
+    usage = d.usage or {}
+    if not isinstance(usage, dict):
+        return
+    m.prompt_tokens.labels(*labels).inc(_int(usage.get("prompt_tokens")))
+    m.completion_tokens.labels(*labels).inc(_int(usage.get("completion_tokens")))
+    details = usage.get("prompt_tokens_details") or {}
+    if isinstance(details, dict):
+        m.cached_tokens.labels(*labels).inc(_int(details.get("cached_tokens")))
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

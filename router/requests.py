@@ -1,0 +1,120 @@
+"""Parse and validate an OpenAI request body: the first stage of the request path.
+
+Only what the router itself relies on is checked here; everything else is the worker's
+job and its errors are passed through. Every failure is an ``InvalidRequest`` naming the
+field, so a client always gets a 4xx with a clear message and never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.errors import InvalidRequest, PayloadTooLarge
+
+CHAT = "chat"
+COMPLETION = "completion"
+_ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    kind: str  # CHAT or COMPLETION
+    path: str  # upstream path, e.g. /v1/chat/completions
+    body: dict
+    model: str
+    stream: bool
+    wants_usage_chunk: bool  # the client asked for stream_options.include_usage
+    headers: Mapping[str, str]
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the "
+                              f"limit of {max_bytes} bytes.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.") from None
+
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+        raise InvalidRequest(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of message objects", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise InvalidRequest(f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}",
+                                 param=f"messages[{i}].role")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of parts",
+                                 param=f"messages[{i}].content")
+        if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
+            raise InvalidRequest(f"'messages[{i}].content' parts must be objects",
+                                 param=f"messages[{i}].content")
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return
+        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+            return
+    raise InvalidRequest("'prompt' must be a string, a list of strings, or token ids", param="prompt")
+
+
+def parse_request(kind: str, raw: bytes, headers: Mapping[str, str]) -> ParsedRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model")
+    if kind == CHAT:
+        if "messages" not in body:
+            raise InvalidRequest("'messages' is required", param="messages")
+        _check_messages(body["messages"])
+        path = "/v1/chat/completions"
+    else:
+        if "prompt" not in body:
+            raise InvalidRequest("'prompt' is required", param="prompt")
+        _check_prompt(body["prompt"])
+        path = "/v1/completions"
+    stream = bool(_field(body, "stream", (bool,), "a boolean"))
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        value = _field(body, name, (int,), "an integer")
+        if value is not None and value < 1:
+            raise InvalidRequest(f"'{name}' must be at least 1", param=name)
+    for name in ("temperature", "top_p"):
+        _field(body, name, (int, float), "a number")
+    stream_options = _field(body, "stream_options", (dict,), "an object") or {}
+    return ParsedRequest(
+        kind=kind,
+        path=path,
+        body=body,
+        model=model,
+        stream=stream,
+        wants_usage_chunk=bool(stream_options.get("include_usage")),
+        headers={k.lower(): v for k, v in headers.items() if k.lower().startswith(("x-kvroute-", "traceparent"))},
+    )

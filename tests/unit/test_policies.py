@@ -1,0 +1,145 @@
+"""Policies as pure functions: workers and a context in, a choice out."""
+
+import random
+
+import pytest
+
+from router.errors import ConfigError
+from router.fleet.workers import Worker
+from router.index import PrefixIndex
+from router.policies.base import PolicyDeps, RequestContext
+from router.policies.registry import POLICIES, create_policy
+from router.prefix import chain_keys
+
+
+def workers(n: int) -> list[Worker]:
+    return [Worker(url=f"http://w{i}:8000", model="m") for i in range(n)]
+
+
+def ctx(tokens: list[int], block_size: int = 16, max_tokens: int = 16) -> RequestContext:
+    return RequestContext(model="m", block_keys=tuple(chain_keys(tokens, block_size)),
+                          block_size=block_size, prompt_tokens=len(tokens), max_tokens=max_tokens)
+
+
+def make(name: str, options=None, seed: int = 0):
+    return create_policy(name, PolicyDeps(index=PrefixIndex(10_000), rng=random.Random(seed)), options)
+
+
+def test_registry_has_one_name_per_policy_and_rejects_unknown():
+    assert set(POLICIES) == {"round_robin", "least_loaded", "consistent_hash", "prefix"}
+    with pytest.raises(ConfigError, match="valid: round_robin"):
+        make("cache_aware")
+
+
+def test_round_robin_cycles_through_workers():
+    p, ws = make("round_robin"), workers(3)
+    picks = [p.select(ws, ctx([1] * 32)).url for _ in range(6)]
+    assert picks[:3] == sorted(w.url for w in ws) and picks[3:] == picks[:3]
+
+
+def test_least_loaded_picks_fewest_in_flight_tokens():
+    p, ws = make("least_loaded"), workers(3)
+    ws[0].in_flight_tokens, ws[1].in_flight_tokens, ws[2].in_flight_tokens = 500, 20, 300
+    assert p.select(ws, ctx([1] * 32)) is ws[1]
+
+
+def test_least_loaded_breaks_ties_at_random():
+    p, ws = make("least_loaded"), workers(4)
+    assert len({p.select(ws, ctx([1] * 32)).url for _ in range(50)}) > 1
+
+
+def test_consistent_hash_is_stable_and_agrees_across_replicas():
+    a, b, ws = make("consistent_hash", seed=1), make("consistent_hash", seed=2), workers(5)
+    for n in range(20):
+        c = ctx([n] * 64)
+        assert a.select(ws, c) is a.select(ws, c)
+        assert a.select(ws, c).url == b.select(list(reversed(ws)), c).url
+
+
+def test_consistent_hash_spills_when_owner_is_over_the_load_bound():
+    p, ws = make("consistent_hash"), workers(4)
+    c = ctx([42] * 64)
+    owner = p.select(ws, c)
+    owner.in_flight_requests = 10
+    assert p.select(ws, c) is not owner
+
+
+def test_consistent_hash_moves_few_keys_when_a_worker_leaves():
+    p, ws = make("consistent_hash"), workers(8)
+    before = {n: p.select(ws, ctx([n] * 16)).url for n in range(400)}
+    after = {n: p.select(ws[:-1], ctx([n] * 16)).url for n in range(400)}
+    moved = sum(before[n] != after[n] for n in before)
+    assert moved == sum(1 for n in before if before[n] == ws[-1].url)
+
+
+def test_prefix_sends_a_request_to_the_worker_holding_its_prefix():
+    p, ws = make("prefix"), workers(4)
+    system = list(range(1000, 1512))
+    first = p.select(ws, ctx(system + [1] * 20))
+    p.on_dispatch(first, ctx(system + [1] * 20))
+    for q in range(2, 10):
+        assert p.select(ws, ctx(system + [q] * 20)) is first
+
+
+def test_prefix_miss_uses_bounded_load_consistent_hashing_like_consistent_hash():
+    p, ch, ws = make("prefix"), make("consistent_hash"), workers(6)
+    for n in range(30):
+        c = ctx([n] * 64)
+        assert p.select(ws, c).url == ch.select(ws, c).url
+
+
+def test_prefix_weighs_cached_tokens_against_load():
+    p, ws = make("prefix"), workers(2)
+    long_prompt = list(range(2000))
+    c = ctx(long_prompt)
+    p.on_dispatch(ws[0], c)
+    ws[0].in_flight_tokens = 300  # busy, but recomputing 2000 tokens elsewhere costs more
+    assert p.select(ws, c) is ws[0]
+    ws[0].in_flight_tokens = 5000  # now the wait outweighs the cache
+    assert p.select(ws, c) is ws[1]
+
+
+def test_prefix_spreads_a_hot_prefix_when_its_holder_is_overloaded():
+    p, ws = make("prefix"), workers(4)
+    hot = ctx(list(range(512)))
+    holder = p.select(ws, hot)
+    p.on_dispatch(holder, hot)
+    holder.in_flight_requests = 12
+    other = p.select(ws, hot)
+    assert other is not holder
+    p.on_dispatch(other, hot)  # the prefix now lives on a second worker too
+    assert p.deps.index.match(hot.block_keys, [holder.url, other.url]) == {holder.url: 32, other.url: 32}
+
+
+def test_prefix_counts_other_replicas_queue_from_vllm_metrics():
+    p, ws = make("prefix"), workers(2)
+    c = ctx(list(range(256)))
+    for w in ws:
+        p.on_dispatch(w, c)
+    ws[0].vllm_waiting = 20  # another router replica has filled worker 0
+    assert p.select(ws, c) is ws[1]
+
+
+def test_prefix_breaks_ties_at_random():
+    p, ws = make("prefix", seed=3), workers(3)
+    c = ctx(list(range(64)))
+    for w in ws:
+        p.on_dispatch(w, c)
+    assert len({p.select(ws, c).url for _ in range(60)}) == 3
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_returns_none_without_workers(name):
+    assert make(name).select([], ctx([1] * 16)) is None
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"nope": 1}, "x.nope"),
+    ({"load_weight": -1}, "x.load_weight"),
+    ({"balance_factor": 0.5}, "x.balance_factor"),
+    ({"load_weight": "high"}, "x.load_weight"),
+])
+def test_prefix_options_are_validated_with_the_key_named(options, key):
+    with pytest.raises(ConfigError) as err:
+        POLICIES["prefix"].validate_options(options, "x")
+    assert err.value.key == key

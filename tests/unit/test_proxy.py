@@ -1,0 +1,171 @@
+"""The router's HTTP surface against a fake worker: bad input, streaming, retries, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from router import keys
+from router.app import create_app
+from router.config import config_from_dict
+from tests.fakes import SEEN, fake_worker
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    return await aiohttp_server(fake_worker())
+
+
+def router_config(workers, **server):
+    return config_from_dict({
+        "models": [{"name": "tiny", "workers": workers, "policy": "round_robin"}],
+        "server": {"max_body_bytes": 4096, **server},
+        "health": {"interval_s": 60},
+    })
+
+
+@pytest.fixture
+async def client(aiohttp_client, upstream):
+    return await aiohttp_client(create_app(router_config([str(upstream.make_url("")).rstrip("/")])))
+
+
+def assert_openai_error(body: dict, status_code: str | None = None) -> None:
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if status_code:
+        assert err["code"] == status_code
+
+
+async def test_non_streaming_chat_is_passed_through_with_the_worker_header(client, upstream):
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["choices"][0]["message"]["content"] == "hi from fake"
+    assert resp.headers["x-kvroute-worker"] == str(upstream.make_url("")).rstrip("/")
+
+
+async def test_stream_strips_the_usage_chunk_unless_asked_and_counts_it(client, upstream):
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    text = (await resp.read()).decode()
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) == 4
+    assert '"usage"' not in text
+    assert upstream.app[SEEN][-1]["stream_options"] == {"include_usage": True}
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert 'kvroute_worker_prompt_tokens_total{model="tiny"' in metrics
+    assert "} 11.0" in metrics
+
+    resp = await client.post("/v1/chat/completions",
+                             json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert '"usage"' in (await resp.read()).decode()
+
+
+async def test_cached_tokens_and_completions_are_accounted(client):
+    await client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("kvroute_worker_cached_prompt_tokens_total{"))
+    assert line.endswith(" 5.0")
+
+
+@pytest.mark.parametrize("payload, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), 400, "model"),
+    (orjson.dumps({"model": "tiny"}), 400, "messages"),
+    (orjson.dumps({"model": "tiny", "messages": "hello"}), 400, "messages"),
+    (orjson.dumps({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}), 400,
+     "messages[0].role"),
+    (orjson.dumps({"model": "tiny", "messages": [{"role": "user", "content": 5}]}), 400,
+     "messages[0].content"),
+    (orjson.dumps({**CHAT, "max_tokens": "many"}), 400, "max_tokens"),
+    (orjson.dumps({**CHAT, "max_tokens": 0}), 400, "max_tokens"),
+    (orjson.dumps({**CHAT, "stream": "yes"}), 400, "stream"),
+    (orjson.dumps({**CHAT, "model": "gpt-9"}), 404, "model"),
+])
+async def test_bad_chat_input_gets_a_clear_openai_error(client, payload, status, param):
+    resp = await client.post("/v1/chat/completions", data=payload,
+                             headers={"content-type": "application/json"})
+    assert resp.status == status
+    body = await resp.json()
+    assert_openai_error(body)
+    assert body["error"]["param"] == param
+
+
+async def test_bad_completion_prompt_is_rejected(client):
+    for prompt in (None, 5, [], [1, "a"]):
+        body = {"model": "tiny", "prompt": prompt} if prompt is not None else {"model": "tiny"}
+        resp = await client.post("/v1/completions", json=body)
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "prompt"
+
+
+async def test_body_over_the_limit_is_413(client):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
+    resp = await client.post("/v1/chat/completions", json=big)
+    assert resp.status == 413
+    assert_openai_error(await resp.json(), "payload_too_large")
+
+
+async def test_upstream_errors_are_passed_through(client):
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "temperature": 99})
+    assert resp.status == 400
+    assert (await resp.json())["message"] == "temperature too high"
+
+
+async def test_unknown_v1_route_is_an_openai_404(client):
+    resp = await client.get("/v1/embeddings")
+    assert resp.status == 404
+    assert_openai_error(await resp.json(), "not_found")
+    resp = await client.get("/v1/chat/completions")
+    assert resp.status == 405
+
+
+async def test_models_health_and_metrics(client):
+    models = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    health = await (await client.get("/health")).json()
+    assert health["models"]["tiny"]["mode"] == "approximate"
+    assert health["models"]["tiny"]["block_size"] == 32  # read from vllm:cache_config_info
+    worker = client.server.app[keys.ROUTES].get("tiny").pool.all()[0]
+    assert worker.vllm_waiting == 3  # scraped
+    assert (await client.get("/metrics")).status == 200
+
+
+async def test_no_healthy_worker_is_503_and_models_hides_it(aiohttp_client):
+    client = await aiohttp_client(create_app(router_config(["http://127.0.0.1:1"])))
+    for _ in range(100):  # the first health check runs at start-up
+        if (await (await client.get("/health")).json())["status"] == "degraded":
+            break
+        await asyncio.sleep(0.02)
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 503
+    assert_openai_error(await resp.json(), "no_healthy_worker")
+    assert (await (await client.get("/v1/models")).json())["data"] == []
+
+
+async def test_connect_error_before_first_byte_is_retried_on_another_worker(aiohttp_client, upstream):
+    good = str(upstream.make_url("")).rstrip("/")
+    dead = "http://127.0.0.1:1"  # sorts first, so round_robin tries it first
+    client = await aiohttp_client(create_app(router_config([dead, good])))
+    pool = client.server.app[keys.ROUTES].get("tiny").pool
+    for stream in (False, True):
+        for w in pool.all():
+            w.healthy = True  # as if the health loop had not noticed yet
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 200
+        assert resp.headers["x-kvroute-worker"] == good
+        assert "hi" in (await resp.text())
+        assert not pool.get(dead).healthy  # ejected passively
+
+
+async def test_failure_mid_stream_ends_with_a_clean_sse_error(client):
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True, "die_mid_stream": True})
+    text = (await resp.read()).decode()
+    assert resp.status == 200
+    last = [e for e in text.split("\n\n") if e][-1]
+    assert last.startswith("data: ") and orjson.loads(last[6:])["error"]["code"] == "upstream_unavailable"
