@@ -67,10 +67,18 @@ async def _scraper(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG].scrape
     routes = app[keys.ROUTES]
     session = app[keys.SESSION]
+
+    def on_stats(worker, stats) -> None:
+        # Bound the speculative index by the worker's real KV capacity.
+        if stats.num_gpu_blocks:
+            routes.route_of(worker).index.set_capacity(worker.url, stats.num_gpu_blocks)
+
     # One scrape before serving, so the KV block size is known for the first request.
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(scrape_once(session, routes.all_workers(), cfg.timeout_s), cfg.timeout_s + 1)
-    async for _ in _run_background(scrape_loop(session, routes.all_workers, cfg.interval_s, cfg.timeout_s)):
+        await asyncio.wait_for(scrape_once(session, routes.all_workers(), cfg.timeout_s, on_stats),
+                               cfg.timeout_s + 1)
+    loop = scrape_loop(session, routes.all_workers, cfg.interval_s, cfg.timeout_s, on_stats)
+    async for _ in _run_background(loop):
         yield
 
 

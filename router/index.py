@@ -4,7 +4,8 @@ Block key -> set of worker URLs, plus one LRU per worker bounded by about that w
 KV capacity in blocks. When a request is dispatched, all its block keys are recorded for
 the chosen worker (vLLM will cache them); when a worker's LRU overflows, its oldest
 blocks are forgotten, as vLLM would evict them. Memory is therefore bounded by
-``sum(capacity)`` entries whatever the traffic.
+``sum(capacity)`` entries whatever the traffic. A worker's capacity defaults to the
+model's ``kv_capacity_blocks`` and follows the ``num_gpu_blocks`` the worker reports.
 
 Everything runs on the event loop, so no locking is needed.
 """
@@ -20,6 +21,7 @@ class PrefixIndex:
         if capacity_blocks <= 0:
             raise ValueError("capacity_blocks must be positive")
         self.capacity_blocks = capacity_blocks
+        self._capacity: dict[str, int] = {}  # per-worker, once the worker reports its own
         self._holders: dict[int, set[str]] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
 
@@ -29,6 +31,15 @@ class PrefixIndex:
 
     def blocks_of(self, worker: str) -> int:
         return len(self._lru.get(worker, ()))
+
+    def set_capacity(self, worker: str, blocks: int) -> None:
+        """Bound ``worker``'s LRU by its real KV capacity (``num_gpu_blocks``)."""
+        if blocks > 0 and self._capacity.get(worker) != blocks:
+            self._capacity[worker] = blocks
+            self._evict(worker)
+
+    def capacity_of(self, worker: str) -> int:
+        return self._capacity.get(worker, self.capacity_blocks)
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``keys`` on each of ``workers``."""
@@ -54,7 +65,14 @@ class PrefixIndex:
             else:
                 lru[key] = None
                 self._holders.setdefault(key, set()).add(worker)
-        while len(lru) > self.capacity_blocks:
+        self._evict(worker)
+
+    def _evict(self, worker: str) -> None:
+        lru = self._lru.get(worker)
+        if lru is None:
+            return
+        capacity = self.capacity_of(worker)
+        while len(lru) > capacity:
             old, _ = lru.popitem(last=False)
             self._discard(old, worker)
 
@@ -70,6 +88,7 @@ class PrefixIndex:
         """Forget everything about a worker (it left, restarted or was ejected)."""
         for key in self._lru.pop(worker, ()):
             self._discard(key, worker)
+        self._capacity.pop(worker, None)
 
     def retain_workers(self, workers: Iterable[str]) -> None:
         keep = set(workers)

