@@ -27,7 +27,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None) -> web.A
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = metrics or RouterMetrics()
     app[keys.EXECUTOR] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-tok")
-    routes = ModelRoutes(cfg, app[keys.EXECUTOR])
+    routes = ModelRoutes(cfg, app[keys.EXECUTOR], app[keys.METRICS])
     app[keys.ROUTES] = routes
 
     def on_worker_state(worker) -> None:
@@ -37,7 +37,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None) -> web.A
 
     app[keys.HEALTH] = HealthChecker(on_worker_state)
     add_routes(app)
-    app.cleanup_ctx.extend([_client_session, _executor, _scraper, _health_loop])
+    app.cleanup_ctx.extend([_client_session, _executor, _classifiers, _discovery, _scraper, _health_loop])
     return app
 
 
@@ -60,6 +60,41 @@ async def _run_background(coro) -> AsyncIterator[None]:
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _classifiers(app: web.Application) -> AsyncIterator[None]:
+    """Load each tiered model's classifier before serving; keep them fresh after."""
+    choosers = app[keys.ROUTES].choosers()
+    for chooser in choosers:
+        await chooser.load()
+    tasks = [asyncio.create_task(c.reload_loop()) for c in choosers]
+    yield
+    for task in tasks:
+        task.cancel()
+    for chooser in choosers:
+        await chooser.close()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _discovery(app: web.Application) -> AsyncIterator[None]:
+    """Workers from dns or k8s discovery join and leave pools without a restart."""
+    from router.fleet.discovery import make_discovery
+
+    discovery = make_discovery(app[keys.CONFIG].discovery)
+    if discovery is None:
+        yield
+        return
+
+    def on_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker discovery stopped: %s", task.exception())
+
+    task = asyncio.create_task(discovery.run(app[keys.ROUTES].apply_discovery))
+    task.add_done_callback(on_done)
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
 
 

@@ -61,7 +61,29 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class Price:
+    """Dollars per million tokens. A self-hosted model may be left at zero."""
+
+    input_per_m: float = 0.0
+    cached_input_per_m: float | None = None  # default: the input price
+    output_per_m: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The tier classifier of a tiered model (see ``classifier/``)."""
+
+    path: str | None = None  # artifact dir or pointer dir; None: the shipped default
+    thresholds: tuple[float, ...] | None = None  # ascending, one per tier boundary
+    reload_s: float = 10.0  # how often to look for a refreshed artifact
+    batch_window_ms: float = 2.0  # wait this long to batch concurrent requests
+    max_batch: int = 32
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    """A model clients name; or, inside ``tiers``, one tier of it (``tier`` set)."""
+
     name: str
     workers: tuple[str, ...] = ()
     tokenizer: str | None = None
@@ -71,10 +93,24 @@ class ModelConfig:
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     kv_capacity_blocks: int = 4096  # per-worker bound of the speculative index
     approx_chunk_chars: int = 256  # approximate mode: characters per pseudo-block
+    tier: str | None = None
+    price: Price = Price()
+    tiers: tuple[ModelConfig, ...] = ()  # cheapest first; empty for a plain model
+    classifier: ClassifierConfig | None = None
 
     @property
     def served_name(self) -> str:
-        return self.upstream_model or self.name
+        return self.upstream_model or self.tier or self.name
+
+    @property
+    def key(self) -> str:
+        """Unique per worker pool: ``model`` or ``model/tier``."""
+        return f"{self.name}/{self.tier}" if self.tier else self.name
+
+    @property
+    def pools(self) -> tuple[ModelConfig, ...]:
+        """The worker pools behind this model: its tiers, or itself."""
+        return self.tiers or (self,)
 
 
 @dataclass(frozen=True)
@@ -157,16 +193,83 @@ def _parse_dataclass(cls: type, raw: Any, key: str, kinds: Mapping[str, type | t
     return cls(**values)
 
 
+_POOL_KEYS = {
+    "workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
+    "kv_capacity_blocks", "approx_chunk_chars", "price",
+}
+
+
+def _parse_price(raw: Any, key: str) -> Price:
+    raw = _expect_mapping(raw, key)
+    _reject_unknown(raw, {"input_per_m", "cached_input_per_m", "output_per_m"}, key)
+    values = {k: _typed(raw, k, float, key, getattr(Price(), k))
+              for k in ("input_per_m", "cached_input_per_m", "output_per_m")}
+    for k, v in values.items():
+        if v is not None and v < 0:
+            raise ConfigError(f"{key}.{k}", f"must not be negative, got {v}")
+    return Price(**values)
+
+
+def _parse_classifier(raw: Any, key: str, n_tiers: int) -> ClassifierConfig:
+    raw = _expect_mapping(raw, key)
+    _reject_unknown(raw, {"path", "thresholds", "reload_s", "batch_window_ms", "max_batch"}, key)
+    path = _typed(raw, "path", str, key, None)
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"{key}.path", f"no such classifier artifact: {path!r}")
+    thresholds = raw.get("thresholds")
+    if thresholds is not None:
+        if (not isinstance(thresholds, list) or len(thresholds) != n_tiers - 1
+                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds)
+                or sorted(thresholds) != thresholds):
+            raise ConfigError(f"{key}.thresholds", f"expected {n_tiers - 1} ascending numbers, "
+                              "one per boundary between tiers")
+        thresholds = tuple(float(t) for t in thresholds)
+    elif n_tiers > 2:
+        raise ConfigError(f"{key}.thresholds", "required with more than two tiers")
+    cfg = ClassifierConfig(path=path, thresholds=thresholds)
+    reload_s = _typed(raw, "reload_s", float, key, cfg.reload_s)
+    window = _typed(raw, "batch_window_ms", float, key, cfg.batch_window_ms)
+    max_batch = _typed(raw, "max_batch", int, key, cfg.max_batch)
+    for name, value in (("reload_s", reload_s), ("max_batch", max_batch)):
+        _positive(value, f"{key}.{name}")
+    if window < 0:
+        raise ConfigError(f"{key}.batch_window_ms", "must not be negative")
+    return ClassifierConfig(path, thresholds, reload_s, window, max_batch)
+
+
 def _parse_model(raw: Any, key: str) -> ModelConfig:
     raw = _expect_mapping(raw, key)
-    allowed = {
-        "name", "workers", "tokenizer", "block_size", "upstream_model", "policy",
-        "policy_options", "kv_capacity_blocks", "approx_chunk_chars",
-    }
-    _reject_unknown(raw, allowed, key)
+    _reject_unknown(raw, {"name", "tiers", "classifier"} | _POOL_KEYS, key)
     name = _typed(raw, "name", str, key, None)
     if not name:
         raise ConfigError(f"{key}.name", "required: the model name clients send")
+    if "tiers" not in raw:
+        if "classifier" in raw:
+            raise ConfigError(f"{key}.classifier", "only a model with tiers has a classifier")
+        return _parse_pool(raw, key, name, None)
+    tiers_raw = raw["tiers"]
+    if not isinstance(tiers_raw, list) or not tiers_raw:
+        raise ConfigError(f"{key}.tiers", "expected a non-empty list of tiers, cheapest first")
+    for k in _POOL_KEYS & set(raw):
+        raise ConfigError(f"{key}.{k}", "a tiered model sets this per tier, under tiers[]")
+    tiers = []
+    for i, t in enumerate(tiers_raw):
+        tkey = f"{key}.tiers[{i}]"
+        t = _expect_mapping(t, tkey)
+        _reject_unknown(t, {"name"} | _POOL_KEYS, tkey)
+        tier_name = _typed(t, "name", str, tkey, None)
+        if not tier_name:
+            raise ConfigError(f"{tkey}.name", "required: the tier name, e.g. small or large")
+        if tier_name in [x.tier for x in tiers]:
+            raise ConfigError(f"{tkey}.name", f"duplicate tier {tier_name!r}")
+        tiers.append(_parse_pool(t, tkey, name, tier_name))
+    classifier = None
+    if len(tiers) > 1:
+        classifier = _parse_classifier(raw.get("classifier"), f"{key}.classifier", len(tiers))
+    return ModelConfig(name=name, tiers=tuple(tiers), classifier=classifier)
+
+
+def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -> ModelConfig:
     workers_raw = raw.get("workers") or []
     if not isinstance(workers_raw, list):
         raise ConfigError(f"{key}.workers", "expected a list of worker URLs")
@@ -193,6 +296,8 @@ def _parse_model(raw: Any, key: str) -> ModelConfig:
     _positive(chunk, f"{key}.approx_chunk_chars")
     return ModelConfig(
         name=name,
+        tier=tier,
+        price=_parse_price(raw.get("price"), f"{key}.price"),
         workers=workers,
         tokenizer=tokenizer,
         block_size=block_size,
@@ -246,8 +351,10 @@ def config_from_dict(raw: Any) -> RouterConfig:
     discovery = _parse_discovery(raw.get("discovery"))
     if discovery.mode == "static":
         for i, m in enumerate(models):
-            if not m.workers:
-                raise ConfigError(f"models[{i}].workers", "required with discovery.mode static")
+            for j, pool in enumerate(m.pools):
+                if not pool.workers:
+                    where = f"models[{i}].tiers[{j}].workers" if m.tiers else f"models[{i}].workers"
+                    raise ConfigError(where, "required with discovery.mode static")
     log_prompts = _typed(raw, "log_prompts", bool, "", False)
     return RouterConfig(models=models, server=server, health=health, scrape=scrape,
                         discovery=discovery, log_prompts=log_prompts)

@@ -58,8 +58,8 @@ async def list_models(request: web.Request) -> web.Response:
     now = int(time.time())
     data = [
         {"id": name, "object": "model", "created": now, "owned_by": "kvroute"}
-        for name, route in routes.by_name.items()
-        if route.pool.healthy()
+        for name, served in routes.by_name.items()
+        if served.healthy()
     ]
     return web.json_response({"object": "list", "data": data})
 
@@ -67,21 +67,34 @@ async def list_models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     routes = request.app[keys.ROUTES]
     models = {}
-    for name, route in routes.by_name.items():
-        models[name] = {
-            "mode": route.mode,
-            "policy": route.cfg.policy,
-            "block_size": route.block_size,
-            "healthy_workers": len(route.pool.healthy()),
-            "index_entries": len(route.index),
-            "workers": [
-                {"url": w.url, "healthy": w.healthy, "in_flight": w.in_flight_requests,
-                 "index_blocks": route.index.blocks_of(w.url)}
-                for w in route.pool.all()
-            ],
-        }
+    for name, served in routes.by_name.items():
+        tiers = [_pool_health(route) for route in served.tiers]
+        if len(tiers) == 1 and not served.tiers[0].cfg.tier:
+            models[name] = tiers[0]
+        else:
+            chooser = served.chooser
+            models[name] = {"tiers": tiers, "healthy_workers": sum(t["healthy_workers"] for t in tiers),
+                            "classifier": chooser and {"version": chooser.version,
+                                                       "thresholds": list(chooser.thresholds)
+                                                       if chooser.scorer else None}}
     ok = all(m["healthy_workers"] for m in models.values())
     return web.json_response({"status": "ok" if ok else "degraded", "models": models})
+
+
+def _pool_health(route) -> dict:
+    return {
+        "tier": route.cfg.tier,
+        "mode": route.mode,
+        "policy": route.cfg.policy,
+        "block_size": route.block_size,
+        "healthy_workers": len(route.pool.healthy()),
+        "index_entries": len(route.index),
+        "workers": [
+            {"url": w.url, "healthy": w.healthy, "in_flight": w.in_flight_requests,
+             "index_blocks": route.index.blocks_of(w.url)}
+            for w in route.pool.all()
+        ],
+    }
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -40,6 +40,12 @@ class RouterMetrics:
         self.decision = Histogram("kvroute_route_decision_seconds",
                                   "Time to choose a worker (policy select)", ["model"],
                                   buckets=_DECISION_BUCKETS, registry=r)
+        self.tier_requests = Counter("kvroute_tier_requests", "Requests per model tier",
+                                     ["model", "tier"], registry=r)
+        self.classifier_seconds = Histogram("kvroute_classifier_seconds",
+                                            "Time to score one batch with the tier classifier",
+                                            ["model"], buckets=_DECISION_BUCKETS + (0.1, 0.25, 1.0),
+                                            registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another worker",
                                ["model"], registry=r)
         self.errors = Counter("kvroute_errors", "Requests answered with a kvroute error",

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from router import keys
 from router.config import ModelConfig, RouterConfig
-from router.errors import ModelNotFound, NoHealthyWorker, UpstreamError
+from router.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, UpstreamError
 from router.fleet.workers import Worker, WorkerPool
 from router.index import PrefixIndex
 from router.policies.base import Policy, PolicyDeps, RequestContext
@@ -25,6 +25,7 @@ from router.policies.registry import create_policy
 from router.prefix import Prefixer, PromptTokenizer
 from router.proxy import Dispatch, forward
 from router.requests import ParsedRequest
+from router.tiers import TierChooser, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -56,36 +57,77 @@ class ModelRoute:
         return DEFAULT_BLOCK_SIZE
 
 
+@dataclass
+class ServedModel:
+    """A model as clients name it: one pool, or tiers (cheapest first) and a chooser."""
+
+    name: str
+    tiers: list[ModelRoute]
+    chooser: TierChooser | None = None
+
+    def tier(self, name: str) -> ModelRoute | None:
+        return next((t for t in self.tiers if t.cfg.tier == name), None)
+
+    def healthy(self) -> bool:
+        return any(t.pool.healthy() for t in self.tiers)
+
+
 class ModelRoutes:
-    """All configured models, by the name clients send."""
+    """All configured models by the name clients send, and their pools by key."""
 
-    def __init__(self, cfg: RouterConfig, executor=None):
-        self.by_name: dict[str, ModelRoute] = {}
+    def __init__(self, cfg: RouterConfig, executor=None, metrics=None):
+        self.by_name: dict[str, ServedModel] = {}
+        self.by_key: dict[str, ModelRoute] = {}
         for m in cfg.models:
-            index = PrefixIndex(m.kv_capacity_blocks)
-            tokenizer = PromptTokenizer(m.tokenizer) if m.tokenizer else None
-            if tokenizer is None:
-                log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
-                            "(character chunks, not KV blocks)", m.name)
-            pool = WorkerPool(m.name, m.workers)
-            policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
-            pool.on_change(policy.on_workers_changed)
-            self.by_name[m.name] = ModelRoute(m, pool, policy, index,
-                                              Prefixer(tokenizer, m.approx_chunk_chars, executor))
+            pools = [self._pool(p, executor) for p in m.pools]
+            chooser = None
+            if m.classifier is not None:
+                chooser = TierChooser(m.name, m.classifier, len(pools), executor, metrics)
+            self.by_name[m.name] = ServedModel(m.name, pools, chooser)
 
-    def get(self, name: str) -> ModelRoute:
-        route = self.by_name.get(name)
-        if route is None:
-            raise ModelNotFound(f"The model '{name}' does not exist or is not served by this "
-                                f"router. Available: {', '.join(self.by_name)}", param="model")
+    def _pool(self, m: ModelConfig, executor) -> ModelRoute:
+        index = PrefixIndex(m.kv_capacity_blocks)
+        tokenizer = PromptTokenizer(m.tokenizer) if m.tokenizer else None
+        if tokenizer is None:
+            log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
+                        "(character chunks, not KV blocks)", m.key)
+        pool = WorkerPool(m.key, m.workers, tier=m.tier)
+        policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
+        pool.on_change(policy.on_workers_changed)
+        route = ModelRoute(m, pool, policy, index, Prefixer(tokenizer, m.approx_chunk_chars, executor))
+        self.by_key[m.key] = route
         return route
 
+    def get(self, name: str) -> ServedModel:
+        served = self.by_name.get(name)
+        if served is None:
+            raise ModelNotFound(f"The model '{name}' does not exist or is not served by this "
+                                f"router. Available: {', '.join(self.by_name)}", param="model")
+        return served
+
     def all_workers(self) -> Iterable[Worker]:
-        for route in self.by_name.values():
+        for route in self.by_key.values():
             yield from route.pool.all()
 
     def route_of(self, worker: Worker) -> ModelRoute:
-        return self.by_name[worker.model]
+        return self.by_key[worker.model]
+
+    def choosers(self) -> list[TierChooser]:
+        return [s.chooser for s in self.by_name.values() if s.chooser is not None]
+
+    def apply_discovery(self, found: Iterable) -> None:
+        """Replace every pool's members with what discovery sees (url, model, tier)."""
+        members: dict[str, list[tuple[str, str | None]]] = {key: [] for key in self.by_key}
+        for w in found:
+            key = f"{w.model}/{w.tier}" if w.tier else w.model
+            if key not in members:  # a plain model's pool also takes pods with a tier label
+                key = w.model if w.model in members else None
+            if key is None:
+                log.debug("discovered worker %s serves unconfigured model %s", w.url, w.model)
+                continue
+            members[key].append((w.url, w.tier))
+        for key, urls in members.items():
+            self.by_key[key].pool.set_members(urls)
 
 
 def expected_max_tokens(body: dict) -> int:
@@ -119,11 +161,29 @@ def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext,
     return worker
 
 
+async def choose_tier(app: web.Application, served: ServedModel, req: ParsedRequest) -> ModelRoute:
+    forced = req.headers.get("x-kvroute-tier")
+    if forced:
+        route = served.tier(forced) if served.tiers[0].cfg.tier else None
+        if route is None:
+            valid = ", ".join(t.cfg.tier for t in served.tiers if t.cfg.tier) or "none"
+            raise InvalidRequest(f"Unknown tier '{forced}' for model '{served.name}'; valid: {valid}",
+                                 param="x-kvroute-tier")
+    elif served.chooser is not None:
+        index, _score = await served.chooser.choose(prompt_text(req.body))
+        route = served.tiers[index]
+    else:
+        route = served.tiers[0]
+    if route.cfg.tier:
+        app[keys.METRICS].tier_requests.labels(served.name, route.cfg.tier).inc()
+    return route
+
+
 async def run_request(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
     app = request.app
-    routes = app[keys.ROUTES]
-    # govern: budgets and kill switch slot in here (issue 8).
-    route = routes.get(req.model)  # choose tier: one tier per model until issue 5
+    served = app[keys.ROUTES].get(req.model)  # parse (done by the handler)
+    # govern: budgets and the kill switch slot in here (issue 8).
+    route = await choose_tier(app, served, req)
     ctx = await build_context(route, req)
     tried: set[str] = set()
     while True:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from router.pipeline import ModelRoute
 
 WORKER_HEADER = "x-kvroute-worker"
+TIER_HEADER = "x-kvroute-tier"
 
 
 @contextlib.contextmanager
@@ -113,12 +114,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
     d.first_token_at = time.perf_counter()
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
         d.usage = orjson.loads(raw).get("usage")
-    return web.Response(
-        body=raw,
-        status=resp.status,
-        content_type="application/json",
-        headers={WORKER_HEADER: d.worker.url},
-    )
+    return web.Response(body=raw, status=resp.status, content_type="application/json",
+                        headers=response_headers(d))
 
 
 async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: Dispatch) -> web.StreamResponse:
@@ -163,12 +160,18 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
 async def _start_stream(request: web.Request, d: Dispatch) -> web.StreamResponse:
     out = web.StreamResponse(
         status=200,
-        headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                 WORKER_HEADER: d.worker.url},
+        headers={"content-type": "text/event-stream", "cache-control": "no-cache", **response_headers(d)},
     )
     await out.prepare(request)
     d.client_started = True
     return out
+
+
+def response_headers(d: Dispatch) -> dict[str, str]:
+    headers = {WORKER_HEADER: d.worker.url}
+    if d.route.cfg.tier:
+        headers[TIER_HEADER] = d.route.cfg.tier
+    return headers
 
 
 def _keep_event(data: bytes, d: Dispatch) -> bool:

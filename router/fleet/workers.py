@@ -44,9 +44,9 @@ class Worker:
 class WorkerPool:
     """The workers of one model. Membership changes come from config or discovery."""
 
-    def __init__(self, model: str, urls: Iterable[str] = ()):
-        self.model = model
-        self._workers: dict[str, Worker] = {u: Worker(url=u, model=model) for u in urls}
+    def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None):
+        self.model = model  # the pool key: "model" or "model/tier"
+        self._workers: dict[str, Worker] = {u: Worker(url=u, model=model, tier=tier) for u in urls}
         self._listeners: list[Callable[[list[Worker]], None]] = []
 
     def all(self) -> list[Worker]:

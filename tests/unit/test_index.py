@@ -57,3 +57,10 @@ def test_drop_and_retain_workers():
     assert idx.match(keys, ["w1", "w2", "w3"]) == {"w1": 0, "w2": 2, "w3": 0}
     idx.remove("w2", keys[1:])
     assert idx.match(keys, ["w2"]) == {"w2": 1}
+
+
+def test_per_worker_capacity_follows_the_workers_real_kv_size():
+    idx = PrefixIndex(capacity_blocks=100)
+    idx.insert("w1", chain_keys(list(range(640)), 16))  # 40 blocks
+    idx.set_capacity("w1", 10)
+    assert idx.blocks_of("w1") == 10 and idx.capacity_of("w2") == 100

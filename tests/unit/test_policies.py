@@ -143,3 +143,11 @@ def test_prefix_options_are_validated_with_the_key_named(options, key):
     with pytest.raises(ConfigError) as err:
         POLICIES["prefix"].validate_options(options, "x")
     assert err.value.key == key
+
+
+def test_prefix_spreads_new_prefixes_evenly_over_the_fleets_caches():
+    p, ws = make("prefix"), workers(2)
+    for g in range(8):
+        c = ctx([g] * 320)  # 20 blocks each, no load: only cache occupancy differs
+        p.on_dispatch(p.select(ws, c), c)
+    assert [p.deps.index.blocks_of(w.url) for w in ws] == [80, 80]

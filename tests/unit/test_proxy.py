@@ -131,7 +131,7 @@ async def test_models_health_and_metrics(client):
     health = await (await client.get("/health")).json()
     assert health["models"]["tiny"]["mode"] == "approximate"
     assert health["models"]["tiny"]["block_size"] == 32  # read from vllm:cache_config_info
-    worker = client.server.app[keys.ROUTES].get("tiny").pool.all()[0]
+    worker = client.server.app[keys.ROUTES].get("tiny").tiers[0].pool.all()[0]
     assert worker.vllm_waiting == 3  # scraped
     assert (await client.get("/metrics")).status == 200
 
@@ -152,7 +152,7 @@ async def test_connect_error_before_first_byte_is_retried_on_another_worker(aioh
     good = str(upstream.make_url("")).rstrip("/")
     dead = "http://127.0.0.1:1"  # sorts first, so round_robin tries it first
     client = await aiohttp_client(create_app(router_config([dead, good])))
-    pool = client.server.app[keys.ROUTES].get("tiny").pool
+    pool = client.server.app[keys.ROUTES].get("tiny").tiers[0].pool
     for stream in (False, True):
         for w in pool.all():
             w.healthy = True  # as if the health loop had not noticed yet

@@ -1,0 +1,124 @@
+"""Tier choice: thresholds, batching, forcing a tier, and tiered config validation."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from router import keys
+from router.app import create_app
+from router.config import ClassifierConfig, config_from_dict
+from router.errors import ConfigError
+from router.metrics import RouterMetrics
+from router.tiers import TierChooser, prompt_text
+from tests.fakes import fake_worker
+
+
+class LengthScorer:
+    """Scores by prompt length; records batch sizes. Stands in for the trained model."""
+
+    threshold = 0.5
+    version = "test"
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def score(self, prompts):
+        self.batches.append(len(prompts))
+        return [min(1.0, len(p) / 100) for p in prompts]
+
+
+def chooser(n_tiers=2, thresholds=None, **cfg) -> TierChooser:
+    c = TierChooser("auto", ClassifierConfig(thresholds=thresholds, **cfg), n_tiers,
+                    ThreadPoolExecutor(1), RouterMetrics())
+    c.scorer = LengthScorer()
+    return c
+
+
+async def test_scores_at_or_above_the_threshold_go_to_the_strong_tier():
+    c = chooser()
+    assert (await c.choose("short"))[0] == 0
+    assert (await c.choose("x" * 80))[0] == 1
+    assert c.tier_for(0.5) == 1 and c.tier_for(0.49) == 0
+
+
+async def test_three_tiers_use_configured_thresholds():
+    c = chooser(3, (0.3, 0.7))
+    assert [c.tier_for(s) for s in (0.1, 0.3, 0.69, 0.7, 1.0)] == [0, 1, 1, 2, 2]
+
+
+async def test_concurrent_requests_are_scored_in_one_batch():
+    c = chooser(batch_window_ms=20)
+    results = await asyncio.gather(*(c.choose("y" * n) for n in (1, 60, 5, 90)))
+    assert [tier for tier, _ in results] == [0, 1, 0, 1]
+    assert c.scorer.batches == [4]
+
+
+async def test_max_batch_flushes_early():
+    c = chooser(batch_window_ms=10_000, max_batch=3)
+    await asyncio.wait_for(asyncio.gather(*(c.choose("z") for _ in range(3))), 2)
+    assert c.scorer.batches == [3]
+
+
+def test_prompt_text_reads_the_last_user_message_or_the_prompt():
+    body = {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+                         {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]}
+    assert prompt_text(body) == "q2"
+    assert prompt_text({"prompt": ["p", "q"]}) == "p"
+
+
+@pytest.mark.parametrize("model, key", [
+    ({"name": "auto", "tiers": []}, "models[0].tiers"),
+    ({"name": "auto", "workers": ["http://a:1"], "tiers": [{"name": "s", "workers": ["http://a:1"]}]},
+     "models[0].workers"),
+    ({"name": "auto", "tiers": [{"workers": ["http://a:1"]}]}, "models[0].tiers[0].name"),
+    ({"name": "auto", "tiers": [{"name": "s", "workers": ["http://a:1"]}, {"name": "s", "workers": ["http://b:1"]}]},
+     "models[0].tiers[1].name"),
+    ({"name": "auto", "tiers": [{"name": "s", "workers": ["http://a:1"], "price": {"input_per_m": -1}}]},
+     "models[0].tiers[0].price.input_per_m"),
+    ({"name": "auto", "tiers": [{"name": "s", "workers": ["http://a:1"]}, {"name": "m", "workers": ["http://b:1"]},
+                                {"name": "l", "workers": ["http://c:1"]}]}, "models[0].classifier.thresholds"),
+    ({"name": "auto", "tiers": [{"name": "s", "workers": ["http://a:1"]}, {"name": "l", "workers": ["http://b:1"]}],
+      "classifier": {"thresholds": [0.9, 0.1]}}, "models[0].classifier.thresholds"),
+    ({"name": "auto", "tiers": [{"name": "s"}]}, "models[0].tiers[0].workers"),
+    ({"name": "m", "workers": ["http://a:1"], "classifier": {}}, "models[0].classifier"),
+])
+def test_tiered_config_errors_name_the_key(model, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"models": [model]})
+    assert err.value.key == key
+
+
+async def test_a_request_can_force_a_tier_and_the_response_names_it(aiohttp_client, aiohttp_server):
+    small, large = await aiohttp_server(fake_worker("small")), await aiohttp_server(fake_worker("large"))
+    url = lambda s: str(s.make_url("")).rstrip("/")  # noqa: E731
+    cfg = config_from_dict({"models": [{"name": "auto", "tiers": [
+        {"name": "small", "workers": [url(small)]},
+        {"name": "large", "workers": [url(large)], "upstream_model": "big-model"},
+    ], "classifier": {"thresholds": [0.5]}}], "health": {"interval_s": 60}})
+    app = create_app(cfg)
+    served = app[keys.ROUTES].get("auto")
+    served.chooser.load = _no_load(served.chooser)  # the real classifier is tested in integration
+    client = await aiohttp_client(app)
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    resp = await client.post("/v1/chat/completions", json=body, headers={"x-kvroute-tier": "large"})
+    assert resp.headers["x-kvroute-tier"] == "large"
+    assert (await resp.json())["choices"][0]["message"]["content"] == "hi from large"
+    resp = await client.post("/v1/chat/completions", json=body)  # short prompt: small tier
+    assert resp.headers["x-kvroute-tier"] == "small"
+    resp = await client.post("/v1/chat/completions", json=body, headers={"x-kvroute-tier": "huge"})
+    assert resp.status == 400 and "valid: small, large" in (await resp.json())["error"]["message"]
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert 'kvroute_tier_requests_total{model="auto",tier="large"} 1.0' in metrics
+    health = await (await client.get("/health")).json()
+    assert [t["tier"] for t in health["models"]["auto"]["tiers"]] == ["small", "large"]
+
+
+def _no_load(c: TierChooser):
+    async def load() -> None:
+        c.scorer = LengthScorer()
+        c.version = c.scorer.version
+
+    return load
