@@ -15,6 +15,8 @@ from router import keys
 from router.config import RouterConfig
 from router.fleet.health import HealthChecker
 from router.fleet.scraper import scrape_loop, scrape_once
+from router.governance.clock import Clock
+from router.governance.governor import Governor
 from router.handlers import add_routes, error_middleware
 from router.metrics import RouterMetrics
 from router.pipeline import ModelRoutes
@@ -22,10 +24,13 @@ from router.pipeline import ModelRoutes
 log = logging.getLogger(__name__)
 
 
-def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None) -> web.Application:
+def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
+               clock: Clock | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=cfg.server.max_body_bytes)
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = metrics or RouterMetrics()
+    if cfg.governance is not None:
+        app[keys.GOVERNOR] = Governor(cfg.governance, app[keys.METRICS], clock)
     app[keys.EXECUTOR] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-tok")
     routes = ModelRoutes(cfg, app[keys.EXECUTOR], app[keys.METRICS])
     app[keys.ROUTES] = routes
@@ -37,7 +42,8 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None) -> web.A
 
     app[keys.HEALTH] = HealthChecker(on_worker_state)
     add_routes(app)
-    app.cleanup_ctx.extend([_client_session, _executor, _classifiers, _discovery, _scraper, _health_loop])
+    app.cleanup_ctx.extend([_client_session, _executor, _classifiers, _discovery, _kv_events, _scraper,
+                            _health_loop, _governor])
     return app
 
 
@@ -98,6 +104,26 @@ async def _discovery(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _kv_events(app: web.Application) -> AsyncIterator[None]:
+    """Exact mode: one KV-event subscriber per worker, following pool membership."""
+    routes = app[keys.ROUTES]
+    exact = [r for r in routes.by_key.values() if r.cfg.kv_events is not None]
+    if not exact:
+        yield
+        return
+    from router.kv_events import EventHub
+
+    hub = EventHub(app[keys.METRICS])
+    for route in exact:
+        def sync(_workers, route=route) -> None:
+            hub.sync(route.index, route.cfg.kv_events, [w.url for w in route.pool.all()])
+
+        route.pool.on_change(sync)
+        sync(None)
+    yield
+    await hub.close()
+
+
 async def _scraper(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG].scrape
     routes = app[keys.ROUTES]
@@ -115,6 +141,17 @@ async def _scraper(app: web.Application) -> AsyncIterator[None]:
     loop = scrape_loop(session, routes.all_workers, cfg.interval_s, cfg.timeout_s, on_stats)
     async for _ in _run_background(loop):
         yield
+
+
+async def _governor(app: web.Application) -> AsyncIterator[None]:
+    """Governance: its store (Redis client), kill-switch poller and alert webhook sender."""
+    governor = app.get(keys.GOVERNOR)
+    if governor is None:
+        yield
+        return
+    async for _ in _run_background(governor.background(app[keys.SESSION])):
+        yield
+    await governor.close()  # settles what is in flight, then closes the Redis client
 
 
 async def _health_loop(app: web.Application) -> AsyncIterator[None]:

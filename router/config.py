@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import yaml
 
 from router.errors import ConfigError
+from router.governance.config import GovernanceConfig, parse_governance
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCOVERY_MODES = ("static", "dns", "k8s")
@@ -81,6 +82,21 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
+class KvEventsConfig:
+    """Where a pool's workers publish vLLM KV events (exact mode). One of ``endpoints``
+    (worker URL -> tcp://host:port), ``port`` (same port on every worker's host), or
+    ``port_offset`` (worker HTTP port + offset) says where."""
+
+    port: int | None = None
+    port_offset: int = 0
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    replay_port: int | None = None
+    replay_port_offset: int | None = None
+    topic: str = "kv"
+    speculative_ttl_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model clients name; or, inside ``tiers``, one tier of it (``tier`` set)."""
 
@@ -95,6 +111,7 @@ class ModelConfig:
     approx_chunk_chars: int = 256  # approximate mode: characters per pseudo-block
     tier: str | None = None
     price: Price = Price()
+    kv_events: KvEventsConfig | None = None  # None: speculative index
     tiers: tuple[ModelConfig, ...] = ()  # cheapest first; empty for a plain model
     classifier: ClassifierConfig | None = None
 
@@ -121,6 +138,7 @@ class RouterConfig:
     scrape: ScrapeConfig = ScrapeConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     log_prompts: bool = False
+    governance: GovernanceConfig | None = None  # None: no budgets, keys or kill switch
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
@@ -195,8 +213,25 @@ def _parse_dataclass(cls: type, raw: Any, key: str, kinds: Mapping[str, type | t
 
 _POOL_KEYS = {
     "workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
-    "kv_capacity_blocks", "approx_chunk_chars", "price",
+    "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events",
 }
+
+
+def _parse_kv_events(raw: Any, key: str, workers: tuple[str, ...]) -> KvEventsConfig:
+    raw = _expect_mapping(raw, key)
+    kinds = {"port": int, "port_offset": int, "replay_port": int, "replay_port_offset": int,
+             "topic": str, "speculative_ttl_s": float}
+    _reject_unknown(raw, set(kinds) | {"endpoints"}, key)
+    values = {k: _typed(raw, k, kind, key, getattr(KvEventsConfig(), k)) for k, kind in kinds.items()}
+    endpoints = dict(_expect_mapping(raw.get("endpoints"), f"{key}.endpoints"))
+    for url, ep in endpoints.items():
+        if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"{key}.endpoints.{url}", "expected a tcp:// or ipc:// ZMQ endpoint")
+    if values["port"] is None and "port_offset" not in raw and not endpoints:
+        raise ConfigError(key, "say where events come from: port, port_offset or endpoints")
+    if values["speculative_ttl_s"] <= 0:
+        raise ConfigError(f"{key}.speculative_ttl_s", "must be positive")
+    return KvEventsConfig(**values, endpoints=endpoints)
 
 
 def _parse_price(raw: Any, key: str) -> Price:
@@ -294,9 +329,15 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -
     _positive(capacity, f"{key}.kv_capacity_blocks")
     chunk = _typed(raw, "approx_chunk_chars", int, key, 256)
     _positive(chunk, f"{key}.approx_chunk_chars")
+    kv_events = None
+    if raw.get("kv_events") is not None:
+        kv_events = _parse_kv_events(raw["kv_events"], f"{key}.kv_events", workers)
+        if tokenizer is None:
+            raise ConfigError(f"{key}.kv_events", "exact mode needs the model's tokenizer (set tokenizer)")
     return ModelConfig(
         name=name,
         tier=tier,
+        kv_events=kv_events,
         price=_parse_price(raw.get("price"), f"{key}.price"),
         workers=workers,
         tokenizer=tokenizer,
@@ -330,7 +371,7 @@ def _parse_discovery(raw: Any) -> DiscoveryConfig:
 def config_from_dict(raw: Any) -> RouterConfig:
     """Validate a parsed YAML document into a ``RouterConfig``."""
     raw = _expect_mapping(raw, "<root>")
-    _reject_unknown(raw, {"models", "server", "health", "scrape", "discovery", "log_prompts"}, "")
+    _reject_unknown(raw, {"models", "server", "health", "scrape", "discovery", "log_prompts", "governance"}, "")
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models", "required: a non-empty list of models")
@@ -356,8 +397,9 @@ def config_from_dict(raw: Any) -> RouterConfig:
                     where = f"models[{i}].tiers[{j}].workers" if m.tiers else f"models[{i}].workers"
                     raise ConfigError(where, "required with discovery.mode static")
     log_prompts = _typed(raw, "log_prompts", bool, "", False)
+    governance = parse_governance(raw["governance"]) if "governance" in raw else None
     return RouterConfig(models=models, server=server, health=health, scrape=scrape,
-                        discovery=discovery, log_prompts=log_prompts)
+                        discovery=discovery, log_prompts=log_prompts, governance=governance)
 
 
 def load_config(path: str | Path) -> RouterConfig:

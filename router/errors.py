@@ -8,11 +8,17 @@ errors carry the status and the OpenAI error fields, and one middleware turns th
     ├── ConfigError                 bad configuration, raised at start-up (names the key)
     ├── RequestError (4xx)
     │   ├── InvalidRequest          400 malformed JSON, wrong field types, missing fields
+    │   ├── Unauthorized            401 missing or unknown API key (governance)
+    │   ├── Forbidden               403 the key may not do or see this (governance)
     │   ├── NotFound                404 unknown route
     │   ├── ModelNotFound           404 unknown model
-    │   └── PayloadTooLarge         413 body over the configured limit
+    │   ├── PayloadTooLarge         413 body over the configured limit
+    │   └── BudgetExceeded          429 a hard budget is spent (names it and its reset time)
+    │       └── LoopDetected        429 the session repeats itself and was halted
     └── ServiceError (5xx)
         ├── NoHealthyWorker         503 model configured but no worker can serve it
+        ├── AgentHalted             503 a kill switch covers this request (code agent_halted)
+        ├── GovernanceUnavailable   503 the budget store (Redis) cannot be reached
         └── UpstreamError           a worker failed
             ├── UpstreamConnectError    502 connect/transport failure (retryable before first byte)
             ├── UpstreamTimeout         504
@@ -31,6 +37,7 @@ class KvrouteError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # extra response headers, e.g. Retry-After
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -70,6 +77,16 @@ class InvalidRequest(RequestError):
     code = "invalid_request"
 
 
+class Unauthorized(RequestError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(RequestError):
     status = 404
     code = "not_found"
@@ -85,6 +102,24 @@ class PayloadTooLarge(RequestError):
     code = "payload_too_large"
 
 
+class BudgetExceeded(RequestError):
+    """A hard budget would be exceeded; ``param`` names the budget."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message, param=param, code=code)
+        if retry_after_s is not None:
+            self.headers = {"retry-after": str(max(1, int(retry_after_s + 0.999)))}
+
+
+class LoopDetected(BudgetExceeded):
+    code = "loop_detected"
+
+
 class ServiceError(KvrouteError):
     status = 503
     type = "server_error"
@@ -93,6 +128,16 @@ class ServiceError(KvrouteError):
 class NoHealthyWorker(ServiceError):
     status = 503
     code = "no_healthy_worker"
+
+
+class AgentHalted(ServiceError):
+    status = 503
+    code = "agent_halted"
+
+
+class GovernanceUnavailable(ServiceError):
+    status = 503
+    code = "governance_unavailable"
 
 
 class UpstreamError(ServiceError):

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from router import keys
 from router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
+from router.governance.api import add_governance_routes
 from router.pipeline import run_request
 from router.requests import CHAT, COMPLETION, parse_request, read_body
 
@@ -25,7 +26,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type.split(";")[0])
     except KvrouteError as exc:
         request.app[keys.METRICS].errors.labels(exc.code or exc.type).inc()
-        return web.json_response(exc.to_body(), status=exc.status)
+        return web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -120,4 +121,5 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_governance_routes(app, keys.GOVERNOR)  # spend and admin APIs (router/governance/api.py)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)

@@ -21,3 +21,4 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 HEALTH = web.AppKey("health", HealthChecker)
 ROUTES = web.AppKey("routes", "ModelRoutes")
+GOVERNOR = web.AppKey("governor", "Governor")  # router.governance; absent without governance config

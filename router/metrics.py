@@ -46,10 +46,32 @@ class RouterMetrics:
                                             "Time to score one batch with the tier classifier",
                                             ["model"], buckets=_DECISION_BUCKETS + (0.1, 0.25, 1.0),
                                             registry=r)
+        self.kv_events = Counter("kvroute_kv_events", "vLLM KV events received, by type",
+                                 ["worker", "type"], registry=r)
+        self.kv_event_gaps = Counter("kvroute_kv_event_gaps", "Gaps in a worker's KV event sequence",
+                                     ["worker"], registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another worker",
                                ["model"], registry=r)
         self.errors = Counter("kvroute_errors", "Requests answered with a kvroute error",
                               ["code"], registry=r)
+        # Cost governance (router/governance). Tag labels pass an allow-list; others read "other".
+        spend = ["tenant", "agent", "feature", "model"]
+        self.spend_usd = Counter("kvroute_spend_usd", "Dollars spent (settled)", spend, registry=r)
+        self.spend_tokens = Counter("kvroute_spend_tokens", "Tokens spent (settled), by kind",
+                                    spend + ["kind"], registry=r)
+        self.budget_used_ratio = Gauge("kvroute_budget_used_ratio", "Used share of the budget instance "
+                                       "settled last, per budget", ["scope"], registry=r)
+        self.alerts = Counter("kvroute_alerts", "Governance alerts raised", ["kind"], registry=r)
+        self.webhooks = Counter("kvroute_alert_webhooks", "Alert webhook posts", ["outcome"], registry=r)
+        self.governance_actions = Counter("kvroute_governance_actions", "Governance decisions: reject, "
+                                          "downgrade, throttle, kill_switch, loop_*, stream_cut, ...",
+                                          ["action"], registry=r)
+
+    def event(self, worker: str, kind: str, n: int = 1) -> None:
+        self.kv_events.labels(worker, kind).inc(n)
+
+    def gap(self, worker: str) -> None:
+        self.kv_event_gaps.labels(worker).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

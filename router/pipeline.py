@@ -20,6 +20,7 @@ from router.config import ModelConfig, RouterConfig
 from router.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, UpstreamError
 from router.fleet.workers import Worker, WorkerPool
 from router.index import PrefixIndex
+from router.kv_events import ExactIndex
 from router.policies.base import Policy, PolicyDeps, RequestContext
 from router.policies.registry import create_policy
 from router.prefix import Prefixer, PromptTokenizer
@@ -40,12 +41,15 @@ class ModelRoute:
     cfg: ModelConfig
     pool: WorkerPool
     policy: Policy
-    index: PrefixIndex
+    index: PrefixIndex | ExactIndex
     prefixer: Prefixer
 
     @property
     def mode(self) -> str:
-        return "exact" if self.prefixer.exact else "approximate"
+        """kv_events (exact, from vLLM's events), speculative, or approximate (no tokenizer)."""
+        if not self.prefixer.exact:
+            return "approximate"
+        return "kv_events" if self.cfg.kv_events else "speculative"
 
     @property
     def block_size(self) -> int:
@@ -86,7 +90,10 @@ class ModelRoutes:
             self.by_name[m.name] = ServedModel(m.name, pools, chooser)
 
     def _pool(self, m: ModelConfig, executor) -> ModelRoute:
-        index = PrefixIndex(m.kv_capacity_blocks)
+        if m.kv_events is not None:
+            index = ExactIndex(m.kv_capacity_blocks, m.kv_events.speculative_ttl_s)
+        else:
+            index = PrefixIndex(m.kv_capacity_blocks)
         tokenizer = PromptTokenizer(m.tokenizer) if m.tokenizer else None
         if tokenizer is None:
             log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
@@ -182,20 +189,30 @@ async def choose_tier(app: web.Application, served: ServedModel, req: ParsedRequ
 async def run_request(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
     app = request.app
     served = app[keys.ROUTES].get(req.model)  # parse (done by the handler)
-    # govern: budgets and the kill switch slot in here (issue 8).
     route = await choose_tier(app, served, req)
     ctx = await build_context(route, req)
+    governor, grant, dispatch = app.get(keys.GOVERNOR), None, None
+    if governor is not None:  # govern: keys, kill switch, loops, budgets (router/governance); may downgrade
+        grant = await governor.admit(req, served, route, ctx, authorization=request.headers.get("Authorization"),
+                                     rebuild=build_context)
+        route, ctx, req = grant.route, grant.ctx, grant.req
     tried: set[str] = set()
-    while True:
-        worker = choose_worker(app, route, ctx, tried)
-        tried.add(worker.url)
-        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req)
-        try:
-            return await forward(request, dispatch)  # proxy + account
-        except UpstreamError as exc:
-            if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
-                    and len(route.pool.healthy()) > 0):
-                raise
-            app[keys.METRICS].retries.labels(route.cfg.name).inc()
-            log.warning("retrying %s request on another worker after %s: %s",
-                        route.cfg.name, worker.url, exc.message)
+    try:
+        while True:
+            if grant is not None:
+                governor.check_kill(grant.attrs, served.name)  # before every upstream call
+            worker = choose_worker(app, route, ctx, tried)
+            tried.add(worker.url)
+            dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, grant=grant)
+            try:
+                return await forward(request, dispatch)  # proxy + account
+            except UpstreamError as exc:
+                if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
+                        and len(route.pool.healthy()) > 0):
+                    raise
+                app[keys.METRICS].retries.labels(route.cfg.name).inc()
+                log.warning("retrying %s request on another worker after %s: %s",
+                            route.cfg.name, worker.url, exc.message)
+    finally:
+        if grant is not None:
+            governor.finish(grant, dispatch)  # settle to real usage, in the background; never raises

@@ -29,6 +29,7 @@ from router.policies.base import RequestContext
 from router.requests import ParsedRequest
 
 if TYPE_CHECKING:
+    from router.governance.governor import Grant
     from router.pipeline import ModelRoute
 
 WORKER_HEADER = "x-kvroute-worker"
@@ -56,6 +57,7 @@ class Dispatch:
     status: str = "error"
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    grant: Grant | None = None  # governance: counts the stream and may cut it (router/governance)
 
 
 def upstream_body(d: Dispatch) -> bytes:
@@ -113,7 +115,10 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
     raw = await resp.read()
     d.first_token_at = time.perf_counter()
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-        d.usage = orjson.loads(raw).get("usage")
+        parsed = orjson.loads(raw)
+        if d.grant is not None:
+            d.grant.on_response(parsed)
+        d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
                         headers=response_headers(d))
 
@@ -132,6 +137,8 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
             event = []
             if not _keep_event(data, d):
                 continue
+            if d.grant is not None and not d.grant.on_stream_event(data):
+                return await _cut_stream(request, out, d)
             if out is None:
                 out = await _start_stream(request, d)
             if d.first_token_at is None:
@@ -154,6 +161,16 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
     if out is None:  # an empty stream: still answer well-formed SSE
         out = await _start_stream(request, d)
     await out.write_eof()
+    return out
+
+
+async def _cut_stream(request: web.Request, out: web.StreamResponse | None, d: Dispatch) -> web.StreamResponse:
+    """A governance limit was crossed mid-stream: end with a clean, final SSE error event."""
+    if out is None:
+        out = await _start_stream(request, d)
+    with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+        await out.write(b"data: " + orjson.dumps(d.grant.cut.to_body()) + b"\n\n")
+        await out.write_eof()
     return out
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from router.fleet.tinymodel import build_tiny_model, cache_root
 
 STARTUP_TIMEOUT_S = 420.0
+REPLAY_PORT_OFFSET = 1000  # a worker's KV-event replay endpoint: events port + this
 
 
 @dataclass
@@ -58,8 +59,15 @@ class LocalFleet:
                 "tokenizer": self.model_dir,
                 "block_size": self.block_size,
                 "policy": policy,
+                "kv_events": self.kv_events_config(),
             }]
         }
+
+
+    def kv_events_config(self) -> dict:
+        """Events port = HTTP port + a fixed offset on every worker of a local fleet."""
+        offset = self.workers[0].events_port - self.workers[0].port
+        return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
 
 
 def state_file() -> Path:
@@ -68,8 +76,9 @@ def state_file() -> Path:
 
 def worker_command(model_dir: str, served_names: list[str], port: int, events_port: int,
                    block_size: int, kv_blocks: int | None, max_model_len: int) -> list[str]:
-    events = {"enable_kv_cache_events": True, "publisher": "zmq",
-              "endpoint": f"tcp://*:{events_port}", "topic": "kv"}
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+              "endpoint": f"tcp://*:{events_port}",
+              "replay_endpoint": f"tcp://*:{events_port + REPLAY_PORT_OFFSET}"}
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_dir, "--served-model-name", *served_names,

@@ -1,0 +1,116 @@
+"""HTTP routes of governance: the spend API and the admin API (kill switch, alerts).
+
+``GET /v1/kvroute/spend?group_by=agent,feature&window=day[&tenant=NAME]``: an admin key
+sees every tenant (or the one it names); a tenant key sees only its own tenant, and
+naming another is 403. Without any key configured (an open router) it is open.
+``POST /v1/kvroute/admin/kill`` ``{"scope": "global|tenant|agent|model", "value", "reason"}``
+halts, ``DELETE`` (same body, or query) resumes, ``GET`` lists; admin key only.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from router.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from router.governance.governor import Governor
+from router.governance.killswitch import entry_key
+from router.governance.ledger import DIMENSIONS, parse_window
+
+
+def _governor(request: web.Request, key: web.AppKey) -> Governor:
+    governor = request.app.get(key)
+    if governor is None:
+        raise NotFound("Cost governance is not configured on this router (config key 'governance').")
+    return governor
+
+
+def spend_handler(key: web.AppKey):
+    async def spend(request: web.Request) -> web.Response:
+        gov = _governor(request, key)
+        caller = gov.auth.caller(request.headers.get("Authorization"))
+        asked = request.query.get("tenant") or None
+        if caller is None:
+            if not gov.auth.open or gov.cfg.admin_keys:
+                raise Unauthorized("The spend API needs an API key (Authorization: Bearer <key>).")
+            tenant = asked
+        elif caller.admin:
+            tenant = asked
+        else:
+            if asked is not None and asked != caller.tenant:
+                raise Forbidden("A tenant key may only see its own tenant's spend.", param="tenant")
+            tenant = caller.tenant
+        group_by = tuple(g for g in (request.query.get("group_by") or "").split(",") if g)
+        for g in group_by:
+            if g not in DIMENSIONS:
+                raise InvalidRequest(f"Unknown group_by '{g}'; valid: {', '.join(DIMENSIONS)}", param="group_by")
+        try:
+            window_s = parse_window(request.query.get("window"))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="window") from None
+        rows = await gov.spend(tenant, group_by, window_s)
+        return web.json_response({"object": "list", "tenant": tenant, "group_by": list(group_by),
+                                  "window_s": window_s, "data": rows})
+
+    return spend
+
+
+async def _kill_args(request: web.Request) -> tuple[str, str | None, str]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("Request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    scope = body.get("scope", request.query.get("scope", "global"))
+    value = body.get("value", request.query.get("value"))
+    reason = body.get("reason") or "halted by an operator"
+    if not isinstance(scope, str) or (value is not None and not isinstance(value, str)) \
+            or not isinstance(reason, str):
+        raise InvalidRequest("'scope', 'value' and 'reason' must be strings")
+    try:
+        entry_key(scope, value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="scope") from None
+    return scope, value, reason
+
+
+def admin_handlers(key: web.AppKey) -> dict:
+    def admin(request: web.Request) -> Governor:
+        gov = _governor(request, key)
+        gov.auth.require_admin(request.headers.get("Authorization"))
+        return gov
+
+    async def kill(request: web.Request) -> web.Response:
+        gov = admin(request)
+        scope, value, reason = await _kill_args(request)
+        await gov.kill.set(scope, value, reason)
+        return web.json_response({"object": "list", "data": gov.kill.entries()})
+
+    async def resume(request: web.Request) -> web.Response:
+        gov = admin(request)
+        scope, value, _ = await _kill_args(request)
+        if not await gov.kill.clear(scope, value):
+            raise NotFound(f"No kill switch set through the admin API for {entry_key(scope, value)}")
+        return web.json_response({"object": "list", "data": gov.kill.entries()})
+
+    async def list_kills(request: web.Request) -> web.Response:
+        gov = admin(request)
+        await gov.kill.refresh()
+        return web.json_response({"object": "list", "data": gov.kill.entries()})
+
+    async def alerts(request: web.Request) -> web.Response:
+        gov = admin(request)
+        return web.json_response({"object": "list", "data": gov.alerts.fired})
+
+    return {"kill": kill, "resume": resume, "list_kills": list_kills, "alerts": alerts}
+
+
+def add_governance_routes(app: web.Application, key: web.AppKey) -> None:
+    h = admin_handlers(key)
+    app.router.add_get("/v1/kvroute/spend", spend_handler(key))
+    app.router.add_post("/v1/kvroute/admin/kill", h["kill"])
+    app.router.add_delete("/v1/kvroute/admin/kill", h["resume"])
+    app.router.add_get("/v1/kvroute/admin/kill", h["list_kills"])
+    app.router.add_get("/v1/kvroute/admin/alerts", h["alerts"])

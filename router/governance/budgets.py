@@ -1,0 +1,115 @@
+"""Which budget instances a request falls under, what it costs, and how a refusal reads.
+
+A budget's scope picks the counter: one per session, per agent (within a tenant), per
+task, feature or user, per tenant, or one for everything (``global``). Windowed budgets
+count in fixed windows aligned to the epoch (``window: day`` resets at 00:00 UTC), so
+every refusal can name its reset time. A session budget lives as long as the session
+(``session_ttl_s`` after its last request). ``request`` budgets need no state: they cap
+one request's prompt and completion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from router.config import Price
+from router.governance.config import Budget
+from router.governance.identity import Attribution
+from router.governance.store import Slot
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Dollars per token."""
+
+    input: float
+    cached: float
+    output: float
+
+    @classmethod
+    def of(cls, price: Price) -> Rates:
+        cached = price.input_per_m if price.cached_input_per_m is None else price.cached_input_per_m
+        return cls(price.input_per_m / 1e6, cached / 1e6, price.output_per_m / 1e6)
+
+    def cost(self, prompt: int, cached: int, completion: int) -> float:
+        cached = min(max(cached, 0), prompt)
+        return (prompt - cached) * self.input + cached * self.cached + completion * self.output
+
+
+def scope_value(budget: Budget, attrs: Attribution) -> str | None:
+    """The counter's identity within the budget, or None when the budget does not apply."""
+    if budget.tenant is not None and budget.tenant != attrs.tenant:
+        return None
+    if budget.scope == "global":
+        return "*"
+    if budget.scope == "tenant":
+        return attrs.tenant
+    value = attrs.session if budget.scope == "session" else attrs.tag(budget.scope)
+    return f"{attrs.tenant}/{value}" if value else None
+
+
+def slots_for(budgets: tuple[Budget, ...], attrs: Attribution, now: float,
+              session_ttl_s: float) -> list[tuple[Budget, Slot]]:
+    out = []
+    for b in budgets:
+        if b.scope == "request":
+            continue
+        value = scope_value(b, attrs)
+        if value is None:
+            continue
+        if b.window_s:
+            index = int(now // b.window_s)
+            key, expire_at = f"{b.name}:{value}:{index}", (index + 1) * b.window_s
+        else:
+            key, expire_at = f"{b.name}:{value}", now + session_ttl_s
+        lim = b.limits
+        out.append((b, Slot(key, b.name, lim.tokens, lim.usd, lim.tool_calls, lim.wall_s, not b.soft, expire_at)))
+    return out
+
+
+def request_cap(budgets: tuple[Budget, ...], attrs: Attribution, prompt: int,
+                rates: Rates) -> tuple[float, Budget | None]:
+    """Completion tokens the hard ``request`` budgets leave, and the one that binds."""
+    cap, binding = math.inf, None
+    for b in budgets:
+        if b.scope != "request" or b.soft or scope_value(b, attrs) is None:
+            continue
+        if b.limits.tokens is not None and b.limits.tokens - prompt < cap:
+            cap, binding = b.limits.tokens - prompt, b
+        if b.limits.usd is not None:
+            left = b.limits.usd - prompt * rates.input
+            room = math.floor(left / rates.output + 1e-9) if rates.output > 0 else (math.inf if left >= 0 else -1)
+            if room < cap:
+                cap, binding = room, b
+    return cap, binding
+
+
+def reset_at(budget: Budget, now: float) -> float | None:
+    if budget.window_s:
+        return (int(now // budget.window_s) + 1) * budget.window_s
+    return None
+
+
+_REASONS = {"tokens": "its token limit", "usd": "its dollar limit", "tool_calls": "its tool-call limit",
+            "wall_s": "its wall-clock limit"}
+
+
+def refusal(budget: Budget, reason: str | None, now: float) -> tuple[str, float | None]:
+    """The 429 message for a refused request, and seconds until the budget resets."""
+    what = _REASONS.get(reason or "", "its limit")
+    lim = budget.limits
+    limits = ", ".join(f"{k}={v:g}" for k, v in (("tokens", lim.tokens), ("usd", lim.usd),
+                                                   ("tool_calls", lim.tool_calls), ("wall_s", lim.wall_s))
+                       if v is not None)
+    msg = f"Budget '{budget.name}' ({budget.scope} scope; {limits}) has no room left: this request would exceed {what}."
+    at = reset_at(budget, now)
+    if at is not None:
+        stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"{msg} It resets at {stamp}.", at - now
+    if budget.scope == "session":
+        return f"{msg} Session budgets do not reset: start a new session.", None
+    if budget.scope == "request":
+        return f"{msg} Lower max_tokens or shorten the prompt.", None
+    return f"{msg} It does not reset on its own.", None

@@ -1,0 +1,382 @@
+"""The ``Governor``: the one object the request path talks to about money.
+
+    grant = await governor.admit(req, served, route, ctx, authorization=..., rebuild=build_context)
+    try:
+        ... proxy, with grant.on_stream_event(chunk) between stream chunks ...
+    finally:
+        governor.finish(grant, dispatch)
+
+``admit`` authenticates the caller, tags the request, checks the kill switch and the
+session's loop detector, and reserves prompt tokens + the completion tokens it grants in
+every budget the request falls under (atomically, in the store). It may shrink the
+request's ``max_tokens`` to what the budgets leave, move it to a cheaper tier
+(``downgrade``), delay it (``throttle``), or refuse it with a kvroute error (401, 429,
+503). ``finish`` never raises and never awaits: it hands the grant to a background task
+that settles the reservation to the real usage (the response's ``usage``, or the prompt
+plus the tokens streamed so far when a stream was cut or the client left), records the
+spend, and raises alerts. A grant is settled exactly once; a grant that is never settled
+frees its reservation after ``reservation_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+from router.errors import AgentHalted, BudgetExceeded, GovernanceUnavailable, KvrouteError, LoopDetected
+from router.governance import loops
+from router.governance.alerts import Alerter
+from router.governance.budgets import Rates, refusal, request_cap, slots_for
+from router.governance.clock import Clock
+from router.governance.config import Budget, GovernanceConfig
+from router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
+from router.governance.killswitch import KillSwitch
+from router.governance.ledger import Ledger
+from router.governance.store import Ask, Granted, MemoryStore, Slot, Store
+from router.metrics import RouterMetrics
+
+if TYPE_CHECKING:
+    from router.pipeline import ModelRoute, ServedModel
+    from router.policies.base import RequestContext
+    from router.requests import ParsedRequest
+
+log = logging.getLogger(__name__)
+spend_log = logging.getLogger("kvroute.spend")
+
+
+@dataclass
+class Grant:
+    """One admitted request: its reservation, and what its stream has produced so far."""
+
+    governor: Governor
+    rid: str
+    attrs: Attribution
+    model: str
+    route: ModelRoute
+    req: ParsedRequest
+    ctx: RequestContext
+    budgets: list[tuple[Budget, Slot]]
+    reserved: Granted
+    binding: Budget | None  # the budget that limited the completion grant, if one did
+    generated: int = 0  # completion tokens seen in the stream
+    tool_calls: int = 0  # tool calls seen in the response or stream
+    cut: KvrouteError | None = None
+    settled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.ctx.prompt_tokens
+
+    def on_stream_tokens(self, n: int) -> bool:
+        """Count ``n`` generated tokens; False when the stream must be cut here."""
+        self.generated += n
+        if self.cut is None:
+            self.cut = self.governor.stream_check(self)
+        return self.cut is None
+
+    def on_stream_event(self, data: bytes) -> bool:
+        """One SSE event from the worker; False when the stream must be cut before it."""
+        if not data.startswith(b"data: {") or b'"choices"' not in data:
+            return self.cut is None
+        try:
+            chunk = orjson.loads(data[6:])
+        except orjson.JSONDecodeError:
+            return self.cut is None
+        tokens = 0
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") or {}
+            calls = delta.get("tool_calls") or ()
+            self.tool_calls += sum(1 for c in calls if isinstance(c, dict) and c.get("id"))
+            if delta.get("content") or choice.get("text") or calls or delta.get("reasoning_content"):
+                tokens += 1
+        return self.on_stream_tokens(tokens) if tokens else self.cut is None
+
+    def on_response(self, body: Any) -> None:
+        """A whole (non-streaming) response: count its tool calls."""
+        if not isinstance(body, dict):
+            return
+        for choice in body.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+                self.tool_calls += len(message["tool_calls"])
+
+
+def _label(value: str | None, allowed: tuple[str, ...] | None) -> str:
+    if not value:
+        return "none"
+    return value if allowed and value in allowed else "other"
+
+
+class Governor:
+    def __init__(self, cfg: GovernanceConfig, metrics: RouterMetrics, clock: Clock | None = None,
+                 store: Store | None = None):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.clock = clock or Clock()
+        if store is None:
+            if cfg.redis is not None:
+                from router.governance.redis_store import RedisStore
+
+                store = RedisStore.from_url(cfg.redis.url, cfg.redis.prefix)
+            else:
+                store = MemoryStore()
+        self.store = store
+        self.auth = Authenticator(cfg)
+        self.kill = KillSwitch(cfg.kill_switch, store, self.clock)
+        self.alerts = Alerter(cfg.alerts, store, self.clock, metrics)
+        self.ledger = Ledger(store)
+        self.pending: set[asyncio.Task] = set()
+        self._tenants = {t.name for t in cfg.tenants} | {"anonymous"}
+
+    # ---- admission -------------------------------------------------------------------
+
+    async def admit(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext, *,
+                    authorization: str | None,
+                    rebuild: Callable[[ModelRoute, ParsedRequest], Awaitable[RequestContext]]) -> Grant:
+        try:
+            tenant = self.auth.tenant_of(authorization)
+        except KvrouteError:
+            self._action("unauthorized")
+            raise
+        headers = dict(req.headers)
+        if trace_id(headers.get("traceparent")) is None:
+            headers["traceparent"] = new_traceparent()
+        attrs = attribution(tenant, headers, ctx.session_key)
+        try:
+            await self.kill.maybe_refresh()
+            self.check_kill(attrs, served.name)
+            body = req.body
+            delay = 0.0
+            if attrs.session:
+                body, delay = await self._loops(attrs, body)
+            req = replace(req, headers=headers, body=body)
+            grant = await self._reserve(req, served, route, ctx, attrs, rebuild)
+        except KvrouteError:
+            raise
+        except Exception as exc:  # the store (Redis) is down: refuse rather than spend blind
+            log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
+            raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
+        for (budget, _slot), r in zip(grant.budgets, grant.reserved.ratios):
+            if budget.action == "throttle" and r >= budget.throttle_at:
+                delay = max(delay, budget.throttle_delay_s)
+        if delay:
+            self._action("throttle")
+            try:
+                await self.clock.sleep(delay)
+            except BaseException:
+                self.finish(grant, None)
+                raise
+        return grant
+
+    def check_kill(self, attrs: Attribution, model: str) -> None:
+        hit = self.kill.check(attrs.tenant, attrs.agent, model)
+        if hit is not None:
+            self._action("kill_switch")
+            key, entry = hit
+            raise AgentHalted(f"Halted by the kill switch ({key}): {entry['reason']}", param=key)
+
+    async def _loops(self, attrs: Attribution, body: dict) -> tuple[dict, float]:
+        lc = self.cfg.loops
+        who = f"{attrs.tenant}/{attrs.session}"
+        halt_flag = f"halt:{who}"
+        entries, halted = await self.store.push_recent(f"loop:{who}", loops.signature(body), lc.window,
+                                                        self.cfg.session_ttl_s, self.clock.time(), halt_flag)
+        if halted:
+            self._action("loop_halt")
+            raise LoopDetected(f"Session '{attrs.session}' was halted because it was looping; start a new "
+                               "session.", param="x-kvroute-session")
+        why = loops.is_loop(entries, lc.window, lc.ratio)
+        if why is None:
+            return body, 0.0
+        if await self.alerts.once(f"loopalert:{who}", self.cfg.session_ttl_s):
+            self.alerts.emit("loop_detected", tenant=attrs.tenant, agent=attrs.agent, session=attrs.session,
+                             reason=why, action=lc.action)
+        if lc.action == "halt":
+            await self.store.set_flag(halt_flag, self.cfg.session_ttl_s, self.clock.time())
+            self._action("loop_halt")
+            raise LoopDetected(f"Session '{attrs.session}' is looping ({why} in {lc.window} requests in a "
+                               "row) and was halted; start a new session.", param="x-kvroute-session")
+        self._action(f"loop_{lc.action}")
+        if lc.action == "inject":
+            return loops.inject(body, lc.message), 0.0
+        if lc.action == "throttle":
+            return body, lc.throttle_delay_s
+        return body, 0.0
+
+    async def _reserve(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext,
+                       attrs: Attribution, rebuild) -> Grant:
+        body = req.body
+        requested = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
+        need = min(self.cfg.min_completion_tokens, requested)
+        now = self.clock.time()
+        while True:
+            rates = Rates.of(route.cfg.price)
+            cap, req_budget = request_cap(self.cfg.budgets, attrs, ctx.prompt_tokens, rates)
+            pairs = slots_for(self.cfg.budgets, attrs, now, self.cfg.session_ttl_s)
+            if cap < need:
+                refused, reason = req_budget, "tokens" if req_budget.limits.tokens else "usd"
+            else:
+                rid = uuid.uuid4().hex
+                ask = Ask(rid, tuple(s for _, s in pairs), ctx.prompt_tokens, int(min(requested, cap)), need,
+                          rates.input, rates.output, now, self.cfg.reservation_ttl_s)
+                got = await self.store.reserve(ask)
+                if got.ok:
+                    binding = None
+                    if got.completion < requested:
+                        binding = req_budget if cap <= got.completion else (
+                            pairs[got.failed][0] if got.failed is not None else None)
+                    return self._grant(rid, attrs, served, route, req, ctx, pairs, got, binding)
+                refused, reason = pairs[got.failed][0], got.reason
+            cheaper = self._cheaper(served, route) if refused.action == "downgrade" else None
+            if cheaper is None:
+                self._action("reject")
+                message, retry_after = refusal(refused, reason, now)
+                raise BudgetExceeded(message, param=refused.name, retry_after_s=retry_after)
+            self._action("downgrade")
+            log.info("budget %s: downgrading %s from tier %s to %s", refused.name, served.name, route.cfg.tier,
+                     cheaper.cfg.tier)
+            route = cheaper
+            ctx = await rebuild(route, req)
+
+    @staticmethod
+    def _cheaper(served: ServedModel, route: ModelRoute) -> ModelRoute | None:
+        i = next((i for i, t in enumerate(served.tiers) if t is route), 0)
+        return served.tiers[i - 1] if i > 0 else None
+
+    def _grant(self, rid, attrs, served, route, req, ctx, pairs, got: Granted, binding) -> Grant:
+        body = req.body
+        if got.completion != body.get("max_completion_tokens", body.get("max_tokens")):
+            key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+            req = replace(req, body={**body, key: got.completion})
+        return Grant(self, rid, attrs, served.name, route, req, ctx, pairs, got, binding)
+
+    # ---- during the stream ----------------------------------------------------------
+
+    def stream_check(self, grant: Grant) -> KvrouteError | None:
+        """Why a running stream must stop now, or None (no I/O)."""
+        hit = self.kill.check(grant.attrs.tenant, grant.attrs.agent, grant.model)
+        if hit is not None:
+            self._action("stream_cut")
+            return AgentHalted(f"Halted by the kill switch ({hit[0]}) mid-stream: {hit[1]['reason']}",
+                               param=hit[0])
+        if grant.generated > grant.reserved.completion:
+            self._action("stream_cut")
+            name = grant.binding.name if grant.binding else "request max_tokens"
+            return BudgetExceeded(f"Stream stopped after {grant.generated} completion tokens: the "
+                                  f"{grant.reserved.completion} tokens that budget '{name}' allowed are spent.",
+                                  param=grant.binding.name if grant.binding else None)
+        return None
+
+    # ---- settlement ------------------------------------------------------------------
+
+    def finish(self, grant: Grant | None, dispatch: Any) -> None:
+        """Settle ``grant`` in the background. Never raises, never awaits; safe in ``finally``."""
+        if grant is None or grant.settled:
+            return
+        grant.settled = True
+        task = asyncio.get_running_loop().create_task(self._settle(grant, dispatch))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for every settlement in flight (tests, shutdown)."""
+        while self.pending:
+            await asyncio.gather(*list(self.pending), return_exceptions=True)
+
+    @staticmethod
+    def usage_of(grant: Grant, dispatch: Any) -> tuple[int, int, int]:
+        usage = getattr(dispatch, "usage", None)
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+            completion = usage.get("completion_tokens")
+            return (usage["prompt_tokens"], cached if isinstance(cached, int) else 0,
+                    completion if isinstance(completion, int) else grant.generated)
+        if grant.generated or getattr(dispatch, "client_started", False):
+            return grant.prompt_tokens, 0, grant.generated
+        return 0, 0, 0  # never reached a worker, or the worker refused it
+
+    async def _settle(self, grant: Grant, dispatch: Any) -> None:
+        prompt, cached, completion = self.usage_of(grant, dispatch)
+        usd = Rates.of(grant.route.cfg.price).cost(prompt, cached, completion)
+        tokens = prompt + completion
+        keys = tuple(s.key for _, s in grant.budgets)
+        try:
+            if keys:
+                used = await self.store.settle(grant.reserved.member, keys, grant.reserved.tokens, grant.reserved.usd,
+                                               tokens, usd, grant.tool_calls)
+            else:
+                used = []
+            if tokens:
+                await self.ledger.record(grant.attrs, grant.model, grant.route.cfg.tier, prompt, cached, completion,
+                                         usd, self.clock.time())
+            for (budget, slot), u in zip(grant.budgets, used):
+                await self.alerts.budget_used(slot, budget.scope, u)
+            if usd > 0:
+                await self.alerts.check_spike(grant.attrs.tenant)
+        except Exception as exc:
+            log.error("settling request %s failed (its reservation expires in %.0f s): %s: %s", grant.rid,
+                      self.cfg.reservation_ttl_s, type(exc).__name__, exc)
+        self._record(grant, dispatch, prompt, cached, completion, usd)
+
+    def _record(self, grant: Grant, dispatch: Any, prompt: int, cached: int, completion: int, usd: float) -> None:
+        a = grant.attrs
+        tv = self.cfg.tag_values
+        labels = (a.tenant if a.tenant in self._tenants else "other", _label(a.agent, tv.get("agent")),
+                  _label(a.feature, tv.get("feature")), grant.model)
+        m = self.metrics
+        m.spend_usd.labels(*labels).inc(usd)
+        for kind, n in (("prompt", prompt), ("cached", cached), ("completion", completion)):
+            if n:
+                m.spend_tokens.labels(*labels, kind).inc(n)
+        worker = getattr(getattr(dispatch, "worker", None), "url", None)
+        if spend_log.isEnabledFor(logging.INFO):
+            spend_log.info("%s", orjson.dumps({
+                "request": grant.rid, "trace_id": a.trace_id, "tenant": a.tenant, "agent": a.agent, "task": a.task,
+                "feature": a.feature, "user": a.user, "session": a.session, "model": grant.model,
+                "tier": grant.route.cfg.tier, "worker": worker, "status": getattr(dispatch, "status", "not_sent"),
+                "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+                "tool_calls": grant.tool_calls, "cost_usd": round(usd, 9),
+                "cut": grant.cut.code if grant.cut else None}).decode())
+
+    def _action(self, action: str) -> None:
+        self.metrics.governance_actions.labels(action).inc()
+
+    # ---- queries and lifecycle ----------------------------------------------------------
+
+    async def spend(self, tenant: str | None, group_by: tuple[str, ...], window_s: int) -> list[dict]:
+        return await self.ledger.query(tenant, group_by, window_s, self.clock.time())
+
+    async def background(self, session: aiohttp.ClientSession) -> None:
+        """Keep the kill switch fresh on an idle replica, and send webhook alerts."""
+        tasks = []
+        if self.cfg.alerts.webhook_url:
+            tasks.append(asyncio.create_task(self.alerts.run_webhook(session)))
+        try:
+            while True:
+                try:
+                    await self.kill.refresh(session)
+                except Exception as exc:
+                    log.error("kill switch refresh failed: %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(self.cfg.kill_switch.ttl_s)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.drain(), 10)
+        await self.store.close()
+

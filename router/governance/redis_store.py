@@ -1,0 +1,213 @@
+"""Governance state in Redis, shared by every router replica.
+
+Reservations are atomic Lua scripts (one round trip each for reserve and settle) over two
+keys per budget instance: a hash of counters and a sorted set of reservations scored by
+their expiry. The scripts follow ``store.plan`` and ``MemoryStore.settle`` exactly. All
+keys start with the configured prefix and carry a TTL, so Redis never fills with dead
+windows or sessions. Multi-key scripts need one Redis (or Sentinel), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis.asyncio as aioredis
+
+from router.governance.store import NONE, Ask, Granted, Used
+
+_PARSE = "local _, _, rt, ru = string.find(m, '^[^|]*|([^|]*)|(.*)$')"
+
+RESERVE = """
+local now, ttl, prompt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local maxc, minc, pin, pout = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local rid = ARGV[8]
+local n = #KEYS / 2
+local allowed, need, failed, reason = maxc, math.min(minc, maxc), -1, ''
+local ratios, starts = {}, {}
+local function ratio(lt, lu, ltc, t, u, tc)
+  local r = 0
+  if lt > 0 then r = math.max(r, t / lt) end
+  if lu > 0 then r = math.max(r, u / lu) end
+  if ltc > 0 then r = math.max(r, tc / ltc) end
+  return r
+end
+for i = 1, n do
+  local h, z, b = KEYS[2 * i - 1], KEYS[2 * i], 8 + (i - 1) * 6
+  local lt, lu, ltc = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local wall, hard = tonumber(ARGV[b + 4]), ARGV[b + 5] == '1'
+  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  if #expired > 0 then
+    local dt, du = 0, 0
+    for _, m in ipairs(expired) do
+      PARSE
+      dt, du = dt + tonumber(rt), du + tonumber(ru)
+    end
+    redis.call('HINCRBY', h, 'res_t', -dt)
+    redis.call('HINCRBYFLOAT', h, 'res_usd', -du)
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+  end
+  local v = redis.call('HMGET', h, 'used_t', 'used_usd', 'used_tc', 'res_t', 'res_usd', 'start')
+  local ut, uu, utc = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  local rt, ru, start = tonumber(v[4]) or 0, tonumber(v[5]) or 0, tonumber(v[6])
+  starts[i] = start
+  ratios[i] = tostring(ratio(lt, lu, ltc, ut + rt, uu + ru, utc))
+  if hard then
+    if wall >= 0 and start and now - start >= wall then
+      return {0, i - 1, 'wall_s', unpack(ratios)}
+    end
+    if ltc >= 0 and utc >= ltc then
+      return {0, i - 1, 'tool_calls', unpack(ratios)}
+    end
+    if lt >= 0 then
+      local room = lt - ut - rt - prompt
+      if room < allowed then allowed, failed, reason = room, i - 1, 'tokens' end
+    end
+    if lu >= 0 then
+      local left = lu - uu - ru - prompt * pin
+      local room
+      if pout > 0 then room = math.floor(left / pout + 1e-9)
+      elseif left >= 0 then room = allowed else room = -1 end
+      if room < allowed then allowed, failed, reason = room, i - 1, 'usd' end
+    end
+  end
+end
+if allowed < need then
+  return {0, failed, reason, unpack(ratios)}
+end
+local tokens = prompt + allowed
+local usd = prompt * pin + allowed * pout
+local member = rid .. '|' .. tokens .. '|' .. string.format('%.17g', usd)
+for i = 1, n do
+  local h, z, b = KEYS[2 * i - 1], KEYS[2 * i], 8 + (i - 1) * 6
+  redis.call('HINCRBY', h, 'res_t', tokens)
+  redis.call('HINCRBYFLOAT', h, 'res_usd', usd)
+  if not starts[i] then redis.call('HSET', h, 'start', ARGV[1]) end
+  redis.call('ZADD', z, now + ttl, member)
+  local exp = math.ceil(math.max(tonumber(ARGV[b + 6]), now + ttl))
+  redis.call('EXPIREAT', h, exp)
+  redis.call('EXPIREAT', z, exp)
+end
+return {1, allowed, tokens, string.format('%.17g', usd), member, failed, reason, unpack(ratios)}
+""".replace("PARSE", _PARSE)
+
+SETTLE = """
+local m, t, u, tc, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+PARSE
+local out = {}
+for i = 1, #KEYS / 2 do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('ZREM', z, m) == 1 then
+    redis.call('HINCRBY', h, 'res_t', -tonumber(rt))
+    redis.call('HINCRBYFLOAT', h, 'res_usd', -tonumber(ru))
+  end
+  out[#out + 1] = redis.call('HINCRBY', h, 'used_t', t)
+  out[#out + 1] = redis.call('HINCRBYFLOAT', h, 'used_usd', u)
+  out[#out + 1] = redis.call('HINCRBY', h, 'used_tc', tc)
+  if redis.call('TTL', h) < 0 then redis.call('EXPIRE', h, ttl) end
+end
+return out
+""".replace("PARSE", _PARSE)
+
+
+def _n(value: float | None) -> str:
+    return repr(NONE if value is None else value)
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, prefix: str = "kvroute:gov", settle_ttl_s: float = 86400.0):
+        self.r = client
+        self.p = prefix
+        self._settle_ttl = int(settle_ttl_s)
+        self._reserve = client.register_script(RESERVE)
+        self._settle = client.register_script(SETTLE)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "kvroute:gov") -> RedisStore:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), prefix)
+
+    def _keys(self, keys) -> list[str]:
+        out = []
+        for k in keys:
+            out += [f"{self.p}:b:{k}", f"{self.p}:z:{k}"]
+        return out
+
+    async def budget(self, key: str) -> dict[str, str]:
+        """For tests and the admin view: a budget instance's counters."""
+        return await self.r.hgetall(f"{self.p}:b:{key}")
+
+    async def reservations(self, key: str) -> int:
+        return await self.r.zcard(f"{self.p}:z:{key}")
+
+    async def reserve(self, ask: Ask) -> Granted:
+        args: list = [repr(ask.now), repr(ask.ttl_s), ask.prompt_tokens, ask.max_completion, ask.min_completion,
+                      repr(ask.in_price), repr(ask.out_price), ask.rid]
+        for s in ask.slots:
+            args += [_n(s.tokens), _n(s.usd), _n(s.tool_calls), _n(s.wall_s), "1" if s.hard else "0",
+                     repr(s.expire_at)]
+        res = await self._reserve(keys=self._keys(s.key for s in ask.slots), args=args)
+        if int(res[0]) == 1:
+            bound = int(res[5])
+            return Granted(True, completion=int(res[1]), tokens=int(res[2]), usd=float(res[3]), member=res[4],
+                           failed=bound if bound >= 0 else None, reason=res[6] or None,
+                           ratios=[float(x) for x in res[7:]])
+        failed = int(res[1])
+        return Granted(False, failed=failed if failed >= 0 else None, reason=res[2] or None,
+                       ratios=[float(x) for x in res[3:]])
+
+    async def settle(self, member: str, keys: tuple[str, ...], reserved_tokens: int, reserved_usd: float,
+                     tokens: int, usd: float, tool_calls: int) -> list[Used]:
+        res = await self._settle(keys=self._keys(keys),
+                                 args=[member, int(tokens), repr(float(usd)), int(tool_calls), self._settle_ttl])
+        return [Used(int(res[i]), float(res[i + 1]), int(res[i + 2])) for i in range(0, len(res), 3)]
+
+    async def set_flag(self, key: str, ttl_s: float, now: float) -> bool:
+        return bool(await self.r.set(f"{self.p}:f:{key}", "1", nx=True, px=max(1, int(ttl_s * 1000))))
+
+    async def has_flag(self, key: str, now: float) -> bool:
+        return bool(await self.r.exists(f"{self.p}:f:{key}"))
+
+    async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
+                          flag: str) -> tuple[list[str], bool]:
+        k = f"{self.p}:l:{key}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.lpush(k, value).ltrim(k, 0, n - 1).pexpire(k, max(1, int(ttl_s * 1000))).lrange(k, 0, n - 1)
+            pipe.exists(f"{self.p}:f:{flag}")
+            res = await pipe.execute()
+        return res[-2], bool(res[-1])
+
+    async def kill_set(self, entry: str, value: str) -> None:
+        await self.r.hset(f"{self.p}:kill", entry, value)
+
+    async def kill_clear(self, entry: str) -> bool:
+        return bool(await self.r.hdel(f"{self.p}:kill", entry))
+
+    async def kill_all(self) -> dict[str, str]:
+        return await self.r.hgetall(f"{self.p}:kill")
+
+    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+                           ttl_s: float) -> None:
+        k, hk = f"{self.p}:spend:{hour}", f"{self.p}:hourly:{tenant}"
+        ttl = max(1, math.ceil(ttl_s))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for f, v in fields.items():
+                pipe.hincrbyfloat(k, f, v)
+            pipe.expire(k, ttl).hincrbyfloat(hk, str(hour), usd).expire(hk, ttl)
+            await pipe.execute()
+
+    async def spend(self, hours: range) -> dict[str, float]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for h in hours:
+                pipe.hgetall(f"{self.p}:spend:{h}")
+            buckets = await pipe.execute()
+        out: dict[str, float] = {}
+        for b in buckets:
+            for f, v in b.items():
+                out[f] = out.get(f, 0.0) + float(v)
+        return out
+
+    async def hourly(self, tenant: str) -> dict[int, float]:
+        raw = await self.r.hgetall(f"{self.p}:hourly:{tenant}")
+        return {int(h): float(v) for h, v in raw.items()}
+
+    async def close(self) -> None:
+        await self.r.aclose()

@@ -1,0 +1,274 @@
+"""Governance state: budget counters with reservations, flags, recent-request lists, kill
+entries and the spend ledger. ``MemoryStore`` serves one replica; ``RedisStore``
+(``router.governance.redis_store``) shares the same state between replicas.
+
+A budget instance (one session, one agent's day, ...) holds what was spent (``used``) and
+what requests in flight have reserved. ``reserve`` is atomic over every budget a request
+falls under: it checks all of them, grants as many completion tokens as the tightest one
+leaves (at most what the request asked for), and reserves prompt + granted tokens in all
+of them, or in none. Each reservation is a member ``rid|tokens|usd`` with an expiry, so a
+reservation that is never settled (a crashed replica) frees itself after its TTL. ``settle``
+removes the reservation and adds what was really used; settling a reservation that already
+expired only adds the usage, so nothing is charged twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+NONE = -1.0  # "no limit" in the wire form both stores share
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One budget instance a request falls under, with its limits."""
+
+    key: str
+    budget: str
+    tokens: int | None = None
+    usd: float | None = None
+    tool_calls: int | None = None
+    wall_s: float | None = None
+    hard: bool = True
+    expire_at: float = 0.0  # the state may be dropped after this (window end or session TTL)
+
+
+@dataclass(frozen=True)
+class Ask:
+    rid: str
+    slots: tuple[Slot, ...]
+    prompt_tokens: int
+    max_completion: int
+    min_completion: int
+    in_price: float  # dollars per prompt token
+    out_price: float  # dollars per completion token
+    now: float
+    ttl_s: float
+
+
+@dataclass
+class Granted:
+    ok: bool
+    completion: int = 0  # completion tokens granted
+    tokens: int = 0  # reserved: prompt + completion
+    usd: float = 0.0
+    member: str = ""
+    failed: int | None = None  # index of the slot that refused (granted: that bounds the grant)
+    reason: str | None = None  # tokens | usd | tool_calls | wall_s
+    ratios: list[float] = field(default_factory=list)  # (used + reserved) / limit, before this ask
+
+
+@dataclass
+class Used:
+    tokens: int = 0
+    usd: float = 0.0
+    tool_calls: int = 0
+
+
+def ratio(slot: Slot, tokens: float, usd: float, tool_calls: float) -> float:
+    r = 0.0
+    if slot.tokens:
+        r = max(r, tokens / slot.tokens)
+    if slot.usd:
+        r = max(r, usd / slot.usd)
+    if slot.tool_calls:
+        r = max(r, tool_calls / slot.tool_calls)
+    return r
+
+
+class Store(Protocol):
+    async def reserve(self, ask: Ask) -> Granted: ...
+
+    async def settle(self, member: str, keys: tuple[str, ...], reserved_tokens: int, reserved_usd: float,
+                     tokens: int, usd: float, tool_calls: int) -> list[Used]: ...
+
+    async def set_flag(self, key: str, ttl_s: float, now: float) -> bool: ...
+
+    async def has_flag(self, key: str, now: float) -> bool: ...
+
+    async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
+                          flag: str) -> tuple[list[str], bool]: ...
+
+    async def kill_set(self, entry: str, value: str) -> None: ...
+
+    async def kill_clear(self, entry: str) -> bool: ...
+
+    async def kill_all(self) -> dict[str, str]: ...
+
+    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+                           ttl_s: float) -> None: ...
+
+    async def spend(self, hours: range) -> dict[str, float]: ...
+
+    async def hourly(self, tenant: str) -> dict[int, float]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _State:
+    used_t: int = 0
+    used_usd: float = 0.0
+    used_tc: int = 0
+    res_t: int = 0
+    res_usd: float = 0.0
+    start: float | None = None
+    expire_at: float = 0.0
+    reservations: dict[str, float] = field(default_factory=dict)  # member -> expiry
+
+    def purge(self, now: float) -> None:
+        for member, exp in list(self.reservations.items()):
+            if exp <= now:
+                _rid, t, usd = member.split("|")
+                self.res_t -= int(t)
+                self.res_usd -= float(usd)
+                del self.reservations[member]
+
+
+def plan(ask: Ask, states: list[_State]) -> Granted:
+    """The reservation decision, shared in spirit with the Lua script of ``RedisStore``."""
+    allowed = float(ask.max_completion)
+    failed, reason = None, None
+    need = min(ask.min_completion, ask.max_completion)
+    ratios = []
+    for i, (slot, st) in enumerate(zip(ask.slots, states)):
+        ratios.append(ratio(slot, st.used_t + st.res_t, st.used_usd + st.res_usd, st.used_tc))
+        if not slot.hard:
+            continue
+        if slot.wall_s is not None and st.start is not None and ask.now - st.start >= slot.wall_s:
+            return Granted(False, failed=i, reason="wall_s", ratios=ratios)
+        if slot.tool_calls is not None and st.used_tc >= slot.tool_calls:
+            return Granted(False, failed=i, reason="tool_calls", ratios=ratios)
+        if slot.tokens is not None:
+            room = slot.tokens - st.used_t - st.res_t - ask.prompt_tokens
+            if room < allowed:
+                allowed, failed, reason = room, i, "tokens"
+        if slot.usd is not None:
+            left = slot.usd - st.used_usd - st.res_usd - ask.prompt_tokens * ask.in_price
+            room = math.floor(left / ask.out_price + 1e-9) if ask.out_price > 0 else (math.inf if left >= 0 else -1)
+            if room < allowed:
+                allowed, failed, reason = room, i, "usd"
+    if allowed < need:
+        return Granted(False, failed=failed, reason=reason, ratios=ratios)
+    completion = int(allowed)
+    tokens = ask.prompt_tokens + completion
+    usd = ask.prompt_tokens * ask.in_price + completion * ask.out_price
+    return Granted(True, completion=completion, tokens=tokens, usd=usd,
+                   member=f"{ask.rid}|{tokens}|{usd!r}", failed=failed, reason=reason, ratios=ratios)
+
+
+class MemoryStore:
+    """All state in this process. Every method runs without awaiting, so each is atomic."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, _State] = {}
+        self._flags: dict[str, float] = {}
+        self._recent: dict[str, tuple[deque, float]] = {}
+        self._kills: dict[str, str] = {}
+        self._spend: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._hourly: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        self._ops = 0
+
+    def state(self, key: str) -> _State | None:
+        """For tests and the admin view: a budget instance's counters."""
+        return self._states.get(key)
+
+    def _sweep(self, now: float) -> None:
+        self._ops += 1
+        if self._ops % 1024:
+            return
+        for key in [k for k, s in self._states.items() if s.expire_at < now and not s.reservations]:
+            del self._states[key]
+        for key in [k for k, exp in self._flags.items() if exp <= now]:
+            del self._flags[key]
+        for key in [k for k, (_, exp) in self._recent.items() if exp <= now]:
+            del self._recent[key]
+
+    async def reserve(self, ask: Ask) -> Granted:
+        self._sweep(ask.now)
+        states = []
+        for slot in ask.slots:
+            st = self._states.get(slot.key) or _State()
+            st.purge(ask.now)
+            states.append(st)
+        granted = plan(ask, states)
+        if granted.ok:
+            exp = ask.now + ask.ttl_s
+            for slot, st in zip(ask.slots, states):
+                st.res_t += granted.tokens
+                st.res_usd += granted.usd
+                st.reservations[granted.member] = exp
+                st.start = ask.now if st.start is None else st.start
+                st.expire_at = max(st.expire_at, slot.expire_at, exp)
+                self._states[slot.key] = st
+        return granted
+
+    async def settle(self, member: str, keys: tuple[str, ...], reserved_tokens: int, reserved_usd: float,
+                     tokens: int, usd: float, tool_calls: int) -> list[Used]:
+        out = []
+        for key in keys:
+            st = self._states.setdefault(key, _State())
+            if st.reservations.pop(member, None) is not None:
+                st.res_t -= reserved_tokens
+                st.res_usd -= reserved_usd
+            st.used_t += tokens
+            st.used_usd += usd
+            st.used_tc += tool_calls
+            out.append(Used(st.used_t, st.used_usd, st.used_tc))
+        return out
+
+    async def set_flag(self, key: str, ttl_s: float, now: float) -> bool:
+        if self._flags.get(key, 0.0) > now:
+            return False
+        self._flags[key] = now + ttl_s
+        return True
+
+    async def has_flag(self, key: str, now: float) -> bool:
+        return self._flags.get(key, 0.0) > now
+
+    async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
+                          flag: str) -> tuple[list[str], bool]:
+        """Push ``value`` on a short list; return the list (newest first) and whether ``flag`` is set."""
+        items, exp = self._recent.get(key, (None, 0.0))
+        if items is None or exp <= now:
+            items = deque(maxlen=n)
+        items.appendleft(value)
+        self._recent[key] = (items, now + ttl_s)
+        return list(items), self._flags.get(flag, 0.0) > now
+
+    async def kill_set(self, entry: str, value: str) -> None:
+        self._kills[entry] = value
+
+    async def kill_clear(self, entry: str) -> bool:
+        return self._kills.pop(entry, None) is not None
+
+    async def kill_all(self) -> dict[str, str]:
+        return dict(self._kills)
+
+    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+                           ttl_s: float) -> None:
+        bucket = self._spend[hour]
+        for f, v in fields.items():
+            bucket[f] += v
+        self._hourly[tenant][hour] += usd
+        horizon = hour - int(ttl_s // 3600)
+        for h in [h for h in self._spend if h < horizon]:
+            del self._spend[h]
+        for h in [h for h in self._hourly[tenant] if h < horizon]:
+            del self._hourly[tenant][h]
+
+    async def spend(self, hours: range) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for h in hours:
+            for f, v in self._spend.get(h, {}).items():
+                out[f] += v
+        return out
+
+    async def hourly(self, tenant: str) -> dict[int, float]:
+        return dict(self._hourly.get(tenant, {}))
+
+    async def close(self) -> None:
+        pass

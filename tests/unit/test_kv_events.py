@@ -1,0 +1,124 @@
+"""Exact mode without sockets: event batches in, index state out."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from router.config import KvEventsConfig, config_from_dict
+from router.errors import ConfigError
+from router.kv_events import ExactIndex, WorkerEvents, endpoints_for
+from router.prefix import chain_keys
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Counts:
+    def __init__(self):
+        self.events: dict[tuple[str, str], int] = {}
+        self.gaps = 0
+
+    def event(self, worker, kind, n=1):
+        self.events[(worker, kind)] = self.events.get((worker, kind), 0) + n
+
+    def gap(self, worker):
+        self.gaps += 1
+
+
+def stored(hashes, tokens, parent=None, block_size=4):
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
+            "token_ids": tokens, "block_size": block_size, "lora_id": None, "medium": "GPU"}
+
+
+def batch(*events) -> bytes:
+    return msgspec.msgpack.encode([1.0, list(events)])
+
+
+@pytest.fixture
+def setup():
+    clock, counts = Clock(), Counts()
+    index = ExactIndex(capacity_blocks=1000, speculative_ttl_s=5, clock=clock)
+    return index, WorkerEvents("w1", index, counts), clock, counts
+
+
+def test_stored_blocks_get_our_own_chain_keys_whatever_vllms_hashes(setup):
+    index, ev, _, counts = setup
+    tokens = list(range(12))
+    ev.apply_payload(batch(stored([111, 222], tokens[:8])))
+    ev.apply_payload(batch(stored([333], tokens[8:], parent=222)))
+    assert index.confirmed_blocks("w1") == set(chain_keys(tokens, 4))
+    assert index.match(chain_keys(tokens, 4), ["w1"]) == {"w1": 3}
+    assert counts.events[("w1", "BlockStored")] == 2
+
+
+def test_removed_blocks_are_resolved_through_the_hash_map(setup):
+    index, ev, _, _ = setup
+    tokens = list(range(12))
+    ev.apply_payload(batch(stored([1, 2, 3], tokens)))
+    ev.apply_payload(batch({"type": "BlockRemoved", "block_hashes": [3], "medium": "GPU"}))
+    assert index.match(chain_keys(tokens, 4), ["w1"]) == {"w1": 2}
+    ev.apply_payload(batch({"type": "AllBlocksCleared"}))
+    assert index.confirmed_blocks("w1") == set() and len(index) == 0
+
+
+def test_speculative_entries_expire_unless_confirmed(setup):
+    index, ev, clock, _ = setup
+    a, b = chain_keys(list(range(8)), 4), chain_keys(list(range(100, 108)), 4)
+    index.insert("w1", a)
+    index.insert("w1", b)
+    ev.apply_payload(batch(stored([7, 8], list(range(8)))))  # confirms a only
+    clock.now += 6
+    assert index.match(a, ["w1"]) == {"w1": 2}
+    assert index.match(b, ["w1"]) == {"w1": 0}
+
+
+def test_unresolvable_parent_and_garbage_are_counted_and_skipped(setup):
+    index, ev, _, counts = setup
+    ev.apply_payload(batch(stored([5], [1, 2, 3, 4], parent=999)))  # parent before we subscribed
+    ev.apply_payload(b"\xc1 not msgpack")
+    ev.apply_payload(msgspec.msgpack.encode({"not": "a batch"}))
+    ev.apply_payload(batch({"type": "Martian"}, {"type": "BlockStored"}, 42,
+                           stored([6], [1, 2, 3])))  # 3 tokens cannot fill a block of 4
+    assert counts.events[("w1", "unresolved")] == 1
+    assert counts.events[("w1", "invalid")] >= 4
+    assert counts.events[("w1", "unknown")] == 1
+    assert len(index) == 0
+
+
+def test_sequence_numbers_detect_gaps_and_restarts(setup):
+    _, ev, _, _ = setup
+    assert [ev.check_seq(s) for s in (5, 6, 7, 9, 10, 2)] == ["ok", "ok", "ok", "gap", "ok", "restart"]
+
+
+def test_confirmed_entries_have_a_safety_cap():
+    index = ExactIndex(capacity_blocks=3)
+    ev = WorkerEvents("w1", index)
+    ev.apply_payload(batch(stored([1, 2, 3, 4, 5], list(range(20)))))
+    assert index.blocks_of("w1") == 3
+
+
+def test_endpoints_from_port_offset_fixed_port_or_map():
+    assert endpoints_for("http://10.0.0.5:8000", KvEventsConfig(port=5557, replay_port=5558)) == \
+        ("tcp://10.0.0.5:5557", "tcp://10.0.0.5:5558")
+    assert endpoints_for("http://127.0.0.1:8101", KvEventsConfig(port_offset=-2500)) == ("tcp://127.0.0.1:5601", None)
+    cfg = KvEventsConfig(endpoints={"http://a:1": "tcp://b:2"})
+    assert endpoints_for("http://a:1", cfg)[0] == "tcp://b:2"
+
+
+def test_kv_events_config_is_validated(tiny_model_dir):
+    base = {"name": "m", "workers": ["http://a:1"], "tokenizer": str(tiny_model_dir)}
+    cfg = config_from_dict({"models": [{**base, "kv_events": {"port": 5557}}]})
+    assert cfg.models[0].kv_events.port == 5557
+    for bad, key in (({}, "models[0].kv_events"), ({"port": "x"}, "models[0].kv_events.port"),
+                     ({"endpoints": {"http://a:1": "http://b"}}, "models[0].kv_events.endpoints.http://a:1")):
+        with pytest.raises(ConfigError) as err:
+            config_from_dict({"models": [{**base, "kv_events": bad}]})
+        assert err.value.key == key
+    with pytest.raises(ConfigError, match="tokenizer"):
+        config_from_dict({"models": [{"name": "m", "workers": ["http://a:1"], "kv_events": {"port": 1}}]})
