@@ -3,8 +3,10 @@
 Algorithm, per request:
 1. Eligible workers: those whose queue (router in-flight, or vLLM running + waiting when
    other replicas add more) is under ``ceil(balance_factor * (total + 1) / n) +
-   balance_slack``. This is what spreads a hot prefix: once its holder is over the bound,
-   the next best worker gets the request and, with it, a second copy of the prefix.
+   balance_slack``, and whose KV cache is not saturated by running requests
+   (``vllm:kv_cache_usage_perc`` below ``kv_saturation``). This is what spreads a hot
+   prefix: once its holder is over the bound, the next best worker gets the request and,
+   with it, a second copy of the prefix.
 2. Match the request's block keys against the prefix index: the longest cached prefix
    per worker, in blocks.
 3. If no eligible worker holds even the first block (a miss), fall back to bounded-load
@@ -12,7 +14,8 @@ Algorithm, per request:
    place new prefixes alike. The bound here is on cache occupancy as well as queue: a
    worker already holding more than ``cache_balance_factor`` x the mean number of
    indexed blocks is skipped, so new prefixes spread evenly over the fleet's caches
-   instead of piling onto whichever worker the ring favours.
+   instead of piling onto whichever worker the ring favours, and so is a worker whose
+   cache is near full (where a new prefix would evict hot ones).
 4. Otherwise score each eligible worker by the tokens it would have to compute and the
    work already queued on it, and take the lowest (ties at random):
        score = (prompt_tokens - cached_tokens) + load_weight * load_tokens
@@ -20,8 +23,8 @@ Algorithm, per request:
 
 Cost: O(blocks matched + workers) per request. Knobs (``policy_options``):
 ``load_weight`` (1.0), ``balance_factor`` (1.25), ``balance_slack`` (2),
-``external_request_tokens`` (512), ``cache_balance_factor`` (1.1) and the ring's
-``vnodes`` (64).
+``external_request_tokens`` (512), ``cache_balance_factor`` (1.1), ``kv_saturation``
+(0.95) and the ring's ``vnodes`` (64).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ _DEFAULTS = {
     "external_request_tokens": 512,
     "vnodes": 64,
     "cache_balance_factor": 1.1,
+    "kv_saturation": 0.95,
 }
 
 
@@ -57,6 +61,7 @@ class PrefixPolicy(Policy):
         self.external_request_tokens = int(opts["external_request_tokens"])
         self.ring = HashRing(int(opts["vnodes"]))
         self.cache_balance_factor = float(opts["cache_balance_factor"])
+        self.kv_saturation = float(opts["kv_saturation"])
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
@@ -72,8 +77,8 @@ class PrefixPolicy(Policy):
     def eligible(self, workers: Sequence[Worker]) -> list[Worker]:
         total = sum(w.queue_depth for w in workers)
         bound = math.ceil(self.balance_factor * (total + 1) / len(workers)) + self.balance_slack
-        ok = [w for w in workers if w.queue_depth < bound]
-        return ok or list(workers)
+        ok = [w for w in workers if w.queue_depth < bound and w.kv_usage < self.kv_saturation]
+        return ok or [w for w in workers if w.queue_depth < bound] or list(workers)
 
     def load_tokens(self, w: Worker) -> float:
         external = max(0, w.vllm_running + w.vllm_waiting - w.in_flight_requests)
@@ -84,7 +89,7 @@ class PrefixPolicy(Policy):
         index = self.deps.index
         occupancy = {w.url: index.blocks_of(w.url) for w in candidates}
         bound = self.cache_balance_factor * sum(occupancy.values()) / len(candidates)
-        roomy = [w for w in candidates if occupancy[w.url] <= bound]
+        roomy = [w for w in candidates if occupancy[w.url] <= bound and w.kv_usage < self.kv_saturation - 0.05]
         return self.ring.pick(key, roomy or candidates, self.balance_factor)
 
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:

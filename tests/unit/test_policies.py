@@ -151,3 +151,16 @@ def test_prefix_spreads_new_prefixes_evenly_over_the_fleets_caches():
         c = ctx([g] * 320)  # 20 blocks each, no load: only cache occupancy differs
         p.on_dispatch(p.select(ws, c), c)
     assert [p.deps.index.blocks_of(w.url) for w in ws] == [80, 80]
+
+
+def test_prefix_avoids_workers_whose_kv_cache_is_saturated():
+    p, ws = make("prefix"), workers(3)
+    hot = ctx(list(range(512)))
+    holder = p.select(ws, hot)
+    p.on_dispatch(holder, hot)
+    holder.kv_usage = 0.99  # running requests fill its cache: replicate the prefix elsewhere
+    assert p.select(ws, hot) is not holder
+    fresh = ctx(list(range(5000, 5512)))
+    for w in ws:
+        w.kv_usage = 0.97 if w is not ws[2] else 0.1
+    assert p.select(ws, fresh) is ws[2]  # a new prefix goes where it evicts nothing hot
