@@ -106,27 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     down = fsub.add_parser("down", help="stop a detached fleet")
     down.set_defaults(func=_fleet_down)
 
-    for name, module, help_text in (
-        ("bench", "benchmarks.cli", "routing benchmarks"),
-        ("demo", "benchmarks.demo", "local demo: fleet + router + short benchmark"),
-        ("classifier", "classifier.cli", "train, calibrate and evaluate the tier classifier"),
-    ):
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    for name, (_module, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; see main()
     return parser
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+# Commands whose own packages parse their arguments.
+DELEGATED = {
+    "bench": ("benchmarks.cli", "routing benchmarks (kvroute bench --help)"),
+    "demo": ("benchmarks.demo", "local demo: fleet + router + short benchmark"),
+    "classifier": ("classifier.cli", "train, calibrate and evaluate the tier classifier"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
