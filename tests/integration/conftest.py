@@ -9,6 +9,7 @@ subprocesses on free ports.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -48,6 +49,13 @@ def fleet(tmp_path_factory) -> Iterator[LocalFleet]:
         yield fleet
     finally:
         stop_fleet(fleet)
+
+
+def record_result(name: str, value: dict) -> None:
+    """Keep a measured figure from a test run in test-results/ (git-ignored) for notes."""
+    out = Path(__file__).resolve().parents[2] / "test-results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n")
 
 
 def scrape(url: str) -> VllmStats:
