@@ -96,7 +96,8 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
                     response = await _relay_stream(request, resp, d)
                 else:
                     response = await _relay_whole(resp, d)
-        d.status = "ok"
+        if d.status == "error":  # not already cut, abandoned or failed mid-stream
+            d.status = "ok"
         metrics.predicted_cached_tokens.labels(*labels).inc(predicted)
         return response
     except UpstreamConnectError as exc:

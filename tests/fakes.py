@@ -26,11 +26,13 @@ vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="256"} 1.0
 
 
 SEEN = web.AppKey("seen", list)
+SEEN_HEADERS = web.AppKey("seen_headers", list)  # lower-cased x-kvroute-* and traceparent headers
 
 
 def fake_worker(name: str = "fake") -> web.Application:
     app = web.Application()
     app[SEEN] = []
+    app[SEEN_HEADERS] = []
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -41,11 +43,15 @@ def fake_worker(name: str = "fake") -> web.Application:
     async def completion(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         app[SEEN].append(body)
+        app[SEEN_HEADERS].append({k.lower(): v for k, v in request.headers.items()
+                                  if k.lower().startswith(("x-kvroute-", "traceparent"))})
         if body.get("model") == "reject-me" or body.get("temperature") == 99:
             return web.json_response({"object": "error", "message": "temperature too high",
                                       "type": "BadRequestError", "param": None, "code": 400}, status=400)
         usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
                  "prompt_tokens_details": {"cached_tokens": 5}}
+        if body.get("fake_completion_tokens") is not None:
+            return await fake_generation(request, body)
         if not body.get("stream"):
             return web.json_response({"id": "x", "object": "chat.completion", "model": body["model"],
                                       "choices": [{"index": 0, "message": {"role": "assistant",
@@ -71,3 +77,43 @@ def fake_worker(name: str = "fake") -> web.Application:
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     return app
+
+
+async def fake_generation(request: web.Request, body: dict) -> web.StreamResponse:
+    """Opt-in, for governance tests: ``fake_completion_tokens`` tokens (one SSE chunk each),
+    ``fake_prompt_tokens`` in usage (default 11), ``fake_honor_max_tokens`` to stop at
+    max_tokens like vLLM, ``fake_tool_call`` (a tool name) to answer with a tool call, and
+    ``fake_chunk_delay_s`` between chunks (a slow stream)."""
+    n = int(body["fake_completion_tokens"])
+    if body.get("fake_honor_max_tokens"):
+        n = min(n, body.get("max_completion_tokens") or body.get("max_tokens") or n)
+    prompt = int(body.get("fake_prompt_tokens", 11))
+    usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    tool = body.get("fake_tool_call")
+    call = {"id": "call_1", "type": "function", "function": {"name": tool, "arguments": "{}"}} if tool else None
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": "x" * n}
+        if call:
+            message["tool_calls"] = [call]
+        return web.json_response({"id": "x", "object": "chat.completion", "model": body["model"],
+                                  "choices": [{"index": 0, "message": message,
+                                               "finish_reason": "tool_calls" if call else "stop"}],
+                                  "usage": usage})
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    delay = float(body.get("fake_chunk_delay_s", 0))
+    try:
+        for i in range(n):
+            delta = {"content": "x"} if not (call and i == 0) else {"tool_calls": [{"index": 0, **call}]}
+            chunk = {"id": "x", "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if delay:
+                await asyncio.sleep(delay)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(b"data: " + orjson.dumps({"id": "x", "choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+    except (ConnectionResetError, ConnectionError):
+        pass  # the router stopped reading (a cut stream or a client that left)
+    return resp

@@ -42,7 +42,7 @@ def scope_value(budget: Budget, attrs: Attribution) -> str | None:
     """The counter's identity within the budget, or None when the budget does not apply."""
     if budget.tenant is not None and budget.tenant != attrs.tenant:
         return None
-    if budget.scope == "global":
+    if budget.scope in ("global", "request"):
         return "*"
     if budget.scope == "tenant":
         return attrs.tenant
@@ -78,7 +78,7 @@ def request_cap(budgets: tuple[Budget, ...], attrs: Attribution, prompt: int,
             continue
         if b.limits.tokens is not None and b.limits.tokens - prompt < cap:
             cap, binding = b.limits.tokens - prompt, b
-        if b.limits.usd is not None:
+        if b.limits.usd is not None and (rates.input > 0 or rates.output > 0):
             left = b.limits.usd - prompt * rates.input
             room = math.floor(left / rates.output + 1e-9) if rates.output > 0 else (math.inf if left >= 0 else -1)
             if room < cap:

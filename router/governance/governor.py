@@ -48,6 +48,12 @@ if TYPE_CHECKING:
     from router.policies.base import RequestContext
     from router.requests import ParsedRequest
 
+try:
+    from redis.exceptions import RedisError
+except ImportError:  # redis is only needed with governance.redis
+    RedisError = OSError  # type: ignore[assignment,misc]
+
+STORE_ERRORS = (OSError, TimeoutError, RedisError)
 log = logging.getLogger(__name__)
 spend_log = logging.getLogger("kvroute.spend")
 
@@ -162,9 +168,7 @@ class Governor:
                 body, delay = await self._loops(attrs, body)
             req = replace(req, headers=headers, body=body)
             grant = await self._reserve(req, served, route, ctx, attrs, rebuild)
-        except KvrouteError:
-            raise
-        except Exception as exc:  # the store (Redis) is down: refuse rather than spend blind
+        except STORE_ERRORS as exc:  # the store (Redis) is down: refuse rather than spend blind
             log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
             raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
         for (budget, _slot), r in zip(grant.budgets, grant.reserved.ratios):

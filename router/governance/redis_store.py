@@ -62,7 +62,7 @@ for i = 1, n do
       local room = lt - ut - rt - prompt
       if room < allowed then allowed, failed, reason = room, i - 1, 'tokens' end
     end
-    if lu >= 0 then
+    if lu >= 0 and (pin > 0 or pout > 0) then
       local left = lu - uu - ru - prompt * pin
       local room
       if pout > 0 then room = math.floor(left / pout + 1e-9)

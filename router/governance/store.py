@@ -146,7 +146,7 @@ def plan(ask: Ask, states: list[_State]) -> Granted:
             room = slot.tokens - st.used_t - st.res_t - ask.prompt_tokens
             if room < allowed:
                 allowed, failed, reason = room, i, "tokens"
-        if slot.usd is not None:
+        if slot.usd is not None and (ask.in_price > 0 or ask.out_price > 0):  # a free model costs nothing
             left = slot.usd - st.used_usd - st.res_usd - ask.prompt_tokens * ask.in_price
             room = math.floor(left / ask.out_price + 1e-9) if ask.out_price > 0 else (math.inf if left >= 0 else -1)
             if room < allowed:

@@ -1,0 +1,96 @@
+"""Governance fixtures: a real redis-server for the session, the fake worker, and helpers
+to build routers (create_app) and Governors with an injected clock."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from router.app import create_app
+from router.config import config_from_dict
+from router.governance.clock import FakeClock
+from tests.fakes import fake_worker
+
+ADMIN = "admin-key-0"
+KEY_A = "sk-tenant-a"
+KEY_B = "sk-tenant-b"
+TENANTS = [{"name": "acme", "keys": [KEY_A]}, {"name": "globex", "keys": [KEY_B]}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: the governance tests need a real Redis "
+                    "(apt-get install redis-server)")
+    folder = tmp_path_factory.mktemp("redis")
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            proc.kill()
+            continue  # the port was taken between choosing and binding: try another
+        yield f"redis://127.0.0.1:{port}/0"
+        proc.terminate()
+        proc.wait(10)
+        return
+    pytest.fail("could not start redis-server")
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    return await aiohttp_server(fake_worker())
+
+
+def worker_url(server) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+def router_cfg(workers: list[str], governance: dict, *, tiers: list[dict] | None = None,
+               price: dict | None = None):
+    model: dict = {"name": "tiny"}
+    if tiers:
+        model["tiers"] = [{**t, "workers": workers, "policy": "round_robin"} for t in tiers]
+    else:
+        model.update(workers=workers, policy="round_robin", price=price or {})
+    return config_from_dict({"models": [model], "health": {"interval_s": 60}, "governance": governance})
+
+
+async def make_client(aiohttp_client, upstream, governance: dict, clock: FakeClock, **kw):
+    app = create_app(router_cfg([worker_url(upstream)], governance, **kw), clock=clock)
+    return await aiohttp_client(app)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,118 @@
+"""Pure pieces: loop signatures, keys, windows, prices, config."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import Price
+from router.errors import ConfigError, Forbidden, Unauthorized
+from router.governance import loops
+from router.governance.budgets import Rates, refusal, slots_for
+from router.governance.config import parse_governance
+from router.governance.identity import Authenticator, attribution
+from router.governance.ledger import parse_window
+
+
+def _agent_body(n_calls: int, tool: str = "search") -> dict:
+    messages = [{"role": "user", "content": "go"}]
+    for i in range(n_calls):
+        messages += [{"role": "assistant", "tool_calls": [{"id": str(i), "function": {"name": tool}}]},
+                     {"role": "tool", "content": f"result {i}"}]
+    return {"messages": messages}
+
+
+def test_loop_detection_needs_more_than_the_ratio_of_a_full_window():
+    sigs = [loops.signature(_agent_body(i)) for i in range(1, 6)]
+    assert loops.is_loop(list(reversed(sigs)), 5, 0.8) == "tool search"
+    assert loops.is_loop(list(reversed(sigs))[:4], 5, 0.8) is None  # window not full
+    mixed = [loops.signature({**_agent_body(1, t), "messages": [*_agent_body(1, t)["messages"],
+                                                               {"role": "user", "content": w}]})
+             for t, w in zip("abaab", ("one", "two", "three", "four", "five"))]
+    assert loops.is_loop(mixed, 5, 0.5) == "tool a" and loops.is_loop(mixed, 5, 0.8) is None
+    assert loops.signature(_agent_body(1, "a")) == loops.signature(_agent_body(1, "a"))
+    same = [loops.signature({"messages": [{"role": "user", "content": f"Try again  {i}"}]}) for i in range(5)]
+    assert loops.is_loop(same, 5, 0.8) == "repeated prompt"
+    body = loops.inject({"messages": [{"role": "user", "content": "x"}]}, "stop")
+    assert body["messages"][-1] == {"role": "system", "content": "stop"}
+
+
+def test_keys_map_to_tenants_and_admins():
+    cfg = parse_governance({"tenants": [{"name": "a", "keys": ["k1"]}], "admin_keys": ["adm"]})
+    auth = Authenticator(cfg)
+    assert auth.tenant_of("Bearer k1") == "a"
+    with pytest.raises(Unauthorized):
+        auth.tenant_of(None)
+    with pytest.raises(Unauthorized):
+        auth.tenant_of("Bearer nope")
+    with pytest.raises(Forbidden):
+        auth.tenant_of("Bearer adm")
+    with pytest.raises(Forbidden):
+        auth.require_admin("Bearer k1")
+    auth.require_admin("bearer adm")
+    assert Authenticator(parse_governance({})).tenant_of(None) == "anonymous"
+
+
+def test_keys_file(tmp_path):
+    f = tmp_path / "keys.yaml"
+    f.write_text("tenants: [{name: t, keys: [s1, s2]}]\nadmin_keys: [root]\n")
+    cfg = parse_governance({"keys_file": str(f)})
+    assert cfg.tenants[0].keys == ("s1", "s2") and cfg.admin_keys == ("root",)
+    with pytest.raises(ConfigError, match="keys_file"):
+        parse_governance({"keys_file": str(tmp_path / "missing.yaml")})
+
+
+def test_slots_windows_and_refusals():
+    cfg = parse_governance({"budgets": [
+        {"name": "agent-day", "scope": "agent", "window": "day", "limit": {"usd": 5}},
+        {"name": "acme-only", "scope": "tenant", "tenant": "acme", "limit": {"tokens": 10}, "window_s": 60},
+    ]})
+    attrs = attribution("anonymous", {"x-kvroute-agent": "bot"}, "s1")
+    slots = slots_for(cfg.budgets, attrs, 86400 * 3 + 5, cfg.session_ttl_s)
+    assert [s.key for _, s in slots] == ["session-default:anonymous/s1", "agent-day:anonymous/bot:3"]
+    message, retry = refusal(slots[1][0], "usd", 86400 * 3 + 5)
+    assert "agent-day" in message and "2026-" not in message and "resets at 1970-01-05T00:00:00Z" in message
+    assert retry == 86400 - 5
+    assert Rates.of(Price(input_per_m=2, cached_input_per_m=1, output_per_m=8)).cost(1000, 400, 100) == \
+        pytest.approx((600 * 2 + 400 * 1 + 100 * 8) / 1e6)
+
+
+def test_windows_parse():
+    assert parse_window("day") == 86400 and parse_window("6h") == 21600 and parse_window("90") == 90
+    with pytest.raises(ValueError):
+        parse_window("fortnight")
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"budgets": [{"name": "x", "scope": "request", "limit": {"tool_calls": 3}}]}, "limit.tool_calls"),
+    ({"budgets": [{"name": "x", "scope": "tenant", "limit": {"wall_s": 3}}]}, "limit.wall_s"),
+    ({"budgets": [{"name": "x", "scope": "session", "window": "day", "limit": {"tokens": 3}}]}, "window"),
+    ({"budgets": [{"name": "x", "scope": "tenant", "limit": {}}]}, "limit"),
+    ({"budgets": [{"name": "x", "scope": "tenant", "limit": {"tokens": 1}, "action": "pray"}]}, "action"),
+    ({"loops": {"action": "shrug"}}, "loops.action"),
+    ({"redis": {"url": "http://x"}}, "redis.url"),
+    ({"tenants": [{"name": "a", "keys": ["k"]}, {"name": "b", "keys": ["k"]}]}, "tenants[1].keys"),
+    ({"colour": 1}, "governance.colour"),
+])
+def test_config_errors_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        parse_governance(raw)
+
+
+async def test_kill_switch_reads_a_url(aiohttp_server):
+    import aiohttp
+    from aiohttp import web
+
+    from router.governance.clock import FakeClock
+    from router.governance.config import KillSwitchConfig
+    from router.governance.killswitch import KillSwitch
+    from router.governance.store import MemoryStore
+
+    doc = {"kills": [{"scope": "tenant", "value": "acme", "reason": "invoice overdue"}]}
+    app = web.Application()
+    app.router.add_get("/kill", lambda request: web.json_response(doc))
+    server = await aiohttp_server(app)
+    ks = KillSwitch(KillSwitchConfig(url=str(server.make_url("/kill")), ttl_s=1), MemoryStore(), FakeClock())
+    async with aiohttp.ClientSession() as session:
+        await ks.refresh(session)
+    assert ks.check("acme", None, "tiny") == ("tenant:acme", {"reason": "invoice overdue", "source": "url"})
+    assert ks.check("globex", "bot", "tiny") is None
