@@ -13,7 +13,24 @@ Everything runs on the event loop, so no locking is needed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+
+def longest_prefixes(keys: Sequence[int], workers: Iterable[str],
+                     holders: Callable[[int], Iterable[str] | None]) -> dict[str, int]:
+    """Longest run of leading ``keys`` held by each worker, given who holds each key."""
+    result = {w: 0 for w in workers}
+    alive = set(result)
+    for depth, key in enumerate(keys):
+        held = holders(key)
+        if not held:
+            break
+        alive &= set(held)
+        if not alive:
+            break
+        for w in alive:
+            result[w] = depth + 1
+    return result
 
 
 class PrefixIndex:
@@ -43,18 +60,7 @@ class PrefixIndex:
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``keys`` on each of ``workers``."""
-        result = {w: 0 for w in workers}
-        alive = set(result)
-        for depth, key in enumerate(keys):
-            holders = self._holders.get(key)
-            if not holders:
-                break
-            alive &= holders
-            if not alive:
-                break
-            for w in alive:
-                result[w] = depth + 1
-        return result
+        return longest_prefixes(keys, workers, self._holders.get)
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Record that ``worker`` holds ``keys`` (most recently used)."""

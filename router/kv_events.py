@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from router.config import KvEventsConfig
+from router.index import longest_prefixes
 from router.prefix import chain_keys
 
 log = logging.getLogger(__name__)
@@ -75,19 +76,9 @@ class ExactIndex:
         pass  # the worker's own evictions bound it; see capacity_blocks for the safety cap
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
-        result = {w: 0 for w in workers}
-        alive = set(result)
         now = self.clock()
-        for depth, key in enumerate(keys):
-            holders = self._holders.get(key)
-            if not holders:
-                break
-            alive = {w for w in alive & holders if self._holds(w, key, now)}
-            if not alive:
-                break
-            for w in alive:
-                result[w] = depth + 1
-        return result
+        return longest_prefixes(
+            keys, workers, lambda key: [w for w in self._holders.get(key, ()) if self._holds(w, key, now)])
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Speculative: a request with these blocks was just sent to ``worker``."""

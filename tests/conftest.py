@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,14 @@ def shared_data_dir() -> Path:
         pytest.fail(f"shared data folder {path} is missing: these tests need ../shared/data "
                     "(see ../shared/README.md)")
     return path
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """A real helm binary (``python tools/get_helm.py`` installs one without network)."""
+    candidates = [os.environ.get("KVROUTE_HELM"), str(Path.home() / ".cache" / "kvroute" / "bin" / "helm"),
+                  shutil.which("helm")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    pytest.fail("helm binary not found: run `python tools/get_helm.py` (or set KVROUTE_HELM)", pytrace=False)

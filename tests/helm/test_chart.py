@@ -11,8 +11,6 @@ oldest and a recent version this chart supports. Prometheus Operator kinds
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -57,22 +55,6 @@ rules:
   comments-indentation: disable
   truthy: {check-keys: false}
 """
-
-
-def find_helm() -> str:
-    candidates = [os.environ.get("KVROUTE_HELM"),
-                  str(Path.home() / ".cache" / "kvroute" / "bin" / "helm"),
-                  shutil.which("helm")]
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    pytest.fail("helm binary not found: run `python tools/get_helm.py` "
-                "(or set KVROUTE_HELM to a helm binary)", pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    return find_helm()
 
 
 def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

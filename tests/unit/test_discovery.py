@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -510,21 +509,10 @@ async def test_in_cluster_config_uses_service_account(tmp_path, monkeypatch) -> 
 # ---- the chart's Role and config are what discovery needs --------------------------------
 
 
-def _helm() -> str:
-    candidates = [os.environ.get("KVROUTE_HELM"),
-                  str(Path.home() / ".cache" / "kvroute" / "bin" / "helm"),
-                  shutil.which("helm")]
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    pytest.fail("helm binary not found: run `python tools/get_helm.py` "
-                "(or set KVROUTE_HELM to a helm binary)")
-
-
 @pytest.fixture(scope="module")
-def rendered() -> list[dict]:
+def rendered(helm) -> list[dict]:
     out = subprocess.run(
-        [_helm(), "template", RELEASE, str(CHART), "--namespace", NS,
+        [helm, "template", RELEASE, str(CHART), "--namespace", NS,
          "-f", str(CHART / "ci" / "two-tiers-values.yaml")],
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout
