@@ -1,0 +1,106 @@
+"""Every CLI subcommand runs end to end on small data and writes what it promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from classifier.artifact import read_metadata, resolve_artifact
+from classifier.cli import main
+from classifier.data import load_jsonl
+
+STRONG, WEAK = "big", "small"  # the toy logs' model names (see conftest)
+TOY = ["--strong", STRONG, "--weak", WEAK]
+
+
+def test_convert_routellm_to_jsonl(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mt.jsonl"
+    assert main(["convert", "--data", "routellm:mt_bench", "--out", str(out)]) == 0
+    recs = load_jsonl(out)
+    assert len(recs) == 144 and all(r.split == "heldout" and r.task == "mt_bench" for r in recs)
+    assert set(recs[0].scores) == {"gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"}
+
+
+def test_train_writes_calibrated_artifact(toy_model: Path) -> None:
+    meta = read_metadata(toy_model)
+    assert meta["variant"] == "frozen" and (toy_model / "head.npz").is_file()
+    assert meta["calibration"]["target_strong_share"] == 0.3
+    assert meta["training_data"]["n_prompts"] == 72  # train split only
+
+
+def test_calibrate_rewrites_threshold(toy_model: Path, toy_jsonl: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["export", "--model", str(toy_model), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(tmp_path / "m"), "--data", str(toy_jsonl), *TOY,
+                 "--split", "all", "--strong-share", "0.5"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["achieved_strong_share"] - 0.5) <= 0.02
+    meta = read_metadata(tmp_path / "m")
+    assert meta["threshold"] == info["threshold"]
+    assert meta["version"] == info["version"] != read_metadata(toy_model)["version"]
+
+
+def test_eval_writes_report(toy_model: Path, toy_jsonl: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(toy_model), "--data", str(toy_jsonl), *TOY,
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("apgr", "cpt50", "cpt80", "strong_share_for_95", "n_prompts", "random"):
+        assert key in res
+    assert res["n_prompts"] == 24
+    assert res["apgr"] > res["random"]["apgr"]
+    assert (out / "curve.png").stat().st_size > 1000
+    assert "| toy | random |" in (out / "results.md").read_text()
+
+
+def test_eval_default_model_on_heldout_split(shared_data: Path, tmp_path: Path) -> None:
+    assert main(["eval", "--out", str(tmp_path), "--limit", "60"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["split"] == "heldout" and set(res["per_task"]) == {"mmlu", "gsm8k", "mt_bench"}
+
+
+def test_export_with_metrics_and_pointer(toy_model: Path, toy_jsonl: Path,
+                                         tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    assert main(["export", "--model", str(toy_model), "--out", str(root), "--pointer",
+                 "--version", "v7", "--data", str(toy_jsonl), *TOY]) == 0
+    path, version = resolve_artifact(root)
+    assert version == "v7" and path.name == "v7"
+    acc = read_metadata(path)["accepted_with"]
+    assert acc["n_prompts"] == 24 and acc["apgr"] > acc["random_apgr"]
+
+
+def test_refresh_accepts_then_keeps(toy_jsonl: Path, tmp_path: Path, toy: object,
+                                    capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "models"
+    new = toy.write(toy.records(90, seed=5), tmp_path / "new.jsonl")
+    # a fresh root: the first candidate is accepted; its encoder config is then reused
+    assert main(["export", "--model", str(_toy(tmp_path, toy_jsonl)), "--out", str(root),
+                 "--pointer", "--version", "v1"]) == 0
+    capsys.readouterr()
+    assert main(["refresh", "--root", str(root), "--new", str(new), "--heldout",
+                 str(toy_jsonl), *TOY, "--min-gain", "0.5"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["accepted"] is False and decision["current"] == "v1"
+    assert main(["refresh", "--root", str(root), "--new", str(new), "--heldout",
+                 str(toy_jsonl), *TOY, "--min-gain", "-1"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["accepted"] is True and decision["current"] == decision["candidate_version"]
+
+
+def _toy(tmp_path: Path, toy_jsonl: Path) -> Path:
+    out = tmp_path / "small"
+    assert main(["train", "--data", str(toy_jsonl), *TOY, "--out", str(out), "--n-layers", "1",
+                 "--max-tokens", "32"]) == 0
+    return out
+
+
+def test_bench_writes_json_and_md(toy_model: Path, tmp_path: Path) -> None:
+    assert main(["bench", "--model", str(toy_model), "--out", str(tmp_path), "--tokens", "64",
+                 "--repeats", "5", "--batch-size", "4"]) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["tokens"] == 64 and res["threads"] == 1 and res["latency_ms_p50"] > 0
+    assert "p50 ms" in (tmp_path / "bench.md").read_text()
