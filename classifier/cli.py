@@ -1,4 +1,5 @@
-"""Command line: ``python -m classifier.cli <convert|train|calibrate|eval|refresh|export|bench>``.
+"""Command line: ``python -m classifier.cli <convert|train|calibrate|eval|refresh|export|bench|answer-train|
+answer-eval|cascade-eval>``.
 
 Data arguments take ``routellm`` / ``routellm:mmlu,gsm8k`` (the shared RouteLLM files,
 converted on the fly) or a JSONL path in the user format.  Splits are fixed
@@ -149,6 +150,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_answer_train(args: argparse.Namespace) -> int:
+    from classifier.answer import encoder_config, load_gsm8k_answers, train_answer_scorer
+    from classifier.encoder import Encoder
+
+    recs = [r for r in load_gsm8k_answers(args.weak) if r.split in args.splits.split(",")]
+    recs = _subsample(recs, args.limit) if args.limit else recs
+    encoder = Encoder(encoder_config(args.max_tokens), cache_dir=args.cache)
+    scorer = train_answer_scorer(recs, args.l2, args.max_tokens, encoder)
+    scorer.save(args.out)
+    _print({"out": args.out, "version": scorer.version, "trained_on": len(recs)})
+    return 0
+
+
+def cmd_answer_eval(args: argparse.Namespace) -> int:
+    from classifier.answer import evaluate_answers, load_answer_scorer, load_gsm8k_answers
+
+    recs = [r for r in load_gsm8k_answers(args.weak) if r.split == args.split]
+    recs = _subsample(recs, args.limit) if args.limit else recs
+    res = evaluate_answers(load_answer_scorer(args.model, cache_dir=args.cache), recs)
+    res["split"] = args.split
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "answer.json").write_text(json.dumps(res, indent=2) + "\n")
+    _print(res)
+    return 0
+
+
+def cmd_cascade_eval(args: argparse.Namespace) -> int:
+    from classifier.cascade_eval import run
+
+    res = run(args.out, classifier_path=args.model, answer_path=args.answer_model, limit=args.limit,
+              cache_dir=args.cache)
+    print((Path(args.out) / "cascade.md").read_text())
+    return 0 if res else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="classifier", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,6 +252,26 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=1)
     sp.add_argument("--repeats", type=int, default=50)
     sp.add_argument("--batch-size", type=int, default=32)
+    sp = add("answer-train", cmd_answer_train, "train the cascade's answer scorer (GSM8K weak answers)",
+             data=False)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--weak", default=ROUTELLM_WEAK, help="whose answers to learn from")
+    sp.add_argument("--splits", default="train", help="comma list of splits to train on")
+    sp.add_argument("--l2", type=float, default=1.0)
+    sp.add_argument("--max-tokens", type=int, default=384)
+    sp.add_argument("--limit", type=int, help="use at most N records (smoke runs)")
+    sp = add("answer-eval", cmd_answer_eval, "AUROC/Brier of the answer scorer on held-out GSM8K", data=False)
+    sp.add_argument("--model", default=None, help="answer artifact (default: shipped answer-default)")
+    sp.add_argument("--weak", default=ROUTELLM_WEAK)
+    sp.add_argument("--split", choices=SPLITS, default="heldout")
+    sp.add_argument("--out", default=None)
+    sp.add_argument("--limit", type=int)
+    sp = add("cascade-eval", cmd_cascade_eval, "quality vs strong cost: classifier, cascade, both (GSM8K)",
+             data=False)
+    sp.add_argument("--model", default=None, help="tier classifier artifact (default: shipped)")
+    sp.add_argument("--answer-model", default=None, help="answer scorer artifact (default: shipped)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--limit", type=int)
     return p
 
 

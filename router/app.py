@@ -74,6 +74,8 @@ async def _classifiers(app: web.Application) -> AsyncIterator[None]:
     choosers = app[keys.ROUTES].choosers()
     for chooser in choosers:
         await chooser.load()
+    for cascade in app[keys.ROUTES].cascades():  # the cascade's answer scorer (router/cascade.py)
+        await cascade.load()
     tasks = [asyncio.create_task(c.reload_loop()) for c in choosers]
     yield
     for task in tasks:

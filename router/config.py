@@ -82,6 +82,23 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
+class CascadeConfig:
+    """``mode: cascade``: try the cheap tier, keep its answer if confident (``router/cascade.py``)."""
+
+    threshold: float = 0.5  # keep the cheap answer when its confidence is at least this
+    band: tuple[float, float] = (0.0, 1.0)  # classifier score: below lo cheap only, at or above hi strong only
+    stream_policy: str = "buffer"  # buffer | first_tokens
+    first_tokens: int = 32  # first_tokens: decide on this many tokens of the cheap answer
+    answer_model: str | None = None  # answer-scorer artifact; None: shipped default; "rules": no model
+    min_mean_logprob: float | None = None  # escalate when the answer's mean token logprob is lower
+    verifiers: tuple[Mapping[str, Any], ...] = ()  # [{regex: ...}, {json_schema: {...}}]; a failure escalates
+
+
+CASCADE_MODES = ("route", "cascade")
+STREAM_POLICIES = ("buffer", "first_tokens")
+
+
+@dataclass(frozen=True)
 class KvEventsConfig:
     """Where a pool's workers publish vLLM KV events (exact mode). One of ``endpoints``
     (worker URL -> tcp://host:port), ``port`` (same port on every worker's host), or
@@ -114,6 +131,8 @@ class ModelConfig:
     kv_events: KvEventsConfig | None = None  # None: speculative index
     tiers: tuple[ModelConfig, ...] = ()  # cheapest first; empty for a plain model
     classifier: ClassifierConfig | None = None
+    mode: str = "route"  # route (classifier picks one tier) or cascade (escalate on low confidence)
+    cascade: CascadeConfig | None = None  # set when mode is cascade
 
     @property
     def served_name(self) -> str:
@@ -272,15 +291,59 @@ def _parse_classifier(raw: Any, key: str, n_tiers: int) -> ClassifierConfig:
     return ClassifierConfig(path, thresholds, reload_s, window, max_batch)
 
 
+def _parse_cascade(raw: Any, key: str) -> CascadeConfig:
+    raw = _expect_mapping(raw, key)
+    kinds = {"threshold": float, "stream_policy": str, "first_tokens": int, "answer_model": str,
+             "min_mean_logprob": float}
+    _reject_unknown(raw, set(kinds) | {"band", "verifiers"}, key)
+    d = CascadeConfig()
+    v = {k: _typed(raw, k, kind, key, getattr(d, k)) for k, kind in kinds.items()}
+    if not 0 <= v["threshold"] <= 1:
+        raise ConfigError(f"{key}.threshold", f"must be between 0 and 1, got {v['threshold']}")
+    if v["stream_policy"] not in STREAM_POLICIES:
+        raise ConfigError(f"{key}.stream_policy", f"must be one of {', '.join(STREAM_POLICIES)}")
+    _positive(v["first_tokens"], f"{key}.first_tokens")
+    path = v["answer_model"]
+    if path not in (None, "rules") and not Path(path).exists():
+        raise ConfigError(f"{key}.answer_model", f"no such answer-scorer artifact: {path!r} (or 'rules')")
+    band = raw.get("band", list(d.band))
+    if (not isinstance(band, list) or len(band) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band)
+            or not 0 <= band[0] <= band[1] <= 1):
+        raise ConfigError(f"{key}.band", "expected [lo, hi] with 0 <= lo <= hi <= 1 (classifier scores)")
+    verifiers = raw.get("verifiers") or []
+    if not isinstance(verifiers, list):
+        raise ConfigError(f"{key}.verifiers", "expected a list of {regex: ...} or {json_schema: {...}}")
+    for i, ver in enumerate(verifiers):
+        _check_verifier(ver, f"{key}.verifiers[{i}]")
+    return CascadeConfig(v["threshold"], (float(band[0]), float(band[1])), v["stream_policy"], v["first_tokens"],
+                         path, v["min_mean_logprob"], tuple(dict(x) for x in verifiers))
+
+
+def _check_verifier(ver: Any, key: str) -> None:
+    if not isinstance(ver, Mapping) or len(ver) != 1 or next(iter(ver)) not in ("regex", "json_schema"):
+        raise ConfigError(key, "expected exactly one of {regex: PATTERN} or {json_schema: SCHEMA}")
+    if "regex" in ver:
+        import re
+
+        try:
+            re.compile(ver["regex"])
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"{key}.regex", f"not a valid regular expression: {exc}") from None
+    elif not isinstance(ver["json_schema"], Mapping):
+        raise ConfigError(f"{key}.json_schema", "expected a JSON schema object")
+
+
 def _parse_model(raw: Any, key: str) -> ModelConfig:
     raw = _expect_mapping(raw, key)
-    _reject_unknown(raw, {"name", "tiers", "classifier"} | _POOL_KEYS, key)
+    _reject_unknown(raw, {"name", "tiers", "classifier", "mode", "cascade"} | _POOL_KEYS, key)
     name = _typed(raw, "name", str, key, None)
     if not name:
         raise ConfigError(f"{key}.name", "required: the model name clients send")
     if "tiers" not in raw:
-        if "classifier" in raw:
-            raise ConfigError(f"{key}.classifier", "only a model with tiers has a classifier")
+        for k in ("classifier", "mode", "cascade"):
+            if k in raw:
+                raise ConfigError(f"{key}.{k}", f"only a model with tiers has a {k}")
         return _parse_pool(raw, key, name, None)
     tiers_raw = raw["tiers"]
     if not isinstance(tiers_raw, list) or not tiers_raw:
@@ -298,10 +361,18 @@ def _parse_model(raw: Any, key: str) -> ModelConfig:
         if tier_name in [x.tier for x in tiers]:
             raise ConfigError(f"{tkey}.name", f"duplicate tier {tier_name!r}")
         tiers.append(_parse_pool(t, tkey, name, tier_name))
+    mode = _typed(raw, "mode", str, key, "route")
+    if mode not in CASCADE_MODES:
+        raise ConfigError(f"{key}.mode", f"must be one of {', '.join(CASCADE_MODES)}")
+    if "cascade" in raw and mode != "cascade":
+        raise ConfigError(f"{key}.cascade", "set mode: cascade to use it")
+    if mode == "cascade" and len(tiers) < 2:
+        raise ConfigError(f"{key}.mode", "a cascade needs at least two tiers")
+    cascade = _parse_cascade(raw.get("cascade"), f"{key}.cascade") if mode == "cascade" else None
     classifier = None
-    if len(tiers) > 1:
+    if len(tiers) > 1 and (mode == "route" or "classifier" in raw):  # a cascade uses it only when given
         classifier = _parse_classifier(raw.get("classifier"), f"{key}.classifier", len(tiers))
-    return ModelConfig(name=name, tiers=tuple(tiers), classifier=classifier)
+    return ModelConfig(name=name, tiers=tuple(tiers), classifier=classifier, mode=mode, cascade=cascade)
 
 
 def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -> ModelConfig:

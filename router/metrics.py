@@ -46,6 +46,10 @@ class RouterMetrics:
                                             "Time to score one batch with the tier classifier",
                                             ["model"], buckets=_DECISION_BUCKETS + (0.1, 0.25, 1.0),
                                             registry=r)
+        self.cascade_escalations = Counter("kvroute_cascade_escalations", "Cascade tries escalated to a "
+                                           "stronger tier", ["model", "from", "to"], registry=r)
+        self.cascade_wasted_tokens = Counter("kvroute_cascade_wasted_tokens", "Tokens (prompt + completion) "
+                                             "of cascade tries whose answer was thrown away", ["model"], registry=r)
         self.kv_events = Counter("kvroute_kv_events", "vLLM KV events received, by type",
                                  ["worker", "type"], registry=r)
         self.kv_event_gaps = Counter("kvroute_kv_event_gaps", "Gaps in a worker's KV event sequence",

@@ -4,6 +4,8 @@
 ``ModelRoute`` holds what one model needs to route: its worker pool, policy, prefix index
 and prefixer. ``run_request`` is the whole path; each stage is a short call into its own
 module, so adding a stage (budgets, tiers) touches this file and the new module only.
+A tiered model with ``mode: cascade`` takes one stage instead of choose-tier-and-proxy:
+``router/cascade.py`` tries tiers cheapest first through ``forward_with_retry``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -27,6 +30,10 @@ from router.prefix import Prefixer, PromptTokenizer
 from router.proxy import Dispatch, forward
 from router.requests import ParsedRequest
 from router.tiers import TierChooser, prompt_text
+
+if TYPE_CHECKING:
+    from router.cascade import Cascade
+    from router.governance.governor import Grant
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,7 @@ class ServedModel:
     name: str
     tiers: list[ModelRoute]
     chooser: TierChooser | None = None
+    cascade: Cascade | None = None  # mode: cascade (router/cascade.py)
 
     def tier(self, name: str) -> ModelRoute | None:
         return next((t for t in self.tiers if t.cfg.tier == name), None)
@@ -87,7 +95,12 @@ class ModelRoutes:
             chooser = None
             if m.classifier is not None:
                 chooser = TierChooser(m.name, m.classifier, len(pools), executor, metrics)
-            self.by_name[m.name] = ServedModel(m.name, pools, chooser)
+            cascade = None
+            if m.cascade is not None:
+                from router.cascade import Cascade
+
+                cascade = Cascade(m.name, m.cascade, executor, metrics)
+            self.by_name[m.name] = ServedModel(m.name, pools, chooser, cascade)
 
     def _pool(self, m: ModelConfig, executor) -> ModelRoute:
         if m.kv_events is not None:
@@ -121,6 +134,9 @@ class ModelRoutes:
 
     def choosers(self) -> list[TierChooser]:
         return [s.chooser for s in self.by_name.values() if s.chooser is not None]
+
+    def cascades(self) -> list[Cascade]:
+        return [s.cascade for s in self.by_name.values() if s.cascade is not None]
 
     def apply_discovery(self, found: Iterable) -> None:
         """Replace every pool's members with what discovery sees (url, model, tier)."""
@@ -189,30 +205,45 @@ async def choose_tier(app: web.Application, served: ServedModel, req: ParsedRequ
 async def run_request(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
     app = request.app
     served = app[keys.ROUTES].get(req.model)  # parse (done by the handler)
+    if served.cascade is not None and not req.headers.get("x-kvroute-tier"):
+        # cascade: choose tier -> try cheap -> keep or escalate, each try governed, proxied and accounted
+        return await served.cascade.run(request, req, served, build_context, forward_with_retry)
     route = await choose_tier(app, served, req)
     ctx = await build_context(route, req)
-    governor, grant, dispatch = app.get(keys.GOVERNOR), None, None
+    governor, grant, tries = app.get(keys.GOVERNOR), None, []
     if governor is not None:  # govern: keys, kill switch, loops, budgets (router/governance); may downgrade
         grant = await governor.admit(req, served, route, ctx, authorization=request.headers.get("Authorization"),
                                      rebuild=build_context)
         route, ctx, req = grant.route, grant.ctx, grant.req
-    tried: set[str] = set()
     try:
-        while True:
-            if grant is not None:
-                governor.check_kill(grant.attrs, served.name)  # before every upstream call
-            worker = choose_worker(app, route, ctx, tried)
-            tried.add(worker.url)
-            dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, grant=grant)
-            try:
-                return await forward(request, dispatch)  # proxy + account
-            except UpstreamError as exc:
-                if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
-                        and len(route.pool.healthy()) > 0):
-                    raise
-                app[keys.METRICS].retries.labels(route.cfg.name).inc()
-                log.warning("retrying %s request on another worker after %s: %s",
-                            route.cfg.name, worker.url, exc.message)
+        return await forward_with_retry(request, route, ctx, req, grant, tries)
     finally:
         if grant is not None:
-            governor.finish(grant, dispatch)  # settle to real usage, in the background; never raises
+            governor.finish(grant, tries[-1] if tries else None)  # settle to real usage, in the background
+
+
+async def forward_with_retry(request: web.Request, route: ModelRoute, ctx: RequestContext, req: ParsedRequest,
+                             grant: Grant | None, tries: list[Dispatch], **dispatch_options) -> web.StreamResponse:
+    """choose worker -> proxy + account, with one retry on another worker before the first byte.
+
+    Each attempt's ``Dispatch`` is appended to ``tries`` (the caller settles governance with the last).
+    """
+    app = request.app
+    governor = app.get(keys.GOVERNOR)
+    tried: set[str] = set()
+    while True:
+        if grant is not None:
+            governor.check_kill(grant.attrs, route.cfg.name)  # before every upstream call
+        worker = choose_worker(app, route, ctx, tried)
+        tried.add(worker.url)
+        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, grant=grant, **dispatch_options)
+        tries.append(dispatch)
+        try:
+            return await forward(request, dispatch)  # proxy + account
+        except UpstreamError as exc:
+            if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
+                    and len(route.pool.healthy()) > 0):
+                raise
+            app[keys.METRICS].retries.labels(route.cfg.name).inc()
+            log.warning("retrying %s request on another worker after %s: %s",
+                        route.cfg.name, worker.url, exc.message)

@@ -58,6 +58,8 @@ class Dispatch:
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     grant: Grant | None = None  # governance: counts the stream and may cut it (router/governance)
+    extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. the cascade's x-kvroute-escalated
+    usage_add: dict | None = None  # cascade: earlier tries' usage, added to the usage the client sees
 
 
 def upstream_body(d: Dispatch) -> bytes:
@@ -138,6 +140,8 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
             event = []
             if not _keep_event(data, d):
                 continue
+            if d.usage_add and b'"usage"' in data:
+                data = _with_usage_added(data, d.usage_add)
             if d.grant is not None and not d.grant.on_stream_event(data):
                 return await _cut_stream(request, out, d)
             if out is None:
@@ -189,7 +193,27 @@ def response_headers(d: Dispatch) -> dict[str, str]:
     headers = {WORKER_HEADER: d.worker.url}
     if d.route.cfg.tier:
         headers[TIER_HEADER] = d.route.cfg.tier
+    headers.update(d.extra_headers)
     return headers
+
+
+def add_usage(a: dict | None, b: dict | None) -> dict:
+    """Token counts of two usage objects summed (the cascade reports every try's tokens)."""
+    out = dict(b or {})
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        out[key] = _int((a or {}).get(key)) + _int((b or {}).get(key))
+    return out
+
+
+def _with_usage_added(data: bytes, extra: dict) -> bytes:
+    try:
+        chunk = orjson.loads(data[6:])
+    except orjson.JSONDecodeError:
+        return data
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
+        return data
+    chunk["usage"] = add_usage(extra, chunk["usage"])
+    return b"data: " + orjson.dumps(chunk) + b"\n"
 
 
 def _keep_event(data: bytes, d: Dispatch) -> bool:

@@ -183,6 +183,17 @@ class Governor:
                 raise
         return grant
 
+    async def admit_escalation(self, first: Grant, served: ServedModel, route: ModelRoute, ctx: RequestContext, *,
+                               rebuild: Callable[[ModelRoute, ParsedRequest], Awaitable[RequestContext]]) -> Grant:
+        """Another try of an admitted request on another tier (router/cascade.py): same attribution,
+        its own reservation at that tier's price, settled on its own; no second loop check."""
+        try:
+            self.check_kill(first.attrs, served.name)
+            return await self._reserve(first.req, served, route, ctx, first.attrs, rebuild)
+        except STORE_ERRORS as exc:
+            log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
+            raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
+
     def check_kill(self, attrs: Attribution, model: str) -> None:
         hit = self.kill.check(attrs.tenant, attrs.agent, model)
         if hit is not None:
