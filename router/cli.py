@@ -12,6 +12,17 @@ import yaml
 from router.errors import ConfigError
 
 
+def _event_loop():
+    """uvloop when it is installed: the proxy path is loop-bound, and uvloop is faster."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -31,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.block_size:
             model["block_size"] = args.block_size
         cfg = config_from_dict({"models": [model], "server": {"host": args.host, "port": args.port}})
-    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port,
+    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, loop=_event_loop(),
                 access_log=None, print=lambda s: logging.getLogger("kvroute").info(s))
     return 0
 
@@ -65,12 +76,13 @@ def _fleet_up(args: argparse.Namespace) -> int:
 def _fleet_down(args: argparse.Namespace) -> int:
     from router.fleet.local import load_state, stop_fleet
 
-    fleet = load_state()
-    if fleet is None:
+    fleets = load_state(args.base_port)
+    if not fleets:
         print("no running fleet recorded")
         return 0
-    stop_fleet(fleet)
-    print(f"stopped {len(fleet.workers)} workers")
+    for fleet in fleets:
+        stop_fleet(fleet)
+        print(f"stopped {len(fleet.workers)} workers from port {fleet.workers[0].port if fleet.workers else '?'}")
     return 0
 
 
@@ -103,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--served-name", action="append", help="served model name (repeat)")
     up.add_argument("--detach", action="store_true", help="leave running; stop with fleet down")
     up.set_defaults(func=_fleet_up)
-    down = fsub.add_parser("down", help="stop a detached fleet")
+    down = fsub.add_parser("down", help="stop detached fleets")
+    down.add_argument("--base-port", type=int, help="only the fleet started on this port (default: all)")
     down.set_defaults(func=_fleet_down)
 
     for name, (_module, help_text) in DELEGATED.items():

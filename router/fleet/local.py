@@ -70,8 +70,9 @@ class LocalFleet:
         return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
 
 
-def state_file() -> Path:
-    return cache_root() / "fleet.json"
+def state_file(base_port: int) -> Path:
+    """One record per fleet, by its first HTTP port, so fleets never overwrite each other."""
+    return cache_root() / "fleets" / f"{base_port}.json"
 
 
 def worker_command(model_dir: str, served_names: list[str], port: int, events_port: int,
@@ -108,6 +109,10 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 max_model_len: int = 2048, log_dir: Path | None = None,
                 wait: bool = True, progress=print, record_state: bool = True) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy."""
+    running = load_state(base_port)
+    if record_state and running and any(_alive(w.pid) for w in running[0].workers):
+        raise RuntimeError(f"a fleet started on port {base_port} is still running; "
+                           f"stop it with `kvroute fleet down --base-port {base_port}` or pick another port")
     model_dir = str(model or build_tiny_model())
     names = served_names or ["tiny"]
     if kv_blocks is not None and kv_blocks * block_size < max_model_len:
@@ -118,8 +123,8 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
-        state_file().parent.mkdir(parents=True, exist_ok=True)
-        state_file().write_text(json.dumps(asdict(fleet), indent=2))
+        state_file(base_port).parent.mkdir(parents=True, exist_ok=True)
+        state_file(base_port).write_text(json.dumps(asdict(fleet), indent=2))
     if wait:
         try:
             wait_healthy(fleet, progress=progress)
@@ -211,19 +216,26 @@ def stop_fleet(fleet: LocalFleet, timeout_s: float = 15.0) -> None:
         while _alive(w.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         kill_worker(w, signal.SIGKILL)
-    if state_file().exists():
+    path = state_file(fleet.workers[0].port) if fleet.workers else None
+    if path is not None and path.exists():
         try:
-            recorded = json.loads(state_file().read_text())
+            recorded = json.loads(path.read_text())
             if [w["pid"] for w in recorded.get("workers", [])] == [w.pid for w in fleet.workers]:
-                state_file().unlink()
+                path.unlink()
         except (OSError, ValueError):
             pass
 
 
-def load_state() -> LocalFleet | None:
-    try:
-        raw = json.loads(state_file().read_text())
-    except (OSError, ValueError):
-        return None
-    workers = [LocalWorker(**w) for w in raw.pop("workers", [])]
-    return LocalFleet(**raw, workers=workers)
+def load_state(base_port: int | None = None) -> list[LocalFleet]:
+    """Recorded fleets: the one on ``base_port``, or all of them."""
+    folder = cache_root() / "fleets"
+    paths = [state_file(base_port)] if base_port is not None else sorted(folder.glob("*.json"))
+    fleets = []
+    for path in paths:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        workers = [LocalWorker(**w) for w in raw.pop("workers", [])]
+        fleets.append(LocalFleet(**raw, workers=workers))
+    return fleets

@@ -8,7 +8,7 @@ worker whose queue is below ``ceil(load_factor * (total + 1) / n)`` (Mirrokni et
 therefore pick alike on an idle fleet, and a hot key spills to the next worker when its
 owner is full.
 
-Cost: O(log(n * vnodes)) to find the start, then O(n) at worst. Knobs: ``vnodes``
+Cost: O(log(n * vnodes)) to find the start, then a short walk (O(n) at worst). Knobs: ``vnodes``
 (default 64), ``load_factor`` (default 1.25). Fallback with no key: least in-flight.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import xxhash
@@ -27,41 +27,50 @@ from router.policies.base import Policy, RequestContext, pick_random_min
 
 
 class HashRing:
-    """A consistent-hash ring over worker URLs, rebuilt only when membership changes."""
+    """A consistent-hash ring over worker URLs.
+
+    The ring holds every URL it has been asked about and is rebuilt only when a new one
+    appears, so the per-request cost is a binary search plus a short walk: callers pass
+    subsets (healthy, eligible) and URLs outside the subset are simply skipped.
+    """
 
     def __init__(self, vnodes: int = 64):
         self.vnodes = vnodes
-        self._members: tuple[str, ...] = ()
+        self._members: set[str] = set()
         self._points: list[int] = []
         self._owners: list[str] = []
 
-    def _rebuild(self, urls: tuple[str, ...]) -> None:
+    def _rebuild(self, urls: set[str]) -> None:
         ring = sorted(
-            (xxhash.xxh3_64_intdigest(f"{url}#{i}".encode()), url)
-            for url in urls
-            for i in range(self.vnodes)
+            (xxhash.xxh3_64_intdigest(f"{url}#{i}".encode()), url) for url in urls for i in range(self.vnodes)
         )
         self._points = [p for p, _ in ring]
         self._owners = [u for _, u in ring]
-        self._members = urls
+        self._members = set(urls)
 
-    def walk(self, key: int, urls: Sequence[str]) -> list[str]:
-        """Distinct worker URLs in ring order starting at ``key``."""
-        members = tuple(sorted(urls))
-        if members != self._members:
-            self._rebuild(members)
-        if not self._points:
-            return []
-        start = bisect.bisect_left(self._points, key)
-        seen: list[str] = []
+    def walk(self, key: int, urls: Iterable[str]) -> Iterator[str]:
+        """Distinct URLs of ``urls`` in ring order from ``key``, lazily."""
+        wanted = set(urls)
+        if not wanted <= self._members:
+            self._rebuild(self._members | wanted)
+        if not wanted:
+            return
         n = len(self._owners)
+        start = bisect.bisect_left(self._points, key)
+        seen: set[str] = set()
         for i in range(n):
             url = self._owners[(start + i) % n]
-            if url not in seen:
-                seen.append(url)
-                if len(seen) == len(members):
-                    break
-        return seen
+            if url in wanted and url not in seen:
+                seen.add(url)
+                yield url
+                if len(seen) == len(wanted):
+                    return
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop workers that left (called when membership changes)."""
+        keep = set(keep)
+        if keep != self._members:
+            self._rebuild(keep)
 
     def pick(self, key: int, workers: Sequence[Worker], load_factor: float) -> Worker | None:
         """First worker clockwise from ``key`` whose load is under the bound."""
@@ -70,11 +79,12 @@ class HashRing:
         by_url = {w.url: w for w in workers}
         total = sum(w.queue_depth for w in workers)
         bound = math.ceil(load_factor * (total + 1) / len(workers))
-        order = self.walk(key, list(by_url))
-        for url in order:
+        first = None
+        for url in self.walk(key, by_url):
             if by_url[url].queue_depth < bound:
                 return by_url[url]
-        return by_url[order[0]]
+            first = first or by_url[url]
+        return first
 
 
 def route_key(ctx: RequestContext) -> int | None:
@@ -107,6 +117,10 @@ class ConsistentHashPolicy(Policy):
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
         validate_ring_options(options, key)
+
+    def on_workers_changed(self, workers: Sequence[Worker]) -> None:
+        super().on_workers_changed(workers)
+        self.ring.forget(w.url for w in workers)
 
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
         if not workers:

@@ -95,7 +95,7 @@ def test_prefix_weighs_cached_tokens_against_load():
     p.on_dispatch(ws[0], c)
     ws[0].in_flight_tokens = 300  # busy, but recomputing 2000 tokens elsewhere costs more
     assert p.select(ws, c) is ws[0]
-    ws[0].in_flight_tokens = 5000  # now the wait outweighs the cache
+    ws[0].in_flight_tokens = 10_000  # now the wait (weighted 0.25) outweighs the cache
     assert p.select(ws, c) is ws[1]
 
 

@@ -1,0 +1,1 @@
+"""Fleets a benchmark runs against: simulated (sim, simworker, simkeys) or real (local, urls)."""

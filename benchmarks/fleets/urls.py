@@ -1,0 +1,124 @@
+"""Compare routers in front of a fleet of real vLLM workers given by URL.
+
+For each router in turn: start it (unless it runs on the client side), wait until it
+answers, send one warm-up request, snapshot every worker's ``/metrics``, drive the
+workload through it, snapshot again, stop it. Hit rates and per-worker request counts
+are the deltas of vLLM's own counters, so they do not depend on what a router reports.
+
+Each router gets the workload with its own nonce (fresh prefixes, identical structure),
+so no router inherits KV blocks that the previous one left in the workers' caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from benchmarks.fleets.routers import RouterProcess, http_ok, parse_router, router_command
+from benchmarks.results import RouterRun
+from benchmarks.runner import drive, scrape_fleet, to_router_run
+from benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RealFleet:
+    urls: tuple[str, ...]
+    model: str = "tiny"  # the served model name
+    tokenizer: str | None = None  # for kvroute's exact mode
+    block_size: int | None = None
+
+
+def check_workers(urls: Sequence[str]) -> None:
+    bad = [u for u in urls if not http_ok(f"{u}/health")]
+    if bad:
+        raise RuntimeError(f"workers not healthy: {', '.join(bad)}")
+
+
+def _target_for(
+    kind: str, urls: Sequence[str], router_url: str | None
+) -> Callable[[TraceRecord], str]:
+    if kind == "oracle":
+        pins: dict[str, str] = {}
+
+        def oracle(rec: TraceRecord) -> str:
+            return pins.setdefault(rec.group, urls[len(pins) % len(urls)])
+
+        return oracle
+    if kind == "direct":
+        cycle = itertools.cycle(urls)
+        return lambda rec: next(cycle)
+    assert router_url is not None
+    return lambda rec: router_url
+
+
+async def _snapshot(urls: Sequence[str]):
+    async with aiohttp.ClientSession() as session:
+        return await scrape_fleet(session, urls)
+
+
+def _warm_up(base: str, model: str) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"{base}/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=60)
+            ) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"warm-up through {base} failed: HTTP {resp.status}")
+
+    asyncio.run(go())
+
+
+def compare_routers(
+    fleet: RealFleet,
+    routers: Sequence[str],
+    spec: WorkloadSpec,
+    concurrency: int,
+    log_dir: Path,
+    base_port: int = 8250,
+    progress: Callable[[int], None] | None = None,
+    settle_s: float = 1.0,
+) -> list[RouterRun]:
+    check_workers(fleet.urls)
+    runs: list[RouterRun] = []
+    for i, name in enumerate(routers):
+        rspec = parse_router(name)
+        records = list(iter_records(spec.with_nonce(f"{spec.nonce}|{name}|{time.time_ns()}")))
+        proc = None
+        try:
+            check_workers(fleet.urls)  # a fleet that died mid-comparison fails fast
+            if not rspec.client_side:
+                port = base_port + i
+                cmd = router_command(
+                    rspec, port, fleet.urls, fleet.model, fleet.tokenizer, fleet.block_size, log_dir
+                )
+                safe = "".join(c if c.isalnum() or c in "._" else "-" for c in name)
+                proc = RouterProcess(cmd, port, log_dir / f"router-{safe}.log")
+                proc.wait_ready()
+                _warm_up(proc.url, fleet.model)
+            target = _target_for(rspec.kind, fleet.urls, proc.url if proc else None)
+            time.sleep(settle_s)
+            before = asyncio.run(_snapshot(fleet.urls))
+            results, elapsed = asyncio.run(drive(records, target, concurrency, progress=progress))
+            time.sleep(settle_s)  # let the last counters land in /metrics
+            after = asyncio.run(_snapshot(fleet.urls))
+            run = to_router_run(name, results, elapsed, before, after)
+        except Exception as exc:  # one broken router must not sink the comparison
+            log.error("router %s failed: %s", name, exc)
+            run = RouterRun(router=name, errors=len(records), extra={"failure": str(exc)[:500]})
+        finally:
+            if proc is not None:
+                proc.stop()
+        runs.append(run)
+    return runs

@@ -1,0 +1,302 @@
+"""``kvroute bench overhead``: what each router adds in front of an upstream that costs nothing.
+
+A fake vLLM (an aiohttp app in its own process, serving ``--upstreams`` ports) answers
+chat completions at once, streamed or not, and exposes the ``/health``, ``/v1/models``
+and ``/metrics`` that routers probe. Each router (kvroute per policy, vllm-router, smg)
+runs in front of it in turn, and the same client load goes to it and straight to the
+upstream ("direct"): ``--requests`` requests at ``--concurrency`` in flight, per mode.
+
+Reported per router and mode: latency p50/p99, added latency over direct (p50 and p99
+differences), and req/s at that concurrency (the peak a closed loop reaches). Client,
+upstream and router share this machine's cores, so absolute figures are pessimistic;
+compare routers within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from benchmarks.fleets.routers import RouterProcess, http_ok, parse_router, router_command
+from benchmarks.results import percentile
+from benchmarks.workloads import WorkloadSpec, iter_records
+
+_METRICS = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 0.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="4096"} 1.0
+"""
+
+
+def fake_upstream_app(model: str = "tiny") -> web.Application:
+    """A vLLM stand-in that answers immediately."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        created = int(time.time())
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "cmpl-fake",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "ok"},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for delta, finish in (
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": "ok"}, None),
+            ({}, "stop"),
+        ):
+            chunk = {
+                "id": "cmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=_METRICS, content_type="text/plain")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _serve_fake(ports: Sequence[int]) -> None:
+    runners = []
+    for port in ports:
+        runner = web.AppRunner(fake_upstream_app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    await asyncio.Event().wait()
+
+
+async def _load(
+    url: str, bodies: Sequence[dict], concurrency: int, stream: bool
+) -> tuple[list[float], int, float]:
+    latencies: list[float] = []
+    errors = 0
+    it = iter(bodies)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def worker() -> None:
+            nonlocal errors
+            for body in it:
+                start = time.perf_counter()
+                try:
+                    async with session.post(
+                        f"{url}/v1/chat/completions",
+                        json={**body, "stream": stream},
+                        timeout=aiohttp.ClientTimeout(total=30),
+                    ) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except (TimeoutError, aiohttp.ClientError):
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - start
+
+
+def _measure(url: str, bodies: list[dict], warmup: list[dict], concurrency: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for stream in (False, True):
+        asyncio.run(_load(url, warmup, concurrency, stream))
+        lat, errors, elapsed = asyncio.run(_load(url, bodies, concurrency, stream))
+        mode = "stream" if stream else "plain"
+        out[mode] = {
+            "p50_ms": _ms(percentile(lat, 50)),
+            "p99_ms": _ms(percentile(lat, 99)),
+            "rps": round(len(lat) / elapsed, 1),
+            "errors": errors,
+        }
+    return out
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="kvroute bench overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--routers",
+        default="prefix,round_robin,vllm-router:round_robin,"
+        "vllm-router:cache_aware,smg:cache_aware",
+    )
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--upstreams", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=1000)
+    p.add_argument("--base-port", type=int, default=8280, help="upstreams here, routers after")
+    p.add_argument("--tokenizer", help="tokenizer folder for kvroute (default: the tiny model)")
+    p.add_argument("--out", default="bench-out/overhead")
+    p.add_argument(
+        "--fake", action="store_true", help=argparse.SUPPRESS
+    )  # internal: be the upstream
+    args = p.parse_args(argv)
+    ports = [args.base_port + i for i in range(args.upstreams)]
+    if args.fake:
+        asyncio.run(_serve_fake(ports))
+        return 0
+    from tqdm import tqdm
+
+    from router.fleet.tinymodel import build_tiny_model
+
+    tokenizer = args.tokenizer or str(build_tiny_model())
+    spec = WorkloadSpec(
+        requests=args.requests, groups=16, prefix_tokens=args.prompt_tokens, max_tokens=1
+    )
+    bodies = [r.body for r in iter_records(spec)]
+    warmup = bodies[: min(100, len(bodies))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    upstream = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.overhead",
+            "--fake",
+            "--base-port",
+            str(args.base_port),
+            "--upstreams",
+            str(args.upstreams),
+        ],
+        start_new_session=True,
+    )
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    results: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not all(http_ok(f"{u}/health") for u in urls):
+            if time.monotonic() > deadline or upstream.poll() is not None:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.2)
+        names = ["direct", *[n.strip() for n in args.routers.split(",") if n.strip()]]
+        for i, name in enumerate(tqdm(names, desc="overhead", file=sys.stderr)):
+            if name == "direct":
+                results[name] = _measure(urls[0], bodies, warmup, args.concurrency)
+                continue
+            spec_r = parse_router(name)
+            port = args.base_port + args.upstreams + i
+            proc = RouterProcess(
+                router_command(spec_r, port, urls, "tiny", tokenizer, 32, out / "logs"),
+                port,
+                out / "logs" / f"router-{''.join(c if c.isalnum() else '-' for c in name)}.log",
+            )
+            try:
+                proc.wait_ready()
+                results[name] = _measure(proc.url, bodies, warmup, args.concurrency)
+            except (RuntimeError, TimeoutError) as exc:
+                results[name] = {"failure": str(exc)[:300]}
+            finally:
+                proc.stop()
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    _add_overhead(results)
+    doc = {
+        "command": "kvroute bench overhead " + shlex.join(argv or sys.argv[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "prompt_tokens": args.prompt_tokens,
+        "routers": results,
+    }
+    (out / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = render_overhead(doc)
+    (out / "overhead.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _add_overhead(results: dict[str, Any]) -> None:
+    direct = results.get("direct", {})
+    for r in results.values():
+        for mode, m in r.items():
+            base = direct.get(mode) if isinstance(direct, dict) else None
+            if (
+                not isinstance(m, dict)
+                or not base
+                or m.get("p50_ms") is None
+                or base.get("p50_ms") is None
+            ):
+                continue
+            m["added_p50_ms"] = round(m["p50_ms"] - base["p50_ms"], 3)
+            m["added_p99_ms"] = round(m["p99_ms"] - base["p99_ms"], 3)
+
+
+def render_overhead(doc: dict[str, Any]) -> str:
+    lines = [
+        f"# Router overhead ({doc['requests']} requests per mode, "
+        f"concurrency {doc['concurrency']}, ~{doc['prompt_tokens']}-token prompts)",
+        "",
+        f"command: `{doc['command']}`",
+        "",
+        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in doc["routers"].items():
+        if "failure" in r:
+            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | |")
+            continue
+        for mode, m in r.items():
+            lines.append(
+                f"| {name} | {mode} | {m['p50_ms']} | {m['p99_ms']} | {m.get('added_p50_ms', '–')} "
+                f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m['errors']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
