@@ -122,3 +122,12 @@ def test_kv_events_config_is_validated(tiny_model_dir):
         assert err.value.key == key
     with pytest.raises(ConfigError, match="tokenizer"):
         config_from_dict({"models": [{"name": "m", "workers": ["http://a:1"], "kv_events": {"port": 1}}]})
+
+
+def test_event_benchmark_applies_every_event_and_writes_its_report(tmp_path):
+    from benchmarks import kv_events_bench
+
+    assert kv_events_bench.main(["--events", "2000", "--out", str(tmp_path)]) == 0
+    result = __import__("json").loads((tmp_path / "kv_events_bench.json").read_text())
+    assert result["events"] == 2000 and result["blocks_held"] <= 256 + 16
+    assert "events/s per core" in (tmp_path / "kv_events_bench.md").read_text()
