@@ -7,6 +7,8 @@
     kvroute bench --fleet urls --worker-url http://h:8000 --worker-url ... --policies ...
     kvroute bench overhead --out DIR
     kvroute bench trace --workload agent --requests 200 --out trace.jsonl
+    kvroute bench fleet --workers 4 --kv-blocks 320 --worker-port 8260 --events-port 18260
+    kvroute bench agreement --worker-url ... --events-port-offset 10000 --out DIR
 
 The oracle (groups pinned to workers by hand) is added unless ``--no-oracle``, because
 ``hit_rate_vs_oracle`` needs it. Also runnable as ``python -m benchmarks.cli``.
@@ -116,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--router-port", type=int, default=8250, help="first port for routers (local/urls)"
     )
     g.add_argument("--worker-port", type=int, default=8201, help="first worker port (local)")
+    g.add_argument(
+        "--events-port",
+        type=int,
+        default=5701,
+        help="local: first worker's KV-events port (replay endpoint: + 1000)",
+    )
+    g.add_argument(
+        "--events-port-offset",
+        type=int,
+        default=None,
+        help="urls: workers publish KV events on HTTP port + this (replay: + 1000); "
+        "enables ?kv_events=1 routers",
+    )
+    g.add_argument("--tokenizer", default=None, help="urls: the model's tokenizer folder (exact mode)")
     _add_workload_args(p)
     return p
 
@@ -201,6 +217,51 @@ def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
     return write_report(args.out, header, sweep[-1][1], sweep if len(sizes) > 1 else ())
 
 
+def urls_kv_events(offset: int | None) -> dict | None:
+    """The ``kv_events:`` config of a fleet whose events port is HTTP port + ``offset``."""
+    if offset is None:
+        return None
+    from router.fleet.local import REPLAY_PORT_OFFSET
+
+    return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
+
+
+def hold_fleet_main(argv: list[str]) -> int:
+    """Start a local fleet and keep it until SIGTERM/Ctrl-C, so several runs can share it."""
+    import signal
+
+    from benchmarks.fleets.local import local_fleet
+
+    p = argparse.ArgumentParser(prog="kvroute bench fleet", description=hold_fleet_main.__doc__)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--kv-blocks", type=int, default=320)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--worker-port", type=int, default=8201)
+    p.add_argument("--events-port", type=int, default=5701)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--out", default="bench-out/fleet")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with local_fleet(
+        args.workers,
+        args.kv_blocks,
+        args.block_size,
+        Path(args.out) / "logs",
+        base_port=args.worker_port,
+        events_port=args.events_port,
+        model=args.model,
+    ) as fleet:
+        info = dataclasses.asdict(fleet)
+        (Path(args.out) / "fleet.json").write_text(json.dumps(info, indent=2))
+        print(json.dumps(info), flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.fleets.urls import RealFleet, compare_routers
     from benchmarks.report import write_report
@@ -212,7 +273,13 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
     if args.fleet == "urls":
         if not args.worker_url:
             raise SystemExit("--fleet urls needs --worker-url (repeat per worker)")
-        fleet = RealFleet(tuple(args.worker_url), model=args.model, block_size=args.block_size)
+        fleet = RealFleet(
+            tuple(args.worker_url),
+            model=args.model,
+            tokenizer=args.tokenizer,
+            block_size=args.block_size,
+            kv_events=urls_kv_events(args.events_port_offset),
+        )
         runs = compare_routers(
             fleet, routers, spec, args.concurrency, log_dir, args.router_port, bar.update
         )
@@ -227,6 +294,7 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
             args.block_size,
             log_dir,
             base_port=args.worker_port,
+            events_port=args.events_port,
             model=args.model,
         ) as fleet:
             runs = compare_routers(
@@ -275,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         return overhead_main(argv[1:])
     if argv[:1] == ["trace"]:
         return write_trace_main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        return hold_fleet_main(argv[1:])
+    if argv[:1] == ["agreement"]:
+        from benchmarks.agreement import main as agreement_main
+
+        return agreement_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

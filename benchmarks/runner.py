@@ -31,6 +31,7 @@ class RequestResult:
     ttft_s: float | None
     latency_s: float
     error: str | None = None
+    worker: str | None = None  # kvroute's x-kvroute-worker response header, when present
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,11 @@ async def _one(
                 return RequestResult(
                     False, None, time.perf_counter() - start, f"HTTP {resp.status}: {text}"
                 )
+            worker = resp.headers.get("x-kvroute-worker")
             async for line in resp.content:
                 if ttft is None and line.startswith(b"data:") and b"[DONE]" not in line:
                     ttft = time.perf_counter() - start
-        return RequestResult(True, ttft, time.perf_counter() - start)
+        return RequestResult(True, ttft, time.perf_counter() - start, worker=worker)
     except (TimeoutError, aiohttp.ClientError) as exc:
         return RequestResult(
             False, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"

@@ -69,7 +69,7 @@ def local_fleet(
     model: str = "tiny",
     max_model_len: int = 2048,
 ) -> Iterator[RealFleet]:
-    from router.fleet.local import worker_command
+    from router.fleet.local import REPLAY_PORT_OFFSET, worker_command
     from router.fleet.tinymodel import build_tiny_model
 
     model_dir = str(build_tiny_model())
@@ -105,6 +105,13 @@ def local_fleet(
                 raise TimeoutError(f"workers not healthy after {STARTUP_TIMEOUT_S:.0f}s")
             if pending:
                 time.sleep(1.0)
-        yield RealFleet(urls=tuple(urls), model=model, tokenizer=model_dir, block_size=block_size)
+        offset = events_port - base_port
+        yield RealFleet(
+            urls=tuple(urls),
+            model=model,
+            tokenizer=model_dir,
+            block_size=block_size,
+            kv_events={"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET},
+        )
     finally:
         _stop(procs)

@@ -3,7 +3,11 @@
 Router names on the command line:
 - ``prefix``, ``round_robin``, ... : kvroute with that policy (``python -m router.cli serve``);
   ``prefix?load_weight=0.25&kv_capacity_blocks=320`` sets policy options (and the model's
-  ``kv_capacity_blocks``) through a config file, in the simulator likewise
+  ``kv_capacity_blocks``) through a config file, in the simulator likewise.
+  ``prefix?kv_events=1``: exact mode, subscribed to the fleet's KV events (``kv_events:``
+  in the config; the fleet must say where its workers publish them).
+  ``prefix?replicas=2``: that many kvroute replicas with the same config; the client
+  alternates between them, request by request
 - ``vllm-router:POLICY``: the vLLM project's Rust router (``vllm-router --policy POLICY``)
 - ``smg:POLICY``: SGLang's model gateway (``smg launch --policy POLICY``)
 - ``oracle``: no router; the client pins each workload group to a worker by hand
@@ -30,6 +34,7 @@ from pathlib import Path
 
 CLIENT_SIDE = ("oracle", "direct")
 MODEL_OPTIONS = ("kv_capacity_blocks",)
+ROUTER_OPTIONS = ("kv_events", "replicas")  # how the benchmark runs kvroute, not the policy
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,19 @@ class RouterSpec:
 
     @property
     def policy_options(self) -> dict[str, float]:
-        return {k: v for k, v in self.options if k not in MODEL_OPTIONS}
+        return {k: v for k, v in self.options if k not in MODEL_OPTIONS + ROUTER_OPTIONS}
 
     @property
     def model_options(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.options if k in MODEL_OPTIONS}
+
+    @property
+    def kv_events(self) -> bool:
+        return bool(dict(self.options).get("kv_events", 0))
+
+    @property
+    def replicas(self) -> int:
+        return max(1, int(dict(self.options).get("replicas", 1)))
 
     @property
     def client_side(self) -> bool:
@@ -104,11 +117,20 @@ def router_command(
     tokenizer: str | None,
     block_size: int | None,
     config_dir: Path | None = None,
+    kv_events: dict | None = None,
 ) -> list[str]:
-    """The command line that starts ``spec``; kvroute with options needs ``config_dir``."""
+    """The command line that starts ``spec``; kvroute with options needs ``config_dir``.
+
+    ``kv_events``: the fleet's events config (``port_offset``, ``replay_port_offset``, ...)
+    as ``kv_events:`` in a kvroute config takes it; required by ``?kv_events=1``.
+    """
     if spec.kind == "kvroute" and spec.options:
         if config_dir is None:
             raise ValueError(f"{spec.name}: options need a folder for the config file")
+        if spec.kv_events and not kv_events:
+            raise ValueError(f"{spec.name}: this fleet does not say where its workers publish KV events")
+        if spec.kv_events and not tokenizer:
+            raise ValueError(f"{spec.name}: exact mode needs the model's tokenizer")
         model_cfg: dict = {
             "name": model,
             "workers": list(workers),
@@ -120,6 +142,8 @@ def router_command(
             model_cfg["tokenizer"] = tokenizer
         if block_size:
             model_cfg["block_size"] = block_size
+        if spec.kv_events:
+            model_cfg["kv_events"] = dict(kv_events or {})
         config_dir.mkdir(parents=True, exist_ok=True)
         path = config_dir / f"kvroute-{port}.yaml"
         cfg = {"models": [model_cfg], "server": {"host": "127.0.0.1", "port": port}}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.fleets.routers import RouterProcess, http_ok, parse_router, router_command
+from benchmarks.fleets.routers import RouterProcess, RouterSpec, http_ok, parse_router, router_command
 from benchmarks.results import RouterRun
 from benchmarks.runner import drive, scrape_fleet, to_router_run
 from benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
@@ -35,6 +35,9 @@ class RealFleet:
     model: str = "tiny"  # the served model name
     tokenizer: str | None = None  # for kvroute's exact mode
     block_size: int | None = None
+    # where workers publish KV events, as a kvroute config's ``kv_events:`` takes it
+    # (``port_offset``, ``replay_port_offset``); None: exact mode is not available
+    kv_events: dict | None = None
 
 
 def check_workers(urls: Sequence[str]) -> None:
@@ -44,7 +47,7 @@ def check_workers(urls: Sequence[str]) -> None:
 
 
 def _target_for(
-    kind: str, urls: Sequence[str], router_url: str | None
+    kind: str, urls: Sequence[str], router_url: str | Sequence[str] | None
 ) -> Callable[[TraceRecord], str]:
     if kind == "oracle":
         pins: dict[str, str] = {}
@@ -57,7 +60,10 @@ def _target_for(
         cycle = itertools.cycle(urls)
         return lambda rec: next(cycle)
     assert router_url is not None
-    return lambda rec: router_url
+    if isinstance(router_url, str):
+        return lambda rec: router_url
+    replicas = itertools.cycle(router_url)  # several replicas: alternate, request by request
+    return lambda rec: next(replicas)
 
 
 async def _snapshot(urls: Sequence[str]):
@@ -80,6 +86,36 @@ def _warm_up(base: str, model: str) -> None:
     asyncio.run(go())
 
 
+def replica_ports(base_port: int, i: int, n_routers: int, rspec: RouterSpec) -> list[int]:
+    """Router ``i`` of ``n_routers`` listens on ``base_port + i``; replica r on ``+ r * n_routers``."""
+    kinds = 1 if rspec.kind != "kvroute" else rspec.replicas
+    return [base_port + i + r * n_routers for r in range(kinds)]
+
+
+def start_router(
+    rspec: RouterSpec, fleet: RealFleet, log_dir: Path, ports: Sequence[int]
+) -> list[RouterProcess]:
+    """Start one process per port (replicas share the config), wait for each, warm each up."""
+    procs: list[RouterProcess] = []
+    safe = "".join(c if c.isalnum() or c in "._" else "-" for c in rspec.name)
+    try:
+        for r, port in enumerate(ports):
+            cmd = router_command(
+                rspec, port, fleet.urls, fleet.model, fleet.tokenizer, fleet.block_size, log_dir,
+                kv_events=fleet.kv_events,
+            )
+            suffix = f"-r{r}" if len(ports) > 1 else ""
+            procs.append(RouterProcess(cmd, port, log_dir / f"router-{safe}{suffix}.log"))
+        for proc in procs:
+            proc.wait_ready()
+            _warm_up(proc.url, fleet.model)
+    except BaseException:
+        for proc in procs:
+            proc.stop()
+        raise
+    return procs
+
+
 def compare_routers(
     fleet: RealFleet,
     routers: Sequence[str],
@@ -95,19 +131,12 @@ def compare_routers(
     for i, name in enumerate(routers):
         rspec = parse_router(name)
         records = list(iter_records(spec.with_nonce(f"{spec.nonce}|{name}|{time.time_ns()}")))
-        proc = None
+        procs: list[RouterProcess] = []
         try:
             check_workers(fleet.urls)  # a fleet that died mid-comparison fails fast
             if not rspec.client_side:
-                port = base_port + i
-                cmd = router_command(
-                    rspec, port, fleet.urls, fleet.model, fleet.tokenizer, fleet.block_size, log_dir
-                )
-                safe = "".join(c if c.isalnum() or c in "._" else "-" for c in name)
-                proc = RouterProcess(cmd, port, log_dir / f"router-{safe}.log")
-                proc.wait_ready()
-                _warm_up(proc.url, fleet.model)
-            target = _target_for(rspec.kind, fleet.urls, proc.url if proc else None)
+                procs = start_router(rspec, fleet, log_dir, replica_ports(base_port, i, len(routers), rspec))
+            target = _target_for(rspec.kind, fleet.urls, [p.url for p in procs] or None)
             time.sleep(settle_s)
             before = asyncio.run(_snapshot(fleet.urls))
             results, elapsed = asyncio.run(drive(records, target, concurrency, progress=progress))
@@ -118,7 +147,9 @@ def compare_routers(
             log.error("router %s failed: %s", name, exc)
             run = RouterRun(router=name, errors=len(records), extra={"failure": str(exc)[:500]})
         finally:
-            if proc is not None:
+            for proc in procs:
                 proc.stop()
+        if len(procs) > 1:
+            run.extra["replicas"] = len(procs)
         runs.append(run)
     return runs

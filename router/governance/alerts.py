@@ -1,7 +1,8 @@
 """Alerts: budget threshold crossings, spend spikes and loops, to the log, Prometheus and
 an optional webhook.
 
-A threshold (70/100/120% by default) fires once per budget instance and window: the first
+A threshold (70/100/120% by default) fires once per budget instance and window (for a
+rolling budget: once per epoch-aligned window of its length): the first
 replica to cross it sets a flag in the store that lasts until the window ends, and each
 replica remembers what it already fired so that it does not ask again. A spike fires
 when a tenant's spend in the current hour exceeds ``spike_factor`` times its average
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 import aiohttp
 
@@ -69,8 +71,13 @@ class Alerter:
         r = ratio(slot, used.tokens, used.usd, used.tool_calls)
         self.metrics.budget_used_ratio.labels(slot.budget).set(r)
         now = self.clock.time()
+        key, ttl = f"alert:{slot.key}", slot.expire_at - now
+        if slot.rolling:  # once per window: the window's index dedups, as with fixed windows
+            window_s = slot.bucket_s * slot.buckets
+            index = math.floor(now / window_s)
+            key, ttl = f"{key}:{index}", (index + 1) * window_s - now
         for t in self.cfg.thresholds:
-            if r >= t and await self.once(f"alert:{slot.key}:{t}", max(1.0, slot.expire_at - now)):
+            if r >= t and await self.once(f"{key}:{t}", max(1.0, ttl)):
                 self.emit(threshold_kind(t), budget=slot.budget, scope=scope, key=slot.key, ratio=round(r, 4),
                           tokens=used.tokens, usd=round(used.usd, 6), tool_calls=used.tool_calls)
         return r

@@ -2,8 +2,11 @@
 
 A budget's scope picks the counter: one per session, per agent (within a tenant), per
 task, feature or user, per tenant, or one for everything (``global``). Windowed budgets
-count in fixed windows aligned to the epoch (``window: day`` resets at 00:00 UTC), so
-every refusal can name its reset time. A session budget lives as long as the session
+are rolling: they count the usage of the last ``window_s`` seconds (``window: day`` is the
+last 24 hours, not the calendar day), kept in ``buckets`` sub-buckets (24 by default), so
+usage leaves the window one sub-bucket at a time and is remembered for between
+``window_s`` and ``window_s + window_s / buckets`` seconds. A refusal names when the
+oldest usage ages out. A session budget lives as long as the session
 (``session_ttl_s`` after its last request). ``request`` budgets need no state: they cap
 one request's prompt and completion.
 """
@@ -59,13 +62,15 @@ def slots_for(budgets: tuple[Budget, ...], attrs: Attribution, now: float,
         value = scope_value(b, attrs)
         if value is None:
             continue
-        if b.window_s:
-            index = int(now // b.window_s)
-            key, expire_at = f"{b.name}:{value}:{index}", (index + 1) * b.window_s
-        else:
-            key, expire_at = f"{b.name}:{value}", now + session_ttl_s
         lim = b.limits
-        out.append((b, Slot(key, b.name, lim.tokens, lim.usd, lim.tool_calls, lim.wall_s, not b.soft, expire_at)))
+        if b.window_s:
+            bucket_s = b.window_s / b.buckets
+            slot = Slot(f"{b.name}:{value}:{b.window_s}/{b.buckets}", b.name, lim.tokens, lim.usd, lim.tool_calls,
+                        lim.wall_s, not b.soft, now + b.window_s + bucket_s, bucket_s, b.buckets)
+        else:
+            slot = Slot(f"{b.name}:{value}", b.name, lim.tokens, lim.usd, lim.tool_calls, lim.wall_s, not b.soft,
+                        now + session_ttl_s)
+        out.append((b, slot))
     return out
 
 
@@ -87,27 +92,41 @@ def request_cap(budgets: tuple[Budget, ...], attrs: Attribution, prompt: int,
 
 
 def reset_at(budget: Budget, now: float) -> float | None:
+    """The latest a rolling budget's current usage can be remembered (when the store says nothing sooner)."""
     if budget.window_s:
-        return (int(now // budget.window_s) + 1) * budget.window_s
+        bucket_s = budget.window_s / budget.buckets
+        return (math.floor(now / bucket_s) + budget.buckets + 1) * bucket_s
     return None
+
+
+def _span(window_s: int) -> str:
+    for name, s in (("week", 7 * 86400), ("day", 86400), ("hour", 3600)):
+        if window_s == s:
+            return "24 hours" if name == "day" else f"1 {name}"
+    return f"{window_s} seconds"
 
 
 _REASONS = {"tokens": "its token limit", "usd": "its dollar limit", "tool_calls": "its tool-call limit",
             "wall_s": "its wall-clock limit"}
 
 
-def refusal(budget: Budget, reason: str | None, now: float) -> tuple[str, float | None]:
-    """The 429 message for a refused request, and seconds until the budget resets."""
+def refusal(budget: Budget, reason: str | None, now: float,
+            frees_at: float | None = None) -> tuple[str, float | None]:
+    """The 429 message for a refused request, and seconds until the budget frees room.
+
+    ``frees_at`` is when the store says the rolling budget's oldest usage ages out."""
     what = _REASONS.get(reason or "", "its limit")
     lim = budget.limits
     limits = ", ".join(f"{k}={v:g}" for k, v in (("tokens", lim.tokens), ("usd", lim.usd),
                                                    ("tool_calls", lim.tool_calls), ("wall_s", lim.wall_s))
                        if v is not None)
     msg = f"Budget '{budget.name}' ({budget.scope} scope; {limits}) has no room left: this request would exceed {what}."
-    at = reset_at(budget, now)
+    at = frees_at if frees_at is not None and budget.window_s else reset_at(budget, now)
     if at is not None:
+        at = max(at, now)
         stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return f"{msg} It resets at {stamp}.", at - now
+        return (f"{msg} It counts the last {_span(budget.window_s)}; room frees up at {stamp}, as its oldest "
+                "usage ages out.", at - now)
     if budget.scope == "session":
         return f"{msg} Session budgets do not reset: start a new session.", None
     if budget.scope == "request":

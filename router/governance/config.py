@@ -41,7 +41,8 @@ class Budget:
     name: str
     scope: str
     limits: Limits
-    window_s: int | None = None  # fixed windows aligned to the epoch (UTC days for "day")
+    window_s: int | None = None  # a rolling window: usage over the last window_s seconds
+    buckets: int = 24  # the rolling window counts usage in this many sub-buckets
     action: str = "reject"
     soft: bool = False  # alert only, never enforce
     tenant: str | None = None  # only this tenant's requests
@@ -166,7 +167,7 @@ def _window(raw: Mapping[str, Any], key: str) -> int | None:
 
 def _parse_budget(raw: Any, key: str) -> Budget:
     raw = _mapping(raw, key)
-    _only(raw, {"name", "scope", "limit", "window", "window_s", "action", "soft", "tenant",
+    _only(raw, {"name", "scope", "limit", "window", "window_s", "buckets", "action", "soft", "tenant",
                 "throttle_at", "throttle_delay_s"}, key)
     name = _get(raw, "name", str, key, None)
     if not name:
@@ -190,11 +191,16 @@ def _parse_budget(raw: Any, key: str) -> Budget:
     window_s = _window(raw, key)
     if window_s is not None and scope in ("request", "session"):
         raise ConfigError(f"{key}.window", f"a {scope} budget has no window")
+    buckets = _get(raw, "buckets", int, key, 24, positive=True)
+    if "buckets" in raw and window_s is None:
+        raise ConfigError(f"{key}.buckets", "only a budget with a window has buckets")
+    if buckets > 1440:
+        raise ConfigError(f"{key}.buckets", "at most 1440")
     action = _get(raw, "action", str, key, "reject")
     if action not in ACTIONS:
         raise ConfigError(f"{key}.action", f"must be one of {', '.join(ACTIONS)}")
     throttle_at = _get(raw, "throttle_at", float, key, 0.8, positive=True)
-    return Budget(name=name, scope=scope, limits=limits, window_s=window_s, action=action,
+    return Budget(name=name, scope=scope, limits=limits, window_s=window_s, buckets=buckets, action=action,
                   soft=_get(raw, "soft", bool, key, False), tenant=_get(raw, "tenant", str, key, None),
                   throttle_at=throttle_at,
                   throttle_delay_s=_get(raw, "throttle_delay_s", float, key, 1.0, positive=True))

@@ -239,6 +239,7 @@ class Governor:
             rates = Rates.of(route.cfg.price)
             cap, req_budget = request_cap(self.cfg.budgets, attrs, ctx.prompt_tokens, rates)
             pairs = slots_for(self.cfg.budgets, attrs, now, self.cfg.session_ttl_s)
+            got = None
             if cap < need:
                 refused, reason = req_budget, "tokens" if req_budget.limits.tokens else "usd"
             else:
@@ -256,7 +257,7 @@ class Governor:
             cheaper = self._cheaper(served, route) if refused.action == "downgrade" else None
             if cheaper is None:
                 self._action("reject")
-                message, retry_after = refusal(refused, reason, now)
+                message, retry_after = refusal(refused, reason, now, got.reset_at if got is not None else None)
                 raise BudgetExceeded(message, param=refused.name, retry_after_s=retry_after)
             self._action("downgrade")
             log.info("budget %s: downgrading %s from tier %s to %s", refused.name, served.name, route.cfg.tier,
@@ -285,6 +286,12 @@ class Governor:
             self._action("stream_cut")
             return AgentHalted(f"Halted by the kill switch ({hit[0]}) mid-stream: {hit[1]['reason']}",
                                param=hit[0])
+        deadline = grant.reserved.deadline
+        if deadline is not None and self.clock.time() >= deadline:
+            self._action("stream_cut")
+            name = next((b.name for b, s in grant.budgets if s.wall_s is not None and s.hard), "session")
+            return BudgetExceeded(f"Stream stopped after {grant.generated} completion tokens: budget '{name}' "
+                                  "ran out of wall-clock time.", param=name)
         if grant.generated > grant.reserved.completion:
             self._action("stream_cut")
             name = grant.binding.name if grant.binding else "request max_tokens"
@@ -330,7 +337,8 @@ class Governor:
         try:
             if keys:
                 used = await self.store.settle(grant.reserved.member, keys, grant.reserved.tokens, grant.reserved.usd,
-                                               tokens, usd, grant.tool_calls)
+                                               tokens, usd, grant.tool_calls, now=self.clock.time(),
+                                               slots=tuple(s for _, s in grant.budgets))
             else:
                 used = []
             if tokens:

@@ -2,7 +2,10 @@
 
 Reservations are atomic Lua scripts (one round trip each for reserve and settle) over two
 keys per budget instance: a hash of counters and a sorted set of reservations scored by
-their expiry. The scripts follow ``store.plan`` and ``MemoryStore.settle`` exactly. All
+their expiry. A rolling (windowed) budget keeps its usage in the same hash, one field per
+sub-bucket and counter (``t:<index>``, ``u:<index>``, ``c:<index>``); the scripts drop the
+fields that left the window and sum the rest. The scripts follow ``store.plan`` and
+``MemoryStore.settle`` exactly. All
 keys start with the configured prefix and carry a TTL, so Redis never fills with dead
 windows or sessions. Multi-key scripts need one Redis (or Sentinel), not Redis Cluster.
 """
@@ -13,9 +16,34 @@ import math
 
 import redis.asyncio as aioredis
 
-from router.governance.store import NONE, Ask, Granted, Used
+from router.governance.store import NONE, Ask, Granted, Slot, Used
 
 _PARSE = "local _, _, rt, ru = string.find(m, '^[^|]*|([^|]*)|(.*)$')"
+
+# Rolling budgets: sum the live sub-buckets of hash h into ut, uu, utc (dropping the dead ones),
+# and find the oldest non-empty one. Needs now, bs (bucket width) and nb (buckets per window).
+_ROLL = """
+local function roll(h, now, bs, nb)
+  local first = math.floor(now / bs) - nb
+  local all = redis.call('HGETALL', h)
+  local ut, uu, utc, oldest, dead = 0, 0, 0, nil, {}
+  for j = 1, #all, 2 do
+    local kind, idx = string.match(all[j], '^([tuc]):(%-?%d+)$')
+    if kind then
+      idx = tonumber(idx)
+      if idx < first then
+        dead[#dead + 1] = all[j]
+      else
+        local v = tonumber(all[j + 1])
+        if kind == 't' then ut = ut + v elseif kind == 'u' then uu = uu + v else utc = utc + v end
+        if v ~= 0 and (not oldest or idx < oldest) then oldest = idx end
+      end
+    end
+  end
+  if #dead > 0 then redis.call('HDEL', h, unpack(dead)) end
+  return ut, uu, utc, oldest
+end
+"""
 
 RESERVE = """
 local now, ttl, prompt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -23,7 +51,13 @@ local maxc, minc, pin, pout = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARG
 local rid = ARGV[8]
 local n = #KEYS / 2
 local allowed, need, failed, reason = maxc, math.min(minc, maxc), -1, ''
-local ratios, starts = {}, {}
+local ratios, starts, frees, deadline = {}, {}, {}, nil
+ROLL
+local function refuse(i, why)
+  local at = ''
+  if i >= 0 and frees[i + 1] then at = string.format('%.17g', frees[i + 1]) end
+  return {0, i, why, at, unpack(ratios)}
+end
 local function ratio(lt, lu, ltc, t, u, tc)
   local r = 0
   if lt > 0 then r = math.max(r, t / lt) end
@@ -32,9 +66,10 @@ local function ratio(lt, lu, ltc, t, u, tc)
   return r
 end
 for i = 1, n do
-  local h, z, b = KEYS[2 * i - 1], KEYS[2 * i], 8 + (i - 1) * 6
+  local h, z, b = KEYS[2 * i - 1], KEYS[2 * i], 8 + (i - 1) * 8
   local lt, lu, ltc = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local wall, hard = tonumber(ARGV[b + 4]), ARGV[b + 5] == '1'
+  local bs, nb = tonumber(ARGV[b + 7]), tonumber(ARGV[b + 8])
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   if #expired > 0 then
     local dt, du = 0, 0
@@ -49,14 +84,21 @@ for i = 1, n do
   local v = redis.call('HMGET', h, 'used_t', 'used_usd', 'used_tc', 'res_t', 'res_usd', 'start')
   local ut, uu, utc = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
   local rt, ru, start = tonumber(v[4]) or 0, tonumber(v[5]) or 0, tonumber(v[6])
+  if bs > 0 then
+    local oldest
+    ut, uu, utc, oldest = roll(h, now, bs, nb)
+    frees[i] = ((oldest or math.floor(now / bs)) + nb + 1) * bs
+  end
   starts[i] = start
   ratios[i] = tostring(ratio(lt, lu, ltc, ut + rt, uu + ru, utc))
   if hard then
-    if wall >= 0 and start and now - start >= wall then
-      return {0, i - 1, 'wall_s', unpack(ratios)}
+    if wall >= 0 then
+      if start and now - start >= wall then return refuse(i - 1, 'wall_s') end
+      local stop = (start or now) + wall
+      if not deadline or stop < deadline then deadline = stop end
     end
     if ltc >= 0 and utc >= ltc then
-      return {0, i - 1, 'tool_calls', unpack(ratios)}
+      return refuse(i - 1, 'tool_calls')
     end
     if lt >= 0 then
       local room = lt - ut - rt - prompt
@@ -72,13 +114,13 @@ for i = 1, n do
   end
 end
 if allowed < need then
-  return {0, failed, reason, unpack(ratios)}
+  return refuse(failed, reason)
 end
 local tokens = prompt + allowed
 local usd = prompt * pin + allowed * pout
-local member = rid .. '|' .. tokens .. '|' .. string.format('%.17g', usd)
+local member = rid .. '@' .. ARGV[1] .. '|' .. tokens .. '|' .. string.format('%.17g', usd)
 for i = 1, n do
-  local h, z, b = KEYS[2 * i - 1], KEYS[2 * i], 8 + (i - 1) * 6
+  local h, z, b = KEYS[2 * i - 1], KEYS[2 * i], 8 + (i - 1) * 8
   redis.call('HINCRBY', h, 'res_t', tokens)
   redis.call('HINCRBYFLOAT', h, 'res_usd', usd)
   if not starts[i] then redis.call('HSET', h, 'start', ARGV[1]) end
@@ -87,26 +129,49 @@ for i = 1, n do
   redis.call('EXPIREAT', h, exp)
   redis.call('EXPIREAT', z, exp)
 end
-return {1, allowed, tokens, string.format('%.17g', usd), member, failed, reason, unpack(ratios)}
-""".replace("PARSE", _PARSE)
+local dl = ''
+if deadline then dl = string.format('%.17g', deadline) end
+return {1, allowed, tokens, string.format('%.17g', usd), member, failed, reason, dl, unpack(ratios)}
+""".replace("PARSE", _PARSE).replace("ROLL", _ROLL)
 
 SETTLE = """
 local m, t, u, tc, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
 PARSE
+ROLL
+local at = tonumber(string.match(m, '^[^@|]*@([^|]*)|')) or now
 local out = {}
 for i = 1, #KEYS / 2 do
   local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  local bs, nb = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   if redis.call('ZREM', z, m) == 1 then
     redis.call('HINCRBY', h, 'res_t', -tonumber(rt))
     redis.call('HINCRBYFLOAT', h, 'res_usd', -tonumber(ru))
   end
-  out[#out + 1] = redis.call('HINCRBY', h, 'used_t', t)
-  out[#out + 1] = redis.call('HINCRBYFLOAT', h, 'used_usd', u)
-  out[#out + 1] = redis.call('HINCRBY', h, 'used_tc', tc)
-  if redis.call('TTL', h) < 0 then redis.call('EXPIRE', h, ttl) end
+  if bs > 0 then
+    local idx = math.floor(at / bs)
+    if idx >= math.floor(now / bs) - nb then
+      local f = string.format('%d', idx)
+      redis.call('HINCRBY', h, 't:' .. f, t)
+      redis.call('HINCRBYFLOAT', h, 'u:' .. f, u)
+      redis.call('HINCRBY', h, 'c:' .. f, tc)
+      local exp = math.ceil((idx + nb + 1) * bs)
+      local left = redis.call('TTL', h)
+      if left < 0 or now + left < exp then redis.call('EXPIREAT', h, exp) end
+    end
+    local ut, uu, utc = roll(h, now, bs, nb)
+    out[#out + 1] = ut
+    out[#out + 1] = string.format('%.17g', uu)
+    out[#out + 1] = utc
+  else
+    out[#out + 1] = redis.call('HINCRBY', h, 'used_t', t)
+    out[#out + 1] = redis.call('HINCRBYFLOAT', h, 'used_usd', u)
+    out[#out + 1] = redis.call('HINCRBY', h, 'used_tc', tc)
+    if redis.call('TTL', h) < 0 then redis.call('EXPIRE', h, ttl) end
+  end
 end
 return out
-""".replace("PARSE", _PARSE)
+""".replace("PARSE", _PARSE).replace("ROLL", _ROLL)
 
 
 def _n(value: float | None) -> str:
@@ -132,8 +197,16 @@ class RedisStore:
         return out
 
     async def budget(self, key: str) -> dict[str, str]:
-        """For tests and the admin view: a budget instance's counters."""
-        return await self.r.hgetall(f"{self.p}:b:{key}")
+        """For tests and the admin view: a budget instance's counters. For a rolling budget,
+        ``used_*`` sum the sub-buckets the last reserve or settle kept (``t:``/``u:``/``c:<index>``)."""
+        raw = await self.r.hgetall(f"{self.p}:b:{key}")
+        sums = {"t": 0.0, "u": 0.0, "c": 0.0}
+        for f, v in raw.items():
+            if f[:2] in ("t:", "u:", "c:"):
+                sums[f[0]] += float(v)
+        if any(f[:2] in ("t:", "u:", "c:") for f in raw):
+            raw.update(used_t=str(int(sums["t"])), used_usd=repr(sums["u"]), used_tc=str(int(sums["c"])))
+        return raw
 
     async def reservations(self, key: str) -> int:
         return await self.r.zcard(f"{self.p}:z:{key}")
@@ -143,21 +216,25 @@ class RedisStore:
                       repr(ask.in_price), repr(ask.out_price), ask.rid]
         for s in ask.slots:
             args += [_n(s.tokens), _n(s.usd), _n(s.tool_calls), _n(s.wall_s), "1" if s.hard else "0",
-                     repr(s.expire_at)]
+                     repr(s.expire_at), repr(float(s.bucket_s)), s.buckets]
         res = await self._reserve(keys=self._keys(s.key for s in ask.slots), args=args)
         if int(res[0]) == 1:
             bound = int(res[5])
             return Granted(True, completion=int(res[1]), tokens=int(res[2]), usd=float(res[3]), member=res[4],
                            failed=bound if bound >= 0 else None, reason=res[6] or None,
-                           ratios=[float(x) for x in res[7:]])
+                           deadline=float(res[7]) if res[7] else None, ratios=[float(x) for x in res[8:]])
         failed = int(res[1])
         return Granted(False, failed=failed if failed >= 0 else None, reason=res[2] or None,
-                       ratios=[float(x) for x in res[3:]])
+                       reset_at=float(res[3]) if res[3] else None, ratios=[float(x) for x in res[4:]])
 
     async def settle(self, member: str, keys: tuple[str, ...], reserved_tokens: int, reserved_usd: float,
-                     tokens: int, usd: float, tool_calls: int) -> list[Used]:
-        res = await self._settle(keys=self._keys(keys),
-                                 args=[member, int(tokens), repr(float(usd)), int(tool_calls), self._settle_ttl])
+                     tokens: int, usd: float, tool_calls: int, now: float = 0.0,
+                     slots: tuple[Slot, ...] = ()) -> list[Used]:
+        args: list = [member, int(tokens), repr(float(usd)), int(tool_calls), self._settle_ttl, repr(float(now))]
+        for i in range(len(keys)):
+            s = slots[i] if i < len(slots) else None
+            args += [repr(float(s.bucket_s)), s.buckets] if s is not None and s.rolling else ["0", 0]
+        res = await self._settle(keys=self._keys(keys), args=args)
         return [Used(int(res[i]), float(res[i + 1]), int(res[i + 2])) for i in range(0, len(res), 3)]
 
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool:

@@ -10,6 +10,13 @@ of them, or in none. Each reservation is a member ``rid|tokens|usd`` with an exp
 reservation that is never settled (a crashed replica) frees itself after its TTL. ``settle``
 removes the reservation and adds what was really used; settling a reservation that already
 expired only adds the usage, so nothing is charged twice.
+
+A windowed budget is rolling: its usage is kept in ``buckets`` sub-buckets of
+``bucket_s = window_s / buckets`` seconds (absolute index ``floor(t / bucket_s)``), and what
+counts is the sum of the current bucket and the ``buckets`` before it, so usage is remembered
+for at least ``window_s`` and at most ``window_s + bucket_s``. Usage is settled into the
+bucket of the reservation's time (kept in the member: ``rid@time|tokens|usd``). In-flight
+reservations count in full until they are settled or expire.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ class Slot:
     wall_s: float | None = None
     hard: bool = True
     expire_at: float = 0.0  # the state may be dropped after this (window end or session TTL)
+    bucket_s: float = 0.0  # rolling windows: sub-bucket width (0: not rolling)
+    buckets: int = 0  # rolling windows: sub-buckets per window
+
+    @property
+    def rolling(self) -> bool:
+        return self.bucket_s > 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class Granted:
     failed: int | None = None  # index of the slot that refused (granted: that bounds the grant)
     reason: str | None = None  # tokens | usd | tool_calls | wall_s
     ratios: list[float] = field(default_factory=list)  # (used + reserved) / limit, before this ask
+    reset_at: float | None = None  # refused by a rolling budget: when its oldest usage ages out
+    deadline: float | None = None  # granted: when the tightest session wall-clock limit runs out
 
 
 @dataclass
@@ -83,7 +98,8 @@ class Store(Protocol):
     async def reserve(self, ask: Ask) -> Granted: ...
 
     async def settle(self, member: str, keys: tuple[str, ...], reserved_tokens: int, reserved_usd: float,
-                     tokens: int, usd: float, tool_calls: int) -> list[Used]: ...
+                     tokens: int, usd: float, tool_calls: int, now: float = 0.0,
+                     slots: tuple[Slot, ...] = ()) -> list[Used]: ...
 
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool: ...
 
@@ -118,6 +134,25 @@ class _State:
     start: float | None = None
     expire_at: float = 0.0
     reservations: dict[str, float] = field(default_factory=dict)  # member -> expiry
+    buckets: dict[int, list] = field(default_factory=dict)  # rolling: bucket index -> [tokens, usd, tool calls]
+
+    def roll(self, slot: Slot, now: float) -> None:
+        """Rolling budgets: drop buckets that left the window and sum the rest into ``used_*``."""
+        if not slot.rolling:
+            return
+        first = math.floor(now / slot.bucket_s) - slot.buckets
+        for idx in [i for i in self.buckets if i < first]:
+            del self.buckets[idx]
+        live = self.buckets.values()
+        self.used_t = sum(b[0] for b in live)
+        self.used_usd = sum(b[1] for b in live)
+        self.used_tc = sum(b[2] for b in live)
+
+    def frees_at(self, slot: Slot, now: float) -> float:
+        """Rolling budgets: when the oldest live usage ages out (the window's span when none)."""
+        used = [i for i, b in self.buckets.items() if b[0] or b[1] or b[2]]
+        idx = min(used) if used else math.floor(now / slot.bucket_s)
+        return (idx + slot.buckets + 1) * slot.bucket_s
 
     def purge(self, now: float) -> None:
         for member, exp in list(self.reservations.items()):
@@ -134,14 +169,24 @@ def plan(ask: Ask, states: list[_State]) -> Granted:
     failed, reason = None, None
     need = min(ask.min_completion, ask.max_completion)
     ratios = []
+    deadline = None
+
+    def refuse(i: int | None, why: str | None) -> Granted:
+        slot = ask.slots[i] if i is not None else None
+        at = states[i].frees_at(slot, ask.now) if slot is not None and slot.rolling else None
+        return Granted(False, failed=i, reason=why, ratios=ratios, reset_at=at)
+
     for i, (slot, st) in enumerate(zip(ask.slots, states)):
         ratios.append(ratio(slot, st.used_t + st.res_t, st.used_usd + st.res_usd, st.used_tc))
         if not slot.hard:
             continue
-        if slot.wall_s is not None and st.start is not None and ask.now - st.start >= slot.wall_s:
-            return Granted(False, failed=i, reason="wall_s", ratios=ratios)
+        if slot.wall_s is not None:
+            if st.start is not None and ask.now - st.start >= slot.wall_s:
+                return refuse(i, "wall_s")
+            end = (ask.now if st.start is None else st.start) + slot.wall_s
+            deadline = end if deadline is None else min(deadline, end)
         if slot.tool_calls is not None and st.used_tc >= slot.tool_calls:
-            return Granted(False, failed=i, reason="tool_calls", ratios=ratios)
+            return refuse(i, "tool_calls")
         if slot.tokens is not None:
             room = slot.tokens - st.used_t - st.res_t - ask.prompt_tokens
             if room < allowed:
@@ -152,12 +197,24 @@ def plan(ask: Ask, states: list[_State]) -> Granted:
             if room < allowed:
                 allowed, failed, reason = room, i, "usd"
     if allowed < need:
-        return Granted(False, failed=failed, reason=reason, ratios=ratios)
+        return refuse(failed, reason)
     completion = int(allowed)
     tokens = ask.prompt_tokens + completion
     usd = ask.prompt_tokens * ask.in_price + completion * ask.out_price
     return Granted(True, completion=completion, tokens=tokens, usd=usd,
-                   member=f"{ask.rid}|{tokens}|{usd!r}", failed=failed, reason=reason, ratios=ratios)
+                   member=f"{ask.rid}@{ask.now!r}|{tokens}|{usd!r}", failed=failed, reason=reason, ratios=ratios,
+                   deadline=deadline)
+
+
+def member_time(member: str) -> float | None:
+    """When a reservation was made (``rid@time|tokens|usd``), or None for an older member."""
+    head = member.split("|", 1)[0]
+    if "@" not in head:
+        return None
+    try:
+        return float(head.rsplit("@", 1)[1])
+    except ValueError:
+        return None
 
 
 class MemoryStore:
@@ -193,6 +250,7 @@ class MemoryStore:
         for slot in ask.slots:
             st = self._states.get(slot.key) or _State()
             st.purge(ask.now)
+            st.roll(slot, ask.now)
             states.append(st)
         granted = plan(ask, states)
         if granted.ok:
@@ -207,16 +265,29 @@ class MemoryStore:
         return granted
 
     async def settle(self, member: str, keys: tuple[str, ...], reserved_tokens: int, reserved_usd: float,
-                     tokens: int, usd: float, tool_calls: int) -> list[Used]:
+                     tokens: int, usd: float, tool_calls: int, now: float = 0.0,
+                     slots: tuple[Slot, ...] = ()) -> list[Used]:
         out = []
-        for key in keys:
+        at = member_time(member)
+        for i, key in enumerate(keys):
+            slot = slots[i] if i < len(slots) else None
             st = self._states.setdefault(key, _State())
             if st.reservations.pop(member, None) is not None:
                 st.res_t -= reserved_tokens
                 st.res_usd -= reserved_usd
-            st.used_t += tokens
-            st.used_usd += usd
-            st.used_tc += tool_calls
+            if slot is not None and slot.rolling:
+                idx = math.floor((now if at is None else at) / slot.bucket_s)
+                if idx >= math.floor(now / slot.bucket_s) - slot.buckets:  # else it already left the window
+                    b = st.buckets.setdefault(idx, [0, 0.0, 0])
+                    b[0] += tokens
+                    b[1] += usd
+                    b[2] += tool_calls
+                    st.expire_at = max(st.expire_at, (idx + slot.buckets + 1) * slot.bucket_s)
+                st.roll(slot, now)
+            else:
+                st.used_t += tokens
+                st.used_usd += usd
+                st.used_tc += tool_calls
             out.append(Used(st.used_t, st.used_usd, st.used_tc))
         return out
 

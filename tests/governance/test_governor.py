@@ -60,7 +60,7 @@ async def test_fifty_concurrent_admissions_on_two_governors_never_overspend(redi
     charged = await asyncio.gather(*(one(i) for i in range(50)))
     await a.drain()
     await b.drain()
-    state = await a.store.budget(f"team:*:{int(clock.time() // 86400)}")
+    state = await a.store.budget("team:*:86400/24")
     assert int(state["used_t"]) == sum(charged) <= limit and int(state["res_t"]) == 0
     per_request = max(charged)
     assert limit - per_request <= int(state["used_t"])
@@ -78,7 +78,7 @@ async def test_a_cut_or_abandoned_stream_is_charged_for_its_tokens_and_frees_its
     gov.finish(grant, dispatch(grant))
     gov.finish(grant, dispatch(grant))  # settling twice charges once
     await gov.drain()
-    key = f"team:*:{int(clock.time() // 86400)}"
+    key = "team:*:86400/24"
     state = await gov.store.budget(key)
     assert int(state["used_t"]) == grant.prompt_tokens + 41 and int(state["res_t"]) == 0
     assert await gov.store.reservations(key) == 0
@@ -154,3 +154,48 @@ async def test_inject_asks_a_looping_agent_to_reconsider():
     for g in grants:
         gov.finish(g, None)
     await gov.drain()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_rolling_day_budget_refuses_across_midnight_then_frees_up(backend, request, prefix):
+    day = 1_800_000_000 // 86400 * 86400
+    budget = {"name": "team", "scope": "global", "window": "day", "limit": {"tokens": 1000}}
+    governance: dict = {"budgets": [budget]}
+    if backend == "redis":
+        governance["redis"] = {"url": request.getfixturevalue("redis_url"), "prefix": prefix}
+    (gov,), served, clock = await setup(governance, n=1, clock=FakeClock(day + 1800))  # 00:30 UTC
+    grant = await admit(gov, served, {**BODY, "max_tokens": 900})
+    gov.finish(grant, dispatch(grant, 1000 - grant.prompt_tokens))  # the whole budget, at 00:30
+    await gov.drain()
+    for at in (day + 86340, day + 86400 + 1800):  # 23:59, and 00:30 the next day (a fixed day would allow it)
+        clock.now = at
+        with pytest.raises(BudgetExceeded, match="frees up at 2027-01-16T01:00:00Z") as exc:
+            await admit(gov, served)
+        assert exc.value.param == "team"
+    clock.now = day + 90000  # 01:00 the next day: the 00:00-01:00 bucket has aged out
+    grant = await admit(gov, served)
+    assert grant.reserved.completion == 100
+    gov.finish(grant, dispatch(grant, 100))
+    await gov.drain()
+    if backend == "redis":
+        state = await gov.store.budget("team:*:86400/24")
+        assert int(state["used_t"]) == grant.prompt_tokens + 100 and int(state["res_t"]) == 0
+    await gov.close()
+
+
+async def test_a_stream_is_cut_when_its_session_runs_out_of_wall_clock():
+    (gov,), served, clock = await setup({}, n=1)
+    headers = {"x-kvroute-session": "s-wall"}
+    first = await admit(gov, served, {**BODY, "stream": True}, headers)
+    assert first.reserved.deadline == clock.time() + 120
+    clock.advance(60)
+    grant = await admit(gov, served, {**BODY, "stream": True}, headers)
+    assert grant.reserved.deadline == first.reserved.deadline  # counted from the session's first request
+    assert grant.on_stream_tokens(1)
+    clock.advance(61)
+    assert not grant.on_stream_tokens(1) and grant.cut.code == "budget_exceeded"
+    assert "wall-clock" in str(grant.cut) and grant.cut.param == "session-default"
+    for g in (first, grant):
+        gov.finish(g, dispatch(g, 1))
+    await gov.drain()
+    await gov.close()

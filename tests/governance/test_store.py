@@ -116,3 +116,40 @@ async def test_flags_recent_lists_and_kill_entries(store):
     await store.kill_set("agent:x", '{"reason": "r"}')
     assert await store.kill_all() == {"agent:x": '{"reason": "r"}'}
     assert await store.kill_clear("agent:x") and not await store.kill_clear("agent:x")
+
+
+DAY = 1_800_000_000 // 86400 * 86400  # a UTC midnight
+HOUR = 3600.0
+
+
+async def test_a_rolling_day_remembers_use_across_midnight_until_its_bucket_ages_out(store):
+    slot = Slot("roll", "roll", tokens=1000, bucket_s=HOUR, buckets=24)
+    heavy = await store.reserve(ask([slot], prompt=100, max_c=800, now=DAY + 1800, ttl=7200.0))  # 00:30
+    assert heavy.ok
+    used = await store.settle(heavy.member, ("roll",), heavy.tokens, heavy.usd, 900, 0.0, 0, now=DAY + 5400,
+                              slots=(slot,))  # settled at 01:30, into the 00:00-01:00 bucket it was reserved in
+    assert used[0].tokens == 900
+    for at in (DAY + 86340, DAY + 86400 + 600, DAY + 90000 - 1):  # 23:59, then 00:10 and 00:59:59 the next day
+        late = await store.reserve(ask([slot], prompt=100, max_c=100, min_c=16, now=at, rid="late"))
+        assert not late.ok and late.reason == "tokens" and late.failed == 0
+        assert late.reset_at == DAY + 90000  # the 00:00 bucket leaves the window at 01:00 the next day
+    fresh = await store.reserve(ask([slot], prompt=100, max_c=100, now=DAY + 90000, rid="fresh"))
+    assert fresh.ok and fresh.completion == 100
+    used = await store.settle(fresh.member, ("roll",), fresh.tokens, fresh.usd, 150, 0.0, 0, now=DAY + 90000,
+                              slots=(slot,))
+    assert used[0].tokens == 150  # the old bucket is gone; only the new use counts
+    assert (await counters(store, "roll"))[1:] == (0, 0)
+
+
+async def test_a_rolling_window_sums_every_live_bucket(store):
+    slot = Slot("sum", "sum", tokens=1000, bucket_s=HOUR, buckets=24)
+    for h in range(0, 30, 3):  # 300 tokens every three hours
+        g = await store.reserve(ask([slot], prompt=300, max_c=0, min_c=0, now=DAY + h * HOUR, rid=f"r{h}"))
+        if not g.ok:
+            assert h == 9 and g.reset_at == DAY + 25 * HOUR
+            break
+        await store.settle(g.member, ("sum",), g.tokens, g.usd, 300, 0.0, 0, now=DAY + h * HOUR, slots=(slot,))
+    else:
+        raise AssertionError("the fourth 300-token use within a day should not fit 1000")
+    g = await store.reserve(ask([slot], prompt=300, max_c=0, min_c=0, now=DAY + 25 * HOUR, rid="again"))
+    assert g.ok  # 00:00 bucket gone: 600 used in the window, 300 more fits

@@ -68,10 +68,14 @@ def test_slots_windows_and_refusals():
     ]})
     attrs = attribution("anonymous", {"x-kvroute-agent": "bot"}, "s1")
     slots = slots_for(cfg.budgets, attrs, 86400 * 3 + 5, cfg.session_ttl_s)
-    assert [s.key for _, s in slots] == ["session-default:anonymous/s1", "agent-day:anonymous/bot:3"]
+    assert [s.key for _, s in slots] == ["session-default:anonymous/s1", "agent-day:anonymous/bot:86400/24"]
+    assert (slots[1][1].bucket_s, slots[1][1].buckets) == (3600.0, 24) and not slots[0][1].rolling
+    # without the store's word: the latest the current usage can be remembered (window + one bucket)
     message, retry = refusal(slots[1][0], "usd", 86400 * 3 + 5)
-    assert "agent-day" in message and "2026-" not in message and "resets at 1970-01-05T00:00:00Z" in message
-    assert retry == 86400 - 5
+    assert "agent-day" in message and "last 24 hours" in message and "frees up at 1970-01-05T01:00:00Z" in message
+    assert retry == 86400 + 3600 - 5
+    message, retry = refusal(slots[1][0], "usd", 86400 * 3 + 5, frees_at=86400 * 3 + 7200)
+    assert "frees up at 1970-01-04T02:00:00Z" in message and retry == 7200 - 5
     assert Rates.of(Price(input_per_m=2, cached_input_per_m=1, output_per_m=8)).cost(1000, 400, 100) == \
         pytest.approx((600 * 2 + 400 * 1 + 100 * 8) / 1e6)
 
