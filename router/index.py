@@ -33,6 +33,22 @@ def longest_prefixes(keys: Sequence[int], workers: Iterable[str],
     return result
 
 
+def discard_holder(holders: dict[int, set[str]], key: int, worker: str) -> None:
+    """``worker`` no longer holds ``key``; forget the key when nobody does."""
+    held = holders.get(key)
+    if held is not None:
+        held.discard(worker)
+        if not held:
+            del holders[key]
+
+
+def evict_oldest(lru: OrderedDict, capacity: int, holders: dict[int, set[str]], worker: str) -> None:
+    """Trim ``worker``'s LRU of block keys to ``capacity``, oldest first."""
+    while len(lru) > capacity:
+        old, _ = lru.popitem(last=False)
+        discard_holder(holders, old, worker)
+
+
 class PrefixIndex:
     def __init__(self, capacity_blocks: int):
         if capacity_blocks <= 0:
@@ -77,10 +93,7 @@ class PrefixIndex:
         lru = self._lru.get(worker)
         if lru is None:
             return
-        capacity = self.capacity_of(worker)
-        while len(lru) > capacity:
-            old, _ = lru.popitem(last=False)
-            self._discard(old, worker)
+        evict_oldest(lru, self.capacity_of(worker), self._holders, worker)
 
     def remove(self, worker: str, keys: Iterable[int]) -> None:
         lru = self._lru.get(worker)
@@ -102,8 +115,4 @@ class PrefixIndex:
             self.drop_worker(w)
 
     def _discard(self, key: int, worker: str) -> None:
-        holders = self._holders.get(key)
-        if holders is not None:
-            holders.discard(worker)
-            if not holders:
-                del self._holders[key]
+        discard_holder(self._holders, key, worker)

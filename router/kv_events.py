@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from router.config import KvEventsConfig
-from router.index import longest_prefixes
+from router.index import discard_holder, evict_oldest, longest_prefixes
 from router.prefix import chain_keys
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,7 @@ class ExactIndex:
             conf.move_to_end(key)
             spec.pop(key, None)
             self._holders.setdefault(key, set()).add(worker)
-        while len(conf) > self.capacity_blocks:
-            old, _ = conf.popitem(last=False)
-            self._discard(old, worker)
+        evict_oldest(conf, self.capacity_blocks, self._holders, worker)
 
     def removed(self, worker: str, keys: Iterable[int]) -> None:
         conf = self._confirmed.get(worker)
@@ -151,11 +149,7 @@ class ExactIndex:
                 self._discard(key, worker)
 
     def _discard(self, key: int, worker: str) -> None:
-        holders = self._holders.get(key)
-        if holders is not None:
-            holders.discard(worker)
-            if not holders:
-                del self._holders[key]
+        discard_holder(self._holders, key, worker)
 
 
 class EventCounter:
