@@ -40,6 +40,10 @@ from router.prefix import chain_keys
 log = logging.getLogger(__name__)
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+# A sequence number that goes back this far (or to nearly 0) means the worker restarted;
+# a smaller step back is a batch we already applied from the replay buffer.
+RESTART_SEQ = 16
+RESTART_DISTANCE = 1000
 
 
 class ExactIndex:
@@ -175,11 +179,19 @@ class WorkerEvents:
         self._ours.clear()
 
     def check_seq(self, seq: int) -> str:
-        """'ok', 'gap' (events were lost) or 'restart' (sequence went backwards)."""
-        last, self.last_seq = self.last_seq, seq
+        """'ok', 'gap' (events were lost), 'duplicate' (a batch seen already, e.g. queued
+        while a replay applied it) or 'restart' (the worker's sequence began again)."""
+        last = self.last_seq
         if last is None or seq == last + 1:
+            self.last_seq = seq
             return "ok"
-        return "restart" if seq <= last else "gap"
+        if seq > last:
+            self.last_seq = seq
+            return "gap"
+        if seq < RESTART_SEQ or seq < last - RESTART_DISTANCE:
+            self.last_seq = seq
+            return "restart"
+        return "duplicate"
 
     def apply_payload(self, payload: bytes) -> None:
         try:
@@ -298,6 +310,8 @@ async def subscribe(ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: st
             replayed_until = -1
             last = events.last_seq
             state = events.check_seq(seq)
+            if state == "duplicate":
+                continue
             if state == "restart":
                 log.warning("kv events: %s restarted (seq %s after %s); dropping its entries",
                             events.worker, seq, last)
@@ -307,7 +321,9 @@ async def subscribe(ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: st
                 if replay_endpoint is not None:
                     events.last_seq = last
                     if await replay(ctx, replay_endpoint, last + 1, events) and events.last_seq >= seq:
-                        continue  # repaired; the replay included this batch
+                        # Repaired. Batches the replay applied may still be queued here: skip them.
+                        replayed_until = events.last_seq
+                        continue
                 log.warning("kv events: lost events from %s (seq %s after %s); rebuilding",
                             events.worker, seq, last)
                 events.reset()

@@ -93,7 +93,10 @@ def test_unresolvable_parent_and_garbage_are_counted_and_skipped(setup):
 
 def test_sequence_numbers_detect_gaps_and_restarts(setup):
     _, ev, _, _ = setup
-    assert [ev.check_seq(s) for s in (5, 6, 7, 9, 10, 2)] == ["ok", "ok", "ok", "gap", "ok", "restart"]
+    assert [ev.check_seq(s) for s in (105, 106, 107, 109, 110, 108, 111, 2)] == \
+        ["ok", "ok", "ok", "gap", "ok", "duplicate", "ok", "restart"]
+    ev.check_seq(5000)
+    assert [ev.check_seq(s) for s in (4990, 3000)] == ["duplicate", "restart"]
 
 
 def test_confirmed_entries_have_a_safety_cap():
