@@ -86,6 +86,38 @@ def _warm_up(base: str, model: str) -> None:
     asyncio.run(go())
 
 
+def parse_router_state(health: dict, metrics_text: str) -> dict:
+    """What a kvroute replica reports about itself: its routing mode and KV events seen."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    modes = sorted({m.get("mode") for m in health.get("models", {}).values() if isinstance(m, dict)} - {None})
+    events: dict[str, float] = {}
+    gaps = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "kvroute_kv_events_total":
+                kind = s.labels.get("type", "?")
+                events[kind] = events.get(kind, 0.0) + s.value
+            elif s.name == "kvroute_kv_event_gaps_total":
+                gaps += s.value
+    return {"mode": ",".join(modes), "kv_events": {k: int(v) for k, v in sorted(events.items())}, "gaps": int(gaps)}
+
+
+def router_state(url: str) -> dict | None:
+    """``parse_router_state`` of a running kvroute replica; None if it does not answer."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+            health = json.loads(resp.read())
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    return parse_router_state(health, text)
+
+
 def replica_ports(base_port: int, i: int, n_routers: int, rspec: RouterSpec) -> list[int]:
     """Router ``i`` of ``n_routers`` listens on ``base_port + i``; replica r on ``+ r * n_routers``."""
     kinds = 1 if rspec.kind != "kvroute" else rspec.replicas
@@ -143,6 +175,9 @@ def compare_routers(
             time.sleep(settle_s)  # let the last counters land in /metrics
             after = asyncio.run(_snapshot(fleet.urls))
             run = to_router_run(name, results, elapsed, before, after)
+            if rspec.kind == "kvroute":
+                states = [router_state(p.url) for p in procs]
+                run.extra["router_state"] = states[0] if len(states) == 1 else states
         except Exception as exc:  # one broken router must not sink the comparison
             log.error("router %s failed: %s", name, exc)
             run = RouterRun(router=name, errors=len(records), extra={"failure": str(exc)[:500]})
