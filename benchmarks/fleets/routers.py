@@ -36,6 +36,8 @@ CLIENT_SIDE = ("oracle", "direct")
 MODEL_OPTIONS = ("kv_capacity_blocks",)
 ROUTER_OPTIONS = ("kv_events", "replicas")  # how the benchmark runs kvroute, not the policy
 
+KVROUTE_SERVE = [sys.executable, "-m", "router.cli", "--log-level", "WARNING", "serve"]
+
 
 @dataclass(frozen=True)
 class RouterSpec:
@@ -148,24 +150,10 @@ def router_command(
         path = config_dir / f"kvroute-{port}.yaml"
         cfg = {"models": [model_cfg], "server": {"host": "127.0.0.1", "port": port}}
         path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
-        return [
-            sys.executable,
-            "-m",
-            "router.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(path),
-        ]
+        return [*KVROUTE_SERVE, "--config", str(path)]
     if spec.kind == "kvroute":
         cmd = [
-            sys.executable,
-            "-m",
-            "router.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
+            *KVROUTE_SERVE,
             "--model",
             model,
             "--policy",
