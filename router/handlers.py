@@ -91,7 +91,7 @@ def _pool_health(route) -> dict:
         "healthy_workers": len(route.pool.healthy()),
         "index_entries": len(route.index),
         "workers": [
-            {"url": w.url, "healthy": w.healthy, "in_flight": w.in_flight_requests,
+            {"url": w.url, "healthy": w.healthy, "last_error": w.last_error, "in_flight": w.in_flight_requests,
              "index_blocks": route.index.blocks_of(w.url)}
             for w in route.pool.all()
         ],

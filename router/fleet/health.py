@@ -43,15 +43,12 @@ class HealthChecker:
 
     def eject(self, worker: Worker, reason: str) -> None:
         """Passive ejection from the request path (connect error, reset before first byte)."""
-        worker.consecutive_failures += 1
         self.set_state(worker, False, reason)
 
     async def check_all(self, session: aiohttp.ClientSession, workers: Iterable[Worker], timeout_s: float) -> None:
         workers = list(workers)
         results = await asyncio.gather(*(probe(session, w, timeout_s) for w in workers))
         for worker, ok in zip(workers, results):
-            if ok:
-                worker.consecutive_failures = 0
             self.set_state(worker, ok, None if ok else "health check failed")
 
     async def run(self, session: aiohttp.ClientSession, workers_fn: Callable[[], Iterable[Worker]],

@@ -79,8 +79,6 @@ def apply_stats(worker: Worker, stats: VllmStats) -> None:
     worker.kv_usage = stats.kv_usage
     if stats.block_size:
         worker.block_size = stats.block_size
-    if stats.num_gpu_blocks:
-        worker.extra["num_gpu_blocks"] = stats.num_gpu_blocks
 
 
 OnStats = Callable[[Worker, VllmStats], None]

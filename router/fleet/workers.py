@@ -8,7 +8,7 @@ scraper. Policies only read them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -25,9 +25,7 @@ class Worker:
     vllm_waiting: int = 0
     kv_usage: float = 0.0
     block_size: int | None = None
-    consecutive_failures: int = 0
     last_error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def queue_depth(self) -> int:
