@@ -157,7 +157,7 @@ def load_gsm8k_answers(model: str = ROUTELLM_WEAK) -> list[AnswerRecord]:
             if _norm(row["prompt"]) in bad:
                 continue
             out.append(AnswerRecord(row["prompt"], row[f"{model}_response"], int(_truthy(row[model])),
-                                    assign_split("gsm8k", "gsm8k", row["prompt"])))
+                                    assign_split("gsm8k", row["prompt"])))
     return out
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, SPLITS, load, select, write_jsonl
+from classifier.head import HEAD_KINDS
 
 ALL_SPLITS = ("all", *SPLITS)
 
@@ -53,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = EncoderConfig(n_layers=args.n_layers, max_tokens=args.max_tokens,
                                quantize=args.quantize)
         scorer = train_frozen(recs, args.strong, args.weak, config, args.head, args.l2,
-                              args.margin, Encoder(config, cache_dir=args.cache), args.data)
+                              args.margin, Encoder(config, cache_dir=args.cache), args.data,
+                              args.task_balance)
     else:
         scorer = finetune(recs, args.strong, args.weak, args.out, epochs=args.epochs,
                           max_tokens=args.max_tokens, lr=args.lr, margin=args.margin,
@@ -209,7 +211,9 @@ def parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train a model and calibrate it on the calib split")
     sp.add_argument("--out", required=True)
     sp.add_argument("--variant", choices=("frozen", "finetuned"), default="frozen")
-    sp.add_argument("--head", choices=("gain", "logreg", "mlp"), default="gain")
+    sp.add_argument("--head", choices=HEAD_KINDS, default="gain_knn")
+    sp.add_argument("--task-balance", type=float, default=0.5,
+                    help="0: rows weigh equally; 1: every task weighs the same in total")
     sp.add_argument("--l2", type=float, default=None, help="penalty (default per head)")
     sp.add_argument("--n-layers", type=int, default=0,
                     help="MiniLM transformer layers to run (0: embedding layer only; max 6)")

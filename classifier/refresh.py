@@ -64,7 +64,7 @@ def consider(root: str | Path, candidate: FrozenScorer, heldout: list[Record], s
 
 def refresh(root: str | Path, new: list[Record], strong: str, weak: str,
             base: list[Record] | None = None, heldout: list[Record] | None = None,
-            strong_share: float = 0.3, min_gain: float = 0.0, head_kind: str = "gain",
+            strong_share: float = 0.3, min_gain: float = 0.0, head_kind: str = "gain_knn",
             config: EncoderConfig | None = None, cache_dir: str | None = None) -> dict:
     """Train a frozen-encoder candidate on ``base + new`` training splits and consider it.
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from classifier.data import (
-    MMLU_HELDOUT_SUBJECTS,
     ROUTELLM_STRONG,
     ROUTELLM_WEAK,
     Record,
@@ -62,13 +61,13 @@ def test_routellm_counts_splits_and_decontamination(shared_data: Path) -> None:
         with (shared_data / "routellm" / task / "contaminated_prompts.jsonl").open() as fh:
             bad |= {" ".join(json.loads(line)["eval_prompt"].split()) for line in fh}
     assert not any(" ".join(r.prompt.split()) in bad for r in recs)
-    for r in recs:
-        if r.task == "mmlu":
-            assert (r.split == "heldout") == (r.group in MMLU_HELDOUT_SUBJECTS)
-        if r.task == "mt_bench":
-            assert r.split == "heldout"
-    gsm = [r for r in recs if r.task == "gsm8k"]
-    assert 0.2 < sum(r.split == "heldout" for r in gsm) / len(gsm) < 0.4
+    assert all(r.split == "heldout" for r in recs if r.task == "mt_bench")
+    for task in ("mmlu", "gsm8k"):
+        rows = [r for r in recs if r.task == task]
+        assert 0.27 < sum(r.split == "heldout" for r in rows) / len(rows) < 0.33
+        # a seeded split by prompt: every subject is represented on both sides
+        held_groups = {r.group for r in rows if r.split == "heldout"}
+        assert held_groups == {r.group for r in rows if r.split != "heldout"}
 
 
 def test_training_never_sees_heldout(shared_data: Path) -> None:
@@ -80,9 +79,9 @@ def test_training_never_sees_heldout(shared_data: Path) -> None:
 
 
 def test_split_is_a_fixed_function_of_the_prompt() -> None:
-    assert assign_split("gsm8k", "", "x + 1 = 2") == assign_split("gsm8k", "", "x + 1 = 2")
-    assert assign_split("mmlu", "anatomy", "anything") == "heldout"
-    assert assign_split("mt_bench", "writing", "anything") == "heldout"
+    assert assign_split("gsm8k", "x + 1 = 2") == assign_split("gsm8k", "x + 1 = 2")
+    assert assign_split("mmlu", "x + 1 = 2") == assign_split("gsm8k", "x + 1 = 2")
+    assert assign_split("mt_bench", "anything") == "heldout"
 
 
 def test_load_jsonl_reports_bad_lines(tmp_path: Path) -> None:
