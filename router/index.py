@@ -13,24 +13,33 @@ Everything runs on the event loop, so no locking is needed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 
-def longest_prefixes(keys: Sequence[int], workers: Iterable[str],
+def longest_prefixes(keys: Sequence[int], workers: Container[str],
                      holders: Callable[[int], Iterable[str] | None]) -> dict[str, int]:
-    """Longest run of leading ``keys`` held by each worker, given who holds each key."""
-    result = {w: 0 for w in workers}
-    alive = set(result)
+    """Longest run of leading ``keys`` held by each of ``workers``, given who holds each key.
+
+    Workers that do not hold even the first key are left out, so the cost is the matched
+    blocks times their holders, whatever the size of the fleet.
+    """
+    result: dict[str, int] = {}
+    alive: set[str] | None = None
     for depth, key in enumerate(keys):
         held = holders(key)
         if not held:
             break
-        alive &= set(held)
+        alive = {w for w in held if w in workers} if alive is None else alive.intersection(held)
         if not alive:
             break
         for w in alive:
             result[w] = depth + 1
     return result
+
+
+def match_all(found: dict[str, int], workers: Iterable[str]) -> dict[str, int]:
+    """``found`` filled in with 0 for every worker in ``workers`` it leaves out."""
+    return {w: found.get(w, 0) for w in workers}
 
 
 def discard_holder(holders: dict[int, set[str]], key: int, worker: str) -> None:
@@ -76,7 +85,18 @@ class PrefixIndex:
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``keys`` on each of ``workers``."""
+        workers = list(workers)
+        return match_all(self.holders(keys, set(workers)), workers)
+
+    def holders(self, keys: Sequence[int], workers: Container[str]) -> dict[str, int]:
+        """Like ``match``, but only the workers of ``workers`` holding at least one block."""
         return longest_prefixes(keys, workers, self._holders.get)
+
+    def total_blocks(self) -> int:
+        return sum(map(len, self._lru.values()))
+
+    def settle(self, worker: str, keys: Sequence[int]) -> None:
+        """A request is done; speculative entries here last until evicted, so nothing to do."""
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Record that ``worker`` holds ``keys`` (most recently used)."""

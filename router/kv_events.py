@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from router.config import KvEventsConfig
-from router.index import discard_holder, evict_oldest, longest_prefixes
+from router.index import discard_holder, evict_oldest, longest_prefixes, match_all
 from router.prefix import chain_keys
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,19 @@ class ExactIndex:
     """Block key -> workers, confirmed by events, plus short-lived speculative entries.
 
     Speculative entries cover requests in flight, whose blocks vLLM has not reported yet;
-    they expire after ``speculative_ttl_s`` unless an event confirms them. Confirmed
+    they last while the request is in flight (at most ``in_flight_ttl_s``, since a slow
+    worker may queue a request for seconds before it computes a block) and expire
+    ``speculative_ttl_s`` after it completes unless an event confirms them. Confirmed
     entries mirror the worker's cache, so they are bounded by its real size; a safety cap
     per worker (``capacity_blocks``) bounds memory even if removals were missed.
     Everything runs on the event loop, so no locking is needed.
     """
 
     def __init__(self, capacity_blocks: int, speculative_ttl_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, in_flight_ttl_s: float = 120.0):
         self.capacity_blocks = capacity_blocks
         self.ttl = speculative_ttl_s
+        self.in_flight_ttl = max(in_flight_ttl_s, speculative_ttl_s)
         self.clock = clock
         self._confirmed: dict[str, OrderedDict[int, None]] = {}
         self._speculative: dict[str, OrderedDict[int, float]] = {}
@@ -80,15 +83,22 @@ class ExactIndex:
         pass  # the worker's own evictions bound it; see capacity_blocks for the safety cap
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
+        workers = list(workers)
+        return match_all(self.holders(keys, set(workers)), workers)
+
+    def holders(self, keys: Sequence[int], workers: Container[str]) -> dict[str, int]:
         now = self.clock()
         return longest_prefixes(
             keys, workers, lambda key: [w for w in self._holders.get(key, ()) if self._holds(w, key, now)])
+
+    def total_blocks(self) -> int:
+        return sum(map(len, self._confirmed.values()))
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Speculative: a request with these blocks was just sent to ``worker``."""
         confirmed = self._confirmed.get(worker, {})
         spec = self._speculative.setdefault(worker, OrderedDict())
-        expiry = self.clock() + self.ttl
+        expiry = self.clock() + self.in_flight_ttl
         for key in keys:
             if key in confirmed:
                 continue
@@ -96,6 +106,16 @@ class ExactIndex:
             spec.move_to_end(key)
             self._holders.setdefault(key, set()).add(worker)
         self._expire(worker)
+
+    def settle(self, worker: str, keys: Sequence[int]) -> None:
+        """The request that sent ``keys`` to ``worker`` is done: unconfirmed ones expire soon."""
+        spec = self._speculative.get(worker)
+        if not spec:
+            return
+        expiry = self.clock() + self.ttl
+        for key in keys:
+            if key in spec:
+                spec[key] = min(spec[key], expiry)
 
     def drop_worker(self, worker: str) -> None:
         for key in list(self._confirmed.pop(worker, ())) + list(self._speculative.pop(worker, ())):

@@ -66,7 +66,8 @@ class Policy:
         self.deps.index.insert(worker.url, ctx.block_keys)
 
     def on_complete(self, worker: Worker, ctx: RequestContext, ok: bool) -> None:
-        pass
+        """The request is done: the index may now start to expire its unconfirmed blocks."""
+        self.deps.index.settle(worker.url, ctx.block_keys)
 
     def on_workers_changed(self, workers: Sequence[Worker]) -> None:
         self.deps.index.retain_workers(w.url for w in workers)

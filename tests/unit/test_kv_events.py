@@ -73,8 +73,15 @@ def test_speculative_entries_expire_unless_confirmed(setup):
     index.insert("w1", a)
     index.insert("w1", b)
     ev.apply_payload(batch(stored([7, 8], list(range(8)))))  # confirms a only
+    clock.now += 60  # still in flight (queued on a slow worker): b is kept
+    assert index.match(b, ["w1"]) == {"w1": 2}
+    index.settle("w1", a)
+    index.settle("w1", b)  # done, yet vLLM never reported b: it goes after the TTL
     clock.now += 6
     assert index.match(a, ["w1"]) == {"w1": 2}
+    assert index.match(b, ["w1"]) == {"w1": 0}
+    index.insert("w1", b)  # never settled (a lost completion): gone after in_flight_ttl_s
+    clock.now += index.in_flight_ttl + 1
     assert index.match(b, ["w1"]) == {"w1": 0}
 
 

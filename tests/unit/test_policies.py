@@ -1,6 +1,7 @@
 """Policies as pure functions: workers and a context in, a choice out."""
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_prefix_weighs_cached_tokens_against_load():
     p.on_dispatch(ws[0], c)
     ws[0].in_flight_tokens = 300  # busy, but recomputing 2000 tokens elsewhere costs more
     assert p.select(ws, c) is ws[0]
-    ws[0].in_flight_tokens = 10_000  # now the wait (weighted 0.25) outweighs the cache
+    ws[0].in_flight_tokens = 30_000  # now the wait (weighted 0.1) outweighs the cache
     assert p.select(ws, c) is ws[1]
 
 
@@ -164,3 +165,38 @@ def test_prefix_avoids_workers_whose_kv_cache_is_saturated():
     for w in ws:
         w.kv_usage = 0.97 if w is not ws[2] else 0.1
     assert p.select(ws, fresh) is ws[2]  # a new prefix goes where it evicts nothing hot
+
+
+def test_prefix_copies_a_hot_prefix_in_proportion_to_its_traffic():
+    p, ws = make("prefix", {"hot_window": 40}), workers(4)
+    hot = ctx(list(range(512)))
+    picks: Counter[str] = Counter()
+    for n in range(200):  # 60% of the traffic on one prefix, 40% on eight cold ones
+        c = hot if n % 5 < 3 else ctx([1000 + n % 8] * 512)
+        w = p.select(ws, c)
+        p.on_dispatch(w, c)
+        if n >= 100:
+            picks[w.url] += 1
+    holders = p.deps.index.match(hot.block_keys, [w.url for w in ws])
+    assert sum(1 for m in holders.values() if m) == 3  # ceil(0.6 x 4 workers)
+    assert max(picks.values()) <= 1.3 * 100 / 4  # the busiest worker stays near its fair share
+
+
+def test_prefix_keeps_a_chat_session_on_its_holder_while_others_are_idle():
+    p, ws = make("prefix"), workers(4)
+    session = ctx(list(range(1024)))
+    holder = p.select(ws, session)
+    p.on_dispatch(holder, session)
+    holder.in_flight_requests, holder.in_flight_tokens = 4, 4000
+    assert p.select(ws, session) is holder  # recomputing 1024 tokens costs more than waiting
+
+
+def test_prefix_sees_every_holder_in_a_fleet_larger_than_its_sample():
+    p, ws = make("prefix", {"sample": 4}), workers(64)
+    for n in range(32):
+        c = ctx([n] * 256)
+        holder = ws[(n * 7) % 64]
+        p.on_dispatch(holder, c)
+        assert p.select(ws, c) is holder
+    new = p.select(ws, ctx([999] * 256))  # a miss still follows the ring over all workers
+    assert new is make("prefix", {"sample": 4}).select(ws, ctx([999] * 256))
