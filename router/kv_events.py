@@ -74,7 +74,9 @@ class ExactIndex:
         return sum(len(c) for c in self._confirmed.values()) + sum(len(s) for s in self._speculative.values())
 
     def blocks_of(self, worker: str) -> int:
-        return len(self._confirmed.get(worker, ()))
+        # in-flight blocks count too: placement must see a prefix it just sent, long
+        # before vLLM reports it (else new prefixes pile onto one worker meanwhile)
+        return len(self._confirmed.get(worker, ())) + len(self._speculative.get(worker, ()))
 
     def capacity_of(self, worker: str) -> int:
         return self.capacity_blocks
@@ -92,7 +94,7 @@ class ExactIndex:
             keys, workers, lambda key: [w for w in self._holders.get(key, ()) if self._holds(w, key, now)])
 
     def total_blocks(self) -> int:
-        return sum(map(len, self._confirmed.values()))
+        return sum(map(len, self._confirmed.values())) + sum(map(len, self._speculative.values()))
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Speculative: a request with these blocks was just sent to ``worker``."""

@@ -141,3 +141,12 @@ def test_event_benchmark_applies_every_event_and_writes_its_report(tmp_path):
     result = __import__("json").loads((tmp_path / "kv_events_bench.json").read_text())
     assert result["events"] == 2000 and result["blocks_held"] <= 256 + 16
     assert "events/s per core" in (tmp_path / "kv_events_bench.md").read_text()
+
+
+def test_occupancy_counts_blocks_in_flight_once(setup):
+    index, ev, _, _ = setup
+    keys = chain_keys(list(range(8)), 4)
+    index.insert("w1", keys)  # sent, not yet reported: placement must already see it
+    assert index.blocks_of("w1") == 2 and index.total_blocks() == 2
+    ev.apply_payload(batch(stored([7, 8], list(range(8)))))
+    assert index.blocks_of("w1") == 2 and index.total_blocks() == 2
