@@ -11,7 +11,9 @@ Algorithm, per request:
 3. Hot prefixes are replicated in proportion to their traffic. The router counts the
    route keys (first blocks) of its last ``hot_window`` requests; a prefix with share s
    of them is served by ``ceil(s * n * hot_replicas)`` workers. When that is 2 or more,
-   the request goes to the holder that served the fewest recent requests, or, while the
+   and no holder has more of the prompt than the others (as a holder of a chat's or an
+   agent's history behind a shared system prompt would), the request goes to the holder
+   that served the fewest recent requests, or, while the
    prefix has fewer holders than it should, to the eligible worker that served the
    fewest (which makes a new copy). One hot system prompt thus spreads evenly over a
    few workers instead of piling onto one or being copied everywhere.
@@ -134,8 +136,10 @@ class PrefixPolicy(Policy):
     def spread_hot(self, key: int | None, n: int, holders: list[Worker],
                    others: list[Worker]) -> Worker | None:
         """For a hot prefix: its least-used holder, or a new copy while it has too few."""
+        if key is None:
+            return None
         want = math.ceil(self._key_count[key] / self.hot_window * n * self.hot_replicas)
-        if key is None or want < 2:
+        if want < 2:
             return None
         pool = holders if len(holders) >= want or not others else others
         if not pool:
@@ -175,7 +179,9 @@ class PrefixPolicy(Policy):
         key = route_key(ctx)
         holders = [by_url[u] for u in matched]
         others = [w for w in sample if w.url not in matched and eligible(w)]
-        hot = self.spread_hot(key, len(workers), holders, others) if matched else None
+        # only while no holder has more of this prompt than the others (a chat history)
+        spreadable = matched and len(set(matched.values())) == 1
+        hot = self.spread_hot(key, len(workers), holders, others) if spreadable else None
         if hot is not None:
             return hot
         if not matched and key is not None:

@@ -182,6 +182,19 @@ def test_prefix_copies_a_hot_prefix_in_proportion_to_its_traffic():
     assert max(picks.values()) <= 1.3 * 100 / 4  # the busiest worker stays near its fair share
 
 
+def test_prefix_keeps_an_agent_on_its_history_when_its_shared_schema_is_hot():
+    p, ws = make("prefix", {"hot_window": 20}), workers(4)
+    schema = list(range(1024))
+    agents = [ctx(schema + [5000 + a] * 64) for a in range(20)]
+    homes = {}
+    for a, c in enumerate(agents):  # every request starts with the same hot schema
+        homes[a] = p.select(ws, c)
+        p.on_dispatch(homes[a], c)
+    assert len({w.url for w in homes.values()}) > 1  # the hot schema was copied
+    for a in range(len(agents)):  # each agent's next step goes where its history is
+        assert p.select(ws, ctx(schema + [5000 + a] * 64 + [7] * 32)) is homes[a]
+
+
 def test_prefix_keeps_a_chat_session_on_its_holder_while_others_are_idle():
     p, ws = make("prefix"), workers(4)
     session = ctx(list(range(1024)))
