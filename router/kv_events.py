@@ -66,6 +66,9 @@ class ExactIndex:
         self.clock = clock
         self._confirmed: dict[str, OrderedDict[int, None]] = {}
         self._speculative: dict[str, OrderedDict[int, float]] = {}
+        # settled entries in settle order (so by expiry), which _expire trims from the
+        # front: they would otherwise wait behind an older request still in flight
+        self._settled: dict[str, OrderedDict[int, float]] = {}
         self._holders: dict[int, set[str]] = {}
 
     # -- the PrefixIndex interface the policies use --------------------------------------
@@ -76,6 +79,7 @@ class ExactIndex:
     def blocks_of(self, worker: str) -> int:
         # in-flight blocks count too: placement must see a prefix it just sent, long
         # before vLLM reports it (else new prefixes pile onto one worker meanwhile)
+        self._expire(worker)
         return len(self._confirmed.get(worker, ())) + len(self._speculative.get(worker, ()))
 
     def capacity_of(self, worker: str) -> int:
@@ -94,7 +98,7 @@ class ExactIndex:
             keys, workers, lambda key: [w for w in self._holders.get(key, ()) if self._holds(w, key, now)])
 
     def total_blocks(self) -> int:
-        return sum(map(len, self._confirmed.values())) + sum(map(len, self._speculative.values()))
+        return sum(self.blocks_of(w) for w in set(self._confirmed) | set(self._speculative))
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Speculative: a request with these blocks was just sent to ``worker``."""
@@ -115,11 +119,14 @@ class ExactIndex:
         if not spec:
             return
         expiry = self.clock() + self.ttl
+        settled = self._settled.setdefault(worker, OrderedDict())
         for key in keys:
-            if key in spec:
-                spec[key] = min(spec[key], expiry)
+            if key in spec and expiry < spec[key]:
+                spec[key] = settled[key] = expiry
+                settled.move_to_end(key)
 
     def drop_worker(self, worker: str) -> None:
+        self._settled.pop(worker, None)
         for key in list(self._confirmed.pop(worker, ())) + list(self._speculative.pop(worker, ())):
             self._discard(key, worker)
 
@@ -161,11 +168,19 @@ class ExactIndex:
         return expiry is not None and expiry > now
 
     def _expire(self, worker: str) -> None:
-        spec = self._speculative.get(worker)
-        if not spec:
-            return
         now = self.clock()
+        spec = self._speculative.get(worker, {})
         conf = self._confirmed.get(worker, {})
+        settled = self._settled.get(worker, {})
+        while settled:
+            key, expiry = next(iter(settled.items()))
+            if expiry > now:
+                break
+            settled.popitem(last=False)
+            if spec.get(key) == expiry:  # not confirmed or sent again since
+                del spec[key]
+                if key not in conf:
+                    self._discard(key, worker)
         while spec:
             key, expiry = next(iter(spec.items()))
             if expiry > now and len(spec) <= self.capacity_blocks:

@@ -150,3 +150,17 @@ def test_occupancy_counts_blocks_in_flight_once(setup):
     assert index.blocks_of("w1") == 2 and index.total_blocks() == 2
     ev.apply_payload(batch(stored([7, 8], list(range(8)))))
     assert index.blocks_of("w1") == 2 and index.total_blocks() == 2
+
+
+def test_a_settled_block_expires_even_behind_an_older_request_still_in_flight(setup):
+    index, _, clock, _ = setup
+    slow, quick = chain_keys(list(range(8)), 4), chain_keys(list(range(100, 108)), 4)
+    index.insert("w1", slow)  # a long generation, still running
+    index.insert("w1", quick)
+    index.settle("w1", quick)  # done, and vLLM never reported its blocks
+    clock.now += 6
+    assert index.blocks_of("w1") == 2  # only the running request's blocks are counted
+    assert index.match(quick, ["w1"]) == {"w1": 0} and index.match(slow, ["w1"]) == {"w1": 2}
+    index.insert("w1", quick)  # sent again: in flight again, whatever was settled before
+    clock.now += 6
+    assert index.match(quick, ["w1"]) == {"w1": 2} and index.blocks_of("w1") == 4
