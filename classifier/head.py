@@ -129,10 +129,9 @@ def fit_gain(x: np.ndarray, gain: np.ndarray, y: np.ndarray, l2: float = 0.1,
 
 def fit_gain_knn(x: np.ndarray, gain: np.ndarray, y: np.ndarray, l2: float = 0.3,
                  weight: np.ndarray | None = None, dim: int = 384, k: int = KNN_K,
-                 temp: float = KNN_TEMP, mix: float = 1.0) -> Head:
+                 temp: float = KNN_TEMP) -> Head:
     """``fit_gain`` plus the neighbour term; both z-scored, summed, then Platt-scaled.
 
-    ``mix`` weighs the neighbour term against the linear one.
     ``dim``: the leading columns of ``x`` that are the normalised sentence embedding.
     """
     mean, std, w, pred = _ridge(x, gain, l2, weight)
@@ -141,12 +140,12 @@ def fit_gain_knn(x: np.ndarray, gain: np.ndarray, y: np.ndarray, l2: float = 0.3
     near = neighbour_gain(bank, bank, g, k, temp, skip_self=True)
     pm, ps = pred.mean(), pred.std() + 1e-12
     nm, ns = near.mean(), near.std() + 1e-12
-    a, c = _platt((pred - pm) / ps + mix * (near - nm) / ns, np.asarray(y, dtype=np.float64))
-    # a * (z_linear + mix * z_neighbours) + c, folded into the stored linear layer
-    b1 = c - a * pm / ps - a * mix * nm / ns
+    a, c = _platt((pred - pm) / ps + (near - nm) / ns, np.asarray(y, dtype=np.float64))
+    # a * (z_linear + z_neighbours) + c, folded into the stored linear layer
+    b1 = c - a * pm / ps - a * nm / ns
     return Head(mean.astype(np.float32), std.astype(np.float32),
                 (a / ps * w).reshape(-1, 1).astype(np.float32), np.array([b1], dtype=np.float32),
-                bank=bank, bank_gain=g, knn=np.array([k, temp, a * mix / ns], dtype=np.float64))
+                bank=bank, bank_gain=g, knn=np.array([k, temp, a / ns], dtype=np.float64))
 
 
 def _platt(z: np.ndarray, y: np.ndarray, iters: int = 50, lam: float = 1.0

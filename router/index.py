@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Sequence
+from typing import Protocol
 
 
 def longest_prefixes(keys: Sequence[int], workers: Container[str],
@@ -37,8 +38,14 @@ def longest_prefixes(keys: Sequence[int], workers: Container[str],
     return result
 
 
-def match_all(found: dict[str, int], workers: Iterable[str]) -> dict[str, int]:
-    """``found`` filled in with 0 for every worker in ``workers`` it leaves out."""
+class HoldsPrefixes(Protocol):
+    def holders(self, keys: Sequence[int], workers: Container[str]) -> dict[str, int]: ...
+
+
+def match_all(index: HoldsPrefixes, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
+    """``index.holders`` for every worker in ``workers``, 0 for those holding nothing."""
+    workers = list(workers)
+    found = index.holders(keys, set(workers))
     return {w: found.get(w, 0) for w in workers}
 
 
@@ -85,8 +92,7 @@ class PrefixIndex:
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``keys`` on each of ``workers``."""
-        workers = list(workers)
-        return match_all(self.holders(keys, set(workers)), workers)
+        return match_all(self, keys, workers)
 
     def holders(self, keys: Sequence[int], workers: Container[str]) -> dict[str, int]:
         """Like ``match``, but only the workers of ``workers`` holding at least one block."""

@@ -89,8 +89,7 @@ class ExactIndex:
         pass  # the worker's own evictions bound it; see capacity_blocks for the safety cap
 
     def match(self, keys: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
-        workers = list(workers)
-        return match_all(self.holders(keys, set(workers)), workers)
+        return match_all(self, keys, workers)
 
     def holders(self, keys: Sequence[int], workers: Container[str]) -> dict[str, int]:
         now = self.clock()
