@@ -195,6 +195,7 @@ def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
                 opts or None,
                 bar.update,
                 policy=policy,
+                exact=rspec.kv_events,
             )
             run.extra["fleet_workers"] = n
             run.extra["requests"] = sized.requests

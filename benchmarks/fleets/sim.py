@@ -8,6 +8,11 @@ does, copies ``vllm_running``/``vllm_waiting``/``kv_usage`` into the workers eve
 ``scrape_s`` seconds as the metrics scraper would, and calls ``on_complete`` when a
 request finishes. Workers are ``SimWorker`` (cache, queue and batching model).
 
+Exact mode (``exact=True``, the bench's ``prefix?kv_events=1``): the policy sees an
+``ExactIndex`` fed by the simulated workers' KV events (stored when a request's prefill
+is computed, removed on eviction) instead of the speculative index, on the simulated
+clock, as the router's subscribers would feed it.
+
 An "oracle" pins each workload group to a worker by hand (groups in order of first
 appearance, round robin over workers); it bounds what any router can reach.
 
@@ -37,6 +42,7 @@ from benchmarks.results import RouterRun, percentile
 from benchmarks.workloads import TraceRecord
 from router.fleet.workers import Worker
 from router.index import PrefixIndex
+from router.kv_events import ExactIndex
 from router.policies.base import PolicyDeps, RequestContext
 from router.policies.registry import create_policy
 
@@ -62,10 +68,13 @@ class SimConfig:
 class _Chooser:
     """The real policy, or the oracle pin; both seen through one small interface."""
 
-    def __init__(self, name: str, cfg: SimConfig, options: Mapping[str, Any] | None):
+    def __init__(self, name: str, cfg: SimConfig, options: Mapping[str, Any] | None,
+                 exact: bool = False, clock: Callable[[], float] = time.monotonic):
         self.name = name  # a kvroute policy name, or "oracle"
         cap = cfg.index_capacity_blocks or cfg.capacity_blocks
-        self.index = PrefixIndex(cap)
+        self.index: PrefixIndex | ExactIndex = PrefixIndex(cap)
+        if exact:  # the router's safety cap (kv_capacity_blocks); the events bound it
+            self.index = ExactIndex(cfg.index_capacity_blocks or 4096, clock=clock)
         self.policy = None
         if name != ORACLE:
             deps = PolicyDeps(index=self.index, rng=random.Random(cfg.seed))
@@ -92,14 +101,19 @@ class _Chooser:
             self.policy.on_complete(worker, ctx, True)
 
 
-def deep_sizeof(index: PrefixIndex) -> int:
-    """Approximate bytes held by a ``PrefixIndex`` (containers and their int keys)."""
+def deep_sizeof(index: PrefixIndex | ExactIndex) -> int:
+    """Approximate bytes held by an index (containers and their int keys)."""
     total = sys.getsizeof(index)
     holders = index._holders  # noqa: SLF001 - measuring, not using
     total += sys.getsizeof(holders)
     for key, s in holders.items():
         total += sys.getsizeof(key) + sys.getsizeof(s)
-    for lru in index._lru.values():  # noqa: SLF001
+    if isinstance(index, ExactIndex):
+        lrus = [lru for d in (index._confirmed, index._speculative, index._settled)  # noqa: SLF001
+                for lru in d.values()]
+    else:
+        lrus = list(index._lru.values())  # noqa: SLF001
+    for lru in lrus:
         total += sys.getsizeof(lru) + 48 * len(lru)  # ~one linked-list node per entry
     return total
 
@@ -121,14 +135,23 @@ def simulate(
     options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     policy: str | None = None,
+    exact: bool = False,
 ) -> RouterRun:
     """Run ``records`` through ``cfg.workers`` simulated workers.
 
     ``router`` names the run; ``policy`` (default: ``router``) is the kvroute policy used,
-    or "oracle"."""
-    chooser = _Chooser(policy or router, cfg, options)
+    or "oracle"; ``exact``: the policy's index follows the workers' KV events."""
+    now = 0.0
+    chooser = _Chooser(policy or router, cfg, options, exact, clock=lambda: now)
+    listener = None
+    if exact:
+        index = chooser.index
+
+        def listener(url: str, kind: str, keys: list[int]) -> None:
+            (index.stored if kind == "stored" else index.removed)(url, keys)
+
     sims = [
-        SimWorker(f"http://sim-{i}", cfg.capacity_blocks, cfg.block_size, cfg.timing)
+        SimWorker(f"http://sim-{i}", cfg.capacity_blocks, cfg.block_size, cfg.timing, listener)
         for i in range(cfg.workers)
     ]
     workers = [Worker(url=s.url, model=cfg.model, block_size=cfg.block_size) for s in sims]
@@ -148,7 +171,6 @@ def simulate(
     rids = itertools.count()
     pending_steps: dict[int, list] = {}
     closed = cfg.concurrency > 0
-    now = 0.0
     last_done = 0.0
 
     def push_next(at: float | None) -> bool:

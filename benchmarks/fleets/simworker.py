@@ -11,6 +11,8 @@ The model follows vLLM v1 closely enough for routing questions:
 - Hits: the longest cached prefix, capped so that at least one prompt token is computed.
   Counters mirror ``/metrics``: prefix_cache_queries/hits, prompt and generation tokens,
   running and waiting.
+- KV events (optional ``listener``): like vLLM's ``BlockStored`` at the end of the step
+  that computes a request's new blocks, and ``BlockRemoved`` when a block is evicted.
 - Each engine step decodes one token for every running request and spends the rest of a
   ``max_batched_tokens`` budget on (chunked) prefill of the oldest requests, admitting
   new ones FIFO while sequences and blocks allow. Step time = ``step_s`` +
@@ -21,8 +23,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# (url, "stored" | "removed", block keys): what a vLLM worker's KV events would say
+KvListener = Callable[[str, str, list[int]], None]
 
 
 @dataclass(frozen=True)
@@ -51,11 +57,14 @@ class SimRequest:
     first_token_at: float | None = None
     done_at: float | None = None
     shared: list[int] = field(default_factory=list)  # keyed blocks this request holds
+    new_keys: list[int] = field(default_factory=list)  # keyed blocks this request computes
 
 
 class SimWorker:
-    def __init__(self, url: str, capacity_blocks: int, block_size: int, timing: Timing):
+    def __init__(self, url: str, capacity_blocks: int, block_size: int, timing: Timing,
+                 listener: KvListener | None = None):
         self.url = url
+        self.listener = listener
         self.capacity = capacity_blocks
         self.block_size = block_size
         self.timing = timing
@@ -105,10 +114,14 @@ class SimWorker:
             else:
                 self.refs[k] = self.refs.get(k, 0) + 1
         overflow = self.used_blocks() + private - self.capacity
+        evicted = []
         while overflow > 0 and self.free:
-            self.free.popitem(last=False)
+            evicted.append(self.free.popitem(last=False)[0])
             self.evictions += 1
             overflow -= 1
+        if evicted and self.listener is not None:
+            self.listener(self.url, "removed", evicted)
+        req.new_keys = new_keyed
         self.private += private
         req.private_blocks = private
         req.shared = list(req.keys)
@@ -179,6 +192,8 @@ class SimWorker:
             r.prefill_left -= n
             if r.prefill_left == 0:
                 prefilled.add(r.rid)
+                if r.new_keys and self.listener is not None:
+                    self.listener(self.url, "stored", r.new_keys)
         done: list[SimRequest] = []
         started: list[SimRequest] = []
         keep: list[SimRequest] = []

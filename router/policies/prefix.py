@@ -19,11 +19,14 @@ Algorithm, per request:
    few workers instead of piling onto one or being copied everywhere.
 4. If no eligible worker holds even the first block (a miss), fall back to bounded-load
    consistent hashing on the first block, so that router replicas with the same config
-   place new prefixes alike. The bound here is on cache occupancy as well as queue: a
-   worker already holding more than ``cache_balance_factor`` x the mean number of
-   indexed blocks is skipped, so new prefixes spread evenly over the fleet's caches
-   instead of piling onto whichever worker the ring favours, and so is a worker whose
-   cache is near full (where a new prefix would evict hot ones).
+   place new prefixes alike. The bound here is on the cache's working set as well as on
+   the queue: a worker whose recent traffic (the distinct prefixes of the last
+   ``occupancy_window`` requests, in blocks) is above ``cache_balance_factor`` x the
+   fleet's mean is skipped, so new prefixes spread evenly over the fleet's caches instead
+   of piling onto whichever worker the ring favours; so is a worker whose cache is near
+   full of running requests (where a new prefix would evict hot ones). Recent traffic,
+   not the blocks a worker holds, because a warm vLLM cache is always full: of blocks
+   from an hour ago as much as of the prefixes in use.
 5. Otherwise score the eligible holders, and the eligible workers of the sample (every
    worker in fleets up to ``sample``), by the tokens each would have to compute and the
    work already queued on it, and take the lowest (ties at random):
@@ -33,8 +36,9 @@ Algorithm, per request:
 Cost: O(blocks matched x holders + sample) per request, plus one dict of the workers and
 a ring walk on a miss. Knobs (``policy_options``): ``load_weight`` (0.1),
 ``balance_factor`` (2), ``balance_slack`` (4), ``external_request_tokens`` (512),
-``cache_balance_factor`` (1.1), ``kv_saturation`` (0.95), ``sample`` (16),
-``hot_window`` (64), ``hot_replicas`` (1.5) and the ring's ``vnodes`` (64).
+``cache_balance_factor`` (1.0), ``occupancy_window`` (256), ``kv_saturation`` (0.95),
+``sample`` (16), ``hot_window`` (64), ``hot_replicas`` (1.5) and the ring's ``vnodes``
+(64).
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ _DEFAULTS = {
     "balance_slack": 4,
     "external_request_tokens": 512,
     "vnodes": 64,
-    "cache_balance_factor": 1.1,
+    # 1.0: at most the mean working set. 1.1 let the last groups of shared-prefix land on
+    # workers already one group above the rest (5-6 of 16 groups on one worker).
+    "cache_balance_factor": 1.0,
+    "occupancy_window": 256,
     "kv_saturation": 0.95,
     # Fleets larger than this are seen through a random sample of workers (plus every
     # holder of the prompt's prefix), so a decision costs the same at 8 or 512 workers.
@@ -98,6 +105,13 @@ class PrefixPolicy(Policy):
         self._recent: deque[tuple[int | None, str]] = deque()  # (route key, worker)
         self._key_count: Counter[int | None] = Counter()
         self._worker_count: Counter[str] = Counter()
+        # working set per worker: blocks of the distinct prefixes among the last
+        # occupancy_window requests (each counted at its latest request's length)
+        self.occupancy_window = max(1, int(opts["occupancy_window"]))
+        self._placed: deque[tuple[str, int | None, int]] = deque()  # (worker, route key, blocks)
+        self._pairs: dict[tuple[str, int | None], list[int]] = {}  # -> [requests, blocks]
+        self._working_set: Counter[str] = Counter()
+        self._working_total = 0
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
@@ -125,17 +139,17 @@ class PrefixPolicy(Policy):
         return w.in_flight_tokens + external * self.external_request_tokens
 
     def place_new_prefix(self, key: int, by_url: dict[str, Worker], bound: int) -> Worker:
-        """Ring order from ``key``: the first worker under the queue ``bound`` whose cache is
-        not well above the mean and not near full; else the first under the bound."""
-        index = self.deps.index
-        room = self.cache_balance_factor * index.total_blocks() / len(by_url)
+        """Ring order from ``key``: the first worker under the queue ``bound`` whose working
+        set is not above the mean and whose cache is not near full; else the first under
+        the bound."""
+        room = self.cache_balance_factor * self._working_total / len(by_url)
         first_free = first = None
         for url in self.ring.walk(key, by_url):
             w = by_url[url]
             first = first or w
             if w.queue_depth >= bound:
                 continue
-            if index.blocks_of(url) <= room and w.kv_usage < self.kv_saturation - 0.05:
+            if self._working_set[url] <= room and w.kv_usage < self.kv_saturation - 0.05:
                 return w
             if w.kv_usage < self.kv_saturation:
                 first_free = first_free or w
@@ -158,6 +172,9 @@ class PrefixPolicy(Policy):
     def on_workers_changed(self, workers: Sequence[Worker]) -> None:
         super().on_workers_changed(workers)
         self.ring.forget(w.url for w in workers)
+        keep = {w.url for w in workers}
+        for url, key in [p for p in self._pairs if p[0] not in keep]:
+            self._add_working(url, -self._pairs.pop((url, key))[1])
 
     def on_dispatch(self, worker: Worker, ctx: RequestContext) -> None:
         super().on_dispatch(worker, ctx)
@@ -171,6 +188,27 @@ class PrefixPolicy(Policy):
             self._worker_count[old_url] -= 1
             if not self._key_count[old_key]:
                 del self._key_count[old_key]
+        self._note_working_set(worker.url, key, len(ctx.block_keys))
+
+    def _note_working_set(self, url: str, key: int | None, blocks: int) -> None:
+        pair = self._pairs.setdefault((url, key), [0, 0])
+        pair[0] += 1
+        self._add_working(url, blocks - pair[1])
+        pair[1] = blocks
+        self._placed.append((url, key, blocks))
+        if len(self._placed) > self.occupancy_window:
+            old_url, old_key, _ = self._placed.popleft()
+            old = self._pairs.get((old_url, old_key))
+            if old is None:  # the worker left the fleet
+                return
+            old[0] -= 1
+            if not old[0]:
+                self._add_working(old_url, -old[1])
+                del self._pairs[(old_url, old_key)]
+
+    def _add_working(self, url: str, blocks: int) -> None:
+        self._working_set[url] += blocks
+        self._working_total += blocks
 
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
         if not workers:
