@@ -264,6 +264,10 @@ def simulate(
             if len(events) > 0:
                 heapq.heappush(events, (now + cfg.scrape_s, next(seq), SCRAPE, None))
 
+    extra: dict[str, Any] = {}
+    if exact:  # events kept the index equal to every worker's cache (0 = exact)
+        extra["index_mismatch_blocks"] = sum(
+            len(chooser.index.confirmed_blocks(s.url) ^ (set(s.refs) | set(s.free))) for s in sims)
     queries = sum(s.prefix_queries for s in sims)
     hits = sum(s.prefix_hits for s in sims)
     dec_us = [x / 1000 for x in decide_ns]
@@ -287,6 +291,7 @@ def simulate(
             "index_entries": len(chooser.index),
             "index_bytes_approx": deep_sizeof(chooser.index),
             "evictions": sum(s.evictions for s in sims),
+            **extra,
         },
     )
 

@@ -120,3 +120,13 @@ def test_open_loop_and_scrape() -> None:
     assert run.completed == 50 and len(run.ttft_s) == 50
     assert all(t > 0 for t in run.ttft_s)
     assert run.duration_s > 0.5  # arrivals spread over ~1 s
+
+
+def test_exact_mode_index_follows_the_simulated_kv_events() -> None:
+    spec = WorkloadSpec(requests=96, groups=8, prefix_tokens=600)
+    cfg = SimConfig(workers=4, capacity_blocks=70, block_size=32, concurrency=4)
+    runs = {exact: simulate(iter_records(spec.with_nonce(str(exact))), "prefix", cfg,
+                            KeyCache(WordIds(), 32), exact=exact) for exact in (False, True)}
+    assert runs[True].completed == 96 and runs[True].extra["evictions"] > 0
+    assert runs[True].extra["index_mismatch_blocks"] == 0  # removals applied, nothing missed
+    assert runs[True].hit_rate >= runs[False].hit_rate - 0.05

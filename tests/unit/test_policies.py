@@ -213,3 +213,15 @@ def test_prefix_sees_every_holder_in_a_fleet_larger_than_its_sample():
         assert p.select(ws, c) is holder
     new = p.select(ws, ctx([999] * 256))  # a miss still follows the ring over all workers
     assert new is make("prefix", {"sample": 4}).select(ws, ctx([999] * 256))
+
+
+def test_prefix_places_new_prefixes_by_recent_traffic_not_by_old_cached_blocks():
+    p, ws = make("prefix"), workers(2)
+    p.deps.index.insert(ws[0].url, list(range(10**6, 10**6 + 300)))  # a warm, full cache
+    placed = Counter()
+    for g in range(8):
+        c = ctx([g] * 320)
+        w = p.select(ws, c)
+        p.on_dispatch(w, c)
+        placed[w.url] += 1
+    assert sorted(placed.values()) == [4, 4]
