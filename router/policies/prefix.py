@@ -5,7 +5,10 @@ Algorithm, per request:
    other replicas add more) is under ``ceil(balance_factor * (total + 1) / n) +
    balance_slack`` (in fleets above ``sample`` workers the total is estimated from a
    random sample), and whose KV cache is not saturated by running requests
-   (``vllm:kv_cache_usage_perc`` below ``kv_saturation``).
+   (``vllm:kv_cache_usage_perc`` below ``kv_saturation``). A saturated worker that holds
+   half of the prompt or more stays eligible for it (a chat's or an agent's history:
+   moving it recomputes that half and evicts another's), unless the prefix is hot (3.),
+   which is then copied to an unsaturated worker instead.
 2. Match the request's block keys against the prefix index: the longest cached prefix
    on each eligible worker that holds at least its first block.
 3. Hot prefixes are replicated in proportion to their traffic. The router counts the
@@ -155,12 +158,16 @@ class PrefixPolicy(Policy):
                 first_free = first_free or w
         return first_free or first
 
+    def fair_shares(self, key: int | None, n: int) -> float:
+        """How many workers' fair share of recent traffic this prefix carries."""
+        return self._key_count[key] / self.hot_window * n
+
     def spread_hot(self, key: int | None, n: int, holders: list[Worker],
                    others: list[Worker]) -> Worker | None:
         """For a hot prefix: its least-used holder, or a new copy while it has too few."""
         if key is None:
             return None
-        fair_shares = self._key_count[key] / self.hot_window * n
+        fair_shares = self.fair_shares(key, n)
         if fair_shares < HOT_FAIR_SHARES:
             return None
         want = math.ceil(fair_shares * self.hot_replicas)
@@ -218,12 +225,17 @@ class PrefixPolicy(Policy):
         sample = workers if len(workers) <= self.sample else rng.sample(list(workers), self.sample)
         ring_bound, bound = self.queue_bounds(workers, sample)
 
-        def eligible(w: Worker) -> bool:
-            return w.queue_depth < bound and w.kv_usage < self.kv_saturation
+        key = route_key(ctx)
+        hot_key = self.fair_shares(key, len(workers)) >= HOT_FAIR_SHARES
+        # a worker holding half of this prompt or more keeps it while its KV cache is
+        # saturated (vLLM queues it): elsewhere that half is recomputed and evicts others
+        deep = math.inf if hot_key else ctx.prompt_tokens / (2 * ctx.block_size)
+
+        def eligible(w: Worker, depth: int = 0) -> bool:
+            return w.queue_depth < bound and (w.kv_usage < self.kv_saturation or depth >= deep)
 
         matched = {u: n for u, n in self.deps.index.holders(ctx.block_keys, by_url).items()
-                   if eligible(by_url[u])}
-        key = route_key(ctx)
+                   if eligible(by_url[u], n)}
         holders = [by_url[u] for u in matched]
         others = [w for w in sample if w.url not in matched and eligible(w)]
         # only while no holder has more of this prompt than the others (a chat history)

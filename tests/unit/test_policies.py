@@ -155,12 +155,18 @@ def test_prefix_spreads_new_prefixes_evenly_over_the_fleets_caches():
 
 
 def test_prefix_avoids_workers_whose_kv_cache_is_saturated():
-    p, ws = make("prefix"), workers(3)
+    p, ws = make("prefix", {"hot_window": 8}), workers(3)
     hot = ctx(list(range(512)))
     holder = p.select(ws, hot)
     p.on_dispatch(holder, hot)
-    holder.kv_usage = 0.99  # running requests fill its cache: replicate the prefix elsewhere
-    assert p.select(ws, hot) is not holder
+    holder.kv_usage = 0.99  # running requests fill its cache
+    history = ctx(list(range(9000, 9512)))
+    p.deps.index.insert(holder.url, history.block_keys)
+    assert p.select(ws, history) is holder  # a history waits there: elsewhere it is recomputed
+    for _ in range(3):
+        p.on_dispatch(holder, hot)
+    assert p.select(ws, hot) is not holder  # a hot prefix is copied to an unsaturated worker
+    assert p.select(ws, ctx(list(range(9000, 9200)) + [7] * 312)) is not holder  # a third cached
     fresh = ctx(list(range(5000, 5512)))
     for w in ws:
         w.kv_usage = 0.97 if w is not ws[2] else 0.1
