@@ -24,8 +24,8 @@ Algorithm, per request:
    consistent hashing on the first block, so that router replicas with the same config
    place new prefixes alike. The bound here is on the cache's working set as well as on
    the queue: a worker whose recent traffic (the distinct prefixes of the last
-   ``occupancy_window`` requests, in blocks) is above ``cache_balance_factor`` x the
-   fleet's mean is skipped, so new prefixes spread evenly over the fleet's caches instead
+   ``occupancy_window`` requests, in blocks, less this prefix's own share) is above
+   ``cache_balance_factor`` x the fleet's mean is skipped, so new prefixes spread evenly over the fleet's caches instead
    of piling onto whichever worker the ring favours; so is a worker whose cache is near
    full of running requests (where a new prefix would evict hot ones). Recent traffic,
    not the blocks a worker holds, because a warm vLLM cache is always full: of blocks
@@ -152,7 +152,8 @@ class PrefixPolicy(Policy):
             first = first or w
             if w.queue_depth >= bound:
                 continue
-            if self._working_set[url] <= room and w.kv_usage < self.kv_saturation - 0.05:
+            own = self._pairs.get((url, key), (0, 0))[1]  # placing it again adds nothing
+            if self._working_set[url] - own <= room and w.kv_usage < self.kv_saturation - 0.05:
                 return w
             if w.kv_usage < self.kv_saturation:
                 first_free = first_free or w

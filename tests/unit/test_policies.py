@@ -231,3 +231,13 @@ def test_prefix_places_new_prefixes_by_recent_traffic_not_by_old_cached_blocks()
         p.on_dispatch(w, c)
         placed[w.url] += 1
     assert sorted(placed.values()) == [4, 4]
+
+
+def test_prefix_places_a_forgotten_prefix_back_where_it_was_recently_served():
+    p, ws = make("prefix", {"occupancy_window": 64}), workers(2)
+    big = ctx(list(range(4000, 4000 + 640)))  # 40 blocks
+    home = p.select(ws, big)
+    p.on_dispatch(home, big)
+    p.deps.index.retain_workers([])  # the index forgot it (evicted), the recent traffic did not
+    # its own blocks put its worker above the mean; they must not push it elsewhere
+    assert p.select(ws, big) is home
