@@ -25,11 +25,11 @@ Algorithm, per request:
    place new prefixes alike. The bound here is on the cache's working set as well as on
    the queue: a worker whose recent traffic (the distinct prefixes of the last
    ``occupancy_window`` requests, in blocks, less this prefix's own share) is above
-   ``cache_balance_factor`` x the fleet's mean is skipped, so new prefixes spread evenly over the fleet's caches instead
-   of piling onto whichever worker the ring favours; so is a worker whose cache is near
-   full of running requests (where a new prefix would evict hot ones). Recent traffic,
-   not the blocks a worker holds, because a warm vLLM cache is always full: of blocks
-   from an hour ago as much as of the prefixes in use.
+   ``cache_balance_factor`` x the fleet's mean is skipped, so new prefixes spread evenly
+   over the fleet's caches instead of piling onto whichever worker the ring favours; so
+   is a worker whose cache is near full of running requests (where a new prefix would
+   evict hot ones). Recent traffic, not the blocks a worker holds, because a warm vLLM
+   cache is always full: of blocks from an hour ago as much as of the prefixes in use.
 5. Otherwise score the eligible holders, and the eligible workers of the sample (every
    worker in fleets up to ``sample``), by the tokens each would have to compute and the
    work already queued on it, and take the lowest (ties at random):
@@ -89,6 +89,47 @@ _DEFAULTS = {
 }
 
 
+class WorkingSet:
+    """Per worker, the blocks of the distinct prefixes among the last ``window`` requests.
+
+    Each (worker, prefix) pair counts once, at the length of its latest request. Updates
+    are O(1), so placement reads it without walking the fleet or the index.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self.total = 0
+        self._recent: deque[tuple[str, int | None]] = deque()  # (worker, route key)
+        self._pairs: dict[tuple[str, int | None], list[int]] = {}  # -> [requests, blocks]
+        self._blocks: Counter[str] = Counter()
+
+    def add(self, url: str, key: int | None, blocks: int) -> None:
+        pair = self._pairs.setdefault((url, key), [0, 0])
+        pair[0] += 1
+        self._shift(url, blocks - pair[1])
+        pair[1] = blocks
+        self._recent.append((url, key))
+        if len(self._recent) > self.window:
+            old = self._recent.popleft()
+            pair = self._pairs.get(old)
+            if pair is not None:  # else its worker left the fleet
+                pair[0] -= 1
+                if not pair[0]:
+                    self._shift(old[0], -self._pairs.pop(old)[1])
+
+    def of(self, url: str, excluding: int | None = None) -> int:
+        """``url``'s working set, less the prefix ``excluding`` (placing it again adds nothing)."""
+        return self._blocks[url] - self._pairs.get((url, excluding), (0, 0))[1]
+
+    def retain(self, keep: set[str]) -> None:
+        for pair in [p for p in self._pairs if p[0] not in keep]:
+            self._shift(pair[0], -self._pairs.pop(pair)[1])
+
+    def _shift(self, url: str, blocks: int) -> None:
+        self._blocks[url] += blocks
+        self.total += blocks
+
+
 class PrefixPolicy(Policy):
     name = "prefix"
 
@@ -108,13 +149,7 @@ class PrefixPolicy(Policy):
         self._recent: deque[tuple[int | None, str]] = deque()  # (route key, worker)
         self._key_count: Counter[int | None] = Counter()
         self._worker_count: Counter[str] = Counter()
-        # working set per worker: blocks of the distinct prefixes among the last
-        # occupancy_window requests (each counted at its latest request's length)
-        self.occupancy_window = max(1, int(opts["occupancy_window"]))
-        self._placed: deque[tuple[str, int | None, int]] = deque()  # (worker, route key, blocks)
-        self._pairs: dict[tuple[str, int | None], list[int]] = {}  # -> [requests, blocks]
-        self._working_set: Counter[str] = Counter()
-        self._working_total = 0
+        self.working_set = WorkingSet(max(1, int(opts["occupancy_window"])))
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
@@ -145,15 +180,14 @@ class PrefixPolicy(Policy):
         """Ring order from ``key``: the first worker under the queue ``bound`` whose working
         set is not above the mean and whose cache is not near full; else the first under
         the bound."""
-        room = self.cache_balance_factor * self._working_total / len(by_url)
+        room = self.cache_balance_factor * self.working_set.total / len(by_url)
         first_free = first = None
         for url in self.ring.walk(key, by_url):
             w = by_url[url]
             first = first or w
             if w.queue_depth >= bound:
                 continue
-            own = self._pairs.get((url, key), (0, 0))[1]  # placing it again adds nothing
-            if self._working_set[url] - own <= room and w.kv_usage < self.kv_saturation - 0.05:
+            if self.working_set.of(url, excluding=key) <= room and w.kv_usage < self.kv_saturation - 0.05:
                 return w
             if w.kv_usage < self.kv_saturation:
                 first_free = first_free or w
@@ -180,9 +214,7 @@ class PrefixPolicy(Policy):
     def on_workers_changed(self, workers: Sequence[Worker]) -> None:
         super().on_workers_changed(workers)
         self.ring.forget(w.url for w in workers)
-        keep = {w.url for w in workers}
-        for url, key in [p for p in self._pairs if p[0] not in keep]:
-            self._add_working(url, -self._pairs.pop((url, key))[1])
+        self.working_set.retain({w.url for w in workers})
 
     def on_dispatch(self, worker: Worker, ctx: RequestContext) -> None:
         super().on_dispatch(worker, ctx)
@@ -196,27 +228,7 @@ class PrefixPolicy(Policy):
             self._worker_count[old_url] -= 1
             if not self._key_count[old_key]:
                 del self._key_count[old_key]
-        self._note_working_set(worker.url, key, len(ctx.block_keys))
-
-    def _note_working_set(self, url: str, key: int | None, blocks: int) -> None:
-        pair = self._pairs.setdefault((url, key), [0, 0])
-        pair[0] += 1
-        self._add_working(url, blocks - pair[1])
-        pair[1] = blocks
-        self._placed.append((url, key, blocks))
-        if len(self._placed) > self.occupancy_window:
-            old_url, old_key, _ = self._placed.popleft()
-            old = self._pairs.get((old_url, old_key))
-            if old is None:  # the worker left the fleet
-                return
-            old[0] -= 1
-            if not old[0]:
-                self._add_working(old_url, -old[1])
-                del self._pairs[(old_url, old_key)]
-
-    def _add_working(self, url: str, blocks: int) -> None:
-        self._working_set[url] += blocks
-        self._working_total += blocks
+        self.working_set.add(worker.url, key, len(ctx.block_keys))
 
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
         if not workers:

@@ -241,3 +241,20 @@ def test_prefix_places_a_forgotten_prefix_back_where_it_was_recently_served():
     p.deps.index.retain_workers([])  # the index forgot it (evicted), the recent traffic did not
     # its own blocks put its worker above the mean; they must not push it elsewhere
     assert p.select(ws, big) is home
+
+
+def test_working_set_counts_each_recent_prefix_once_at_its_latest_length():
+    from router.policies.prefix import WorkingSet
+
+    ws = WorkingSet(window=3)
+    ws.add("a", 1, 10)
+    ws.add("a", 1, 12)  # the same prefix, grown (a chat's next turn)
+    ws.add("b", 2, 5)
+    assert (ws.of("a"), ws.of("b"), ws.total) == (12, 5, 17)
+    assert ws.of("a", excluding=1) == 0
+    ws.add("b", 3, 7)  # pushes out a's first request; a's second keeps it
+    assert (ws.of("a"), ws.of("b")) == (12, 12)
+    ws.add("b", 3, 7)  # pushes out a's last request
+    assert (ws.of("a"), ws.total) == (0, 12)
+    ws.retain({"a"})
+    assert (ws.of("b"), ws.total) == (0, 0)
