@@ -40,6 +40,7 @@ from benchmarks.fleets.simkeys import KeyCache
 from benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
 from benchmarks.results import RouterRun, percentile
 from benchmarks.workloads import TraceRecord
+from router.config import ModelConfig
 from router.fleet.workers import Worker
 from router.index import PrefixIndex
 from router.kv_events import ExactIndex
@@ -73,8 +74,9 @@ class _Chooser:
         self.name = name  # a kvroute policy name, or "oracle"
         cap = cfg.index_capacity_blocks or cfg.capacity_blocks
         self.index: PrefixIndex | ExactIndex = PrefixIndex(cap)
-        if exact:  # the router's safety cap (kv_capacity_blocks); the events bound it
-            self.index = ExactIndex(cfg.index_capacity_blocks or 4096, clock=clock)
+        if exact:  # the router's safety cap per worker; the events bound it
+            safety = cfg.index_capacity_blocks or ModelConfig.kv_capacity_blocks
+            self.index = ExactIndex(safety, clock=clock)
         self.policy = None
         if name != ORACLE:
             deps = PolicyDeps(index=self.index, rng=random.Random(cfg.seed))
