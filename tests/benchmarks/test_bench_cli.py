@@ -33,14 +33,15 @@ def test_sim_run_writes_report(tmp_path, capsys) -> None:
             "--kv-blocks",
             "64",
             "--policies",
-            "round_robin,prefix",
+            "round_robin,prefix,prefix?kv_events=1",
             "--out",
             str(out),
         ]
     )
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    assert list(doc["routers"]) == ["round_robin", "prefix", "oracle"]
+    assert list(doc["routers"]) == ["round_robin", "prefix", "prefix?kv_events=1", "oracle"]
+    assert doc["routers"]["prefix?kv_events=1"]["index_mismatch_blocks"] == 0  # exact mode ran
     assert doc["fleet"]["workers"] == 4 and len(doc["sweep"]) == 2
     assert doc["command"].startswith("kvroute bench --fleet sim")
     assert "| prefix |" in capsys.readouterr().out
