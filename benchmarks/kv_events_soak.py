@@ -29,8 +29,8 @@ import shlex
 import statistics
 import sys
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -78,28 +78,13 @@ class SoakConfig:
     seed: int = 0
 
 
-class _EvictionLog(OrderedDict):
-    """SimWorker's LRU of unused cached blocks; it evicts with ``popitem(last=False)`` only."""
-
-    def __init__(self, on_evict: Callable[[int], None]):
-        super().__init__()
-        self.on_evict = on_evict
-
-    def popitem(self, last: bool = True) -> tuple[int, None]:
-        key, value = super().popitem(last)
-        if not last:
-            self.on_evict(key)
-        return key, value
-
-
 class PublishingWorker(SimWorker):
     """A SimWorker that queues vLLM KV events. Blocks are cached at admission; a request's
     token ids travel in ``SimRequest.payload``. vLLM names blocks by its own hash, so a
     seeded hash of our key stands in for it: the index must map it back, as in production."""
 
     def __init__(self, url: str, capacity_blocks: int, block_size: int):
-        super().__init__(url, capacity_blocks, block_size, Timing())
-        self.free = _EvictionLog(self._evicted)
+        super().__init__(url, capacity_blocks, block_size, Timing(), listener=self._on_event)
         self.queue: list[BlockStored | BlockRemoved] = []
         self.changes: list[tuple[bool, int]] = []  # (stored?, key) of the queued events
         self.encoder = msgspec.msgpack.Encoder()
@@ -108,9 +93,11 @@ class PublishingWorker(SimWorker):
     def vllm_hash(key: int) -> int:
         return xxhash.xxh3_64_intdigest(key.to_bytes(8, "little"), seed=0x5EED)
 
-    def _evicted(self, key: int) -> None:
-        self.queue.append(BlockRemoved([self.vllm_hash(key)]))
-        self.changes.append((False, key))
+    def _on_event(self, url: str, kind: str, keys: list[int]) -> None:
+        if kind == "removed":  # stores are published at admission, below
+            for key in keys:
+                self.queue.append(BlockRemoved([self.vllm_hash(key)]))
+                self.changes.append((False, key))
 
     def _try_allocate(self, req: SimRequest) -> bool:
         new = [k not in self.refs and k not in self.free for k in req.keys]
