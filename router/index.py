@@ -98,9 +98,6 @@ class PrefixIndex:
         """Like ``match``, but only the workers of ``workers`` holding at least one block."""
         return longest_prefixes(keys, workers, self._holders.get)
 
-    def total_blocks(self) -> int:
-        return sum(map(len, self._lru.values()))
-
     def settle(self, worker: str, keys: Sequence[int]) -> None:
         """A request is done; speculative entries here last until evicted, so nothing to do."""
 

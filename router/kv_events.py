@@ -77,8 +77,8 @@ class ExactIndex:
         return sum(len(c) for c in self._confirmed.values()) + sum(len(s) for s in self._speculative.values())
 
     def blocks_of(self, worker: str) -> int:
-        # in-flight blocks count too: placement must see a prefix it just sent, long
-        # before vLLM reports it (else new prefixes pile onto one worker meanwhile)
+        # confirmed plus in flight (/health's index_blocks): a prefix just sent counts
+        # before vLLM reports it
         self._expire(worker)
         return len(self._confirmed.get(worker, ())) + len(self._speculative.get(worker, ()))
 
@@ -95,9 +95,6 @@ class ExactIndex:
         now = self.clock()
         return longest_prefixes(
             keys, workers, lambda key: [w for w in self._holders.get(key, ()) if self._holds(w, key, now)])
-
-    def total_blocks(self) -> int:
-        return sum(self.blocks_of(w) for w in set(self._confirmed) | set(self._speculative))
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Speculative: a request with these blocks was just sent to ``worker``."""
