@@ -81,6 +81,11 @@ def fake_upstream_app(model: str = "tiny") -> web.Application:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):  # as vLLM: a last chunk, no choices
+            usage = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                                              "prompt_tokens_details": {"cached_tokens": 0}}}
+            await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -16,8 +16,10 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.results import RouterRun
@@ -32,6 +34,8 @@ class RequestResult:
     latency_s: float
     error: str | None = None
     worker: str | None = None  # kvroute's x-kvroute-worker response header, when present
+    prompt_tokens: int | None = None  # from the stream's final usage chunk
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ async def _one(
     try:
         async with session.post(
             f"{base}/v1/chat/completions",
-            json={**body, "stream": True},
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             if resp.status != 200:
@@ -83,14 +87,27 @@ async def _one(
                     False, None, time.perf_counter() - start, f"HTTP {resp.status}: {text}"
                 )
             worker = resp.headers.get("x-kvroute-worker")
+            usage = None
             async for line in resp.content:
                 if ttft is None and line.startswith(b"data:") and b"[DONE]" not in line:
                     ttft = time.perf_counter() - start
-        return RequestResult(True, ttft, time.perf_counter() - start, worker=worker)
+                if b'"prompt_tokens"' in line:  # the usage chunk; others are not parsed
+                    usage = _usage(line)
+        return RequestResult(True, ttft, time.perf_counter() - start, worker=worker,
+                             prompt_tokens=usage and usage.get("prompt_tokens"),
+                             cached_tokens=usage and (usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
     except (TimeoutError, aiohttp.ClientError) as exc:
         return RequestResult(
             False, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
         )
+
+
+def _usage(line: bytes) -> dict | None:
+    try:
+        usage = orjson.loads(line.removeprefix(b"data:")).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 async def drive(
@@ -156,3 +173,16 @@ def to_router_run(
         duration_s=elapsed,
         extra={"first_errors": errors[:3]} if errors else {},
     )
+
+
+def write_request_log(path: Path, records: Sequence[TraceRecord], results: Sequence[RequestResult]) -> None:
+    """One JSON line per request, in send order: its group and session, the worker that
+    served it (kvroute routers say which) and the prompt tokens vLLM found cached, for
+    reading a router's choices after the run."""
+    with path.open("wb") as f:
+        for i, (rec, res) in enumerate(zip(records, results)):
+            f.write(orjson.dumps({
+                "i": i, "group": rec.group, "session": rec.session, "ok": res.ok,
+                "worker": res.worker, "prompt_tokens": res.prompt_tokens,
+                "cached_tokens": res.cached_tokens, "ttft_s": res.ttft_s,
+            }) + b"\n")

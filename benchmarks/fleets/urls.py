@@ -23,7 +23,7 @@ import aiohttp
 
 from benchmarks.fleets.routers import RouterProcess, RouterSpec, http_ok, parse_router, router_command
 from benchmarks.results import RouterRun
-from benchmarks.runner import drive, scrape_fleet, to_router_run
+from benchmarks.runner import drive, scrape_fleet, to_router_run, write_request_log
 from benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
 
 log = logging.getLogger(__name__)
@@ -87,20 +87,28 @@ def _warm_up(base: str, model: str) -> None:
 
 
 def parse_router_state(health: dict, metrics_text: str) -> dict:
-    """What a kvroute replica reports about itself: its routing mode and KV events seen."""
+    """What a kvroute replica reports about itself: its routing mode, the KV events it saw,
+    and the prompt tokens it expected to be cached against those vLLM reported cached
+    (how good its index was)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     modes = sorted({m.get("mode") for m in health.get("models", {}).values() if isinstance(m, dict)} - {None})
     events: dict[str, float] = {}
-    gaps = 0.0
+    totals = {"gaps": 0.0, "predicted_cached_tokens": 0.0, "cached_tokens": 0.0}
+    sums = {
+        "kvroute_kv_event_gaps_total": "gaps",
+        "kvroute_worker_predicted_cached_tokens_total": "predicted_cached_tokens",
+        "kvroute_worker_cached_prompt_tokens_total": "cached_tokens",
+    }
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
             if s.name == "kvroute_kv_events_total":
                 kind = s.labels.get("type", "?")
                 events[kind] = events.get(kind, 0.0) + s.value
-            elif s.name == "kvroute_kv_event_gaps_total":
-                gaps += s.value
-    return {"mode": ",".join(modes), "kv_events": {k: int(v) for k, v in sorted(events.items())}, "gaps": int(gaps)}
+            elif s.name in sums:
+                totals[sums[s.name]] += s.value
+    return {"mode": ",".join(modes), "kv_events": {k: int(v) for k, v in sorted(events.items())},
+            **{k: int(v) for k, v in totals.items()}}
 
 
 def router_state(url: str) -> dict | None:
@@ -124,12 +132,17 @@ def replica_ports(base_port: int, i: int, n_routers: int, rspec: RouterSpec) -> 
     return [base_port + i + r * n_routers for r in range(kinds)]
 
 
+def _safe(name: str) -> str:
+    """A router name as a file name: ``prefix?kv_events=1`` -> ``prefix-kv_events-1``."""
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in name)
+
+
 def start_router(
     rspec: RouterSpec, fleet: RealFleet, log_dir: Path, ports: Sequence[int]
 ) -> list[RouterProcess]:
     """Start one process per port (replicas share the config), wait for each, warm each up."""
     procs: list[RouterProcess] = []
-    safe = "".join(c if c.isalnum() or c in "._" else "-" for c in rspec.name)
+    safe = _safe(rspec.name)
     try:
         for r, port in enumerate(ports):
             cmd = router_command(
@@ -172,6 +185,7 @@ def compare_routers(
             time.sleep(settle_s)
             before = asyncio.run(_snapshot(fleet.urls))
             results, elapsed = asyncio.run(drive(records, target, concurrency, progress=progress))
+            write_request_log(log_dir / f"requests-{_safe(name)}.jsonl", records, results)
             time.sleep(settle_s)  # let the last counters land in /metrics
             after = asyncio.run(_snapshot(fleet.urls))
             run = to_router_run(name, results, elapsed, before, after)

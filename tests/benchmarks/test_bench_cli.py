@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
+import orjson
 import pytest
 
 from benchmarks.cli import main
 from benchmarks.fleets.routers import parse_router, router_command
 from benchmarks.overhead import _add_overhead, fake_upstream_app, render_overhead
-from benchmarks.runner import drive
+from benchmarks.runner import drive, write_request_log
 from benchmarks.workloads import WorkloadSpec, iter_records, read_trace
 
 
@@ -85,7 +86,7 @@ def test_router_options_go_through_a_config_file(tmp_path) -> None:
         parse_router("prefix?load_weight=heavy")
 
 
-async def test_drive_against_fake_upstream(aiohttp_server) -> None:
+async def test_drive_against_fake_upstream(aiohttp_server, tmp_path) -> None:
     server = await aiohttp_server(fake_upstream_app())
     recs = list(iter_records(WorkloadSpec(requests=10, groups=2, prefix_tokens=50)))
     results, elapsed = await drive(
@@ -93,6 +94,11 @@ async def test_drive_against_fake_upstream(aiohttp_server) -> None:
     )
     assert len(results) == 10 and all(r.ok and r.ttft_s is not None for r in results)
     assert elapsed > 0
+    assert all(r.prompt_tokens == 1 and r.cached_tokens == 0 for r in results)  # the usage chunk
+    write_request_log(tmp_path / "requests.jsonl", recs, results)
+    lines = [orjson.loads(line) for line in (tmp_path / "requests.jsonl").read_bytes().splitlines()]
+    assert [line["group"] for line in lines] == [r.group for r in recs]
+    assert lines[0]["ok"] and lines[0]["cached_tokens"] == 0
 
 
 def test_overhead_table() -> None:

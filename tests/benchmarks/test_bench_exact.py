@@ -146,6 +146,12 @@ def test_parse_router_state() -> None:
         "# HELP kvroute_kv_event_gaps_total Gaps\n"
         "# TYPE kvroute_kv_event_gaps_total counter\n"
         'kvroute_kv_event_gaps_total{worker="w1"} 1.0\n'
+        "# TYPE kvroute_worker_predicted_cached_tokens counter\n"
+        'kvroute_worker_predicted_cached_tokens_total{model="tiny",worker="w1"} 640.0\n'
+        'kvroute_worker_predicted_cached_tokens_total{model="tiny",worker="w2"} 64.0\n'
+        "# TYPE kvroute_worker_cached_prompt_tokens counter\n"
+        'kvroute_worker_cached_prompt_tokens_total{model="tiny",worker="w1"} 608.0\n'
     )
     state = parse_router_state(health, metrics)
-    assert state == {"mode": "kv_events", "kv_events": {"BlockRemoved": 3, "BlockStored": 15}, "gaps": 1}
+    assert state == {"mode": "kv_events", "kv_events": {"BlockRemoved": 3, "BlockStored": 15}, "gaps": 1,
+                     "predicted_cached_tokens": 704, "cached_tokens": 608}
