@@ -243,6 +243,23 @@ def test_prefix_places_a_forgotten_prefix_back_where_it_was_recently_served():
     assert p.select(ws, big) is home
 
 
+def test_prefix_balances_new_chats_by_count_while_their_lengths_differ():
+    p, ws = make("prefix"), workers(2)
+    old, young = ws
+    long_chat = ctx(list(range(480)))  # 30 blocks: a chat many turns in
+    p.on_dispatch(old, long_chat)
+    for s in range(3):  # three chats one turn in, 5 blocks each
+        c = ctx([10_000 + s] * 80)
+        p.on_dispatch(young, c)
+    # fewer blocks on `young` (15 against 30), but three chats to one: the new chat goes
+    # to `old`, whose blocks are within 1.5x the mean
+    assert p.select(ws, ctx([20_000] * 80)) is old
+    flat = make("prefix", {"cache_balance_factor": 1.0, "prefix_balance_factor": 100})
+    for w, c in [(old, long_chat)] + [(young, ctx([10_000 + s] * 80)) for s in range(3)]:
+        flat.on_dispatch(w, c)
+    assert flat.select(ws, ctx([20_000] * 80)) is young  # by blocks alone
+
+
 def test_working_set_counts_each_recent_prefix_once_at_its_latest_length():
     from router.policies.prefix import WorkingSet
 
@@ -252,9 +269,10 @@ def test_working_set_counts_each_recent_prefix_once_at_its_latest_length():
     ws.add("b", 2, 5)
     assert (ws.of("a"), ws.of("b"), ws.total) == (12, 5, 17)
     assert ws.of("a", excluding=1) == 0
+    assert (ws.prefixes_of("a"), ws.prefixes_of("a", excluding=1), ws.prefixes) == (1, 0, 2)
     ws.add("b", 3, 7)  # pushes out a's first request; a's second keeps it
     assert (ws.of("a"), ws.of("b")) == (12, 12)
     ws.add("b", 3, 7)  # pushes out a's last request
-    assert (ws.of("a"), ws.total) == (0, 12)
+    assert (ws.of("a"), ws.total, ws.prefixes_of("a"), ws.prefixes_of("b")) == (0, 12, 0, 2)
     ws.retain({"a"})
-    assert (ws.of("b"), ws.total) == (0, 0)
+    assert (ws.of("b"), ws.total, ws.prefixes_of("b"), ws.prefixes) == (0, 0, 0, 0)
