@@ -39,12 +39,12 @@ Algorithm, per request:
        score = (prompt_tokens - cached_tokens) + load_weight * load_tokens
        load_tokens = in-flight tokens + external_requests * external_request_tokens
 
-Cost: O(blocks matched x holders + sample) per request, plus one dict of the workers and
-a ring walk on a miss. Knobs (``policy_options``): ``load_weight`` (0.1),
-``balance_factor`` (2), ``balance_slack`` (4), ``external_request_tokens`` (512),
-``prefix_balance_factor`` (1.0), ``cache_balance_factor`` (1.5), ``occupancy_window`` (256), ``kv_saturation`` (0.95),
-``sample`` (16), ``hot_window`` (64), ``hot_replicas`` (1.5) and the ring's ``vnodes``
-(64).
+Cost: O(blocks matched x holders + sample) per request, plus a short ring walk on a miss.
+The candidate workers' map by URL is rebuilt only when the router's healthy set changes.
+Knobs (``policy_options``): ``load_weight`` (0.1), ``balance_factor`` (2),
+``balance_slack`` (4), ``external_request_tokens`` (512), ``prefix_balance_factor`` (1.0),
+``cache_balance_factor`` (1.5), ``occupancy_window`` (256), ``kv_saturation`` (0.95),
+``sample`` (16), ``hot_window`` (64), ``hot_replicas`` (1.5) and the ring's ``vnodes`` (64).
 """
 
 from __future__ import annotations
@@ -176,6 +176,8 @@ class PrefixPolicy(Policy):
         self._key_count: Counter[int | None] = Counter()
         self._worker_count: Counter[str] = Counter()
         self.working_set = WorkingSet(max(1, int(opts["occupancy_window"])))
+        self._candidates: tuple[Worker, ...] = ()
+        self._by_url: dict[str, Worker] = {}
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
@@ -257,14 +259,25 @@ class PrefixPolicy(Policy):
             self._worker_count[old_url] -= 1
             if not self._key_count[old_key]:
                 del self._key_count[old_key]
-        self.working_set.add(worker.url, key, len(ctx.block_keys))
+        if key is not None:  # a prompt under one block, with no session, leaves nothing to reuse
+            self.working_set.add(worker.url, key, len(ctx.block_keys))
+
+    def by_url(self, workers: Sequence[Worker]) -> dict[str, Worker]:
+        """``workers`` by URL. The router passes the same tuple until the fleet's health
+        changes, so the map is built once per change rather than once per request."""
+        if workers is self._candidates:
+            return self._by_url
+        by_url = {w.url: w for w in workers}
+        if isinstance(workers, tuple):  # immutable, so safe to keep
+            self._candidates, self._by_url = workers, by_url
+        return by_url
 
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
         if not workers:
             return None
         rng = self.deps.rng
-        by_url = {w.url: w for w in workers}  # the one step that grows with the fleet
-        sample = workers if len(workers) <= self.sample else rng.sample(list(workers), self.sample)
+        by_url = self.by_url(workers)
+        sample = workers if len(workers) <= self.sample else rng.sample(workers, self.sample)
         ring_bound, bound = self.queue_bounds(workers, sample)
 
         key = route_key(ctx)

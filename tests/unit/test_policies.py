@@ -260,6 +260,19 @@ def test_prefix_balances_new_chats_by_count_while_their_lengths_differ():
     assert flat.select(ws, ctx([20_000] * 80)) is young  # by blocks alone
 
 
+def test_prefix_does_not_count_prompts_too_short_to_cache_as_a_workers_prefixes():
+    p, ws = make("prefix"), workers(4)
+    short = ctx([1] * 8)  # under one block, no session: e.g. a benchmark's warm-up request
+    p.on_dispatch(ws[0], short)
+    placed = Counter()
+    for g in range(8):
+        c = ctx([200 + g] * 64)
+        w = p.select(ws, c)
+        p.on_dispatch(w, c)
+        placed[w.url] += 1
+    assert sorted(placed.values()) == [2, 2, 2, 2]  # counting it gave [1, 2, 2, 3]
+
+
 def test_working_set_counts_each_recent_prefix_once_at_its_latest_length():
     from router.policies.prefix import WorkingSet
 
