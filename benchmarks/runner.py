@@ -36,6 +36,7 @@ class RequestResult:
     worker: str | None = None  # kvroute's x-kvroute-worker response header, when present
     prompt_tokens: int | None = None  # from the stream's final usage chunk
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    predicted_cached_tokens: int | None = None  # kvroute's x-kvroute-predicted-cached-tokens
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ async def _one(
                     False, None, time.perf_counter() - start, f"HTTP {resp.status}: {text}"
                 )
             worker = resp.headers.get("x-kvroute-worker")
+            predicted = resp.headers.get("x-kvroute-predicted-cached-tokens")
             usage = None
             async for line in resp.content:
                 if ttft is None and line.startswith(b"data:") and b"[DONE]" not in line:
@@ -94,6 +96,7 @@ async def _one(
                 if b'"prompt_tokens"' in line:  # the usage chunk; others are not parsed
                     usage = _usage(line)
         return RequestResult(True, ttft, time.perf_counter() - start, worker=worker,
+                             predicted_cached_tokens=int(predicted) if predicted else None,
                              prompt_tokens=usage and usage.get("prompt_tokens"),
                              cached_tokens=usage and (usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -184,5 +187,6 @@ def write_request_log(path: Path, records: Sequence[TraceRecord], results: Seque
             f.write(orjson.dumps({
                 "i": i, "group": rec.group, "session": rec.session, "ok": res.ok,
                 "worker": res.worker, "prompt_tokens": res.prompt_tokens,
-                "cached_tokens": res.cached_tokens, "ttft_s": res.ttft_s,
+                "cached_tokens": res.cached_tokens, "predicted_cached_tokens": res.predicted_cached_tokens,
+                "ttft_s": res.ttft_s,
             }) + b"\n")

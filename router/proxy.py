@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 WORKER_HEADER = "x-kvroute-worker"
 TIER_HEADER = "x-kvroute-tier"
+# prompt tokens the router expected the worker to have cached; against the response's
+# usage.prompt_tokens_details.cached_tokens it shows where the prefix index was wrong
+PREDICTED_HEADER = "x-kvroute-predicted-cached-tokens"
 
 
 @contextlib.contextmanager
@@ -60,6 +63,7 @@ class Dispatch:
     grant: Grant | None = None  # governance: counts the stream and may cut it (router/governance)
     extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. the cascade's x-kvroute-escalated
     usage_add: dict | None = None  # cascade: earlier tries' usage, added to the usage the client sees
+    predicted_cached: int = 0  # prompt tokens the policy expected ``worker`` to have cached
 
 
 def upstream_body(d: Dispatch) -> bytes:
@@ -75,7 +79,7 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
     session = app[keys.SESSION]
     policy = d.route.policy
     worker = d.worker
-    predicted = policy.predicted_cached_tokens(worker, d.ctx)
+    predicted = d.predicted_cached = policy.predicted_cached_tokens(worker, d.ctx)
     load_tokens = max(0, d.ctx.prompt_tokens - predicted) + d.ctx.max_tokens
     policy.on_dispatch(worker, d.ctx)
     worker.in_flight_requests += 1
@@ -190,7 +194,7 @@ async def _start_stream(request: web.Request, d: Dispatch) -> web.StreamResponse
 
 
 def response_headers(d: Dispatch) -> dict[str, str]:
-    headers = {WORKER_HEADER: d.worker.url}
+    headers = {WORKER_HEADER: d.worker.url, PREDICTED_HEADER: str(d.predicted_cached)}
     if d.route.cfg.tier:
         headers[TIER_HEADER] = d.route.cfg.tier
     headers.update(d.extra_headers)

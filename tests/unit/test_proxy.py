@@ -48,6 +48,14 @@ async def test_non_streaming_chat_is_passed_through_with_the_worker_header(clien
     assert resp.headers["x-kvroute-worker"] == str(upstream.make_url("")).rstrip("/")
 
 
+async def test_the_response_says_how_many_prompt_tokens_the_router_expected_cached(client):
+    long = {**CHAT, "messages": [{"role": "user", "content": "the same long question " * 100}]}
+    first = await client.post("/v1/chat/completions", json=long)
+    again = await client.post("/v1/chat/completions", json=long)
+    assert first.headers["x-kvroute-predicted-cached-tokens"] == "0"
+    assert int(again.headers["x-kvroute-predicted-cached-tokens"]) > 0  # the prefix index saw it
+
+
 async def test_stream_strips_the_usage_chunk_unless_asked_and_counts_it(client, upstream):
     resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     text = (await resp.read()).decode()
