@@ -174,7 +174,8 @@ async def build_context(route: ModelRoute, req: ParsedRequest) -> RequestContext
 
 def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext,
                   exclude: set[str]) -> Worker:
-    candidates = [w for w in route.pool.healthy() if w.url not in exclude]
+    healthy = route.pool.healthy()
+    candidates = tuple(w for w in healthy if w.url not in exclude) if exclude else healthy
     if not candidates:
         raise NoHealthyWorker(f"No healthy worker for model '{route.cfg.name}'; retry later.",
                               param="model")

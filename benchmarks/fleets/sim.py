@@ -32,7 +32,7 @@ import random
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +83,7 @@ class _Chooser:
             self.policy = create_policy(name, deps, options)
         self._pins: dict[str, int] = {}
 
-    def select(self, workers: list[Worker], ctx: RequestContext, group: str) -> Worker:
+    def select(self, workers: Sequence[Worker], ctx: RequestContext, group: str) -> Worker:
         if self.policy is None:
             i = self._pins.setdefault(group, len(self._pins) % len(workers))
             return workers[i]
@@ -156,7 +156,7 @@ def simulate(
         SimWorker(f"http://sim-{i}", cfg.capacity_blocks, cfg.block_size, cfg.timing, listener)
         for i in range(cfg.workers)
     ]
-    workers = [Worker(url=s.url, model=cfg.model, block_size=cfg.block_size) for s in sims]
+    workers = tuple(Worker(url=s.url, model=cfg.model, block_size=cfg.block_size) for s in sims)
     by_url = {w.url: i for i, w in enumerate(workers)}
     if chooser.policy is not None:
         chooser.policy.on_workers_changed(workers)

@@ -8,7 +8,7 @@ scraper. Policies only read them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Worker:
     url: str
     model: str
     tier: str | None = None
-    healthy: bool = True
+    _healthy: bool = field(default=True, repr=False)
     # The router's own accounting of requests it has sent and not yet seen finish.
     in_flight_requests: int = 0
     in_flight_tokens: int = 0  # uncached prefill + expected decode tokens of those requests
@@ -26,6 +26,19 @@ class Worker:
     kv_usage: float = 0.0
     block_size: int | None = None
     last_error: str | None = None
+    # the owning pool's hook: its cached list of healthy workers is stale
+    _on_health_change: Callable[[], None] | None = field(default=None, repr=False)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @healthy.setter
+    def healthy(self, ok: bool) -> None:
+        if ok != self._healthy:
+            self._healthy = ok
+            if self._on_health_change is not None:
+                self._on_health_change()
 
     @property
     def queue_depth(self) -> int:
@@ -44,14 +57,28 @@ class WorkerPool:
 
     def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None):
         self.model = model  # the pool key: "model" or "model/tier"
-        self._workers: dict[str, Worker] = {u: Worker(url=u, model=model, tier=tier) for u in urls}
+        self._workers: dict[str, Worker] = {}
+        self._healthy: tuple[Worker, ...] | None = None
         self._listeners: list[Callable[[list[Worker]], None]] = []
+        for u in urls:
+            self._add(u, tier)
 
     def all(self) -> list[Worker]:
         return list(self._workers.values())
 
-    def healthy(self) -> list[Worker]:
-        return [w for w in self._workers.values() if w.healthy]
+    def healthy(self) -> tuple[Worker, ...]:
+        """The routable workers. The same tuple until membership or health changes, so a
+        request does not pay for a walk over the fleet (and policies may key caches on it)."""
+        if self._healthy is None:
+            self._healthy = tuple(w for w in self._workers.values() if w.healthy)
+        return self._healthy
+
+    def _stale(self) -> None:
+        self._healthy = None
+
+    def _add(self, url: str, tier: str | None) -> None:
+        self._workers[url] = Worker(url=url, model=self.model, tier=tier, _on_health_change=self._stale)
+        self._stale()
 
     def get(self, url: str) -> Worker | None:
         return self._workers.get(url)
@@ -65,11 +92,12 @@ class WorkerPool:
         changed = False
         for url in list(self._workers):
             if url not in wanted:
-                del self._workers[url]
+                self._workers.pop(url)._on_health_change = None
+                self._stale()
                 changed = True
         for url, tier in wanted.items():
             if url not in self._workers:
-                self._workers[url] = Worker(url=url, model=self.model, tier=tier)
+                self._add(url, tier)
                 changed = True
             else:
                 self._workers[url].tier = tier

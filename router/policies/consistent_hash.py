@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import xxhash
@@ -39,6 +39,7 @@ class HashRing:
         self._members: set[str] = set()
         self._points: list[int] = []
         self._owners: list[str] = []
+        self._checked: Collection[str] | None = None  # the last ``urls`` known to be members
 
     def _rebuild(self, urls: set[str]) -> None:
         ring = sorted(
@@ -48,22 +49,28 @@ class HashRing:
         self._owners = [u for _, u in ring]
         self._members = set(urls)
 
-    def walk(self, key: int, urls: Iterable[str]) -> Iterator[str]:
-        """Distinct URLs of ``urls`` in ring order from ``key``, lazily."""
-        wanted = set(urls)
-        if not wanted <= self._members:
-            self._rebuild(self._members | wanted)
-        if not wanted:
+    def walk(self, key: int, urls: Collection[str]) -> Iterator[str]:
+        """Distinct URLs of ``urls`` in ring order from ``key``, lazily.
+
+        ``urls`` is a set or a mapping keyed by URL that the caller does not change
+        afterwards: the check that the ring holds all of them is skipped when the same
+        object comes again, so a walk costs its steps, not the fleet's size.
+        """
+        if urls is not self._checked:
+            if not all(u in self._members for u in urls):
+                self._rebuild(self._members | set(urls))
+            self._checked = urls
+        if not urls:
             return
         n = len(self._owners)
         start = bisect.bisect_left(self._points, key)
         seen: set[str] = set()
         for i in range(n):
             url = self._owners[(start + i) % n]
-            if url in wanted and url not in seen:
+            if url in urls and url not in seen:
                 seen.add(url)
                 yield url
-                if len(seen) == len(wanted):
+                if len(seen) == len(urls):
                     return
 
     def forget(self, keep: Iterable[str]) -> None:
@@ -71,6 +78,7 @@ class HashRing:
         keep = set(keep)
         if keep != self._members:
             self._rebuild(keep)
+            self._checked = None
 
     def pick(self, key: int, workers: Sequence[Worker], load_factor: float) -> Worker | None:
         """First worker clockwise from ``key`` whose load is under the bound."""

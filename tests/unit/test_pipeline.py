@@ -25,3 +25,40 @@ def test_discovered_workers_join_and_leave_their_pools_with_their_index_entries(
     small.index.insert("http://10.0.0.2:8000", chain_keys(list(range(64)), 16))
     routes.apply_discovery([DiscoveredWorker("http://10.0.0.1:8000", "plain", None)])
     assert small.pool.all() == [] and len(small.index) == 0
+
+
+def test_a_pool_hands_out_the_same_healthy_tuple_until_health_or_membership_changes():
+    from router.fleet.workers import WorkerPool
+
+    pool = WorkerPool("m", ["http://a", "http://b", "http://c"])
+    first = pool.healthy()
+    assert pool.healthy() is first and [w.url for w in first] == ["http://a", "http://b", "http://c"]
+    pool.get("http://b").healthy = False
+    assert [w.url for w in pool.healthy()] == ["http://a", "http://c"]
+    pool.get("http://b").healthy = True
+    assert len(pool.healthy()) == 3
+    gone = pool.get("http://c")
+    pool.set_members([("http://a", None), ("http://b", None), ("http://d", None)])
+    assert [w.url for w in pool.healthy()] == ["http://a", "http://b", "http://d"]
+    gone.healthy = False  # a worker that left no longer touches its old pool
+    assert len(pool.healthy()) == 3
+
+
+def test_the_prefix_policy_never_picks_a_worker_that_turned_unhealthy():
+    import random
+
+    from router.fleet.workers import WorkerPool
+    from router.index import PrefixIndex
+    from router.policies.base import PolicyDeps, RequestContext
+    from router.policies.registry import create_policy
+
+    pool = WorkerPool("m", [f"http://w{i}" for i in range(4)])
+    policy = create_policy("prefix", PolicyDeps(index=PrefixIndex(1000), rng=random.Random(0)), {})
+    ctx = RequestContext(model="m", block_keys=tuple(chain_keys(list(range(64)), 16)), block_size=16,
+                         prompt_tokens=64, max_tokens=16)
+    holder = policy.select(pool.healthy(), ctx)
+    policy.on_dispatch(holder, ctx)
+    assert policy.select(pool.healthy(), ctx) is holder  # its cached map of the same tuple
+    holder.healthy = False
+    for _ in range(8):  # the prefix now has no healthy holder: placed anew, never on holder
+        assert policy.select(pool.healthy(), ctx) is not holder
