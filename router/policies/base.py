@@ -9,9 +9,9 @@ by default.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from router.fleet.workers import Worker
 from router.index import PrefixIndex
@@ -71,6 +71,32 @@ class Policy:
 
     def on_workers_changed(self, workers: Sequence[Worker]) -> None:
         self.deps.index.retain_workers(w.url for w in workers)
+
+
+T = TypeVar("T")
+
+
+class PerCandidates(Generic[T]):
+    """A value derived from the candidate workers, built once per candidate set.
+
+    The router hands policies the same tuple of healthy workers until health or
+    membership changes, so whatever a policy derives from the whole list (a map by URL,
+    a sorted order) costs once per change instead of once per request. A list, which may
+    change in place, is never kept.
+    """
+
+    def __init__(self, build: Callable[[Sequence[Worker]], T]):
+        self._build = build
+        self._workers: tuple[Worker, ...] | None = None
+        self._value: T | None = None
+
+    def of(self, workers: Sequence[Worker]) -> T:
+        if workers is self._workers:
+            return self._value  # type: ignore[return-value]
+        value = self._build(workers)
+        if isinstance(workers, tuple):
+            self._workers, self._value = workers, value
+        return value
 
 
 def pick_random_min(workers: Sequence[Worker], scores: Sequence[float], rng: random.Random) -> Worker:

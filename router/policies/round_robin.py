@@ -1,7 +1,7 @@
 """round_robin: each request goes to the next healthy worker in turn.
 
-Cost O(1). No knobs. It ignores prefixes and load; it is the baseline that benchmarks
-compare against.
+Cost O(1) while the healthy set is unchanged (its URL order is sorted once per set). No
+knobs. It ignores prefixes and load; it is the baseline that benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from router.fleet.workers import Worker
-from router.policies.base import Policy, RequestContext
+from router.policies.base import PerCandidates, Policy, RequestContext
 
 
 class RoundRobinPolicy(Policy):
@@ -18,11 +18,13 @@ class RoundRobinPolicy(Policy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._next = 0
+        # sorted by URL: stable under membership churn
+        self._ordered = PerCandidates(lambda workers: sorted(workers, key=lambda w: w.url))
 
     def select(self, workers: Sequence[Worker], ctx: RequestContext) -> Worker | None:
         if not workers:
             return None
-        ordered = sorted(workers, key=lambda w: w.url)  # stable under membership churn
+        ordered = self._ordered.of(workers)
         worker = ordered[self._next % len(ordered)]
         self._next += 1
         return worker
