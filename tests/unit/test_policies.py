@@ -260,6 +260,19 @@ def test_prefix_balances_new_chats_by_count_while_their_lengths_differ():
     assert flat.select(ws, ctx([20_000] * 80)) is young  # by blocks alone
 
 
+def test_prefix_keeps_placement_balanced_while_every_cache_is_near_full():
+    p, ws = make("prefix"), workers(2)
+    busy, light = ws
+    for g in range(3):
+        c = ctx([300 + g] * 64)
+        p.on_dispatch(busy, c)
+    p.on_dispatch(light, ctx([400] * 64))
+    for w in ws:
+        w.kv_usage = 0.92  # near full of running requests on both: no worker passes that test
+    for g in range(6):  # whichever worker the ring names first
+        assert p.select(ws, ctx([500 + g] * 64)) is light
+
+
 def test_prefix_does_not_count_prompts_too_short_to_cache_as_a_workers_prefixes():
     p, ws = make("prefix"), workers(4)
     short = ctx([1] * 8)  # under one block, no session: e.g. a benchmark's warm-up request
