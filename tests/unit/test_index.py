@@ -29,6 +29,16 @@ def test_lru_bound_per_worker_evicts_oldest_blocks():
     assert idx.match(old, ["w1"]) == {"w1": 0}
 
 
+def test_a_prompts_tail_is_forgotten_before_its_head_as_vllm_evicts():
+    idx = PrefixIndex(capacity_blocks=6)
+    old = chain_keys(list(range(64)), 16)  # 4 blocks
+    idx.insert("w1", old)
+    idx.insert("w1", chain_keys([1000] * 48, 16))  # 3 fresh blocks push 1 out
+    # vLLM frees a request's blocks tail first, so its tail is evicted first and the
+    # head still hits; forgetting the head first would lose the whole prefix
+    assert idx.match(old, ["w1"]) == {"w1": 3}
+
+
 def test_memory_stays_bounded_under_many_prompts():
     idx = PrefixIndex(capacity_blocks=50)
     for n in range(2000):
