@@ -76,8 +76,8 @@ _DEFAULTS = {
     "vnodes": 64,
     # A new prefix goes to a worker with at most the mean number of recent prefixes and at
     # most 1.5x the mean of their blocks. In the simulator (4 workers, tight caches, 10
-    # seeds) this beat blocks <= 1.0x the mean alone on multi-turn by 2.1 points (every
-    # seed), on agent by 0.4 and on a working set twice the caches by 0.8; blocks were
+    # seeds) this beat blocks <= 1.0x the mean alone on multi-turn by 1.8 points (9 of 10
+    # seeds), on agent by 0.1 and on a working set twice the caches by 0.6; blocks were
     # balanced by their latest length, which undercounts young chats that will grow.
     "prefix_balance_factor": 1.0,
     "cache_balance_factor": 1.5,
@@ -223,14 +223,22 @@ class PrefixPolicy(Policy):
             if w.kv_usage < self.kv_saturation:
                 free = free or w
         # A full cache is transient (running requests finish); where a prefix lives is not.
-        # Preferring balance here: +1.4 points on a working set twice the caches in the
-        # simulator (5 seeds), where every cache is often near full and the old order
-        # fell back to plain consistent hashing (10 / 7 / 4 / 3 groups on 4 real workers).
+        # The old order (any unsaturated worker before a balanced one) fell back to plain
+        # consistent hashing when every cache was near full: 10 / 7 / 4 / 3 groups on 4
+        # real workers with a working set twice the caches.
         return balanced or free or first
 
     def fair_shares(self, key: int | None, n: int) -> float:
-        """How many workers' fair share of recent traffic this prefix carries."""
-        return self._key_count[key] / self.hot_window * n
+        """How many workers' fair share of recent traffic this prefix carries.
+
+        Over the requests seen so far while the window fills (but at least a quarter of
+        it): measured over the whole window, a hot prefix had to send 1.5 windows' fair
+        share to one worker before it counted as hot (24 requests in a row on 4 workers).
+        """
+        count = self._key_count[key]
+        if count < 2:  # one request says nothing of a share (in a large fleet it would be hot)
+            return 0.0
+        return count / max(len(self._recent), self.hot_window // 4) * n
 
     def spread_hot(self, key: int | None, n: int, holders: list[Worker],
                    others: list[Worker]) -> Worker | None:

@@ -188,6 +188,19 @@ def test_prefix_copies_a_hot_prefix_in_proportion_to_its_traffic():
     assert max(picks.values()) <= 1.3 * 100 / 4  # the busiest worker stays near its fair share
 
 
+def test_prefix_spreads_a_hot_prefix_from_the_start_not_after_a_full_window():
+    p, ws = make("prefix"), workers(4)  # hot_window 64
+    hot = ctx(list(range(512)))
+    picks = Counter()
+    for n in range(20):  # the first 20 requests, 60% on one prefix
+        c = hot if n % 5 < 3 else ctx([2000 + n] * 512)
+        w = p.select(ws, c)
+        p.on_dispatch(w, c)
+        if c is hot:
+            picks[w.url] += 1
+    assert max(picks.values()) <= 6 and len(picks) >= 3  # not all 12 on its first holder
+
+
 def test_prefix_keeps_an_agent_on_its_history_when_its_shared_schema_is_hot():
     p, ws = make("prefix", {"hot_window": 20}), workers(4)
     schema = list(range(1024))
