@@ -89,7 +89,7 @@ async def _one(
                 )
             worker = resp.headers.get("x-kvroute-worker")
             predicted = resp.headers.get("x-kvroute-predicted-cached-tokens")
-            usage = None
+            usage: dict = {}
             async for line in resp.content:
                 if ttft is None and line.startswith(b"data:") and b"[DONE]" not in line:
                     ttft = time.perf_counter() - start
@@ -97,20 +97,20 @@ async def _one(
                     usage = _usage(line)
         return RequestResult(True, ttft, time.perf_counter() - start, worker=worker,
                              predicted_cached_tokens=int(predicted) if predicted else None,
-                             prompt_tokens=usage and usage.get("prompt_tokens"),
-                             cached_tokens=usage and (usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+                             prompt_tokens=usage.get("prompt_tokens"),
+                             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
     except (TimeoutError, aiohttp.ClientError) as exc:
         return RequestResult(
             False, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
         )
 
 
-def _usage(line: bytes) -> dict | None:
+def _usage(line: bytes) -> dict:
     try:
         usage = orjson.loads(line.removeprefix(b"data:")).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
+        return {}
+    return usage if isinstance(usage, dict) else {}
 
 
 async def drive(
