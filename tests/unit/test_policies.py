@@ -166,7 +166,8 @@ def test_prefix_avoids_workers_whose_kv_cache_is_saturated():
     for _ in range(3):
         p.on_dispatch(holder, hot)
     assert p.select(ws, hot) is not holder  # a hot prefix is copied to an unsaturated worker
-    assert p.select(ws, ctx(list(range(9000, 9200)) + [7] * 312)) is not holder  # a third cached
+    assert p.select(ws, ctx(list(range(9000, 9200)) + [7] * 312)) is holder  # a third cached
+    assert p.select(ws, ctx(list(range(9000, 9096)) + [7] * 416)) is not holder  # a fifth
     fresh = ctx(list(range(5000, 5512)))
     for w in ws:
         w.kv_usage = 0.97 if w is not ws[2] else 0.1
@@ -282,6 +283,17 @@ def test_prefix_keeps_placement_balanced_while_every_cache_is_near_full():
     p.on_dispatch(light, ctx([400] * 64))
     for w in ws:
         w.kv_usage = 0.92  # near full of running requests on both: no worker passes that test
+    for g in range(6):  # whichever worker the ring names first
+        assert p.select(ws, ctx([500 + g] * 64)) is light
+
+
+def test_prefix_places_a_new_prefix_on_a_balanced_worker_with_a_transient_queue():
+    p, ws = make("prefix"), workers(4)
+    *full, light = ws
+    for i, w in enumerate(full):
+        for g in range(2):
+            p.on_dispatch(w, ctx([300 + 10 * i + g] * 64))
+    light.in_flight_requests = 4  # over the ring's bound (3), under the eligibility bound (7)
     for g in range(6):  # whichever worker the ring names first
         assert p.select(ws, ctx([500 + g] * 64)) is light
 
