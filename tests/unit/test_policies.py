@@ -287,17 +287,6 @@ def test_prefix_keeps_placement_balanced_while_every_cache_is_near_full():
         assert p.select(ws, ctx([500 + g] * 64)) is light
 
 
-def test_prefix_places_a_new_prefix_on_a_balanced_worker_with_a_transient_queue():
-    p, ws = make("prefix"), workers(4)
-    *full, light = ws
-    for i, w in enumerate(full):
-        for g in range(2):
-            p.on_dispatch(w, ctx([300 + 10 * i + g] * 64))
-    light.in_flight_requests = 4  # over the ring's bound (3), under the eligibility bound (7)
-    for g in range(6):  # whichever worker the ring names first
-        assert p.select(ws, ctx([500 + g] * 64)) is light
-
-
 def test_prefix_does_not_count_prompts_too_short_to_cache_as_a_workers_prefixes():
     p, ws = make("prefix"), workers(4)
     short = ctx([1] * 8)  # under one block, no session: e.g. a benchmark's warm-up request
