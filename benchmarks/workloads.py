@@ -117,10 +117,16 @@ class _Text:
 
 
 def _tag(spec: WorkloadSpec, *parts: object) -> str:
-    """Fixed-width tag from the nonce: fresh prefixes per run at equal token counts."""
-    return xxhash.xxh64_hexdigest(
+    """A tag from the nonce: fresh prefixes per run at equal token counts.
+
+    Hex digits joined by "|" are one token each in byte-level BPE, so every router's
+    prompts have the same length. A bare hex digest took 24 to 26 tokens, which moved
+    block boundaries and with them each router's cached tokens by a block here and there.
+    """
+    digest = xxhash.xxh64_hexdigest(
         (f"{spec.nonce}|{spec.seed}|" + "|".join(map(str, parts))).encode()
     )
+    return "|".join(digest[:12])
 
 
 def _arrivals(spec: WorkloadSpec, rng: random.Random) -> Iterator[float]:

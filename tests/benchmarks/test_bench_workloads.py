@@ -115,3 +115,18 @@ def test_prefix_length_in_tiny_tokens(tiny_model_dir) -> None:
     assert 1750 < n < 1850, n
     n = len(tok.chat_ids(rec.body["messages"]))
     assert n + rec.body["max_tokens"] < 2048, n  # fits the tiny fleet's --max-model-len
+
+
+@pytest.mark.parametrize("name", ["shared-prefix", "multi-turn", "agent"])
+def test_every_nonce_gives_prompts_of_equal_length(tiny_model_dir, name: str) -> None:
+    # Routers compared in one run must see the same prompt lengths, or block boundaries,
+    # and with them cached-token counts, differ between routers for no routing reason.
+    from router.prefix import PromptTokenizer
+
+    tok = PromptTokenizer(str(tiny_model_dir))
+    spec = WorkloadSpec(name=name, requests=24, groups=4, prefix_tokens=300)
+    lengths = {
+        nonce: [len(tok.chat_ids(r.body["messages"])) for r in iter_records(spec.with_nonce(nonce))]
+        for nonce in ("prefix", "smg:cache_aware", "oracle", "round_robin", "x", "")
+    }
+    assert len({tuple(v) for v in lengths.values()}) == 1, lengths
