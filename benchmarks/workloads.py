@@ -126,7 +126,7 @@ def _tag(spec: WorkloadSpec, *parts: object) -> str:
     digest = xxhash.xxh64_hexdigest(
         (f"{spec.nonce}|{spec.seed}|" + "|".join(map(str, parts))).encode()
     )
-    return "|".join(digest[:12])
+    return "|".join(digest[:8])
 
 
 def _arrivals(spec: WorkloadSpec, rng: random.Random) -> Iterator[float]:
