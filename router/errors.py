@@ -153,6 +153,12 @@ class UpstreamConnectError(UpstreamError):
     retryable = True
 
 
+class UpstreamConnectionLost(UpstreamConnectError):
+    """A connection to the worker broke before its answer began, most often a keep-alive
+    connection the worker closed as we reused it: the worker is up, so it is not ejected
+    and the request is retried on it once."""
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

@@ -20,7 +20,13 @@ from aiohttp import web
 
 from router import keys
 from router.config import ModelConfig, RouterConfig
-from router.errors import InvalidRequest, ModelNotFound, NoHealthyWorker, UpstreamError
+from router.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NoHealthyWorker,
+    UpstreamConnectionLost,
+    UpstreamError,
+)
 from router.fleet.workers import Worker, WorkerPool
 from router.index import PrefixIndex
 from router.kv_events import ExactIndex
@@ -225,26 +231,37 @@ async def run_request(request: web.Request, req: ParsedRequest) -> web.StreamRes
 
 async def forward_with_retry(request: web.Request, route: ModelRoute, ctx: RequestContext, req: ParsedRequest,
                              grant: Grant | None, tries: list[Dispatch], **dispatch_options) -> web.StreamResponse:
-    """choose worker -> proxy + account, with one retry on another worker before the first byte.
+    """choose worker -> proxy + account, with one retry on another worker before the first byte,
+    and one more on the same worker if its connection was lost (it is up; its cache is there).
 
     Each attempt's ``Dispatch`` is appended to ``tries`` (the caller settles governance with the last).
     """
     app = request.app
     governor = app.get(keys.GOVERNOR)
     tried: set[str] = set()
+    worker: Worker | None = None
+    retried_same = False
     while True:
         if grant is not None:
             governor.check_kill(grant.attrs, route.cfg.name)  # before every upstream call
-        worker = choose_worker(app, route, ctx, tried)
-        tried.add(worker.url)
+        if worker is None:
+            worker = choose_worker(app, route, ctx, tried)
+            tried.add(worker.url)
         dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, grant=grant, **dispatch_options)
         tries.append(dispatch)
         try:
             return await forward(request, dispatch)  # proxy + account
         except UpstreamError as exc:
+            if isinstance(exc, UpstreamConnectionLost) and not retried_same and not dispatch.client_started:
+                retried_same = True
+                app[keys.METRICS].retries.labels(route.cfg.name).inc()
+                log.warning("retrying %s request on %s after a lost connection: %s",
+                            route.cfg.name, worker.url, exc.message)
+                continue
             if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
                     and len(route.pool.healthy()) > 0):
                 raise
             app[keys.METRICS].retries.labels(route.cfg.name).inc()
             log.warning("retrying %s request on another worker after %s: %s",
                         route.cfg.name, worker.url, exc.message)
+            worker = None

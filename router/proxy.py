@@ -23,7 +23,12 @@ import orjson
 from aiohttp import web
 
 from router import keys
-from router.errors import UpstreamConnectError, UpstreamStatusError, UpstreamTimeout
+from router.errors import (
+    UpstreamConnectError,
+    UpstreamConnectionLost,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from router.fleet.workers import Worker
 from router.policies.base import RequestContext
 from router.requests import ParsedRequest
@@ -45,8 +50,11 @@ def map_client_errors(worker: Worker) -> Iterator[None]:
         yield
     except TimeoutError as exc:
         raise UpstreamTimeout(f"Worker {worker.url} timed out") from exc
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+    except aiohttp.ClientConnectorError as exc:  # no connection could be made: down
         raise UpstreamConnectError(f"Worker {worker.url} failed: {type(exc).__name__}: {exc}") from exc
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise UpstreamConnectionLost(
+            f"Worker {worker.url} failed: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -107,7 +115,9 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
         metrics.predicted_cached_tokens.labels(*labels).inc(predicted)
         return response
     except UpstreamConnectError as exc:
-        if not d.client_started:
+        # A lost connection is not ejected: ejection drops the worker's prefix-index
+        # entries, and a keep-alive race once moved four agents off their histories.
+        if not d.client_started and not isinstance(exc, UpstreamConnectionLost):
             app[keys.HEALTH].eject(worker, exc.message)
         raise
     finally:

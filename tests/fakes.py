@@ -45,6 +45,10 @@ def fake_worker(name: str = "fake") -> web.Application:
         app[SEEN].append(body)
         app[SEEN_HEADERS].append({k.lower(): v for k, v in request.headers.items()
                                   if k.lower().startswith(("x-kvroute-", "traceparent"))})
+        drop = body.get("drop_connection_once")
+        if drop is not None and sum(b.get("drop_connection_once") == drop for b in app[SEEN]) == 1:
+            request.transport.close()  # as a worker closing a keep-alive connection we reuse
+            return web.Response()
         if body.get("model") == "reject-me" or body.get("temperature") == 99:
             return web.json_response({"object": "error", "message": "temperature too high",
                                       "type": "BadRequestError", "param": None, "code": 400}, status=400)

@@ -171,6 +171,22 @@ async def test_connect_error_before_first_byte_is_retried_on_another_worker(aioh
         assert not pool.get(dead).healthy  # ejected passively
 
 
+async def test_a_lost_connection_is_retried_on_the_same_worker_without_ejecting_it(
+        aiohttp_client, aiohttp_server):
+    servers = [await aiohttp_server(fake_worker(name)) for name in ("a", "b")]
+    urls = [str(s.make_url("")).rstrip("/") for s in servers]
+    client = await aiohttp_client(create_app(router_config(urls)))
+    pool = client.server.app[keys.ROUTES].get("tiny").tiers[0].pool
+    for i, stream in enumerate((False, True)):
+        resp = await client.post("/v1/chat/completions",
+                                 json={**CHAT, "stream": stream, "drop_connection_once": i})
+        assert resp.status == 200 and "hi" in await resp.text()
+        served = urls.index(resp.headers["x-kvroute-worker"])
+        seen = [b for b in servers[served].app[SEEN] if b.get("drop_connection_once") == i]
+        assert len(seen) == 2  # dropped, then answered by the same worker
+        assert all(w.healthy for w in pool.all())
+
+
 async def test_failure_mid_stream_ends_with_a_clean_sse_error(client):
     resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True, "die_mid_stream": True})
     text = (await resp.read()).decode()
