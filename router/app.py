@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +44,18 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     app[keys.HEALTH] = HealthChecker(on_worker_state)
     add_routes(app)
     app.cleanup_ctx.extend([_client_session, _executor, _classifiers, _discovery, _kv_events, _scraper,
-                            _health_loop, _governor])
+                            _health_loop, _governor, _freeze_startup_objects])
     return app
+
+
+async def _freeze_startup_objects(app: web.Application) -> AsyncIterator[None]:
+    # Tokenizers, chat templates and the classifier's torch leave millions of objects that
+    # live as long as the process; frozen, a full collection no longer walks them all
+    # while requests wait on the event loop.
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

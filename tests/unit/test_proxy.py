@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import orjson
 import pytest
@@ -185,6 +186,11 @@ async def test_a_lost_connection_is_retried_on_the_same_worker_without_ejecting_
         seen = [b for b in servers[served].app[SEEN] if b.get("drop_connection_once") == i]
         assert len(seen) == 2  # dropped, then answered by the same worker
         assert all(w.healthy for w in pool.all())
+
+
+async def test_objects_from_startup_are_frozen_out_of_the_collectors_way(client):
+    # a full collection walking the tokenizers' objects stalled streams for ~250 ms (p99)
+    assert gc.get_freeze_count() > 0
 
 
 async def test_failure_mid_stream_ends_with_a_clean_sse_error(client):
