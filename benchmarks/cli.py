@@ -9,6 +9,7 @@
     kvroute bench trace --workload agent --requests 200 --out trace.jsonl
     kvroute bench fleet --workers 4 --kv-blocks 320 --worker-port 8260 --events-port 18260
     kvroute bench agreement --worker-url ... --events-port-offset 10000 --out DIR
+    kvroute bench ceiling --workers 4 --kv-blocks 160 --workload shared-prefix --out DIR
 
 The oracle (groups pinned to workers by hand) is added unless ``--no-oracle``, because
 ``hit_rate_vs_oracle`` needs it. Also runnable as ``python -m benchmarks.cli``.
@@ -346,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         return write_trace_main(argv[1:])
     if argv[:1] == ["fleet"]:
         return hold_fleet_main(argv[1:])
+    if argv[:1] == ["ceiling"]:
+        from benchmarks.ceiling import main as ceiling_main
+
+        return ceiling_main(argv[1:])
     if argv[:1] == ["agreement"]:
         from benchmarks.agreement import main as agreement_main
 
