@@ -111,7 +111,7 @@ def ceiling(reqs: Sequence[Request], capacity: int, block_size: int) -> dict[str
     }
 
 
-def _plot(path: Path, curve: list[dict], at: int) -> None:
+def _plot(path: Path, curve: list[dict], at: int, measured: dict[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,11 +122,14 @@ def _plot(path: Path, curve: list[dict], at: int) -> None:
     ax.plot(xs, [c["opt_hit_rate"] for c in curve], marker="o", label="optimal (Belady, offline)")
     ax.plot(xs, [c["lru_hit_rate"] for c in curve], marker="s", label="one LRU cache")
     ax.axvline(at, color="grey", linestyle="--", label=f"this fleet: {at} blocks")
+    for i, (name, rate) in enumerate(sorted(measured.items(), key=lambda kv: -kv[1])):
+        ax.plot([at], [rate], marker="x", markersize=8, linestyle="none", color=f"C{i + 2}",
+                label=f"{name}: {rate:.3f}")
     ax.set_xlabel("fleet KV cache (blocks, all workers)")
     ax.set_ylabel("prefix-cache hit rate")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.set_title("Hit-rate ceiling of the pooled cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -146,12 +149,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--tokenization", choices=("words", "tiny"), default="tiny")
     p.add_argument("--nonce", default="ceiling", help="prefix tag (any: it changes no length)")
+    p.add_argument("--results", help="a bench run's results.json: put its routers on the plot")
     p.add_argument("--out", required=True)
     _add_workload_args(p)
     args = p.parse_args(argv)
     if args.workers < 1 or args.kv_blocks < 1:
         p.error("--workers and --kv-blocks must be positive")
     spec = _spec(args)
+    measured = {}
+    if args.results:
+        try:
+            routers = json.loads(Path(args.results).read_text())["routers"]
+            measured = {name: float(r["hit_rate"]) for name, r in routers.items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--results {args.results}: not a bench results.json ({exc})")
     keys = KeyCache(make_tokenization(args.tokenization), args.block_size)
     with tqdm(total=spec.requests, desc="ceiling", unit="req", file=sys.stderr) as bar:
         reqs = request_keys(iter_records(spec.with_nonce(args.nonce)), keys, bar.update)
@@ -167,6 +178,7 @@ def main(argv: list[str]) -> int:
         "requests": len(reqs),
         "ceiling": result,
         "curve": curve,
+        "measured": measured,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +193,13 @@ def main(argv: list[str]) -> int:
         mark = " (this fleet)" if c["capacity_blocks"] == total else ""
         md.append(f"| {c['capacity_blocks']}{mark} | {c['capacity_over_blocks']:.2f} | "
                   f"{c['opt_hit_rate']:.3f} | {c['lru_hit_rate']:.3f} |")
+    if measured:
+        md += ["", "| router (from --results) | hit rate | of the optimum | of one LRU cache |",
+               "|---|---:|---:|---:|"]
+        for name, rate in sorted(measured.items(), key=lambda kv: -kv[1]):
+            md.append(f"| {name} | {rate:.3f} | {rate / result['opt_hit_rate']:.2f} | "
+                      f"{rate / result['lru_hit_rate']:.2f} |")
     (out / "ceiling.md").write_text("\n".join(md) + "\n")
-    _plot(out / "ceiling.png", curve, total)
+    _plot(out / "ceiling.png", curve, total, measured)
     print("\n".join(md))
     return 0

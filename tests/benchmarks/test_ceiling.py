@@ -3,6 +3,8 @@
 import json
 import random
 
+import pytest
+
 from benchmarks.ceiling import ceiling, lru_hits, main, opt_hits
 
 BS = 4
@@ -53,7 +55,9 @@ def test_ceiling_summary_and_cli(tmp_path):
     assert 0 <= summary["lru_hit_rate"] <= summary["opt_hit_rate"] <= 1
 
     out = tmp_path / "c"
-    rc = main(["--workers", "2", "--kv-blocks", "40", "--tokenization", "words",
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"routers": {"prefix": {"hit_rate": 0.5}}}))
+    rc = main(["--workers", "2", "--results", str(results), "--kv-blocks", "40", "--tokenization", "words",
                "--workload", "shared-prefix", "--requests", "24", "--groups", "3",
                "--prefix-tokens", "200", "--out", str(out)])
     assert rc == 0
@@ -61,4 +65,14 @@ def test_ceiling_summary_and_cli(tmp_path):
     assert doc["requests"] == 24 and doc["ceiling"]["capacity_blocks"] == 80
     rates = [c["opt_hit_rate"] for c in doc["curve"]]
     assert rates == sorted(rates)  # the optimum grows with the cache
-    assert (out / "ceiling.png").stat().st_size > 0 and "(this fleet)" in (out / "ceiling.md").read_text()
+    md = (out / "ceiling.md").read_text()
+    assert (out / "ceiling.png").stat().st_size > 0 and "(this fleet)" in md
+    assert doc["measured"] == {"prefix": 0.5} and "| prefix | 0.500 |" in md
+
+
+def test_bad_results_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "r.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        main(["--results", str(bad), "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2 and "not a bench results.json" in capsys.readouterr().err
