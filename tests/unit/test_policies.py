@@ -287,6 +287,15 @@ def test_prefix_keeps_placement_balanced_while_every_cache_is_near_full():
         assert p.select(ws, ctx([500 + g] * 64)) is light
 
 
+def test_prefix_places_a_long_new_prefix_for_balance_even_on_a_busy_worker():
+    p, ws = make("prefix"), workers(4)
+    for g in range(15):  # 4 / 4 / 4 / 3 groups of 20 blocks
+        p.on_dispatch(ws[g % 4] if g < 12 else ws[g - 12], ctx([100 + g] * 320))
+    ws[3].in_flight_requests = 6  # the worker with 3 is over the queue bound for now
+    assert p.select(ws, ctx([999] * 320)) is ws[3]  # a long prefix stays: balance first
+    assert p.select(ws, ctx([998] * 32)) is not ws[3]  # a young chat can move later: the queue
+
+
 def test_prefix_does_not_count_prompts_too_short_to_cache_as_a_workers_prefixes():
     p, ws = make("prefix"), workers(4)
     short = ctx([1] * 8)  # under one block, no session: e.g. a benchmark's warm-up request
