@@ -164,8 +164,13 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             p.error(f"--results {args.results}: not a bench results.json ({exc})")
     keys = KeyCache(make_tokenization(args.tokenization), args.block_size)
-    with tqdm(total=spec.requests, desc="ceiling", unit="req", file=sys.stderr) as bar:
-        reqs = request_keys(iter_records(spec.with_nonce(args.nonce)), keys, bar.update)
+    try:
+        with tqdm(total=spec.requests, desc="ceiling", unit="req", file=sys.stderr) as bar:
+            reqs = request_keys(iter_records(spec.with_nonce(args.nonce)), keys, bar.update)
+    except (OSError, ValueError, KeyError) as exc:  # a missing or malformed trace
+        p.error(f"--workload {spec.name}: {exc}")
+    if not reqs:
+        p.error("the workload has no requests")
     total = args.workers * args.kv_blocks
     result = ceiling(reqs, total, args.block_size)
     curve = [ceiling(reqs, max(1, round(total * f)), args.block_size)

@@ -76,3 +76,9 @@ def test_bad_results_file_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--results", str(bad), "--out", str(tmp_path / "c")])
     assert exc.value.code == 2 and "not a bench results.json" in capsys.readouterr().err
+
+
+def test_missing_trace_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--workload", "trace", "--trace", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2 and "--workload trace" in capsys.readouterr().err
