@@ -23,16 +23,18 @@ import heapq
 import json
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from benchmarks.workloads import iter_records
+from benchmarks.fleets.simkeys import KeyCache
+from benchmarks.workloads import TraceRecord, iter_records
 
 Request = tuple[tuple[int, ...], int]  # (block keys, prompt tokens)
 NEVER = sys.maxsize
 
 
-def request_keys(records: Iterable, keys, progress=None) -> list[Request]:
+def request_keys(records: Iterable[TraceRecord], keys: KeyCache,
+                 progress: Callable[[int], object] | None = None) -> list[Request]:
     """Block keys and prompt length of each record, in arrival order."""
     out = []
     for rec in records:
@@ -140,7 +142,7 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from benchmarks.cli import _add_workload_args, _spec
-    from benchmarks.fleets.simkeys import KeyCache, make_tokenization
+    from benchmarks.fleets.simkeys import make_tokenization
 
     p = argparse.ArgumentParser(prog="kvroute bench ceiling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
