@@ -176,7 +176,9 @@ class Soak:
         self.by_url = {w.url: i for i, w in enumerate(self.workers)}
         self.policy = create_policy("prefix", PolicyDeps(index=self.index, rng=random.Random(cfg.seed)), None)
         self.policy.on_workers_changed(self.workers)
-        self.tok = WordIds()
+        # Every fresh prefix brings a new tag word; the stand-in tokenizer's default cache
+        # (200k words, ~30 MB) would grow through the whole run and hide the index's memory.
+        self.tok = WordIds(cache_size=4096)
         self.records = endless_workload(cfg.seed)
         self.flights: dict[int, tuple[Worker, RequestContext, int]] = {}
         # worker -> (end, chunks, events) of its step in progress; vLLM publishes after the step
