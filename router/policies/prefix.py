@@ -207,8 +207,8 @@ class PrefixPolicy(Policy):
                          blocks: int) -> Worker:
         """Ring order from ``key``: the first worker under the queue ``bound`` whose working
         set is within the bounds and whose cache is not near full; else the first within
-        the bounds; for a prompt of at least the mean prefix's ``blocks``, else the first
-        within the bounds over the queue bound; else the first with a cache not saturated;
+        the bounds; for a prompt of at least half the mean prefix's ``blocks``, else the
+        first within the bounds over the queue bound; else the first with a cache not saturated;
         else the first."""
         ws, n = self.working_set, len(by_url)
         room = self.cache_balance_factor * ws.total / n
@@ -217,7 +217,7 @@ class PrefixPolicy(Policy):
         # so its place is chosen for balance over a queue, which passes. On 4 real workers
         # the 16th of 16 groups went to a worker with 4 when the one with 3 was briefly
         # busy, in 3 of 8 shared-prefix runs: 1.25x fair load for the rest of the run.
-        settles = blocks * ws.prefixes >= ws.total > 0
+        settles = 2 * blocks * ws.prefixes >= ws.total > 0  # half the mean: lengths vary a little
         first = balanced = busy = free = None
         for url in self.ring.walk(key, by_url):
             w = by_url[url]

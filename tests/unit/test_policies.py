@@ -293,6 +293,7 @@ def test_prefix_places_a_long_new_prefix_for_balance_even_on_a_busy_worker():
         p.on_dispatch(ws[g % 4] if g < 12 else ws[g - 12], ctx([100 + g] * 320))
     ws[3].in_flight_requests = 6  # the worker with 3 is over the queue bound for now
     assert p.select(ws, ctx([999] * 320)) is ws[3]  # a long prefix stays: balance first
+    assert p.select(ws, ctx([997] * 304)) is ws[3]  # one a block shorter than the mean too
     assert p.select(ws, ctx([998] * 32)) is not ws[3]  # a young chat can move later: the queue
 
 
