@@ -23,7 +23,7 @@ import heapq
 import json
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
 from benchmarks.fleets.simkeys import KeyCache
@@ -44,8 +44,13 @@ def request_keys(records: Iterable[TraceRecord], keys: KeyCache,
     return out
 
 
-def _hit_blocks(cached: int, prompt_tokens: int, block_size: int) -> int:
-    return min(cached, (prompt_tokens - 1) // block_size)
+def _hit_tokens(keys: tuple[int, ...], prompt_tokens: int, cache: Container[int],
+                block_size: int) -> int:
+    """Tokens of the longest cached prefix, leaving one prompt token to compute (as vLLM)."""
+    cached = 0
+    while cached < len(keys) and keys[cached] in cache:
+        cached += 1
+    return min(cached, (prompt_tokens - 1) // block_size) * block_size
 
 
 def lru_hits(reqs: Sequence[Request], capacity: int, block_size: int) -> int:
@@ -53,10 +58,7 @@ def lru_hits(reqs: Sequence[Request], capacity: int, block_size: int) -> int:
     cache: OrderedDict[int, None] = OrderedDict()
     hits = 0
     for keys, n in reqs:
-        cached = 0
-        while cached < len(keys) and keys[cached] in cache:
-            cached += 1
-        hits += _hit_blocks(cached, n, block_size) * block_size
+        hits += _hit_tokens(keys, n, cache, block_size)
         for k in reversed(keys):  # the head ends most recent: the tail is evicted first
             cache[k] = None
             cache.move_to_end(k)
@@ -83,10 +85,7 @@ def opt_hits(reqs: Sequence[Request], capacity: int, block_size: int) -> int:
     heap: list[tuple[int, int, int]] = []  # (-next use, -depth, key); stale rows skipped
     hits = 0
     for t, (keys, n) in enumerate(reqs):
-        cached = 0
-        while cached < len(keys) and keys[cached] in cache:
-            cached += 1
-        hits += _hit_blocks(cached, n, block_size) * block_size
+        hits += _hit_tokens(keys, n, cache, block_size)
         for depth, (k, nu) in enumerate(zip(keys, next_use[t])):
             cache[k] = nu
             heapq.heappush(heap, (-nu, -depth, k))
@@ -174,9 +173,9 @@ def main(argv: list[str]) -> int:
     if not reqs:
         p.error("the workload has no requests")
     total = args.workers * args.kv_blocks
-    result = ceiling(reqs, total, args.block_size)
     curve = [ceiling(reqs, max(1, round(total * f)), args.block_size)
              for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
+    result = next(c for c in curve if c["capacity_blocks"] == total)
     doc = {
         "command": "kvroute bench ceiling " + " ".join(argv),
         "workload": {k: v for k, v in vars(spec).items() if k not in ("extra", "nonce")},
