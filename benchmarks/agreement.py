@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workloads import TraceRecord
+from kvroute.benchmarks.workloads import TraceRecord
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,10 @@ class ReplicaView:
     """One replica's knowledge: its own event subscriptions, exact index and policy."""
 
     def __init__(self, urls: Sequence[str], kv_cfg, capacity_blocks: int, seed: int, model: str):
-        from router.fleet.workers import Worker
-        from router.kv_events import EventHub, ExactIndex
-        from router.policies.base import PolicyDeps
-        from router.policies.registry import create_policy
+        from kvroute.router.fleet.workers import Worker
+        from kvroute.router.kv_events import EventHub, ExactIndex
+        from kvroute.router.policies.base import PolicyDeps
+        from kvroute.router.policies.registry import create_policy
 
         self.urls = list(urls)
         self.kv_cfg = kv_cfg
@@ -188,9 +188,9 @@ class ReplicaView:
 
 
 def _context(tok, rec: TraceRecord, model: str, block_size: int):
-    from router.pipeline import expected_max_tokens
-    from router.policies.base import RequestContext
-    from router.prefix import chain_keys
+    from kvroute.router.pipeline import expected_max_tokens
+    from kvroute.router.policies.base import RequestContext
+    from kvroute.router.prefix import chain_keys
 
     ids = tok.chat_ids(rec.body["messages"], rec.body.get("tools"))
     user = rec.body.get("user")
@@ -223,8 +223,8 @@ async def measure(
 
     import aiohttp
 
-    from benchmarks.runner import drive, scrape_fleet
-    from router.prefix import PromptTokenizer
+    from kvroute.benchmarks.runner import drive, scrape_fleet
+    from kvroute.router.prefix import PromptTokenizer
 
     tok = PromptTokenizer(tokenizer_dir)
     views = [ReplicaView(worker_urls, kv_cfg, capacity_blocks, seed + k, model) for k in (1, 2)]
@@ -262,7 +262,7 @@ async def measure(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.cli import _add_workload_args
+    from kvroute.benchmarks.cli import _add_workload_args
 
     p = argparse.ArgumentParser(prog="kvroute bench agreement", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,18 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cli import _progress, _spec, urls_kv_events
-    from benchmarks.fleets.routers import parse_router
-    from benchmarks.fleets.urls import RealFleet, check_workers, replica_ports, router_state, start_router
-    from benchmarks.runner import to_router_run
-    from benchmarks.workloads import iter_records
-    from router.config import KvEventsConfig
+    from kvroute.benchmarks.cli import _progress, _spec, urls_kv_events
+    from kvroute.benchmarks.fleets.routers import parse_router
+    from kvroute.benchmarks.fleets.urls import RealFleet, check_workers, replica_ports, router_state, start_router
+    from kvroute.benchmarks.runner import to_router_run
+    from kvroute.benchmarks.workloads import iter_records
+    from kvroute.router.config import KvEventsConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tokenizer is None:
-        from router.fleet.tinymodel import build_tiny_model
+        from kvroute.router.fleet.tinymodel import build_tiny_model
 
         args.tokenizer = str(build_tiny_model())
     kv = urls_kv_events(args.events_port_offset)

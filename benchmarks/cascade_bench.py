@@ -1,6 +1,6 @@
 """Router overhead of a cascade beyond its two model calls, against fake upstream tiers.
 
-``python -m benchmarks.cascade_bench --requests 300 --out DIR`` times, on one event loop:
+``python -m kvroute.benchmarks.cascade_bench --requests 300 --out DIR`` times, on one event loop:
 (a) an escalating cascade request (cheap try, confidence, strong try) and (b) the same two
 calls made as two plain requests with the tier forced (no cascade); the difference is the
 cascade's own cost (internal buffering, body rewrites, metrics). The answer scorer is a
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from router import keys
-from router.app import create_app
-from router.config import config_from_dict
-from tests.fakes import fake_worker
+from kvroute.benchmarks.fleets.mock import fake_worker
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.config import config_from_dict
 
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 5}
 
@@ -74,7 +74,7 @@ async def bench(n: int) -> dict:
 
 
 def scorer_ms(repeats: int = 50) -> float:
-    from classifier.answer import load_answer_scorer
+    from kvroute.classifier.answer import load_answer_scorer
 
     s = load_answer_scorer()
     q, a = "Janet has 16 eggs and eats 3. How many are left?", "16 - 3 = 13. The answer is 13."

@@ -26,8 +26,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
-from benchmarks.fleets.simkeys import KeyCache
-from benchmarks.workloads import TraceRecord, iter_records
+from kvroute.benchmarks.fleets.simkeys import KeyCache
+from kvroute.benchmarks.workloads import TraceRecord, iter_records
 
 Request = tuple[tuple[int, ...], int]  # (block keys, prompt tokens)
 NEVER = sys.maxsize
@@ -140,8 +140,8 @@ def _plot(path: Path, curve: list[dict], at: int, measured: dict[str, float]) ->
 def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from benchmarks.cli import _add_workload_args, _spec
-    from benchmarks.fleets.simkeys import make_tokenization
+    from kvroute.benchmarks.cli import _add_workload_args, _spec
+    from kvroute.benchmarks.fleets.simkeys import make_tokenization
 
     p = argparse.ArgumentParser(prog="kvroute bench ceiling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,7 @@
     kvroute bench ceiling --workers 4 --kv-blocks 160 --workload shared-prefix --out DIR
 
 The oracle (groups pinned to workers by hand) is added unless ``--no-oracle``, because
-``hit_rate_vs_oracle`` needs it. Also runnable as ``python -m benchmarks.cli``.
+``hit_rate_vs_oracle`` needs it. Also runnable as ``python -m kvroute.benchmarks.cli``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import xxhash
 
-from benchmarks.workloads import WORKLOADS, WorkloadSpec, iter_records, write_trace
+from kvroute.benchmarks.workloads import WORKLOADS, WorkloadSpec, iter_records, write_trace
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -151,10 +151,10 @@ def _progress(total: int, desc: str):
 
 
 def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.fleets.routers import parse_router
-    from benchmarks.fleets.sim import SimConfig, simulate
-    from benchmarks.fleets.simkeys import KeyCache, make_tokenization
-    from benchmarks.report import write_report
+    from kvroute.benchmarks.fleets.routers import parse_router
+    from kvroute.benchmarks.fleets.sim import SimConfig, simulate
+    from kvroute.benchmarks.fleets.simkeys import KeyCache, make_tokenization
+    from kvroute.benchmarks.report import write_report
 
     sizes = [int(x) for x in str(args.workers).split(",")]
     spec = _spec(args)
@@ -223,7 +223,7 @@ def urls_kv_events(offset: int | None) -> dict | None:
     """The ``kv_events:`` config of a fleet whose events port is HTTP port + ``offset``."""
     if offset is None:
         return None
-    from router.fleet.local import REPLAY_PORT_OFFSET
+    from kvroute.router.fleet.local import REPLAY_PORT_OFFSET
 
     return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
 
@@ -232,7 +232,7 @@ def hold_fleet_main(argv: list[str]) -> int:
     """Start a local fleet and keep it until SIGTERM/Ctrl-C, so several runs can share it."""
     import signal
 
-    from benchmarks.fleets.local import local_fleet
+    from kvroute.benchmarks.fleets.local import local_fleet
 
     p = argparse.ArgumentParser(prog="kvroute bench fleet", description=hold_fleet_main.__doc__)
     p.add_argument("--workers", type=int, default=4)
@@ -265,8 +265,8 @@ def hold_fleet_main(argv: list[str]) -> int:
 
 
 def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.fleets.urls import RealFleet, compare_routers
-    from benchmarks.report import write_report
+    from kvroute.benchmarks.fleets.urls import RealFleet, compare_routers
+    from kvroute.benchmarks.report import write_report
 
     spec = _spec(args)
     routers = _routers(args)
@@ -287,7 +287,7 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
         )
         header["fleet"] = {"kind": "urls", "workers": len(fleet.urls), "urls": list(fleet.urls)}
     else:
-        from benchmarks.fleets.local import local_fleet
+        from kvroute.benchmarks.fleets.local import local_fleet
 
         n = int(args.workers)
         with local_fleet(
@@ -315,7 +315,7 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
 
 def router_code_digest() -> dict[str, str]:
     """Short content hashes of the router code a run measured (it changes between runs)."""
-    import router
+    from kvroute import router
 
     root = Path(router.__file__).parent
     files = sorted(root.glob("policies/*.py")) + [root / "index.py", root / "proxy.py"]
@@ -340,7 +340,7 @@ def write_trace_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["overhead"]:
-        from benchmarks.overhead import main as overhead_main
+        from kvroute.benchmarks.overhead import main as overhead_main
 
         return overhead_main(argv[1:])
     if argv[:1] == ["trace"]:
@@ -348,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fleet"]:
         return hold_fleet_main(argv[1:])
     if argv[:1] == ["ceiling"]:
-        from benchmarks.ceiling import main as ceiling_main
+        from kvroute.benchmarks.ceiling import main as ceiling_main
 
         return ceiling_main(argv[1:])
     if argv[:1] == ["agreement"]:
-        from benchmarks.agreement import main as agreement_main
+        from kvroute.benchmarks.agreement import main as agreement_main
 
         return agreement_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import cli
+from kvroute.benchmarks import cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ worst case, not an empty config. Requests run one at a time, so the figures are 
 not throughput. Redis is the one at ``--redis-url``, or a ``redis-server`` this script
 starts on a free port and stops again.
 
-    python -m benchmarks.governance_bench --requests 2000 --out results/governance
+    python -m kvroute.benchmarks.governance_bench --requests 2000 --out results/governance
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from types import SimpleNamespace
 
 import orjson
 
-from benchmarks.results import percentile
-from router.config import config_from_dict
-from router.governance.governor import Governor
-from router.metrics import RouterMetrics
-from router.pipeline import ModelRoutes, build_context
-from router.requests import CHAT, parse_request
+from kvroute.benchmarks.results import percentile
+from kvroute.router.config import config_from_dict
+from kvroute.router.governance.governor import Governor
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.pipeline import ModelRoutes, build_context
+from kvroute.router.requests import CHAT, parse_request
 
 BUDGETS = [
     {"name": "per-call", "scope": "request", "limit": {"tokens": 8000}},

@@ -6,7 +6,7 @@ followed by ``BlockRemoved`` events that evict them, and times ``WorkerEvents`` 
 them to an ``ExactIndex``: decode, recomputing kvroute's own chain keys from the token
 ids, and the index updates. Writes ``kv_events_bench.json`` and ``.md`` to ``--out``.
 
-    python -m benchmarks.kv_events_bench --events 200000 --out bench-out/kv-events
+    python -m kvroute.benchmarks.kv_events_bench --events 200000 --out bench-out/kv-events
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from router.kv_events import ExactIndex, WorkerEvents
+from kvroute.router.kv_events import ExactIndex, WorkerEvents
 
 
 def make_batches(n_events: int, block_size: int, batch: int, seed: int = 0) -> list[bytes]:

@@ -14,7 +14,7 @@ Every ``--sample-s`` it records RSS, the index's entries (confirmed, speculative
 holders, vLLM hash -> key maps) and their approximate bytes, and checks that the index
 equals the workers' caches. Writes results.json, results.md and memory.png to ``--out``.
 
-    nice -n 10 python -m benchmarks.kv_events_soak --minutes 30 --out bench-out/kv-soak
+    nice -n 10 python -m kvroute.benchmarks.kv_events_soak --minutes 30 --out bench-out/kv-soak
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from typing import Any
 import msgspec
 import xxhash
 
-from benchmarks.fleets.simkeys import WordIds
-from benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
-from benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
-from router.fleet.workers import Worker
-from router.kv_events import EventCounter, ExactIndex, WorkerEvents
-from router.policies.base import PolicyDeps, RequestContext
-from router.policies.registry import create_policy
-from router.prefix import chain_keys
+from kvroute.benchmarks.fleets.simkeys import WordIds
+from kvroute.benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
+from kvroute.benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.kv_events import EventCounter, ExactIndex, WorkerEvents
+from kvroute.router.policies.base import PolicyDeps, RequestContext
+from kvroute.router.policies.registry import create_policy
+from kvroute.router.prefix import chain_keys
 
 
 class BlockStored(msgspec.Struct, tag=True):  # the wire shapes of vllm.distributed.kv_events
@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     soak = Soak(cfg)
     soak.run(duration, progress=not args.no_progress)
     summary = soak.summary(duration)
-    command = shlex.join(["python", "-m", "benchmarks.kv_events_soak", *(sys.argv[1:] if argv is None else argv)])
+    args_used = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "kvroute.benchmarks.kv_events_soak", *args_used])
     write_outputs(Path(args.out), cfg, summary, soak.samples, command)
     print(json.dumps(summary, indent=2))
     return 0

@@ -28,9 +28,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from benchmarks.fleets.routers import RouterProcess, http_ok, parse_router, router_command
-from benchmarks.results import percentile
-from benchmarks.workloads import WorkloadSpec, iter_records
+from kvroute.benchmarks.fleets.routers import RouterProcess, http_ok, parse_router, router_command
+from kvroute.benchmarks.results import percentile
+from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
 
 _METRICS = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="tiny"} 0.0
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
-    from router.fleet.tinymodel import build_tiny_model
+    from kvroute.router.fleet.tinymodel import build_tiny_model
 
     tokenizer = args.tokenizer or str(build_tiny_model())
     spec = WorkloadSpec(
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             sys.executable,
             "-m",
-            "benchmarks.overhead",
+            "kvroute.benchmarks.overhead",
             "--fake",
             "--base-port",
             str(args.base_port),

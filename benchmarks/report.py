@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import RouterRun, summarize
+from kvroute.benchmarks.results import RouterRun, summarize
 
 ORACLE = "oracle"
 

@@ -22,9 +22,9 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.results import RouterRun
-from benchmarks.workloads import TraceRecord
-from router.fleet.scraper import parse_vllm_metrics
+from kvroute.benchmarks.results import RouterRun
+from kvroute.benchmarks.workloads import TraceRecord
+from kvroute.router.fleet.scraper import parse_vllm_metrics
 
 
 @dataclass

@@ -2,5 +2,5 @@
 
 Router-facing API lives in :mod:`classifier.model` (``load_scorer``, ``resolve_artifact``);
 training, calibration, evaluation and artifact tooling are reached through
-``python -m classifier.cli``.  Importing the package does not import torch.
+``python -m kvroute.classifier.cli``.  Importing the package does not import torch.
 """

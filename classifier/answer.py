@@ -31,19 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.artifact import new_version, read_metadata, resolve_artifact, write_metadata
-from classifier.data import (
+from kvroute.classifier.artifact import new_version, read_metadata, resolve_artifact, write_metadata
+from kvroute.classifier.data import (
     ROUTELLM_STRONG,
     ROUTELLM_WEAK,
     _contaminated,
     _norm,
     _truthy,
     assign_split,
+    data_dir,
     question_text,
-    shared_data_dir,
 )
-from classifier.encoder import Encoder, EncoderConfig
-from classifier.head import Head, fit_gain
+from kvroute.classifier.encoder import Encoder, EncoderConfig
+from kvroute.classifier.head import Head, fit_gain
 
 DEFAULT_ANSWER_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "answer-default"
 SEP = " [SEP] "
@@ -149,7 +149,7 @@ def load_answer_scorer(path: str | Path | None = None, cache_dir: str | None = N
 
 def load_gsm8k_answers(model: str = ROUTELLM_WEAK) -> list[AnswerRecord]:
     """RouteLLM GSM8K: ``model``'s answers and correctness, decontaminated, fixed split."""
-    root = shared_data_dir() / "routellm" / "gsm8k"
+    root = data_dir() / "routellm" / "gsm8k"
     bad = _contaminated(root / "contaminated_prompts.jsonl")
     out: list[AnswerRecord] = []
     with (root / "gsm8k_responses.csv").open(newline="") as fh:

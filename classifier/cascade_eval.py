@@ -160,8 +160,8 @@ def plot(res: dict, path: Path) -> None:
 
 def run(out: str | Path, classifier_path: str | None = None, answer_path: str | None = None,
         limit: int | None = None, cache_dir: str | None = None) -> dict:
-    from classifier.answer import load_answer_scorer, load_gsm8k_pairs
-    from classifier.model import load_scorer
+    from kvroute.classifier.answer import load_answer_scorer, load_gsm8k_pairs
+    from kvroute.classifier.model import load_scorer
 
     rows = load_gsm8k_pairs()
     cls_scorer = load_scorer(classifier_path, cache_dir=cache_dir)

@@ -1,7 +1,7 @@
-"""Command line: ``python -m classifier.cli <convert|train|calibrate|eval|refresh|export|bench|answer-train|
+"""Command line: ``python -m kvroute.classifier.cli <convert|train|calibrate|eval|refresh|export|bench|answer-train|
 answer-eval|cascade-eval>``.
 
-Data arguments take ``routellm`` / ``routellm:mmlu,gsm8k`` (the shared RouteLLM files,
+Data arguments take ``routellm`` / ``routellm:mmlu,gsm8k`` (the shipped RouteLLM files,
 converted on the fly) or a JSONL path in the user format.  Splits are fixed
 (:func:`classifier.data.assign_split`): training uses ``train``, calibration ``calib``,
 evaluation ``heldout`` unless told otherwise.
@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, SPLITS, load, select, write_jsonl
-from classifier.head import HEAD_KINDS
+from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, SPLITS, load, select, write_jsonl
+from kvroute.classifier.head import HEAD_KINDS
 
 ALL_SPLITS = ("all", *SPLITS)
 
@@ -45,9 +45,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from classifier.calibrate import calibrate
-    from classifier.encoder import Encoder, EncoderConfig
-    from classifier.train import finetune, save, train_frozen
+    from kvroute.classifier.calibrate import calibrate
+    from kvroute.classifier.encoder import Encoder, EncoderConfig
+    from kvroute.classifier.train import finetune, save, train_frozen
 
     recs = _records(args, args.splits, args.limit)
     if args.variant == "frozen":
@@ -69,10 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from classifier.artifact import new_version, resolve_artifact
-    from classifier.calibrate import calibrate
-    from classifier.model import load_scorer
-    from classifier.train import save
+    from kvroute.classifier.artifact import new_version, resolve_artifact
+    from kvroute.classifier.calibrate import calibrate
+    from kvroute.classifier.model import load_scorer
+    from kvroute.classifier.train import save
 
     scorer = load_scorer(args.model, cache_dir=args.cache)
     recs = _records(args, args.split, args.limit)
@@ -86,8 +86,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from classifier.evaluate import evaluate, write_report
-    from classifier.model import load_scorer
+    from kvroute.classifier.evaluate import evaluate, write_report
+    from kvroute.classifier.model import load_scorer
 
     scorer = load_scorer(args.model, cache_dir=args.cache)
     res = evaluate(scorer, _records(args, args.split, args.limit), args.strong, args.weak)
@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from classifier.refresh import refresh
+    from kvroute.classifier.refresh import refresh
 
     new = load(args.new)
     base = select(load(args.base), SPLITS, args.strong, args.weak) if args.base else []
@@ -112,15 +112,15 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from classifier.artifact import (
+    from kvroute.classifier.artifact import (
         export,
         new_version,
         read_metadata,
         resolve_artifact,
         swap_pointer,
     )
-    from classifier.evaluate import evaluate
-    from classifier.model import load_scorer
+    from kvroute.classifier.evaluate import evaluate
+    from kvroute.classifier.model import load_scorer
 
     meta = read_metadata(resolve_artifact(args.model)[0])
     extra: dict = {}
@@ -142,8 +142,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from classifier.bench import bench, write
-    from classifier.model import load_scorer
+    from kvroute.classifier.bench import bench, write
+    from kvroute.classifier.model import load_scorer
 
     res = bench(load_scorer(args.model), tokens=args.tokens, threads=args.threads,
                 repeats=args.repeats, batch_size=args.batch_size)
@@ -153,8 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_answer_train(args: argparse.Namespace) -> int:
-    from classifier.answer import encoder_config, load_gsm8k_answers, train_answer_scorer
-    from classifier.encoder import Encoder
+    from kvroute.classifier.answer import encoder_config, load_gsm8k_answers, train_answer_scorer
+    from kvroute.classifier.encoder import Encoder
 
     recs = [r for r in load_gsm8k_answers(args.weak) if r.split in args.splits.split(",")]
     recs = _subsample(recs, args.limit) if args.limit else recs
@@ -166,7 +166,7 @@ def cmd_answer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_answer_eval(args: argparse.Namespace) -> int:
-    from classifier.answer import evaluate_answers, load_answer_scorer, load_gsm8k_answers
+    from kvroute.classifier.answer import evaluate_answers, load_answer_scorer, load_gsm8k_answers
 
     recs = [r for r in load_gsm8k_answers(args.weak) if r.split == args.split]
     recs = _subsample(recs, args.limit) if args.limit else recs
@@ -180,7 +180,7 @@ def cmd_answer_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_cascade_eval(args: argparse.Namespace) -> int:
-    from classifier.cascade_eval import run
+    from kvroute.classifier.cascade_eval import run
 
     res = run(args.out, classifier_path=args.model, answer_path=args.answer_model, limit=args.limit,
               cache_dir=args.cache)

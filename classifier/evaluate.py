@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from classifier.data import Record
-from classifier.metrics import operating_point, oracle, random_baseline, summarize
+from kvroute.classifier.data import Record
+from kvroute.classifier.metrics import operating_point, oracle, random_baseline, summarize
 
 KEYS = ("apgr", "cpt50", "cpt80", "strong_share_for_95")
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.artifact import read_metadata, resolve_artifact
-from classifier.data import question_text
-from classifier.encoder import Encoder, EncoderConfig
-from classifier.head import Head
+from kvroute.classifier.artifact import read_metadata, resolve_artifact
+from kvroute.classifier.data import question_text
+from kvroute.classifier.encoder import Encoder, EncoderConfig
+from kvroute.classifier.head import Head
 
 __all__ = ["FinetunedScorer", "FrozenScorer", "load_scorer", "resolve_artifact"]
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "default"

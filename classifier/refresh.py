@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from classifier.artifact import resolve_artifact, swap_pointer
-from classifier.calibrate import calibrate
-from classifier.data import Record, select
-from classifier.encoder import Encoder, EncoderConfig
-from classifier.evaluate import evaluate
-from classifier.model import FinetunedScorer, FrozenScorer, load_scorer
-from classifier.train import save, train_frozen
+from kvroute.classifier.artifact import resolve_artifact, swap_pointer
+from kvroute.classifier.calibrate import calibrate
+from kvroute.classifier.data import Record, select
+from kvroute.classifier.encoder import Encoder, EncoderConfig
+from kvroute.classifier.evaluate import evaluate
+from kvroute.classifier.model import FinetunedScorer, FrozenScorer, load_scorer
+from kvroute.classifier.train import save, train_frozen
 
 
 def current_scorer(root: Path, cache_dir: str | None = None

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from classifier.artifact import new_version, write_metadata
-from classifier.data import Record, label
-from classifier.encoder import ENCODER_NAME, Encoder, EncoderConfig, encoder_path
-from classifier.head import DEFAULT_L2, fit_head
-from classifier.model import FinetunedScorer, FrozenScorer
+from kvroute.classifier.artifact import new_version, write_metadata
+from kvroute.classifier.data import Record, label
+from kvroute.classifier.encoder import ENCODER_NAME, Encoder, EncoderConfig, encoder_path
+from kvroute.classifier.head import DEFAULT_L2, fit_head
+from kvroute.classifier.model import FinetunedScorer, FrozenScorer
 
 
 def embed(encoder: Encoder, prompts: list[str], desc: str = "embedding") -> np.ndarray:
@@ -101,7 +101,7 @@ def finetune(records: list[Record], strong: str, weak: str, out: str | Path,
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from classifier.data import question_text
+    from kvroute.classifier.data import question_text
 
     torch.manual_seed(seed)
     y = labels(records, strong, weak, margin)

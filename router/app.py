@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 from aiohttp import web
 
-from router import keys
-from router.config import RouterConfig
-from router.fleet.health import HealthChecker
-from router.fleet.scraper import scrape_loop, scrape_once
-from router.governance.clock import Clock
-from router.governance.governor import Governor
-from router.handlers import add_routes, error_middleware
-from router.metrics import RouterMetrics
-from router.pipeline import ModelRoutes
+from kvroute.router import keys
+from kvroute.router.config import RouterConfig
+from kvroute.router.fleet.health import HealthChecker
+from kvroute.router.fleet.scraper import scrape_loop, scrape_once
+from kvroute.router.governance.clock import Clock
+from kvroute.router.governance.governor import Governor
+from kvroute.router.handlers import add_routes, error_middleware
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.pipeline import ModelRoutes
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ async def _classifiers(app: web.Application) -> AsyncIterator[None]:
 
 async def _discovery(app: web.Application) -> AsyncIterator[None]:
     """Workers from dns or k8s discovery join and leave pools without a restart."""
-    from router.fleet.discovery import make_discovery
+    from kvroute.router.fleet.discovery import make_discovery
 
     discovery = make_discovery(app[keys.CONFIG].discovery)
     if discovery is None:
@@ -124,7 +124,7 @@ async def _kv_events(app: web.Application) -> AsyncIterator[None]:
     if not exact:
         yield
         return
-    from router.kv_events import EventHub
+    from kvroute.router.kv_events import EventHub
 
     hub = EventHub(app[keys.METRICS])
     for route in exact:

@@ -42,19 +42,19 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from router import keys
-from router.confidence import Answer, Verdict, logprob_stats, parse_answer, rules
-from router.config import CascadeConfig
-from router.errors import BudgetExceeded, ConfigError, NoHealthyWorker, UpstreamError
-from router.metrics import RouterMetrics
-from router.proxy import TIER_HEADER, WORKER_HEADER, add_usage
-from router.requests import CHAT, ParsedRequest
-from router.tiers import prompt_text
+from kvroute.router import keys
+from kvroute.router.confidence import Answer, Verdict, logprob_stats, parse_answer, rules
+from kvroute.router.config import CascadeConfig
+from kvroute.router.errors import BudgetExceeded, ConfigError, NoHealthyWorker, UpstreamError
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.proxy import TIER_HEADER, WORKER_HEADER, add_usage
+from kvroute.router.requests import CHAT, ParsedRequest
+from kvroute.router.tiers import prompt_text
 
 if TYPE_CHECKING:
-    from router.governance.governor import Grant
-    from router.pipeline import ModelRoute, ServedModel
-    from router.policies.base import RequestContext
+    from kvroute.router.governance.governor import Grant
+    from kvroute.router.pipeline import ModelRoute, ServedModel
+    from kvroute.router.policies.base import RequestContext
 
 log = logging.getLogger(__name__)
 ESCALATED_HEADER = "x-kvroute-escalated"
@@ -71,7 +71,7 @@ class Cascade:
     async def load(self) -> None:
         if self.cfg.answer_model == "rules":
             return
-        from classifier.answer import load_answer_scorer  # torch and the encoder load only here
+        from kvroute.classifier.answer import load_answer_scorer  # torch and the encoder load only here
 
         try:
             self.scorer = await asyncio.get_running_loop().run_in_executor(

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from router.errors import ConfigError
+from kvroute.router.errors import ConfigError
 
 
 def _event_loop():
@@ -26,8 +26,8 @@ def _event_loop():
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from router.app import create_app
-    from router.config import config_from_dict, load_config
+    from kvroute.router.app import create_app
+    from kvroute.router.config import config_from_dict, load_config
 
     if args.config:
         cfg = load_config(args.config)
@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _fleet_up(args: argparse.Namespace) -> int:
-    from router.fleet.local import start_fleet, stop_fleet
+    from kvroute.router.fleet.local import start_fleet, stop_fleet
 
     fleet = start_fleet(workers=args.workers, kv_blocks=args.kv_blocks, base_port=args.base_port,
                         events_port=args.events_port, model=args.model,
@@ -74,7 +74,7 @@ def _fleet_up(args: argparse.Namespace) -> int:
 
 
 def _fleet_down(args: argparse.Namespace) -> int:
-    from router.fleet.local import load_state, stop_fleet
+    from kvroute.router.fleet.local import load_state, stop_fleet
 
     fleets = load_state(args.base_port)
     if not fleets:
@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose own packages parse their arguments.
 DELEGATED = {
-    "bench": ("benchmarks.cli", "routing benchmarks (kvroute bench --help)"),
-    "demo": ("benchmarks.demo", "local demo: fleet + router + short benchmark"),
-    "classifier": ("classifier.cli", "train, calibrate and evaluate the tier classifier"),
+    "bench": ("kvroute.benchmarks.cli", "routing benchmarks (kvroute bench --help)"),
+    "demo": ("kvroute.benchmarks.demo", "local demo: fleet + router + short benchmark"),
+    "classifier": ("kvroute.classifier.cli", "train, calibrate and evaluate the tier classifier"),
 }
 
 

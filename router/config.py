@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from router.errors import ConfigError
-from router.governance.config import GovernanceConfig, parse_governance
+from kvroute.router.errors import ConfigError
+from kvroute.router.governance.config import GovernanceConfig, parse_governance
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCOVERY_MODES = ("static", "dns", "k8s")
@@ -390,7 +390,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -
         _positive(block_size, f"{key}.block_size")
     policy = _typed(raw, "policy", str, key, "prefix")
     # Imported here so that config stays importable without the policy modules.
-    from router.policies.registry import POLICIES
+    from kvroute.router.policies.registry import POLICIES
 
     if policy not in POLICIES:
         raise ConfigError(f"{key}.policy", f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")

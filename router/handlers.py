@@ -7,11 +7,11 @@ import time
 
 from aiohttp import web
 
-from router import keys
-from router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
-from router.governance.api import add_governance_routes
-from router.pipeline import run_request
-from router.requests import CHAT, COMPLETION, parse_request, read_body
+from kvroute.router import keys
+from kvroute.router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
+from kvroute.router.governance.api import add_governance_routes
+from kvroute.router.pipeline import run_request
+from kvroute.router.requests import CHAT, COMPLETION, parse_request, read_body
 
 log = logging.getLogger(__name__)
 

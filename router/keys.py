@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from router.config import RouterConfig
-from router.fleet.health import HealthChecker
-from router.metrics import RouterMetrics
+from kvroute.router.config import RouterConfig
+from kvroute.router.fleet.health import HealthChecker
+from kvroute.router.metrics import RouterMetrics
 
 if TYPE_CHECKING:
     pass

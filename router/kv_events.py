@@ -33,9 +33,9 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from router.config import KvEventsConfig
-from router.index import discard_holder, evict_oldest, longest_prefixes, match_all
-from router.prefix import chain_keys
+from kvroute.router.config import KvEventsConfig
+from kvroute.router.index import discard_holder, evict_oldest, longest_prefixes, match_all
+from kvroute.router.prefix import chain_keys
 
 log = logging.getLogger(__name__)
 

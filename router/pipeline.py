@@ -18,28 +18,28 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from router import keys
-from router.config import ModelConfig, RouterConfig
-from router.errors import (
+from kvroute.router import keys
+from kvroute.router.config import ModelConfig, RouterConfig
+from kvroute.router.errors import (
     InvalidRequest,
     ModelNotFound,
     NoHealthyWorker,
     UpstreamConnectionLost,
     UpstreamError,
 )
-from router.fleet.workers import Worker, WorkerPool
-from router.index import PrefixIndex
-from router.kv_events import ExactIndex
-from router.policies.base import Policy, PolicyDeps, RequestContext
-from router.policies.registry import create_policy
-from router.prefix import Prefixer, PromptTokenizer
-from router.proxy import Dispatch, forward
-from router.requests import ParsedRequest
-from router.tiers import TierChooser, prompt_text
+from kvroute.router.fleet.workers import Worker, WorkerPool
+from kvroute.router.index import PrefixIndex
+from kvroute.router.kv_events import ExactIndex
+from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
+from kvroute.router.policies.registry import create_policy
+from kvroute.router.prefix import Prefixer, PromptTokenizer
+from kvroute.router.proxy import Dispatch, forward
+from kvroute.router.requests import ParsedRequest
+from kvroute.router.tiers import TierChooser, prompt_text
 
 if TYPE_CHECKING:
-    from router.cascade import Cascade
-    from router.governance.governor import Grant
+    from kvroute.router.cascade import Cascade
+    from kvroute.router.governance.governor import Grant
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ModelRoutes:
                 chooser = TierChooser(m.name, m.classifier, len(pools), executor, metrics)
             cascade = None
             if m.cascade is not None:
-                from router.cascade import Cascade
+                from kvroute.router.cascade import Cascade
 
                 cascade = Cascade(m.name, m.cascade, executor, metrics)
             self.by_name[m.name] = ServedModel(m.name, pools, chooser, cascade)

@@ -27,7 +27,7 @@ from typing import Any
 
 import xxhash
 
-from router.errors import InvalidRequest
+from kvroute.router.errors import InvalidRequest
 
 EXECUTOR_THRESHOLD_CHARS = 4096  # shorter prompts are tokenized inline: an executor hop costs more
 PIECE_CACHE_SIZE = 8192

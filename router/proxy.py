@@ -22,20 +22,20 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from router import keys
-from router.errors import (
+from kvroute.router import keys
+from kvroute.router.errors import (
     UpstreamConnectError,
     UpstreamConnectionLost,
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from router.fleet.workers import Worker
-from router.policies.base import RequestContext
-from router.requests import ParsedRequest
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.policies.base import RequestContext
+from kvroute.router.requests import ParsedRequest
 
 if TYPE_CHECKING:
-    from router.governance.governor import Grant
-    from router.pipeline import ModelRoute
+    from kvroute.router.governance.governor import Grant
+    from kvroute.router.pipeline import ModelRoute
 
 WORKER_HEADER = "x-kvroute-worker"
 TIER_HEADER = "x-kvroute-tier"

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.errors import InvalidRequest, PayloadTooLarge
+from kvroute.router.errors import InvalidRequest, PayloadTooLarge
 
 CHAT = "chat"
 COMPLETION = "completion"

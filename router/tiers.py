@@ -22,10 +22,10 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
-from router.config import ClassifierConfig
-from router.errors import ConfigError
-from router.metrics import RouterMetrics
-from router.prefix import normalize_content
+from kvroute.router.config import ClassifierConfig
+from kvroute.router.errors import ConfigError
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.prefix import normalize_content
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ def prompt_text(body: dict) -> str:
 
 
 def _load(path: str | None) -> Any:
-    from classifier.model import load_scorer  # torch and the encoder load only here
+    from kvroute.classifier.model import load_scorer  # torch and the encoder load only here
 
     return load_scorer(path)
 
 
 def _version(path: str | None) -> str:
-    from classifier.model import DEFAULT_ARTIFACT, resolve_artifact
+    from kvroute.classifier.model import DEFAULT_ARTIFACT, resolve_artifact
 
     return resolve_artifact(path or DEFAULT_ARTIFACT)[1]
 

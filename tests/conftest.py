@@ -13,18 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from router.fleet.tinymodel import build_tiny_model
+    from kvroute.router.fleet.tinymodel import build_tiny_model
 
     return build_tiny_model()
-
-
-@pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    path = REPO.parent / "shared" / "data"
-    if not path.is_dir():
-        pytest.fail(f"shared data folder {path} is missing: these tests need ../shared/data "
-                    "(see ../shared/README.md)")
-    return path
 
 
 @pytest.fixture(scope="session")

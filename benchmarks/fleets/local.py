@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.fleets.routers import http_ok
-from benchmarks.fleets.urls import RealFleet
+from kvroute.benchmarks.fleets.routers import http_ok
+from kvroute.benchmarks.fleets.urls import RealFleet
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def local_fleet(
     model: str = "tiny",
     max_model_len: int = 2048,
 ) -> Iterator[RealFleet]:
-    from router.fleet.local import REPLAY_PORT_OFFSET, worker_command
-    from router.fleet.tinymodel import build_tiny_model
+    from kvroute.router.fleet.local import REPLAY_PORT_OFFSET, worker_command
+    from kvroute.router.fleet.tinymodel import build_tiny_model
 
     model_dir = str(build_tiny_model())
     log_dir.mkdir(parents=True, exist_ok=True)

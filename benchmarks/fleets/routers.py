@@ -1,7 +1,7 @@
 """The routers a real-fleet benchmark compares, and how to start each as a subprocess.
 
 Router names on the command line:
-- ``prefix``, ``round_robin``, ... : kvroute with that policy (``python -m router.cli serve``);
+- ``prefix``, ``round_robin``, ... : kvroute with that policy (``python -m kvroute.router.cli serve``);
   ``prefix?load_weight=0.25&kv_capacity_blocks=320`` sets policy options (and the model's
   ``kv_capacity_blocks``) through a config file, in the simulator likewise.
   ``prefix?kv_events=1``: exact mode, subscribed to the fleet's KV events (``kv_events:``
@@ -36,7 +36,7 @@ CLIENT_SIDE = ("oracle", "direct")
 MODEL_OPTIONS = ("kv_capacity_blocks",)
 ROUTER_OPTIONS = ("kv_events", "replicas")  # how the benchmark runs kvroute, not the policy
 
-KVROUTE_SERVE = [sys.executable, "-m", "router.cli", "--log-level", "WARNING", "serve"]
+KVROUTE_SERVE = [sys.executable, "-m", "kvroute.router.cli", "--log-level", "WARNING", "serve"]
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.fleets.simkeys import KeyCache
-from benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
-from benchmarks.results import RouterRun, percentile
-from benchmarks.workloads import TraceRecord
-from router.config import ModelConfig
-from router.fleet.workers import Worker
-from router.index import PrefixIndex
-from router.kv_events import ExactIndex
-from router.policies.base import PolicyDeps, RequestContext
-from router.policies.registry import create_policy
+from kvroute.benchmarks.fleets.simkeys import KeyCache
+from kvroute.benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
+from kvroute.benchmarks.results import RouterRun, percentile
+from kvroute.benchmarks.workloads import TraceRecord
+from kvroute.router.config import ModelConfig
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.index import PrefixIndex
+from kvroute.router.kv_events import ExactIndex
+from kvroute.router.policies.base import PolicyDeps, RequestContext
+from kvroute.router.policies.registry import create_policy
 
 ORACLE = "oracle"
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import xxhash
 
-from router.prefix import PromptTokenizer, chain_keys, normalize_content
+from kvroute.router.prefix import PromptTokenizer, chain_keys, normalize_content
 
 _IM_START, _IM_END, _NEWLINE = 1, 2, 3
 
@@ -88,7 +88,7 @@ def make_tokenization(name: str, tokenizer_dir: str | None = None) -> Tokenizati
         return WordIds()
     if name == "tiny":
         if tokenizer_dir is None:
-            from router.fleet.tinymodel import build_tiny_model
+            from kvroute.router.fleet.tinymodel import build_tiny_model
 
             tokenizer_dir = str(build_tiny_model())
         return TinyIds(tokenizer_dir)

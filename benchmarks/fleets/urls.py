@@ -21,10 +21,10 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.fleets.routers import RouterProcess, RouterSpec, http_ok, parse_router, router_command
-from benchmarks.results import RouterRun
-from benchmarks.runner import drive, scrape_fleet, to_router_run, write_request_log
-from benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
+from kvroute.benchmarks.fleets.routers import RouterProcess, RouterSpec, http_ok, parse_router, router_command
+from kvroute.benchmarks.results import RouterRun
+from kvroute.benchmarks.runner import drive, scrape_fleet, to_router_run, write_request_log
+from kvroute.benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from router.config import DiscoveryConfig
+from kvroute.router.config import DiscoveryConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import aiohttp
 
-from router.fleet.workers import Worker
+from kvroute.router.fleet.workers import Worker
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import math
 
 import aiohttp
 
-from router.governance.clock import Clock
-from router.governance.config import AlertConfig
-from router.governance.store import Slot, Store, Used, ratio
-from router.metrics import RouterMetrics
+from kvroute.router.governance.clock import Clock
+from kvroute.router.governance.config import AlertConfig
+from kvroute.router.governance.store import Slot, Store, Used, ratio
+from kvroute.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 SPIKE_CHECK_S = 60.0

@@ -12,10 +12,10 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from router.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
-from router.governance.governor import Governor
-from router.governance.killswitch import entry_key
-from router.governance.ledger import DIMENSIONS, parse_window
+from kvroute.router.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from kvroute.router.governance.governor import Governor
+from kvroute.router.governance.killswitch import entry_key
+from kvroute.router.governance.ledger import DIMENSIONS, parse_window
 
 
 def _governor(request: web.Request, key: web.AppKey) -> Governor:

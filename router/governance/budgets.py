@@ -17,10 +17,10 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from router.config import Price
-from router.governance.config import Budget
-from router.governance.identity import Attribution
-from router.governance.store import Slot
+from kvroute.router.config import Price
+from kvroute.router.governance.config import Budget
+from kvroute.router.governance.identity import Attribution
+from kvroute.router.governance.store import Slot
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from router.errors import ConfigError
+from kvroute.router.errors import ConfigError
 
 SCOPES = ("request", "session", "agent", "task", "feature", "user", "tenant", "global")
 ACTIONS = ("reject", "throttle", "downgrade")

@@ -31,22 +31,22 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from router.errors import AgentHalted, BudgetExceeded, GovernanceUnavailable, KvrouteError, LoopDetected
-from router.governance import loops
-from router.governance.alerts import Alerter
-from router.governance.budgets import Rates, refusal, request_cap, slots_for
-from router.governance.clock import Clock
-from router.governance.config import Budget, GovernanceConfig
-from router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
-from router.governance.killswitch import KillSwitch
-from router.governance.ledger import Ledger
-from router.governance.store import Ask, Granted, MemoryStore, Slot, Store
-from router.metrics import RouterMetrics
+from kvroute.router.errors import AgentHalted, BudgetExceeded, GovernanceUnavailable, KvrouteError, LoopDetected
+from kvroute.router.governance import loops
+from kvroute.router.governance.alerts import Alerter
+from kvroute.router.governance.budgets import Rates, refusal, request_cap, slots_for
+from kvroute.router.governance.clock import Clock
+from kvroute.router.governance.config import Budget, GovernanceConfig
+from kvroute.router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
+from kvroute.router.governance.killswitch import KillSwitch
+from kvroute.router.governance.ledger import Ledger
+from kvroute.router.governance.store import Ask, Granted, MemoryStore, Slot, Store
+from kvroute.router.metrics import RouterMetrics
 
 if TYPE_CHECKING:
-    from router.pipeline import ModelRoute, ServedModel
-    from router.policies.base import RequestContext
-    from router.requests import ParsedRequest
+    from kvroute.router.pipeline import ModelRoute, ServedModel
+    from kvroute.router.policies.base import RequestContext
+    from kvroute.router.requests import ParsedRequest
 
 try:
     from redis.exceptions import RedisError
@@ -132,7 +132,7 @@ class Governor:
         self.clock = clock or Clock()
         if store is None:
             if cfg.redis is not None:
-                from router.governance.redis_store import RedisStore
+                from kvroute.router.governance.redis_store import RedisStore
 
                 store = RedisStore.from_url(cfg.redis.url, cfg.redis.prefix)
             else:

@@ -12,8 +12,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from router.errors import Forbidden, Unauthorized
-from router.governance.config import TAGS, GovernanceConfig
+from kvroute.router.errors import Forbidden, Unauthorized
+from kvroute.router.governance.config import TAGS, GovernanceConfig
 
 ANONYMOUS = "anonymous"
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")

@@ -16,9 +16,9 @@ import aiohttp
 import orjson
 import yaml
 
-from router.governance.clock import Clock
-from router.governance.config import KillSwitchConfig
-from router.governance.store import Store
+from kvroute.router.governance.clock import Clock
+from kvroute.router.governance.config import KillSwitchConfig
+from kvroute.router.governance.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from router.governance.identity import Attribution
-from router.governance.store import Store
+from kvroute.router.governance.identity import Attribution
+from kvroute.router.governance.store import Store
 
 DIMENSIONS = ("tenant", "agent", "task", "feature", "user", "model", "tier")
 METRICS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd")

@@ -17,7 +17,7 @@ import hashlib
 import re
 from collections import Counter
 
-from router.prefix import normalize_content
+from kvroute.router.prefix import normalize_content
 
 _DIGITS = re.compile(r"\d+")
 _SPACE = re.compile(r"\s+")

@@ -16,7 +16,7 @@ import math
 
 import redis.asyncio as aioredis
 
-from router.governance.store import NONE, Ask, Granted, Slot, Used
+from kvroute.router.governance.store import NONE, Ask, Granted, Slot, Used
 
 _PARSE = "local _, _, rt, ru = string.find(m, '^[^|]*|([^|]*)|(.*)$')"
 

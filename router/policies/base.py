@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from router.fleet.workers import Worker
-from router.index import PrefixIndex
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.index import PrefixIndex
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Policy:
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
         """Raise ``ConfigError`` naming ``key`` for bad options. Default: none accepted."""
-        from router.errors import ConfigError
+        from kvroute.router.errors import ConfigError
 
         for k in options:
             raise ConfigError(f"{key}.{k}", f"policy {cls.name!r} takes no option {k!r}")

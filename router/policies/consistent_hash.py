@@ -21,9 +21,9 @@ from typing import Any
 
 import xxhash
 
-from router.errors import ConfigError
-from router.fleet.workers import Worker
-from router.policies.base import Policy, RequestContext, pick_random_min
+from kvroute.router.errors import ConfigError
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.policies.base import Policy, RequestContext, pick_random_min
 
 
 class HashRing:

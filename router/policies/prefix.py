@@ -54,10 +54,10 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from router.errors import ConfigError
-from router.fleet.workers import Worker
-from router.policies.base import PerCandidates, Policy, RequestContext, pick_random_min
-from router.policies.consistent_hash import HashRing, route_key
+from kvroute.router.errors import ConfigError
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.policies.base import PerCandidates, Policy, RequestContext, pick_random_min
+from kvroute.router.policies.consistent_hash import HashRing, route_key
 
 # A prefix is hot once it carries this many workers' fair share of recent traffic. A
 # lower mark copied agents' shared tool schemas about (each ~1.2 fair shares in the

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from router.errors import ConfigError
-from router.policies.base import Policy, PolicyDeps
-from router.policies.consistent_hash import ConsistentHashPolicy
-from router.policies.least_loaded import LeastLoadedPolicy
-from router.policies.prefix import PrefixPolicy
-from router.policies.round_robin import RoundRobinPolicy
+from kvroute.router.errors import ConfigError
+from kvroute.router.policies.base import Policy, PolicyDeps
+from kvroute.router.policies.consistent_hash import ConsistentHashPolicy
+from kvroute.router.policies.least_loaded import LeastLoadedPolicy
+from kvroute.router.policies.prefix import PrefixPolicy
+from kvroute.router.policies.round_robin import RoundRobinPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (RoundRobinPolicy, LeastLoadedPolicy, ConsistentHashPolicy, PrefixPolicy)

@@ -8,11 +8,11 @@ import sys
 import orjson
 import pytest
 
-from benchmarks.cli import main
-from benchmarks.fleets.routers import parse_router, router_command
-from benchmarks.overhead import _add_overhead, fake_upstream_app, render_overhead
-from benchmarks.runner import drive, write_request_log
-from benchmarks.workloads import WorkloadSpec, iter_records, read_trace
+from kvroute.benchmarks.cli import main
+from kvroute.benchmarks.fleets.routers import parse_router, router_command
+from kvroute.benchmarks.overhead import _add_overhead, fake_upstream_app, render_overhead
+from kvroute.benchmarks.runner import drive, write_request_log
+from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace
 
 
 def test_sim_run_writes_report(tmp_path, capsys) -> None:
@@ -66,7 +66,7 @@ def test_router_specs() -> None:
     with pytest.raises(ValueError):
         parse_router("nginx:rr")
     cmd = router_command(parse_router("prefix"), 8250, ["http://a", "http://b"], "tiny", "/tok", 32)
-    assert cmd[:3] == [sys.executable, "-m", "router.cli"] and cmd.count("--worker") == 2
+    assert cmd[:3] == [sys.executable, "-m", "kvroute.router.cli"] and cmd.count("--worker") == 2
     assert "--tokenizer" in cmd and "serve" in cmd
 
 
@@ -76,7 +76,7 @@ def test_router_options_go_through_a_config_file(tmp_path) -> None:
     assert spec.model_options == {"kv_capacity_blocks": 320}
     cmd = router_command(spec, 8251, ["http://a"], "tiny", str(tmp_path), 32, tmp_path)
     assert cmd[-2:] == ["--config", str(tmp_path / "kvroute-8251.yaml")]
-    from router.config import load_config
+    from kvroute.router.config import load_config
 
     model = load_config(tmp_path / "kvroute-8251.yaml").models[0]
     assert model.policy_options == {"load_weight": 0.25} and model.kv_capacity_blocks == 320

@@ -8,15 +8,15 @@ import random
 
 import pytest
 
-from benchmarks.agreement import MISS, TIE, UNIQUE, Decision, ReplicaView, classify, summarize, to_markdown
-from benchmarks.cli import urls_kv_events
-from benchmarks.fleets.routers import parse_router, router_command
-from benchmarks.fleets.urls import _target_for, replica_ports
-from benchmarks.workloads import TraceRecord
-from router.config import KvEventsConfig, load_config
-from router.kv_events import WorkerEvents
-from router.policies.base import RequestContext
-from router.prefix import chain_keys
+from kvroute.benchmarks.agreement import MISS, TIE, UNIQUE, Decision, ReplicaView, classify, summarize, to_markdown
+from kvroute.benchmarks.cli import urls_kv_events
+from kvroute.benchmarks.fleets.routers import parse_router, router_command
+from kvroute.benchmarks.fleets.urls import _target_for, replica_ports
+from kvroute.benchmarks.workloads import TraceRecord
+from kvroute.router.config import KvEventsConfig, load_config
+from kvroute.router.kv_events import WorkerEvents
+from kvroute.router.policies.base import RequestContext
+from kvroute.router.prefix import chain_keys
 
 WORKERS = ["http://127.0.0.1:8260", "http://127.0.0.1:8261"]
 KV = {"port_offset": 10000, "replay_port_offset": 11000}
@@ -134,7 +134,7 @@ def test_replica_views_agree_on_the_same_events() -> None:
 
 
 def test_parse_router_state() -> None:
-    from benchmarks.fleets.urls import parse_router_state
+    from kvroute.benchmarks.fleets.urls import parse_router_state
 
     health = {"status": "ok", "models": {"tiny": {"mode": "kv_events", "healthy_workers": 4}}}
     metrics = (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.report import write_report
-from benchmarks.results import RouterRun, max_share_over_fair, percentile
+from kvroute.benchmarks.report import write_report
+from kvroute.benchmarks.results import RouterRun, max_share_over_fair, percentile
 
 REQUIRED = {
     "hit_rate",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from benchmarks.fleets.sim import SimConfig, simulate
-from benchmarks.fleets.simkeys import KeyCache, TinyIds, WordIds
-from benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
-from benchmarks.workloads import WorkloadSpec, iter_records
-from router.prefix import PromptTokenizer, chain_keys
+from kvroute.benchmarks.fleets.sim import SimConfig, simulate
+from kvroute.benchmarks.fleets.simkeys import KeyCache, TinyIds, WordIds
+from kvroute.benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
+from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
+from kvroute.router.prefix import PromptTokenizer, chain_keys
 
 BS = 4
 

@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from benchmarks.workloads import WorkloadSpec, iter_records, read_trace, write_trace
+from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace, write_trace
 
 
 def _lines(spec: WorkloadSpec) -> list[str]:
@@ -107,7 +107,7 @@ def test_unknown_workload() -> None:
 
 
 def test_prefix_length_in_tiny_tokens(tiny_model_dir) -> None:
-    from router.prefix import PromptTokenizer
+    from kvroute.router.prefix import PromptTokenizer
 
     tok = PromptTokenizer(str(tiny_model_dir))
     rec = next(iter(iter_records(WorkloadSpec(requests=1, groups=1, prefix_tokens=1800))))
@@ -121,7 +121,7 @@ def test_prefix_length_in_tiny_tokens(tiny_model_dir) -> None:
 def test_every_nonce_gives_prompts_of_equal_length(tiny_model_dir, name: str) -> None:
     # Routers compared in one run must see the same prompt lengths, or block boundaries,
     # and with them cached-token counts, differ between routers for no routing reason.
-    from router.prefix import PromptTokenizer
+    from kvroute.router.prefix import PromptTokenizer
 
     tok = PromptTokenizer(str(tiny_model_dir))
     spec = WorkloadSpec(name=name, requests=24, groups=4, prefix_tokens=300)

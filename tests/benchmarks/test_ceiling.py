@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from benchmarks.ceiling import ceiling, lru_hits, main, opt_hits
+from kvroute.benchmarks.ceiling import ceiling, lru_hits, main, opt_hits
 
 BS = 4
 

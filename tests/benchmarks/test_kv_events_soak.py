@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks.kv_events_soak import Soak, SoakConfig, main, write_outputs
+from kvroute.benchmarks.kv_events_soak import Soak, SoakConfig, main, write_outputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,7 +62,7 @@ def test_cli_writes_report(tmp_path) -> None:
     assert main(args) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["config"]["workers"] == 2 and doc["config"]["capacity_blocks"] == 128
-    assert doc["command"].startswith("python -m benchmarks.kv_events_soak --seconds 1")
+    assert doc["command"].startswith("python -m kvroute.benchmarks.kv_events_soak --seconds 1")
     assert {"rss_mb_warmup", "rss_mb_end", "rss_growth_mb", "events_per_s"} <= set(doc["summary"])
     md = (out / "results.md").read_text()
     assert doc["command"] in md and "| min | RSS MB |" in md

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from classifier.cli import main
-from classifier.data import shared_data_dir
+from kvroute.classifier.cli import main
+from kvroute.classifier.data import data_dir
 
 STRONG, WEAK = "big", "small"
 TRIVIA = ["What colour is the sky on a clear day?", "Which animal says woof?",
@@ -74,9 +74,9 @@ def toy() -> ToyKit:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared RouteLLM data; a missing folder fails the test with the loader's message."""
-    return shared_data_dir()
+def routellm_data() -> Path:
+    """The RouteLLM data shipped with the package."""
+    return data_dir()
 
 
 @pytest.fixture(scope="session")

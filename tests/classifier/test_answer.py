@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from classifier.answer import answer_features, auroc, load_answer_scorer, load_gsm8k_answers
-from classifier.cli import main
+from kvroute.classifier.answer import answer_features, auroc, load_answer_scorer, load_gsm8k_answers
+from kvroute.classifier.cli import main
 
 
 def test_answer_features_see_final_numbers_hedging_and_bad_arithmetic():
@@ -22,13 +22,13 @@ def test_auroc_ranks():
     assert auroc([0.5, 0.5], [0, 1]) == 0.5
 
 
-def test_gsm8k_answers_keep_the_fixed_split(shared_data):
+def test_gsm8k_answers_keep_the_fixed_split(routellm_data):
     recs = load_gsm8k_answers()
     assert {r.split for r in recs} == {"train", "calib", "heldout"}
     assert all(r.answer for r in recs[:20]) and {r.correct for r in recs} == {0, 1}
 
 
-def test_cli_answer_train_eval_and_cascade_eval(shared_data, tmp_path, capsys):
+def test_cli_answer_train_eval_and_cascade_eval(routellm_data, tmp_path, capsys):
     model = tmp_path / "answer"
     assert main(["answer-train", "--out", str(model), "--limit", "60", "--max-tokens", "64"]) == 0
     scorer = load_answer_scorer(model)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classifier.calibrate import achieved_share, calibrate, threshold_for_share
-from classifier.data import load_jsonl
-from classifier.model import load_scorer
+from kvroute.classifier.calibrate import achieved_share, calibrate, threshold_for_share
+from kvroute.classifier.data import load_jsonl
+from kvroute.classifier.model import load_scorer
 
 
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from classifier.artifact import read_metadata, resolve_artifact
-from classifier.cli import main
-from classifier.data import load_jsonl
+from kvroute.classifier.artifact import read_metadata, resolve_artifact
+from kvroute.classifier.cli import main
+from kvroute.classifier.data import load_jsonl
 
 STRONG, WEAK = "big", "small"  # the toy logs' model names (see conftest)
 TOY = ["--strong", STRONG, "--weak", WEAK]
 
 
-def test_convert_routellm_to_jsonl(shared_data: Path, tmp_path: Path) -> None:
+def test_convert_routellm_to_jsonl(routellm_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "mt.jsonl"
     assert main(["convert", "--data", "routellm:mt_bench", "--out", str(out)]) == 0
     recs = load_jsonl(out)
@@ -56,7 +56,7 @@ def test_eval_writes_report(toy_model: Path, toy_jsonl: Path, tmp_path: Path) ->
     assert "| toy | random |" in (out / "results.md").read_text()
 
 
-def test_eval_default_model_on_heldout_split(shared_data: Path, tmp_path: Path) -> None:
+def test_eval_default_model_on_heldout_split(routellm_data: Path, tmp_path: Path) -> None:
     assert main(["eval", "--out", str(tmp_path), "--limit", "60"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["split"] == "heldout" and set(res["per_task"]) == {"mmlu", "gsm8k", "mt_bench"}

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from classifier.data import (
+from kvroute.classifier.data import (
     ROUTELLM_STRONG,
     ROUTELLM_WEAK,
+    DataMissing,
     Record,
-    SharedDataMissing,
     assign_split,
+    data_dir,
     label,
     load,
     load_jsonl,
     question_text,
     select,
-    shared_data_dir,
 )
 
 
@@ -43,22 +43,22 @@ def test_question_text_strips_few_shot_examples() -> None:
     assert question_text("plain question?") == "plain question?"
 
 
-def test_missing_shared_data_fails_with_clear_message(monkeypatch: pytest.MonkeyPatch,
+def test_missing_data_dir_fails_with_clear_message(monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path) -> None:
-    monkeypatch.setenv("KVROUTE_SHARED_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(SharedDataMissing, match="shared data not found"):
-        shared_data_dir()
-    with pytest.raises(SharedDataMissing):
+    monkeypatch.setenv("KVROUTE_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataMissing, match="RouteLLM data not found"):
+        data_dir()
+    with pytest.raises(DataMissing):
         load("routellm:gsm8k")
 
 
-def test_routellm_counts_splits_and_decontamination(shared_data: Path) -> None:
+def test_routellm_counts_splits_and_decontamination(routellm_data: Path) -> None:
     recs = load("routellm")
     tasks = Counter(r.task for r in recs)
     assert tasks == {"mmlu": 14042 - 5, "gsm8k": 1319 - 12, "mt_bench": 2 * (80 - 8)}
     bad = set()
     for task in ("mmlu", "gsm8k", "mt_bench"):
-        with (shared_data / "routellm" / task / "contaminated_prompts.jsonl").open() as fh:
+        with (routellm_data / "routellm" / task / "contaminated_prompts.jsonl").open() as fh:
             bad |= {" ".join(json.loads(line)["eval_prompt"].split()) for line in fh}
     assert not any(" ".join(r.prompt.split()) in bad for r in recs)
     assert all(r.split == "heldout" for r in recs if r.task == "mt_bench")
@@ -70,7 +70,7 @@ def test_routellm_counts_splits_and_decontamination(shared_data: Path) -> None:
         assert held_groups == {r.group for r in rows if r.split != "heldout"}
 
 
-def test_training_never_sees_heldout(shared_data: Path) -> None:
+def test_training_never_sees_heldout(routellm_data: Path) -> None:
     recs = load("routellm")
     held = {r.prompt for r in recs if r.split == "heldout"}
     train = select(recs, ["train", "calib"], ROUTELLM_STRONG, ROUTELLM_WEAK)

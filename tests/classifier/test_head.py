@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.head import Head, fit_head, neighbour_gain
-from classifier.metrics import summarize
+from kvroute.classifier.head import Head, fit_head, neighbour_gain
+from kvroute.classifier.metrics import summarize
 
 
 def unit(rows: list[list[float]]) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifier.metrics import oracle, random_baseline, route_curve, summarize
+from kvroute.classifier.metrics import oracle, random_baseline, route_curve, summarize
 
 
 def test_curve_has_eleven_points_at_exact_shares() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from classifier.artifact import export, read_metadata, swap_pointer
-from classifier.data import load_jsonl
-from classifier.model import DEFAULT_ARTIFACT, load_scorer, resolve_artifact
+from kvroute.classifier.artifact import export, read_metadata, swap_pointer
+from kvroute.classifier.data import load_jsonl
+from kvroute.classifier.model import DEFAULT_ARTIFACT, load_scorer, resolve_artifact
 
 
 def test_export_round_trip_gives_identical_scores(toy_model: Path, toy_jsonl: Path,

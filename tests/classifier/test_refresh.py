@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from classifier.artifact import resolve_artifact, swap_pointer
-from classifier.data import load_jsonl, select
-from classifier.encoder import EncoderConfig
-from classifier.head import Head
-from classifier.model import FrozenScorer
-from classifier.refresh import consider
-from classifier.train import save, train_frozen
+from kvroute.classifier.artifact import resolve_artifact, swap_pointer
+from kvroute.classifier.data import load_jsonl, select
+from kvroute.classifier.encoder import EncoderConfig
+from kvroute.classifier.head import Head
+from kvroute.classifier.model import FrozenScorer
+from kvroute.classifier.refresh import consider
+from kvroute.classifier.train import save, train_frozen
 
 STRONG, WEAK = "big", "small"  # the toy logs' model names (see conftest)
 CONFIG = EncoderConfig(n_layers=2, max_tokens=64)

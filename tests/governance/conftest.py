@@ -11,10 +11,10 @@ import uuid
 
 import pytest
 
-from router.app import create_app
-from router.config import config_from_dict
-from router.governance.clock import FakeClock
-from tests.fakes import fake_worker
+from kvroute.benchmarks.fleets.mock import fake_worker
+from kvroute.router.app import create_app
+from kvroute.router.config import config_from_dict
+from kvroute.router.governance.clock import FakeClock
 
 ADMIN = "admin-key-0"
 KEY_A = "sk-tenant-a"

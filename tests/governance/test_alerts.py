@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from router import keys
-from router.governance.clock import FakeClock
+from kvroute.router import keys
+from kvroute.router.governance.clock import FakeClock
 from tests.governance.conftest import make_client
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 300,

@@ -8,11 +8,11 @@ import asyncio
 import orjson
 import pytest
 
-from router import keys
-from router.app import create_app
-from router.governance.clock import FakeClock
-from router.governance.store import MemoryStore
-from tests.fakes import SEEN, SEEN_HEADERS
+from kvroute.benchmarks.fleets.mock import SEEN, SEEN_HEADERS
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.governance.clock import FakeClock
+from kvroute.router.governance.store import MemoryStore
 from tests.governance.conftest import ADMIN, KEY_A, KEY_B, TENANTS, bearer, make_client, router_cfg, worker_url
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
@@ -289,7 +289,7 @@ async def test_fifty_concurrent_requests_in_memory_stay_within_the_budget(aiohtt
 
 
 async def test_governance_config_errors_name_the_key():
-    from router.errors import ConfigError
+    from kvroute.router.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"governance.budgets\[0\].scope"):
         router_cfg(["http://127.0.0.1:1"], {"budgets": [{"name": "x", "scope": "planet", "limit": {"tokens": 1}}]})

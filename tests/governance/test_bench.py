@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import governance_bench
+from kvroute.benchmarks import governance_bench
 
 
 def test_governance_bench_writes_json_and_a_table(tmp_path, redis_url):

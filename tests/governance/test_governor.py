@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from router.errors import AgentHalted, BudgetExceeded
-from router.governance.clock import FakeClock
-from router.governance.governor import Governor
-from router.governance.redis_store import RedisStore
-from router.metrics import RouterMetrics
-from router.pipeline import ModelRoutes, build_context
-from router.requests import CHAT, parse_request
+from kvroute.router.errors import AgentHalted, BudgetExceeded
+from kvroute.router.governance.clock import FakeClock
+from kvroute.router.governance.governor import Governor
+from kvroute.router.governance.redis_store import RedisStore
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.pipeline import ModelRoutes, build_context
+from kvroute.router.requests import CHAT, parse_request
 from tests.governance.conftest import router_cfg
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 100}
@@ -105,7 +105,7 @@ async def test_redis_down_is_a_clear_503(prefix):
     cfg = router_cfg(["http://127.0.0.1:1"], {"redis": {"url": "redis://127.0.0.1:1/0", "prefix": prefix}})
     served = ModelRoutes(cfg).get("tiny")
     gov = Governor(cfg.governance, RouterMetrics(), FakeClock(), RedisStore.from_url("redis://127.0.0.1:1/0"))
-    from router.errors import GovernanceUnavailable
+    from kvroute.router.errors import GovernanceUnavailable
 
     with pytest.raises(GovernanceUnavailable):
         await admit(gov, served)

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from router.governance.redis_store import RedisStore
-from router.governance.store import Ask, MemoryStore, Slot
+from kvroute.router.governance.redis_store import RedisStore
+from kvroute.router.governance.store import Ask, MemoryStore, Slot
 
 NOW = 1_800_000_000.0
 

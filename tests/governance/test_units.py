@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import Price
-from router.errors import ConfigError, Forbidden, Unauthorized
-from router.governance import loops
-from router.governance.budgets import Rates, refusal, slots_for
-from router.governance.config import parse_governance
-from router.governance.identity import Authenticator, attribution
-from router.governance.ledger import parse_window
+from kvroute.router.config import Price
+from kvroute.router.errors import ConfigError, Forbidden, Unauthorized
+from kvroute.router.governance import loops
+from kvroute.router.governance.budgets import Rates, refusal, slots_for
+from kvroute.router.governance.config import parse_governance
+from kvroute.router.governance.identity import Authenticator, attribution
+from kvroute.router.governance.ledger import parse_window
 
 
 def _agent_body(n_calls: int, tool: str = "search") -> dict:
@@ -109,10 +109,10 @@ async def test_kill_switch_reads_a_url(aiohttp_server):
     import aiohttp
     from aiohttp import web
 
-    from router.governance.clock import FakeClock
-    from router.governance.config import KillSwitchConfig
-    from router.governance.killswitch import KillSwitch
-    from router.governance.store import MemoryStore
+    from kvroute.router.governance.clock import FakeClock
+    from kvroute.router.governance.config import KillSwitchConfig
+    from kvroute.router.governance.killswitch import KillSwitch
+    from kvroute.router.governance.store import MemoryStore
 
     doc = {"kills": [{"scope": "tenant", "value": "acme", "reason": "invoice overdue"}]}
     app = web.Application()

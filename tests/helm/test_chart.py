@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.config import config_from_dict
+from kvroute.router.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kvroute"

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.fleet.local import LocalFleet, start_fleet, stop_fleet
-from router.fleet.scraper import VllmStats, parse_vllm_metrics
+from kvroute.router.fleet.local import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.fleet.scraper import VllmStats, parse_vllm_metrics
 
 KV_BLOCKS = 128
 BLOCK_SIZE = 32
@@ -88,7 +88,7 @@ def run_router(config: dict, tmp_path: Path) -> Iterator[Router]:
     cfg_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / f"router-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(cfg_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", "serve", "--config", str(cfg_path)],
                                 stdout=log, stderr=subprocess.STDOUT)
     router = Router(f"http://127.0.0.1:{port}", proc, log_path)
     try:

@@ -9,9 +9,9 @@ import re
 import aiohttp
 import pytest
 
-from router.config import KvEventsConfig
-from router.kv_events import EventHub, ExactIndex, WorkerEvents, endpoints_for, subscribe
-from router.prefix import PromptTokenizer, chain_keys
+from kvroute.router.config import KvEventsConfig
+from kvroute.router.kv_events import EventHub, ExactIndex, WorkerEvents, endpoints_for, subscribe
+from kvroute.router.prefix import PromptTokenizer, chain_keys
 from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, scrape
 from tests.integration.workload import system_prompt
 

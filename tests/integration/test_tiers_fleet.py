@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from classifier.model import load_scorer
+from kvroute.classifier.model import load_scorer
 
 pytestmark = pytest.mark.integration
 

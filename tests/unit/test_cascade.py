@@ -7,13 +7,13 @@ import socket
 import orjson
 import pytest
 
-from router import keys
-from router.app import create_app
-from router.cascade import to_sse
-from router.confidence import Answer, parse_answer, rules
-from router.config import config_from_dict
-from router.errors import ConfigError
-from tests.fakes import SEEN, fake_worker
+from kvroute.benchmarks.fleets.mock import SEEN, fake_worker
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.cascade import to_sse
+from kvroute.router.confidence import Answer, parse_answer, rules
+from kvroute.router.config import config_from_dict
+from kvroute.router.errors import ConfigError
 
 
 class FixedScorer:
@@ -272,7 +272,7 @@ async def test_classifier_band_skips_the_cheap_try_or_the_check(aiohttp_client, 
 
 
 async def test_overhead_bench_runs():
-    from benchmarks.cascade_bench import bench
+    from kvroute.benchmarks.cascade_bench import bench
 
     res = await bench(3)
     assert res["requests"] == 3 and "overhead_ms_p50" in res

@@ -1,6 +1,6 @@
 import pytest
 
-from router.cli import build_parser, main
+from kvroute.router.cli import build_parser, main
 
 
 def test_serve_reports_config_errors_with_the_key_and_exit_code_2(tmp_path, capsys):
@@ -29,9 +29,9 @@ def test_fleet_down_without_a_fleet_is_harmless(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_classifier_and_demo_are_delegated_to_their_packages(monkeypatch):
-    import benchmarks.cli
+    from kvroute.benchmarks import cli as bench_cli
 
     seen = {}
-    monkeypatch.setattr(benchmarks.cli, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    monkeypatch.setattr(bench_cli, "main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["bench", "--fleet", "sim", "--workers", "8"]) == 0
     assert seen["argv"] == ["--fleet", "sim", "--workers", "8"]

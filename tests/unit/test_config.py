@@ -1,7 +1,7 @@
 import pytest
 
-from router.config import config_from_dict, load_config
-from router.errors import ConfigError
+from kvroute.router.config import config_from_dict, load_config
+from kvroute.router.errors import ConfigError
 
 
 def base(**model) -> dict:

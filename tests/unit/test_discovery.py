@@ -28,8 +28,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from router.config import DiscoveryConfig, config_from_dict
-from router.fleet.discovery import (
+from kvroute.router.config import DiscoveryConfig, config_from_dict
+from kvroute.router.fleet.discovery import (
     DiscoveredWorker,
     DnsDiscovery,
     K8sDiscovery,

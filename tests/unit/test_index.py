@@ -1,5 +1,5 @@
-from router.index import PrefixIndex
-from router.prefix import chain_keys
+from kvroute.router.index import PrefixIndex
+from kvroute.router.prefix import chain_keys
 
 
 def test_match_counts_longest_shared_prefix_per_worker():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from router.config import KvEventsConfig, config_from_dict
-from router.errors import ConfigError
-from router.kv_events import ExactIndex, WorkerEvents, endpoints_for
-from router.prefix import chain_keys
+from kvroute.router.config import KvEventsConfig, config_from_dict
+from kvroute.router.errors import ConfigError
+from kvroute.router.kv_events import ExactIndex, WorkerEvents, endpoints_for
+from kvroute.router.prefix import chain_keys
 
 
 class Clock:
@@ -135,7 +135,7 @@ def test_kv_events_config_is_validated(tiny_model_dir):
 
 
 def test_event_benchmark_applies_every_event_and_writes_its_report(tmp_path):
-    from benchmarks import kv_events_bench
+    from kvroute.benchmarks import kv_events_bench
 
     assert kv_events_bench.main(["--events", "2000", "--out", str(tmp_path)]) == 0
     result = __import__("json").loads((tmp_path / "kv_events_bench.json").read_text())

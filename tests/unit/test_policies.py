@@ -5,12 +5,12 @@ from collections import Counter
 
 import pytest
 
-from router.errors import ConfigError
-from router.fleet.workers import Worker
-from router.index import PrefixIndex
-from router.policies.base import PolicyDeps, RequestContext
-from router.policies.registry import POLICIES, create_policy
-from router.prefix import chain_keys
+from kvroute.router.errors import ConfigError
+from kvroute.router.fleet.workers import Worker
+from kvroute.router.index import PrefixIndex
+from kvroute.router.policies.base import PolicyDeps, RequestContext
+from kvroute.router.policies.registry import POLICIES, create_policy
+from kvroute.router.prefix import chain_keys
 
 
 def workers(n: int) -> list[Worker]:
@@ -311,7 +311,7 @@ def test_prefix_does_not_count_prompts_too_short_to_cache_as_a_workers_prefixes(
 
 
 def test_working_set_counts_each_recent_prefix_once_at_its_latest_length():
-    from router.policies.prefix import WorkingSet
+    from kvroute.router.policies.prefix import WorkingSet
 
     ws = WorkingSet(window=3)
     ws.add("a", 1, 10)

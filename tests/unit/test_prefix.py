@@ -1,6 +1,6 @@
 import pytest
 
-from router.prefix import Prefixer, PromptTokenizer, chain_keys, text_chunk_keys
+from kvroute.router.prefix import Prefixer, PromptTokenizer, chain_keys, text_chunk_keys
 
 
 def test_chain_keys_hash_only_full_blocks():

@@ -8,10 +8,10 @@ import gc
 import orjson
 import pytest
 
-from router import keys
-from router.app import create_app
-from router.config import config_from_dict
-from tests.fakes import SEEN, fake_worker
+from kvroute.benchmarks.fleets.mock import SEEN, fake_worker
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.config import config_from_dict
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 

@@ -7,13 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from router import keys
-from router.app import create_app
-from router.config import ClassifierConfig, config_from_dict
-from router.errors import ConfigError
-from router.metrics import RouterMetrics
-from router.tiers import TierChooser, prompt_text
-from tests.fakes import fake_worker
+from kvroute.benchmarks.fleets.mock import fake_worker
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.config import ClassifierConfig, config_from_dict
+from kvroute.router.errors import ConfigError
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.tiers import TierChooser, prompt_text
 
 
 class LengthScorer:

@@ -1,4 +1,5 @@
-"""A fake vLLM worker: a real aiohttp app on a real port, for fast unit tests of the proxy.
+"""A mock vLLM worker: a real aiohttp app on a real port, for fast unit tests of the proxy
+and benchmarks of the router's own cost.
 
 It answers like vLLM does (JSON bodies, SSE chunks with an optional usage chunk, /health,
 /metrics). It is never the only proof: tests/integration runs the same paths on vLLM.
