@@ -6,11 +6,14 @@ mean-pooled token + position embeddings after MiniLM's embedding LayerNorm), and
 int8 dynamic quantisation of its linear layers.  The default is ``n_layers=0``: about
 2 ms of CPU per 256-token prompt instead of about 80 ms for all six layers, and in
 subject-grouped cross-validation on the training split it ranked prompts as well as the
-full encoder did.  torch and transformers are imported only when an Encoder is built.
+full encoder did.  That layer runs in numpy from weights shipped in
+``artifacts/minilm-embeddings``; torch and transformers are imported only for deeper
+encoders (training extras).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -69,49 +72,117 @@ def surface(text: str) -> list[float]:
     ]
 
 
-class Encoder:
-    """Mean-pooled, L2-normalised MiniLM embeddings (optionally + surface features)."""
+EMBEDDINGS_DIR = Path(__file__).resolve().parent / "artifacts" / "minilm-embeddings"
 
-    def __init__(self, config: EncoderConfig | None = None, path: str | None = None,
-                 cache_dir: str | Path | None = None) -> None:
+
+class EmbeddingLayer:
+    """MiniLM's embedding layer in numpy: LayerNorm(word + position + token type), mean-pooled.
+
+    It is the whole encoder when ``n_layers=0``, so scoring needs no torch. The weights
+    (``artifacts/minilm-embeddings``, word embeddings in float16) and the tokenizer come
+    from the same all-MiniLM-L6-v2 checkpoint as the torch path's.
+    """
+
+    def __init__(self, max_tokens: int, folder: Path = EMBEDDINGS_DIR) -> None:
+        from tokenizers import Tokenizer
+
+        meta = json.loads((folder / "metadata.json").read_text())
+        self.eps = float(meta["layer_norm_eps"])
+        self.counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.counter.no_padding()
+        self.counter.no_truncation()
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_tokens)  # counts [CLS] and [SEP], as transformers does
+        with np.load(folder / "embeddings.npz") as w:
+            self.word = w["word"]
+            self.base = (w["position"][:max_tokens] + w["token_type"][0]).astype(np.float32)
+            self.gamma = w["ln_weight"].astype(np.float32)
+            self.beta = w["ln_bias"].astype(np.float32)
+
+    def token_count(self, text: str) -> int:
+        return len(self.counter.encode(text).ids)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.word.shape[1]), dtype=np.float32)
+        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            x = self.word[ids].astype(np.float32) + self.base[: len(ids)]
+            x -= x.mean(axis=-1, keepdims=True)
+            x /= np.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
+            pooled = (x * self.gamma + self.beta).mean(axis=0)
+            out[i] = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+        return out
+
+
+class TorchEncoder:
+    """The first ``n_layers`` transformer layers of MiniLM, with torch (training extras)."""
+
+    def __init__(self, config: EncoderConfig, path: str) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        self.config = config or EncoderConfig()
-        path = path or encoder_path()
+        self.config = config
         self._torch = torch
-        self._lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path).eval()
-        model.encoder.layer = model.encoder.layer[: self.config.n_layers]
-        if self.config.quantize:
+        model.encoder.layer = model.encoder.layer[: config.n_layers]
+        if config.quantize:
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
         self.model = model
-        self.cache = EmbeddingCache(cache_dir, self.cache_tag()) if cache_dir else None
 
-    def cache_tag(self) -> dict:
-        c = self.config
-        return {"encoder": ENCODER_NAME, "n_layers": c.n_layers, "max_tokens": c.max_tokens,
-                "quantize": c.quantize, "question_only": c.question_only}
+    def token_count(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
 
-    @property
-    def dim(self) -> int:
-        return 384 + (N_SURFACE if self.config.surface_features else 0)
-
-    def texts(self, prompts: Sequence[str]) -> list[str]:
-        return [question_text(p) for p in prompts] if self.config.question_only else list(prompts)
-
-    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+    def __call__(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
-        with self._lock:
-            enc = self.tokenizer(texts, padding=True, truncation=True,
-                                 max_length=self.config.max_tokens, return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True,
+                             max_length=self.config.max_tokens, return_tensors="pt")
         with torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.float().numpy()
+
+
+class Encoder:
+    """Mean-pooled, L2-normalised MiniLM embeddings (optionally + surface features).
+
+    ``n_layers=0`` (the shipped models) runs in numpy; deeper encoders need torch.
+    """
+
+    def __init__(self, config: EncoderConfig | None = None, path: str | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        self.config = config or EncoderConfig()
+        self._lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        if self.config.n_layers == 0 and not self.config.quantize and path is None:
+            self._backend: EmbeddingLayer | TorchEncoder = EmbeddingLayer(self.config.max_tokens)
+        else:
+            self._backend = TorchEncoder(self.config, path or encoder_path())
+        self.cache = EmbeddingCache(cache_dir, self.cache_tag()) if cache_dir else None
+
+    def cache_tag(self) -> dict:
+        c = self.config
+        return {"encoder": ENCODER_NAME, "n_layers": c.n_layers, "max_tokens": c.max_tokens,
+                "quantize": c.quantize, "question_only": c.question_only,
+                "backend": type(self._backend).__name__}
+
+    @property
+    def dim(self) -> int:
+        return 384 + (N_SURFACE if self.config.surface_features else 0)
+
+    def token_count(self, text: str) -> int:
+        """Tokens the encoder sees for ``text``, special tokens included (before truncation)."""
+        with self._lock:
+            return self._backend.token_count(text)
+
+    def texts(self, prompts: Sequence[str]) -> list[str]:
+        return [question_text(p) for p in prompts] if self.config.question_only else list(prompts)
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            return self._backend(texts)
 
     def embed(self, prompts: Sequence[str], batch_size: int = 32,
               progress: Callable[[int], None] | None = None) -> np.ndarray:

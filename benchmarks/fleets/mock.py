@@ -30,10 +30,25 @@ SEEN = web.AppKey("seen", list)
 SEEN_HEADERS = web.AppKey("seen_headers", list)  # lower-cased x-kvroute-* and traceparent headers
 
 
-def fake_worker(name: str = "fake") -> web.Application:
-    app = web.Application()
+SEEN_AUTH = web.AppKey("seen_auth", list)  # (path, Authorization header or None) of every call
+
+
+def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Application:
+    """``api_key``: answer /v1/ calls without ``Authorization: Bearer <key>`` with 401, as
+    vLLM started with ``--api-key`` does."""
+
+    @web.middleware
+    async def check_key(request: web.Request, handler):
+        auth = request.headers.get("Authorization")
+        app[SEEN_AUTH].append((request.path, auth))
+        if api_key and request.path.startswith("/v1/") and auth != f"Bearer {api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    app = web.Application(middlewares=[check_key])
     app[SEEN] = []
     app[SEEN_HEADERS] = []
+    app[SEEN_AUTH] = []
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
