@@ -1,4 +1,4 @@
-"""The ``kvroute`` command: serve, fleet, bench, classifier, demo."""
+"""The ``kvroute`` command: serve, config, fleet, bench, classifier, demo."""
 
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = config_from_dict({"models": [model], "server": {"host": args.host, "port": args.port}})
     web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, loop=_event_loop(),
                 access_log=None, print=lambda s: logging.getLogger("kvroute").info(s))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from kvroute.router.config import load_config
+    from kvroute.router.secrets import Local
+
+    cfg = load_config(args.file, local=Local(check=not args.skip_local_checks))
+    pools = sum(len(m.pools) for m in cfg.models)
+    gov = "on" if cfg.governance is not None else "off"
+    print(f"ok: {args.file}: {len(cfg.models)} models, {pools} worker pools, "
+          f"discovery {cfg.discovery.mode}, governance {gov}")
     return 0
 
 
@@ -102,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
     serve.set_defaults(func=_serve)
+
+    config = sub.add_parser("config", help="validate a config file")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    check = csub.add_parser("check", help="load and validate a config exactly as serve does")
+    check.add_argument("file", help="YAML config file")
+    check.add_argument("--skip-local-checks", action="store_true",
+                       help="a config for another machine: do not look for its files, folders, "
+                            "secret files or environment variables (check keys, types and values only)")
+    check.set_defaults(func=_config_check)
 
     fleet = sub.add_parser("fleet", help="start or stop a local vLLM fleet")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True)

@@ -8,6 +8,7 @@ once into frozen dataclasses; every validation error names the key, e.g.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from kvroute.router.errors import ConfigError
 from kvroute.router.governance.config import GovernanceConfig, parse_governance
+from kvroute.router.secrets import Local
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCOVERY_MODES = ("static", "dns", "k8s")
@@ -133,6 +135,7 @@ class ModelConfig:
     classifier: ClassifierConfig | None = None
     mode: str = "route"  # route (classifier picks one tier) or cascade (escalate on low confidence)
     cascade: CascadeConfig | None = None  # set when mode is cascade
+    api_key: str | None = field(default=None, repr=False)  # sent to workers as Authorization: Bearer
 
     @property
     def served_name(self) -> str:
@@ -232,7 +235,7 @@ def _parse_dataclass(cls: type, raw: Any, key: str, kinds: Mapping[str, type | t
 
 _POOL_KEYS = {
     "workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
-    "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events",
+    "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key",
 }
 
 
@@ -264,12 +267,12 @@ def _parse_price(raw: Any, key: str) -> Price:
     return Price(**values)
 
 
-def _parse_classifier(raw: Any, key: str, n_tiers: int) -> ClassifierConfig:
+def _parse_classifier(raw: Any, key: str, n_tiers: int, local: Local) -> ClassifierConfig:
     raw = _expect_mapping(raw, key)
     _reject_unknown(raw, {"path", "thresholds", "reload_s", "batch_window_ms", "max_batch"}, key)
     path = _typed(raw, "path", str, key, None)
-    if path is not None and not Path(path).exists():
-        raise ConfigError(f"{key}.path", f"no such classifier artifact: {path!r}")
+    if path is not None:
+        local.path(path, f"{key}.path", "no such classifier artifact")
     thresholds = raw.get("thresholds")
     if thresholds is not None:
         if (not isinstance(thresholds, list) or len(thresholds) != n_tiers - 1
@@ -291,7 +294,7 @@ def _parse_classifier(raw: Any, key: str, n_tiers: int) -> ClassifierConfig:
     return ClassifierConfig(path, thresholds, reload_s, window, max_batch)
 
 
-def _parse_cascade(raw: Any, key: str) -> CascadeConfig:
+def _parse_cascade(raw: Any, key: str, local: Local) -> CascadeConfig:
     raw = _expect_mapping(raw, key)
     kinds = {"threshold": float, "stream_policy": str, "first_tokens": int, "answer_model": str,
              "min_mean_logprob": float}
@@ -304,8 +307,8 @@ def _parse_cascade(raw: Any, key: str) -> CascadeConfig:
         raise ConfigError(f"{key}.stream_policy", f"must be one of {', '.join(STREAM_POLICIES)}")
     _positive(v["first_tokens"], f"{key}.first_tokens")
     path = v["answer_model"]
-    if path not in (None, "rules") and not Path(path).exists():
-        raise ConfigError(f"{key}.answer_model", f"no such answer-scorer artifact: {path!r} (or 'rules')")
+    if path not in (None, "rules"):
+        local.path(path, f"{key}.answer_model", "no such answer-scorer artifact (or 'rules')")
     band = raw.get("band", list(d.band))
     if (not isinstance(band, list) or len(band) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in band)
@@ -334,7 +337,7 @@ def _check_verifier(ver: Any, key: str) -> None:
         raise ConfigError(f"{key}.json_schema", "expected a JSON schema object")
 
 
-def _parse_model(raw: Any, key: str) -> ModelConfig:
+def _parse_model(raw: Any, key: str, local: Local) -> ModelConfig:
     raw = _expect_mapping(raw, key)
     _reject_unknown(raw, {"name", "tiers", "classifier", "mode", "cascade"} | _POOL_KEYS, key)
     name = _typed(raw, "name", str, key, None)
@@ -344,7 +347,7 @@ def _parse_model(raw: Any, key: str) -> ModelConfig:
         for k in ("classifier", "mode", "cascade"):
             if k in raw:
                 raise ConfigError(f"{key}.{k}", f"only a model with tiers has a {k}")
-        return _parse_pool(raw, key, name, None)
+        return _parse_pool(raw, key, name, None, local)
     tiers_raw = raw["tiers"]
     if not isinstance(tiers_raw, list) or not tiers_raw:
         raise ConfigError(f"{key}.tiers", "expected a non-empty list of tiers, cheapest first")
@@ -360,7 +363,7 @@ def _parse_model(raw: Any, key: str) -> ModelConfig:
             raise ConfigError(f"{tkey}.name", "required: the tier name, e.g. small or large")
         if tier_name in [x.tier for x in tiers]:
             raise ConfigError(f"{tkey}.name", f"duplicate tier {tier_name!r}")
-        tiers.append(_parse_pool(t, tkey, name, tier_name))
+        tiers.append(_parse_pool(t, tkey, name, tier_name, local))
     mode = _typed(raw, "mode", str, key, "route")
     if mode not in CASCADE_MODES:
         raise ConfigError(f"{key}.mode", f"must be one of {', '.join(CASCADE_MODES)}")
@@ -368,14 +371,14 @@ def _parse_model(raw: Any, key: str) -> ModelConfig:
         raise ConfigError(f"{key}.cascade", "set mode: cascade to use it")
     if mode == "cascade" and len(tiers) < 2:
         raise ConfigError(f"{key}.mode", "a cascade needs at least two tiers")
-    cascade = _parse_cascade(raw.get("cascade"), f"{key}.cascade") if mode == "cascade" else None
+    cascade = _parse_cascade(raw.get("cascade"), f"{key}.cascade", local) if mode == "cascade" else None
     classifier = None
     if len(tiers) > 1 and (mode == "route" or "classifier" in raw):  # a cascade uses it only when given
-        classifier = _parse_classifier(raw.get("classifier"), f"{key}.classifier", len(tiers))
+        classifier = _parse_classifier(raw.get("classifier"), f"{key}.classifier", len(tiers), local)
     return ModelConfig(name=name, tiers=tuple(tiers), classifier=classifier, mode=mode, cascade=cascade)
 
 
-def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -> ModelConfig:
+def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, local: Local) -> ModelConfig:
     workers_raw = raw.get("workers") or []
     if not isinstance(workers_raw, list):
         raise ConfigError(f"{key}.workers", "expected a list of worker URLs")
@@ -383,8 +386,8 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -
     if len(set(workers)) != len(workers):
         raise ConfigError(f"{key}.workers", "lists the same URL twice")
     tokenizer = _typed(raw, "tokenizer", str, key, None)
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise ConfigError(f"{key}.tokenizer", f"not a local folder: {tokenizer!r}")
+    if tokenizer is not None:
+        local.path(tokenizer, f"{key}.tokenizer", "not a local folder", folder=True)
     block_size = _typed(raw, "block_size", int, key, None)
     if block_size is not None:
         _positive(block_size, f"{key}.block_size")
@@ -405,9 +408,13 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -
         kv_events = _parse_kv_events(raw["kv_events"], f"{key}.kv_events", workers)
         if tokenizer is None:
             raise ConfigError(f"{key}.kv_events", "exact mode needs the model's tokenizer (set tokenizer)")
+    api_key = None
+    if raw.get("api_key") is not None:
+        api_key = local.secret(raw["api_key"], f"{key}.api_key", literal=False)
     return ModelConfig(
         name=name,
         tier=tier,
+        api_key=api_key,
         kv_events=kv_events,
         price=_parse_price(raw.get("price"), f"{key}.price"),
         workers=workers,
@@ -421,7 +428,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None) -
     )
 
 
-def _parse_discovery(raw: Any) -> DiscoveryConfig:
+def _parse_discovery(raw: Any, local: Local) -> DiscoveryConfig:
     raw = _expect_mapping(raw, "discovery")
     kinds: dict[str, type | tuple] = {
         "mode": str, "namespace": str, "label_selector": str, "model_label": str,
@@ -432,6 +439,8 @@ def _parse_discovery(raw: Any) -> DiscoveryConfig:
     values = {k: _typed(raw, k, kind, "discovery", getattr(DiscoveryConfig(), k)) for k, kind in kinds.items()}
     if values["mode"] not in DISCOVERY_MODES:
         raise ConfigError("discovery.mode", f"must be one of {', '.join(DISCOVERY_MODES)}")
+    if values["mode"] == "k8s" and local.check and importlib.util.find_spec("kubernetes_asyncio") is None:
+        raise ConfigError("discovery.mode", "k8s discovery needs the Kubernetes client: pip install 'kvroute[k8s]'")
     services = dict(_expect_mapping(raw.get("services"), "discovery.services"))
     for model, target in services.items():
         if not isinstance(target, str) or ":" not in target:
@@ -439,14 +448,17 @@ def _parse_discovery(raw: Any) -> DiscoveryConfig:
     return DiscoveryConfig(**values, services=services)
 
 
-def config_from_dict(raw: Any) -> RouterConfig:
-    """Validate a parsed YAML document into a ``RouterConfig``."""
+def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
+    """Validate a parsed YAML document into a ``RouterConfig``.
+
+    ``local=Local(check=False)`` validates a config meant for another machine: named files,
+    folders and secret references are checked in form only (``kvroute config check``)."""
     raw = _expect_mapping(raw, "<root>")
     _reject_unknown(raw, {"models", "server", "health", "scrape", "discovery", "log_prompts", "governance"}, "")
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models", "required: a non-empty list of models")
-    models = tuple(_parse_model(m, f"models[{i}]") for i, m in enumerate(models_raw))
+    models = tuple(_parse_model(m, f"models[{i}]", local) for i, m in enumerate(models_raw))
     names = [m.name for m in models]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -460,7 +472,7 @@ def config_from_dict(raw: Any) -> RouterConfig:
                               {"interval_s": float, "timeout_s": float})
     scrape = _parse_dataclass(ScrapeConfig, raw.get("scrape"), "scrape",
                               {"interval_s": float, "timeout_s": float})
-    discovery = _parse_discovery(raw.get("discovery"))
+    discovery = _parse_discovery(raw.get("discovery"), local)
     if discovery.mode == "static":
         for i, m in enumerate(models):
             for j, pool in enumerate(m.pools):
@@ -468,12 +480,12 @@ def config_from_dict(raw: Any) -> RouterConfig:
                     where = f"models[{i}].tiers[{j}].workers" if m.tiers else f"models[{i}].workers"
                     raise ConfigError(where, "required with discovery.mode static")
     log_prompts = _typed(raw, "log_prompts", bool, "", False)
-    governance = parse_governance(raw["governance"]) if "governance" in raw else None
+    governance = parse_governance(raw["governance"], local=local) if "governance" in raw else None
     return RouterConfig(models=models, server=server, health=health, scrape=scrape,
                         discovery=discovery, log_prompts=log_prompts, governance=governance)
 
 
-def load_config(path: str | Path) -> RouterConfig:
+def load_config(path: str | Path, *, local: Local = Local()) -> RouterConfig:
     """Read and validate a YAML config file."""
     try:
         text = Path(path).read_text()
@@ -483,4 +495,4 @@ def load_config(path: str | Path) -> RouterConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("<file>", f"invalid YAML in {path}: {exc}") from exc
-    return config_from_dict(raw)
+    return config_from_dict(raw, local=local)

@@ -117,7 +117,7 @@ class ModelRoutes:
         if tokenizer is None:
             log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
                         "(character chunks, not KV blocks)", m.key)
-        pool = WorkerPool(m.key, m.workers, tier=m.tier)
+        pool = WorkerPool(m.key, m.workers, tier=m.tier, api_key=m.api_key)
         policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
         pool.on_change(policy.on_workers_changed)
         route = ModelRoute(m, pool, policy, index, Prefixer(tokenizer, m.approx_chunk_chars, executor))

@@ -100,7 +100,7 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
             async with session.post(
                 worker.url + d.req.path,
                 data=upstream_body(d),
-                headers={"content-type": "application/json", **_trace_headers(d.req)},
+                headers={"content-type": "application/json", **_trace_headers(d.req), **worker.upstream_headers},
             ) as resp:
                 if resp.status >= 400:
                     body = await resp.read()

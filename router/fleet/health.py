@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> bool:
     try:
-        async with session.get(f"{worker.url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.get(f"{worker.url}/health", headers=worker.upstream_headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             await resp.read()
             return resp.status == 200
     except (TimeoutError, aiohttp.ClientError, OSError):

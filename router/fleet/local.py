@@ -44,6 +44,8 @@ class LocalFleet:
     max_model_len: int = 2048
     log_dir: str = ""
     workers: list[LocalWorker] = field(default_factory=list)
+    # Workers require it (vLLM reads VLLM_API_KEY, kept off the command line); never recorded.
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def urls(self) -> list[str]:
@@ -107,7 +109,8 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 events_port: int = 5601, model: str | None = None,
                 served_names: list[str] | None = None, block_size: int = 32,
                 max_model_len: int = 2048, log_dir: Path | None = None,
-                wait: bool = True, progress=print, record_state: bool = True) -> LocalFleet:
+                wait: bool = True, progress=print, record_state: bool = True,
+                api_key: str | None = None) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy."""
     running = load_state(base_port)
     if record_state and running and any(_alive(w.pid) for w in running[0].workers):
@@ -119,12 +122,13 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
         raise ValueError(f"kv_blocks * block_size must be at least max_model_len ({max_model_len})")
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir))
+    fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
         state_file(base_port).parent.mkdir(parents=True, exist_ok=True)
-        state_file(base_port).write_text(json.dumps(asdict(fleet), indent=2))
+        state = {k: v for k, v in asdict(fleet).items() if k != "api_key"}
+        state_file(base_port).write_text(json.dumps(state, indent=2))
     if wait:
         try:
             wait_healthy(fleet, progress=progress)
@@ -144,6 +148,8 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
         # Spread workers over cores; vLLM's "auto" would put them all on one.
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", str(i % ncpu)),
     }
+    if fleet.api_key:
+        env["VLLM_API_KEY"] = fleet.api_key
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
                          fleet.kv_blocks, fleet.max_model_len)
@@ -166,7 +172,7 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
 
 def _only(fleet: LocalFleet, i: int) -> LocalFleet:
     return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
-                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]])
+                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key)
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

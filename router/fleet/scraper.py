@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -66,8 +66,10 @@ def parse_vllm_metrics(text: str) -> VllmStats:
     return VllmStats(**values, block_size=block_size, num_gpu_blocks=num_blocks)
 
 
-async def fetch_stats(session: aiohttp.ClientSession, url: str, timeout_s: float) -> VllmStats:
-    async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+async def fetch_stats(session: aiohttp.ClientSession, url: str, timeout_s: float,
+                      headers: Mapping[str, str] | None = None) -> VllmStats:
+    async with session.get(f"{url}/metrics", headers=headers,
+                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
         resp.raise_for_status()
         text = await resp.text()
     return parse_vllm_metrics(text)
@@ -90,7 +92,7 @@ async def scrape_once(session: aiohttp.ClientSession, workers: Iterable[Worker],
 
     async def one(w: Worker) -> None:
         try:
-            stats = await fetch_stats(session, w.url, timeout_s)
+            stats = await fetch_stats(session, w.url, timeout_s, w.upstream_headers)
             apply_stats(w, stats)
             if on_stats is not None:
                 on_stats(w, stats)

@@ -7,7 +7,7 @@ scraper. Policies only read them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -26,6 +26,8 @@ class Worker:
     kv_usage: float = 0.0
     block_size: int | None = None
     last_error: str | None = None
+    # Sent on every call to the worker: its API key (vLLM --api-key), if it has one. Never logged.
+    upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # the owning pool's hook: its cached list of healthy workers is stale
     _on_health_change: Callable[[], None] | None = field(default=None, repr=False)
 
@@ -55,8 +57,9 @@ class Worker:
 class WorkerPool:
     """The workers of one model. Membership changes come from config or discovery."""
 
-    def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None):
+    def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None, api_key: str | None = None):
         self.model = model  # the pool key: "model" or "model/tier"
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._workers: dict[str, Worker] = {}
         self._healthy: tuple[Worker, ...] | None = None
         self._listeners: list[Callable[[list[Worker]], None]] = []
@@ -77,7 +80,8 @@ class WorkerPool:
         self._healthy = None
 
     def _add(self, url: str, tier: str | None) -> None:
-        self._workers[url] = Worker(url=url, model=self.model, tier=tier, _on_health_change=self._stale)
+        self._workers[url] = Worker(url=url, model=self.model, tier=tier, upstream_headers=self._headers,
+                                    _on_health_change=self._stale)
         self._stale()
 
     def get(self, url: str) -> Worker | None:

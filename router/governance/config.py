@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from kvroute.router.errors import ConfigError
+from kvroute.router.secrets import Local
 
 SCOPES = ("request", "session", "agent", "task", "feature", "user", "tenant", "global")
 ACTIONS = ("reject", "throttle", "downgrade")
@@ -68,7 +69,7 @@ class AlertConfig:
     thresholds: tuple[float, ...] = (0.7, 1.0, 1.2)
     spike_factor: float = 3.0  # current hour's spend over the rolling hourly average
     spike_baseline_hours: int = 24
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)  # often carries a token
     webhook_timeout_s: float = 2.0
     webhook_retries: int = 3
     webhook_queue: int = 1000
@@ -86,8 +87,9 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str
+    url: str = field(repr=False)  # may carry a password
     prefix: str = "kvroute:gov"
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,15 @@ def _str_list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _secret_list(value: Any, key: str, local: Local) -> tuple[str, ...]:
+    """API keys: strings or ``{env: NAME}`` / ``{file: PATH}`` references."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list of keys (strings, {env: NAME} or {file: PATH})")
+    return tuple(local.secret(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
 def _window(raw: Mapping[str, Any], key: str) -> int | None:
     if "window" in raw and "window_s" in raw:
         raise ConfigError(f"{key}.window", "give window or window_s, not both")
@@ -206,7 +217,7 @@ def _parse_budget(raw: Any, key: str) -> Budget:
                   throttle_delay_s=_get(raw, "throttle_delay_s", float, key, 1.0, positive=True))
 
 
-def _parse_tenants(value: Any, key: str) -> list[Tenant]:
+def _parse_tenants(value: Any, key: str, local: Local) -> list[Tenant]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -219,7 +230,7 @@ def _parse_tenants(value: Any, key: str) -> list[Tenant]:
         name = _get(t, "name", str, tkey, None)
         if not name:
             raise ConfigError(f"{tkey}.name", "required")
-        keys = _str_list(t.get("keys"), f"{tkey}.keys")
+        keys = _secret_list(t.get("keys"), f"{tkey}.keys", local)
         if not keys:
             raise ConfigError(f"{tkey}.keys", "required: at least one API key")
         out.append(Tenant(name, keys))
@@ -240,7 +251,7 @@ def _read_keys_file(path: Any, key: str) -> Mapping[str, Any]:
     return raw
 
 
-def _parse_alerts(raw: Any, key: str) -> AlertConfig:
+def _parse_alerts(raw: Any, key: str, local: Local) -> AlertConfig:
     raw = _mapping(raw, key)
     _only(raw, {"thresholds", "spike_factor", "spike_baseline_hours", "webhook_url", "webhook_timeout_s",
                 "webhook_retries", "webhook_queue"}, key)
@@ -251,9 +262,9 @@ def _parse_alerts(raw: Any, key: str) -> AlertConfig:
                 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in thresholds)):
             raise ConfigError(f"{key}.thresholds", "expected a list of positive ratios, e.g. [0.7, 1.0, 1.2]")
         thresholds = tuple(sorted(float(t) for t in thresholds))
-    url = _get(raw, "webhook_url", str, key, None)
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.webhook_url", f"not an http(s) URL: {url!r}")
+    url = None if raw.get("webhook_url") is None else local.secret(raw["webhook_url"], f"{key}.webhook_url")
+    if url is not None and local.check and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.webhook_url", "not an http(s) URL")
     return AlertConfig(
         thresholds=thresholds or d.thresholds,
         spike_factor=_get(raw, "spike_factor", float, key, d.spike_factor, positive=True),
@@ -301,18 +312,21 @@ def _parse_tag_values(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
     return {k: _str_list(v, f"{key}.{k}") for k, v in raw.items()}
 
 
-def parse_governance(raw: Any, key: str = "governance") -> GovernanceConfig:
+def parse_governance(raw: Any, key: str = "governance", *, local: Local = Local()) -> GovernanceConfig:
     """Validate the ``governance:`` mapping into a ``GovernanceConfig``."""
     raw = _mapping(raw, key)
     _only(raw, {"tenants", "keys_file", "admin_keys", "budgets", "kill_switch", "alerts", "loops", "redis",
                 "tag_values", "default_max_tokens", "min_completion_tokens", "reservation_ttl_s",
                 "session_ttl_s"}, key)
-    tenants = _parse_tenants(raw.get("tenants"), f"{key}.tenants")
-    admin = list(_str_list(raw.get("admin_keys"), f"{key}.admin_keys"))
-    if raw.get("keys_file") is not None:
+    tenants = _parse_tenants(raw.get("tenants"), f"{key}.tenants", local)
+    admin = list(_secret_list(raw.get("admin_keys"), f"{key}.admin_keys", local))
+    if raw.get("keys_file") is not None and not local.check:
+        if not isinstance(raw["keys_file"], str):
+            raise ConfigError(f"{key}.keys_file", "expected a file path")
+    elif raw.get("keys_file") is not None:
         fkey = f"{key}.keys_file"
         secret = _read_keys_file(raw["keys_file"], fkey)
-        tenants += _parse_tenants(secret.get("tenants"), f"{fkey}:tenants")
+        tenants += _parse_tenants(secret.get("tenants"), f"{fkey}:tenants", local)
         admin += _str_list(secret.get("admin_keys"), f"{fkey}:admin_keys")
     seen: dict[str, str] = {}
     for i, t in enumerate(tenants):
@@ -335,18 +349,21 @@ def parse_governance(raw: Any, key: str = "governance") -> GovernanceConfig:
     if raw.get("redis") is not None:
         rkey = f"{key}.redis"
         rraw = _mapping(raw["redis"], rkey)
-        _only(rraw, {"url", "prefix"}, rkey)
-        url = _get(rraw, "url", str, rkey, None)
-        if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+        _only(rraw, {"url", "prefix", "password"}, rkey)
+        if rraw.get("url") is None:
             raise ConfigError(f"{rkey}.url", "required: a redis:// URL")
-        redis_cfg = RedisConfig(url=url, prefix=_get(rraw, "prefix", str, rkey, "kvroute:gov"))
+        url = local.secret(rraw["url"], f"{rkey}.url")
+        if local.check and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{rkey}.url", "required: a redis:// URL")
+        password = None if rraw.get("password") is None else local.secret(rraw["password"], f"{rkey}.password")
+        redis_cfg = RedisConfig(url=url, prefix=_get(rraw, "prefix", str, rkey, "kvroute:gov"), password=password)
     d = GovernanceConfig()
     return GovernanceConfig(
         tenants=tuple(tenants),
         admin_keys=tuple(admin),
         budgets=tuple(budgets),
         kill_switch=_parse_kill(raw.get("kill_switch"), f"{key}.kill_switch"),
-        alerts=_parse_alerts(raw.get("alerts"), f"{key}.alerts"),
+        alerts=_parse_alerts(raw.get("alerts"), f"{key}.alerts", local),
         loops=_parse_loops(raw.get("loops"), f"{key}.loops"),
         redis=redis_cfg,
         tag_values=_parse_tag_values(raw.get("tag_values"), f"{key}.tag_values"),

@@ -134,7 +134,7 @@ class Governor:
             if cfg.redis is not None:
                 from kvroute.router.governance.redis_store import RedisStore
 
-                store = RedisStore.from_url(cfg.redis.url, cfg.redis.prefix)
+                store = RedisStore.from_url(cfg.redis.url, cfg.redis.prefix, cfg.redis.password)
             else:
                 store = MemoryStore()
         self.store = store

@@ -187,8 +187,10 @@ class RedisStore:
         self._settle = client.register_script(SETTLE)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "kvroute:gov") -> RedisStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), prefix)
+    def from_url(cls, url: str, prefix: str = "kvroute:gov", password: str | None = None) -> RedisStore:
+        # A password given apart from the URL (a mounted Secret) wins over one inside it.
+        extra = {"password": password} if password else {}
+        return cls(aioredis.Redis.from_url(url, decode_responses=True, **extra), prefix)
 
     def _keys(self, keys) -> list[str]:
         out = []
