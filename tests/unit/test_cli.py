@@ -35,3 +35,25 @@ def test_bench_classifier_and_demo_are_delegated_to_their_packages(monkeypatch):
     monkeypatch.setattr(bench_cli, "main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["bench", "--fleet", "sim", "--workers", "8"]) == 0
     assert seen["argv"] == ["--fleet", "sim", "--workers", "8"]
+
+
+def test_a_command_whose_optional_package_is_missing_names_the_extra(monkeypatch, capsys):
+    from kvroute.classifier import cli as classifier_cli
+
+    def needs_torch(argv):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(classifier_cli, "main", needs_torch)
+    assert main(["classifier", "train", "--data", "x"]) == 2
+    assert "pip install 'kvroute[classifier]'" in capsys.readouterr().err
+
+
+def test_a_missing_module_that_no_extra_brings_is_a_real_error(monkeypatch):
+    from kvroute.classifier import cli as classifier_cli
+
+    def broken(argv):
+        raise ModuleNotFoundError("No module named 'nonesuch'", name="nonesuch")
+
+    monkeypatch.setattr(classifier_cli, "main", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["classifier", "eval"])
