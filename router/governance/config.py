@@ -263,7 +263,8 @@ def _parse_alerts(raw: Any, key: str, local: Local) -> AlertConfig:
             raise ConfigError(f"{key}.thresholds", "expected a list of positive ratios, e.g. [0.7, 1.0, 1.2]")
         thresholds = tuple(sorted(float(t) for t in thresholds))
     url = None if raw.get("webhook_url") is None else local.secret(raw["webhook_url"], f"{key}.webhook_url")
-    if url is not None and local.check and not url.startswith(("http://", "https://")):
+    literal = isinstance(raw.get("webhook_url"), str)  # a reference is checked once resolved
+    if url is not None and (local.check or literal) and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{key}.webhook_url", "not an http(s) URL")
     return AlertConfig(
         thresholds=thresholds or d.thresholds,
@@ -353,7 +354,8 @@ def parse_governance(raw: Any, key: str = "governance", *, local: Local = Local(
         if rraw.get("url") is None:
             raise ConfigError(f"{rkey}.url", "required: a redis:// URL")
         url = local.secret(rraw["url"], f"{rkey}.url")
-        if local.check and not url.startswith(("redis://", "rediss://", "unix://")):
+        literal = isinstance(rraw["url"], str)  # a reference is checked once resolved
+        if (local.check or literal) and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"{rkey}.url", "required: a redis:// URL")
         password = None if rraw.get("password") is None else local.secret(rraw["password"], f"{rkey}.password")
         redis_cfg = RedisConfig(url=url, prefix=_get(rraw, "prefix", str, rkey, "kvroute:gov"), password=password)

@@ -6,10 +6,13 @@ that instruction; they never skip silently. Rendered manifests are validated aga
 Kubernetes OpenAPI schemas shipped inside ``kubernetes-validate`` (no network), for the
 oldest and a recent version this chart supports. Prometheus Operator kinds
 (ServiceMonitor, PodMonitor) have no schema there and are checked structurally here.
+The router config the chart renders is checked by the router itself (``kvroute config
+check``), and the values schema against the router's parser in test_schema.py.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -19,13 +22,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvroute.router.config import config_from_dict
+from kvroute.router.fleet.discovery import pod_worker
+from tests.helm.chart import (
+    CHART,
+    CI_VALUES,
+    NS,
+    RELEASE,
+    SECRETS_DIR,
+    by_kind,
+    ci,
+    config_check,
+    container,
+    one,
+    raw_router_config,
+    render,
+    router_config,
+    run_helm,
+    secret_mounts,
+    template,
+    workers,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "kvroute"
-CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-NS = "kvr-test"
-RELEASE = "rel"
 # Oldest supported (Chart.yaml kubeVersion >=1.27) and the helm 4 client's version.
 K8S_VERSIONS = ("1.27.0", "1.35.0")
 RELEASE_SCOPE = {"app.kubernetes.io/instance": RELEASE}
@@ -34,7 +51,8 @@ ROUTER_METRICS = (
     "kvroute_worker_completion_tokens_total", "kvroute_worker_cached_prompt_tokens_total",
     "kvroute_worker_predicted_cached_tokens_total", "kvroute_worker_in_flight_requests",
     "kvroute_ttft_seconds", "kvroute_request_seconds", "kvroute_route_decision_seconds",
-    "kvroute_tier_requests_total",
+    "kvroute_tier_requests_total", "kvroute_spend_usd_total", "kvroute_spend_tokens_total",
+    "kvroute_budget_used_ratio", "kvroute_alerts_total", "kvroute_cascade_escalations_total",
 )
 YAMLLINT_SOURCE = """
 extends: default
@@ -57,63 +75,12 @@ rules:
 """
 
 
-def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        pytest.fail(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def template(helm: str, *args: str, release: str = RELEASE, chart: Path = CHART) -> str:
-    return run_helm(helm, "template", release, str(chart), "--namespace", NS, *args).stdout
-
-
-def docs(text: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(text) if d]
-
-
-_cache: dict[tuple, list[dict]] = {}
-
-
-def render(helm: str, values: Path | None = None, *sets: str, release: str = RELEASE) -> list[dict]:
-    key = (values, sets, release)
-    if key not in _cache:
-        args = (["-f", str(values)] if values else []) + [a for s in sets for a in ("--set", s)]
-        _cache[key] = docs(template(helm, *args, release=release))
-    return _cache[key]
-
-
-def ci(name: str) -> Path:
-    return CHART / "ci" / f"{name}-values.yaml"
-
-
-def by_kind(objs: list[dict], kind: str) -> list[dict]:
-    return [o for o in objs if o["kind"] == kind]
-
-
-def one(objs: list[dict], kind: str, component: str | None = None) -> dict:
-    found = [o for o in by_kind(objs, kind) if component is None
-             or o["metadata"]["labels"].get("app.kubernetes.io/component") == component]
-    assert len(found) == 1, f"expected one {kind} ({component}), got {len(found)}"
-    return found[0]
-
-
-def workers(objs: list[dict]) -> list[dict]:
-    return [d for d in by_kind(objs, "Deployment")
-            if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
-
-
-def router_config(objs: list[dict]):
-    cm = one(objs, "ConfigMap", "router")
-    return config_from_dict(yaml.safe_load(cm["data"]["config.yaml"]))
-
-
 # ---- lint, render, validate ------------------------------------------------------------
 
 
 def test_ci_values_present() -> None:
     names = {p.name for p in CI_VALUES}
-    for needed in ("static", "k8s", "two-tiers", "monitoring"):
+    for needed in ("static", "k8s", "dns", "two-tiers", "monitoring", "production"):
         assert f"{needed}-values.yaml" in names
 
 
@@ -194,6 +161,22 @@ def test_yamllint_rendered(rendered_files) -> None:
     ("workers[0].name=Has_Caps", "/workers/0/name"),
     ("workers[0].startupProbe.initialDelaySeconds=30", "initialDelaySeconds"),
     ("bogus=1", "bogus"),
+    # The chart owns these parts of the router config.
+    ("router.config.server.port=9000", "/router/config/server"),
+    ("router.config.discovery.mode=k8s", "/router/config"),
+    # Router config types, at any depth.
+    ("router.config.log_prompts=yes", "/router/config/log_prompts"),
+    ("router.config.models[0].name=m,router.config.models[0].policy=fastest", "/router/config/models/0/policy"),
+    ("router.config.models[0].name=m,router.config.models[0].price.input_per_m=-1",
+     "/router/config/models/0/price/input_per_m"),
+    ("router.config.governance.budgets[0].name=b,router.config.governance.budgets[0].scope=team",
+     "/router/config/governance/budgets/0/scope"),
+    ("router.config.governance.kill_switch.ttl_s=10", "/router/config/governance/kill_switch/ttl_s"),
+    ("router.config.governance.loops.ratio=1", "/router/config/governance/loops/ratio"),
+    ("redis.enabled=maybe", "/redis/enabled"),
+    ("redis.persistance.enabled=true", "persistance"),
+    ("workers[0].apiKey.existingSecret=s,workers[0].apiKey.create=true", "/workers/0/apiKey"),
+    ("workers[0].apiKey.secret=s", "/workers/0/apiKey"),
 ])
 def test_schema_rejects_bad_values(helm, bad, where) -> None:
     proc = run_helm(helm, "template", RELEASE, str(CHART), "--set", bad, check=False)
@@ -201,11 +184,60 @@ def test_schema_rejects_bad_values(helm, bad, where) -> None:
     assert where in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("bad, where", [
+    # Secrets are references, never literals in values (and so never in the ConfigMap).
+    ({"admin_keys": ["sk-admin"]}, "/router/config/governance/admin_keys/0"),
+    ({"tenants": [{"name": "a", "keys": ["sk-a"]}]}, "/router/config/governance/tenants/0/keys/0"),
+    ({"alerts": {"webhook_url": "https://hooks.example/x"}}, "/router/config/governance/alerts/webhook_url"),
+    ({"redis": {"url": "redis://r:6379", "password": "pw"}}, "/router/config/governance/redis/password"),
+    ({"redis": {"url": "redis://:pw@r:6379/0"}}, "/router/config/governance/redis/url"),
+    ({"admin_keys": [{"secretKeyRef": {"name": "s"}}]}, "/router/config/governance/admin_keys/0"),
+    ({"admin_keys": [{"file": "/a", "env": "B"}]}, "/router/config/governance/admin_keys/0"),
+])
+def test_schema_rejects_literal_secrets(helm, tmp_path, bad, where) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"router": {"config": {"governance": bad}}}))
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values), check=False)
+    assert proc.returncode != 0, f"{bad} was accepted"
+    assert where in proc.stderr, proc.stderr
+
+
+def test_schema_rejects_literal_api_key(helm) -> None:
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(ci("static")),
+                    "--set", "router.config.models[0].api_key=sk-1", check=False)
+    assert proc.returncode != 0 and "/router/config/models/0/api_key" in proc.stderr, proc.stderr
+
+
+PROD = "production"
+
+
 @pytest.mark.parametrize("values, sets, message", [
     ("dns", ["workers[1].name=b", "workers[1].model=qwen-0-5b"], "one worker group per model"),
     ("k8s", ["router.discovery.mode=static"], "needs workers: [URL, ...]"),
     ("k8s", ["workers=null"], "workers"),
     ("static", ["router.config.models=null"], "no models"),
+    # Tiers: every tier needs a worker group and every group of a tiered model a tier.
+    ("two-tiers", ["workers[1].tier=huge"], "tiers[large]: no workers[] group serves it"),
+    ("two-tiers", ["workers[1].tier=huge", "workers[1].name=huge", "workers[2].name=large",
+                   "workers[2].model=auto", "workers[2].tier=large"], "set tier to one of them"),
+    ("two-tiers", ["router.config.models=null"], "add a router.config.models entry with tiers"),
+    ("two-tiers", ["router.discovery.mode=dns", "workers[1].model=other"], "a tiered model needs discovery k8s"),
+    ("two-tiers", ["router.discovery.mode=static"], "tier \"small\" needs workers: [URL, ...]"),
+    ("k8s", ["router.config.models[0].name=nobody"], "models[nobody]: no workers[] group serves it"),
+    # Worker wiring the router config must not contradict.
+    (PROD, ["router.config.models[0].tiers[0].upstream_model=x"], "serve --served-model-name \"auto\""),
+    (PROD, ["router.config.models[0].tiers[0].api_key.env=K"], "set from its worker groups' apiKey"),
+    (PROD, ["workers[1].kvEvents.enabled=false"], "worker group \"large\" has kvEvents.enabled=false"),
+    (PROD, ["router.config.models[0].tiers[1].kv_events.port=6000"], "publish on kvEvents port 5557"),
+    ("two-tiers", ["workers[0].apiKey.existingSecret=a", "workers[2].name=small2", "workers[2].model=auto",
+                   "workers[2].tier=small", "workers[2].apiKey.existingSecret=b"], "different apiKey Secrets"),
+    # Secrets and Redis.
+    ("k8s", ["router.config.governance.admin_keys[0].secretKeyRef.key=k"], "set router.secrets.create=true"),
+    ("k8s", ["router.config.governance.admin_keys[0].secretKeyRef.key=k", "router.secrets.create=true"],
+     "router.secrets.stringData has no key \"k\""),
+    ("k8s", ["redis.enabled=true"], "set router.config.governance"),
+    (PROD, ["router.config.governance.redis.url=redis://elsewhere:6379"], "set by the chart when redis.enabled"),
+    ("k8s", ["router.config.governance.redis.prefix=p"], "set url"),
 ])
 def test_render_time_checks(helm, values, sets, message) -> None:
     args = ["-f", str(ci(values))] + [a for s in sets for a in ("--set", s)]
@@ -231,6 +263,22 @@ def test_packaged_chart_keeps_schema_and_dashboard(helm, tmp_path) -> None:
 # ---- router config ---------------------------------------------------------------------
 
 
+def _pool_of(cfg, worker) -> str | None:
+    """The pool key a discovered worker joins: ModelRegistry.apply_discovery's rule
+    (router/pipeline.py): model/tier when that pool exists, else a plain model's pool."""
+    pools = {p.key for m in cfg.models for p in m.pools}
+    key = f"{worker.model}/{worker.tier}" if worker.tier else worker.model
+    if key in pools:
+        return key
+    return worker.model if worker.model in pools else None
+
+
+def _as_ready_pod(dep: dict, ip: str) -> dict:
+    """What the API server reports for a Ready pod of this Deployment."""
+    return {"metadata": {"labels": dep["spec"]["template"]["metadata"]["labels"], "uid": ip},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
 def test_router_config_is_valid(helm, values) -> None:
     objs = render(helm, values)
@@ -252,6 +300,89 @@ def test_router_config_is_valid(helm, values) -> None:
                 for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]
                 if p["name"] == "http"}
         assert port <= {cfg.discovery.port}
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_every_worker_group_lands_in_a_pool_that_it_serves(helm, values) -> None:
+    """Run the router's own pod-to-worker mapping (router.fleet.discovery.pod_worker) on
+    each worker group's pod: it must join a pool, every pool must get a group, and the
+    pool must ask the pods for the model name they serve, with the key they require."""
+    objs = render(helm, values)
+    cfg = router_config(objs)
+    if cfg.discovery.mode != "k8s":
+        return
+    pools = {p.key: p for m in cfg.models for p in m.pools}
+    joined: dict[str, list[dict]] = {}
+    for i, dep in enumerate(workers(objs)):
+        found = pod_worker(_as_ready_pod(dep, f"10.0.0.{i + 1}"), cfg.discovery)
+        assert found is not None
+        key = _pool_of(cfg, found)
+        assert key is not None, f"{dep['metadata']['name']} serves no configured pool"
+        joined.setdefault(key, []).append(dep)
+    assert set(joined) == set(pools), "a pool has no worker group (or a group no pool)"
+    mounts = secret_mounts(one(objs, "Deployment", "router"))
+    raw = {p.key: p for p in pools.values()}
+    for key, deps in joined.items():
+        pool = raw[key]
+        for dep in deps:
+            c = container(dep)
+            assert c["args"][c["args"].index("--served-model-name") + 1] == pool.served_name
+            env = {e["name"]: e for e in c.get("env", ())}
+            if "VLLM_API_KEY" in env:
+                ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+                # The router reads the very same Secret key: {file: <mounted path>}.
+                path = pool.api_key.removeprefix("<file:").removesuffix(">")
+                assert mounts[path] == (ref["name"], ref["key"])
+            else:
+                assert pool.api_key is None
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_config_check_accepts_rendered_config(helm, values, tmp_path) -> None:
+    """One source of truth: the router's `kvroute config check` (exactly what serve loads)
+    accepts the config.yaml the chart renders for every example."""
+    config = tmp_path / "config.yaml"
+    config.write_text(one(render(helm, values), "ConfigMap", "router")["data"]["config.yaml"])
+    proc = config_check(config)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok"), proc.stdout
+
+
+def _dig(tree, path):
+    for step in path:
+        tree = tree[step]
+    return tree
+
+
+@pytest.mark.parametrize("router_key, path", [
+    ("governance.budgets[0]", ["governance", "budgets", 0]),
+    ("governance.budgets[3].limit", ["governance", "budgets", 3, "limit"]),
+    ("models[0].tiers[0]", ["models", 0, "tiers", 0]),
+    ("models[0].tiers[1].kv_events", ["models", 0, "tiers", 1, "kv_events"]),
+    ("models[0].cascade", ["models", 0, "cascade"]),
+    ("governance.alerts", ["governance", "alerts"]),
+])
+def test_typo_fails_schema_and_config_check(helm, tmp_path, router_key, path) -> None:
+    """A misspelled key anywhere in router.config fails `helm install` (the schema); with
+    the schema bypassed the chart passes it through, and the router's check names it."""
+    values = yaml.safe_load(ci(PROD).read_text())
+    _dig(values["router"]["config"], path)["scpoe"] = "x"
+    vf = tmp_path / "values.yaml"
+    vf.write_text(yaml.safe_dump(values))
+    args = ["template", RELEASE, str(CHART), "--namespace", NS, "-f", str(vf)]
+    proc = run_helm(helm, *args, check=False)
+    pointer = "/".join(["/router/config", *map(str, path)])
+    assert proc.returncode != 0, "the schema accepted a typo"
+    assert f"at '{pointer}': additional properties 'scpoe' not allowed" in proc.stderr, proc.stderr
+
+    objs = [d for d in yaml.safe_load_all(run_helm(helm, *args, "--skip-schema-validation").stdout) if d]
+    config = raw_router_config(objs)
+    assert _dig(config, path)["scpoe"] == "x"
+    cfile = tmp_path / "config.yaml"
+    cfile.write_text(yaml.safe_dump(config))
+    proc = config_check(cfile)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"kvroute: config key '{router_key}.scpoe': unknown key"), proc.stderr
 
 
 def test_static_config(helm) -> None:
@@ -323,6 +454,11 @@ def _selectors(objs: list[dict]) -> list[tuple[str, dict]]:
             out.append((f"Service/{o['metadata']['name']}", spec["selector"]))
         elif kind in ("Deployment", "PodDisruptionBudget", "ServiceMonitor", "PodMonitor"):
             out.append((f"{kind}/{o['metadata']['name']}", spec["selector"]["matchLabels"]))
+        elif kind == "NetworkPolicy":
+            out.append((f"{kind}/{o['metadata']['name']}", spec["podSelector"]["matchLabels"]))
+            for rule in spec["ingress"]:
+                for peer in rule["from"]:
+                    out.append((f"{kind}/{o['metadata']['name']} from", peer["podSelector"]["matchLabels"]))
     return out
 
 
@@ -361,27 +497,24 @@ def test_each_worker_service_selects_only_its_group(helm) -> None:
 # ---- workers -------------------------------------------------------------------------
 
 
-def _container(dep: dict) -> dict:
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
-    return c
-
-
 def test_worker_pods(helm) -> None:
     objs = render(helm, ci("two-tiers"))
     deps = {d["metadata"]["labels"]["kvroute.io/worker-group"]: d for d in workers(objs)}
     assert set(deps) == {"small", "large"}
-    for group, gpus, tier, model in (("small", 1, "small", "llama-8b"),
-                                     ("large", 4, "large", "llama-70b")):
+    # One tiered model: both groups serve "auto", the tier label tells them apart.
+    for group, gpus, tier, model in (("small", 1, "small", "auto"),
+                                     ("large", 4, "large", "auto")):
         dep = deps[group]
         pod = dep["spec"]["template"]
         labels = pod["metadata"]["labels"]
         assert labels["kvroute.io/model"] == model and labels["kvroute.io/tier"] == tier
         assert labels["app.kubernetes.io/component"] == "worker"
-        c = _container(dep)
+        c = container(dep)
         assert c["image"].startswith("vllm/vllm-openai:")
         assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus
         args = c["args"]
         assert "--enable-prefix-caching" in args
+        assert "--enable-prompt-tokens-details" in args  # usage...cached_tokens: hit-rate metrics
         assert args[args.index("--served-model-name") + 1] == model
         assert args[args.index("--port") + 1] == "8000"
         kv = json.loads(args[args.index("--kv-events-config") + 1])
@@ -411,7 +544,7 @@ def test_worker_pods(helm) -> None:
         assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
     assert deps["large"]["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"] == {
         "claimName": "llama-70b-weights"}
-    assert _container(deps["large"])["startupProbe"]["failureThreshold"] == 360
+    assert container(deps["large"])["startupProbe"]["failureThreshold"] == 360
 
 
 def test_worker_defaults_omit_runtime_class_and_cache(helm) -> None:
@@ -425,7 +558,7 @@ def test_worker_defaults_omit_runtime_class_and_cache(helm) -> None:
 
 def test_kv_events_can_be_disabled(helm) -> None:
     (dep,) = workers(render(helm, ci("dns")))
-    c = _container(dep)
+    c = container(dep)
     assert "--kv-events-config" not in c["args"]
     assert [p["name"] for p in c["ports"]] == ["http"]
 
@@ -438,7 +571,7 @@ def test_model_cache_pvc_and_hf_token(helm) -> None:
     (dep,) = workers(objs)
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert vols["model-cache"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    env = {e["name"]: e for e in _container(dep)["env"]}
+    env = {e["name"]: e for e in container(dep)["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
 
 
@@ -448,7 +581,7 @@ def test_model_cache_pvc_and_hf_token(helm) -> None:
 def test_router_deployment(helm) -> None:
     objs = render(helm)
     dep = one(objs, "Deployment", "router")
-    c = _container(dep)
+    c = container(dep)
     assert c["command"] + c["args"] == ["kvroute", "--log-level", "INFO", "serve", "--config",
                                         "/etc/kvroute/config.yaml"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
@@ -458,8 +591,12 @@ def test_router_deployment(helm) -> None:
     assert mounts["/etc/kvroute"] == "config"
     cm = one(objs, "ConfigMap", "router")
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    # Defaults reference no Secret: the projected volume holds the ConfigMap alone.
+    assert vols["config"]["projected"]["sources"] == [{"configMap": {"name": cm["metadata"]["name"]}}]
     assert dep["spec"]["replicas"] == 2
+    # The image built from the repo's Dockerfile, tagged with the chart's appVersion.
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert c["image"] == f"ghcr.io/kvroute/kvroute:{app_version}"
     svc = one(objs, "Service", "router")
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     assert one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
@@ -527,3 +664,202 @@ def test_notes(helm) -> None:
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert f"port-forward svc/{RELEASE}-kvroute-router 8080:8080" in notes
     assert "/metrics" in notes and "helm test" in notes
+
+
+# ---- secrets ---------------------------------------------------------------------------
+
+
+def _secret_refs(cfg: dict) -> list[tuple[str, object]]:
+    """Every place in a rendered router config that holds a secret, with its value."""
+    out = []
+    for i, m in enumerate(cfg["models"]):
+        for j, pool in enumerate(m.get("tiers") or [m]):
+            if "api_key" in pool:
+                out.append((f"models[{i}].tiers[{j}].api_key" if m.get("tiers") else f"models[{i}].api_key",
+                            pool["api_key"]))
+    gov = cfg.get("governance") or {}
+    out += [(f"governance.admin_keys[{i}]", k) for i, k in enumerate(gov.get("admin_keys") or [])]
+    for i, t in enumerate(gov.get("tenants") or []):
+        out += [(f"governance.tenants[{i}].keys[{j}]", k) for j, k in enumerate(t["keys"])]
+    if "webhook_url" in (gov.get("alerts") or {}):
+        out.append(("governance.alerts.webhook_url", gov["alerts"]["webhook_url"]))
+    if "password" in (gov.get("redis") or {}):
+        out.append(("governance.redis.password", gov["redis"]["password"]))
+    return out
+
+
+def test_production_secrets_are_mounted_files(helm) -> None:
+    objs = render(helm, ci(PROD))
+    cfg = raw_router_config(objs)
+    mounts = secret_mounts(one(objs, "Deployment", "router"))
+    refs = _secret_refs(cfg)
+    assert {k.split("[")[0].split(".")[0] for k, _ in refs} == {"models", "governance"}
+    assert len(refs) == 2 + 1 + 3 + 1 + 1  # tier api keys, admin, tenant keys, webhook, redis password
+    for key, value in refs:
+        assert set(value) == {"file"}, f"{key} is not a file reference: {value}"
+        assert value["file"].startswith(SECRETS_DIR + "/")
+        assert value["file"] in mounts, f"{key}: {value['file']} is not mounted"
+    # Each Secret key is mounted once, from the Secret the values name.
+    assert mounts[f"{SECRETS_DIR}/kvroute-tenant-keys/acme-ci"] == ("kvroute-tenant-keys", "acme-ci")
+    assert mounts[f"{SECRETS_DIR}/kvroute-alerts/webhook-url"] == ("kvroute-alerts", "webhook-url")
+    assert set(mounts) == {v["file"] for _, v in refs}
+    # The config volume is read-only and holds config.yaml beside secrets/.
+    c = container(one(objs, "Deployment", "router"))
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert mount == {"name": "config", "mountPath": "/etc/kvroute", "readOnly": True}
+    # Nothing names a Secret the chart does not make or the values do not name.
+    made = {s["metadata"]["name"] for s in by_kind(objs, "Secret")}
+    assert {name for name, _ in mounts.values()} - made == {
+        "kvroute-tenant-keys", "kvroute-admin-keys", "kvroute-alerts", "kvroute-vllm-api-key"}
+
+
+def test_chart_made_router_secret(helm) -> None:
+    objs = render(helm, ci("k8s"), "router.secrets.create=true", "router.secrets.stringData.adm=sk-admin-1",
+                  "router.config.governance.admin_keys[0].secretKeyRef.key=adm")
+    (secret,) = [s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == f"{RELEASE}-kvroute-router-secrets"]
+    assert secret["stringData"] == {"adm": "sk-admin-1"}
+    path = f"{SECRETS_DIR}/{RELEASE}-kvroute-router-secrets/adm"
+    assert raw_router_config(objs)["governance"]["admin_keys"] == [{"file": path}]
+    assert secret_mounts(one(objs, "Deployment", "router"))[path] == (secret["metadata"]["name"], "adm")
+    # The secret itself is in no ConfigMap.
+    assert all("sk-admin-1" not in json.dumps(cm["data"]) for cm in by_kind(objs, "ConfigMap"))
+
+
+def test_static_fleet_api_key_and_env_references(helm) -> None:
+    objs = render(helm, ci("static"), "router.config.models[1].api_key.env=UPSTREAM_KEY")
+    models = raw_router_config(objs)["models"]
+    # secretKeyRef: a mounted file; {env: ...} and {file: ...} pass through untouched.
+    path = f"{SECRETS_DIR}/vllm-fleet-key/api-key"
+    assert models[0]["api_key"] == {"file": path} and models[1]["api_key"] == {"env": "UPSTREAM_KEY"}
+    assert secret_mounts(one(objs, "Deployment", "router")) == {path: ("vllm-fleet-key", "api-key")}
+    objs = render(helm, ci("static"), "router.config.models[1].api_key.file=/mnt/key")
+    assert raw_router_config(objs)["models"][1]["api_key"] == {"file": "/mnt/key"}
+
+
+def test_worker_api_key_from_existing_secret(helm) -> None:
+    objs = render(helm, ci(PROD))
+    cfg = router_config(objs)
+    for dep in workers(objs):
+        env = {e["name"]: e for e in container(dep)["env"]}
+        assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kvroute-vllm-api-key",
+                                                                    "key": "api-key"}
+        assert not any("--api-key" in a for a in container(dep)["args"])  # never in the pod spec
+    for tier in cfg.model("auto").tiers:
+        assert tier.api_key == f"<file:{SECRETS_DIR}/kvroute-vllm-api-key/api-key>"
+    assert not [s for s in by_kind(objs, "Secret") if "api-key" in s["metadata"]["name"]]
+
+
+def test_worker_api_key_chart_made(helm) -> None:
+    objs = render(helm, ci("two-tiers"), "workers[0].apiKey.create=true", "workers[1].apiKey.create=true",
+                  "workers[1].apiKey.key=large")
+    (secret,) = [s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == f"{RELEASE}-kvroute-worker-api-key"]
+    assert set(secret["data"]) == {"api-key", "large"}
+    for value in secret["data"].values():
+        assert len(base64.b64decode(value)) == 40
+    deps = {d["metadata"]["labels"]["kvroute.io/worker-group"]: d for d in workers(objs)}
+    mounts = secret_mounts(one(objs, "Deployment", "router"))
+    tiers = {t["name"]: t for t in raw_router_config(objs)["models"][0]["tiers"]}
+    for group, key in (("small", "api-key"), ("large", "large")):
+        env = {e["name"]: e for e in container(deps[group])["env"]}
+        ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": key}
+        assert mounts[tiers[group]["api_key"]["file"]] == (ref["name"], ref["key"])
+
+
+def test_no_api_key_by_default(helm) -> None:
+    objs = render(helm)
+    (dep,) = workers(objs)
+    assert "VLLM_API_KEY" not in {e["name"] for e in container(dep)["env"]}
+    assert "api_key" not in raw_router_config(objs)["models"][0]
+    assert not by_kind(objs, "Secret")
+
+
+# ---- redis -----------------------------------------------------------------------------
+
+
+def test_in_chart_redis(helm) -> None:
+    objs = render(helm, ci(PROD))
+    dep = one(objs, "Deployment", "redis")
+    svc = one(objs, "Service", "redis")
+    secret = one(objs, "Secret", "redis")
+    c = container(dep)
+    assert c["image"].startswith("redis:")
+    assert c["command"] == ["redis-server"] and c["args"][:2] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": secret["metadata"]["name"],
+                                                             "key": "redis-password"}
+    assert len(base64.b64decode(secret["data"]["redis-password"])) == 40
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    # persistence.enabled: the chart's PVC holds /data.
+    (pvc,) = by_kind(objs, "PersistentVolumeClaim")
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    # The router's governance.redis points at the Service, with the password as a file.
+    redis = raw_router_config(objs)["governance"]["redis"]
+    port = svc["spec"]["ports"][0]["port"]
+    assert redis["url"] == f"redis://{svc['metadata']['name']}.{NS}.svc.cluster.local:{port}/0"
+    assert redis["prefix"] == "kvroute:prod"
+    mounts = secret_mounts(one(objs, "Deployment", "router"))
+    assert mounts[redis["password"]["file"]] == (secret["metadata"]["name"], "redis-password")
+
+
+def test_redis_network_policy_admits_only_router_pods(helm) -> None:
+    objs = render(helm, ci(PROD))
+    policy = one(objs, "NetworkPolicy", "redis")
+    spec = policy["spec"]
+    pods = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["metadata"]["labels"]
+            for d in by_kind(objs, "Deployment")}
+    assert spec["podSelector"]["matchLabels"].items() <= pods["redis"].items()
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector: this namespace only
+    admitted = [c for c, labels in pods.items() if peer["podSelector"]["matchLabels"].items() <= labels.items()]
+    assert admitted == ["router"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+
+def test_redis_existing_secret_and_no_persistence(helm) -> None:
+    objs = render(helm, ci(PROD), "redis.auth.existingSecret=my-redis", "redis.auth.key=pw",
+                  "redis.persistence.enabled=false", "redis.networkPolicy.enabled=false")
+    assert not [s for s in by_kind(objs, "Secret") if "redis" in s["metadata"]["name"]]
+    assert not by_kind(objs, "PersistentVolumeClaim") and not by_kind(objs, "NetworkPolicy")
+    dep = one(objs, "Deployment", "redis")
+    assert {"name": "data", "emptyDir": {}} in dep["spec"]["template"]["spec"]["volumes"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(dep)["env"]}
+    assert env["REDIS_PASSWORD"] == {"name": "my-redis", "key": "pw"}
+    password = raw_router_config(objs)["governance"]["redis"]["password"]
+    assert password == {"file": f"{SECRETS_DIR}/my-redis/pw"}
+
+
+def test_external_redis(helm) -> None:
+    objs = render(helm, ci("k8s"), "router.config.governance.redis.url.secretKeyRef.name=ext-redis",
+                  "router.config.governance.redis.url.secretKeyRef.key=url")
+    assert not [o for o in objs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
+    assert raw_router_config(objs)["governance"]["redis"] == {"url": {"file": f"{SECRETS_DIR}/ext-redis/url"}}
+
+
+# ---- tiers -----------------------------------------------------------------------------
+
+
+def test_two_tiers_is_one_tiered_model(helm) -> None:
+    cfg = router_config(render(helm, ci("two-tiers")))
+    (model,) = cfg.models
+    assert model.name == "auto" and [t.tier for t in model.tiers] == ["small", "large"]
+    assert model.classifier is not None and model.classifier.thresholds == (0.55,)
+    assert [t.served_name for t in model.tiers] == ["auto", "auto"]
+
+
+def test_production_model(helm) -> None:
+    cfg = router_config(render(helm, ci(PROD)))
+    (model,) = cfg.models
+    assert model.mode == "cascade" and model.cascade is not None and model.classifier is not None
+    small, large = model.tiers
+    # kv_events port and topic come from the worker groups' kvEvents.
+    assert (small.kv_events.port, small.kv_events.topic) == (5557, "kv")
+    assert large.kv_events.port == 5557 and large.price.output_per_m == 0.8
+    gov = cfg.governance
+    assert [t.name for t in gov.tenants] == ["acme", "globex"] and len(gov.admin_keys) == 1
+    assert {b.name for b in gov.budgets} >= {"per-call", "session", "acme-day", "org-hour"}
+    assert gov.alerts.webhook_url and gov.redis is not None

@@ -547,8 +547,7 @@ async def test_chart_role_and_selector_are_all_discovery_needs(kube, rendered) -
         kube.end_watches()  # force a second LIST + WATCH so both verbs are exercised again
         while kube.watches < 2:
             await asyncio.sleep(0.02)
-    assert {(w.model, w.tier) for w in rec.calls[-1]} == {("llama-8b", "small"),
-                                                          ("llama-70b", "large")}
+    assert {(w.model, w.tier) for w in rec.calls[-1]} == {("auto", "small"), ("auto", "large")}
 
     assert kube.requests, "discovery made no requests"
     for method, path, query in kube.requests:

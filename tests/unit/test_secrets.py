@@ -110,3 +110,14 @@ def test_k8s_discovery_without_the_extra_fails_at_start_naming_it(monkeypatch, t
     path = write(tmp_path, {"models": [{"name": "m"}], "discovery": {"mode": "k8s"}})
     assert main(["serve", "--config", path]) == 2
     assert "pip install 'kvroute[k8s]'" in capsys.readouterr().err
+
+
+def test_literal_urls_are_checked_even_without_local_checks():
+    raw = {"models": [{"name": "m", "workers": [WORKER]}], "governance": {"redis": {"url": "http://not-redis"}}}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw, local=Local(check=False))
+    assert exc.value.key == "governance.redis.url"
+    raw["governance"] = {"alerts": {"webhook_url": "ftp://hooks"}}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw, local=Local(check=False))
+    assert exc.value.key == "governance.alerts.webhook_url"
