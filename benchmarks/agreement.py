@@ -188,9 +188,9 @@ class ReplicaView:
 
 
 def _context(tok, rec: TraceRecord, model: str, block_size: int):
-    from kvroute.router.pipeline import expected_max_tokens
     from kvroute.router.policies.base import RequestContext
     from kvroute.router.prefix import chain_keys
+    from kvroute.router.routes import expected_max_tokens
 
     ids = tok.chat_ids(rec.body["messages"], rec.body.get("tools"))
     user = rec.body.get("user")
@@ -199,7 +199,7 @@ def _context(tok, rec: TraceRecord, model: str, block_size: int):
         block_keys=tuple(chain_keys(ids, block_size)),
         block_size=block_size,
         prompt_tokens=len(ids),
-        max_tokens=expected_max_tokens(rec.body),
+        max_tokens=expected_max_tokens(rec.body.get("max_completion_tokens") or rec.body.get("max_tokens")),
         session_key=user if isinstance(user, str) else None,
     )
 

@@ -47,7 +47,7 @@ async def bench(n: int) -> dict:
     cfg = config_from_dict({"models": [{"name": "auto", "mode": "cascade", "tiers": tiers,
                                         "cascade": {"answer_model": "rules"}}], "health": {"interval_s": 60}})
     app = create_app(cfg)
-    app[keys.ROUTES].get("auto").cascade.scorer = _Constant()
+    app[keys.ROUTES].get("auto").judge.scorer = _Constant()
     client = TestClient(TestServer(app))
     await client.start_server()
     cascade, plain = [], []

@@ -30,8 +30,8 @@ from kvroute.benchmarks.results import percentile
 from kvroute.router.config import config_from_dict
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
-from kvroute.router.pipeline import ModelRoutes, build_context
 from kvroute.router.requests import CHAT, parse_request
+from kvroute.router.routes import ModelRoutes
 
 BUDGETS = [
     {"name": "per-call", "scope": "request", "limit": {"tokens": 8000}},
@@ -81,9 +81,9 @@ async def run(store: str, redis_url: str | None, n: int) -> dict:
         headers = {"x-kvroute-agent": f"agent-{i % 8}", "x-kvroute-feature": "search",
                    "x-kvroute-session": f"s-{i // 10}"}
         req = parse_request(CHAT, orjson.dumps(body), headers)
-        ctx = await build_context(route, req)
+        ctx = await route.context(req)
         t0 = time.perf_counter()
-        grant = await gov.admit(req, served, route, ctx, authorization="Bearer sk-bench", rebuild=build_context)
+        grant = await gov.admit(req, served, route, ctx, authorization="Bearer sk-bench")
         t1 = time.perf_counter()
         usage = {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": 120}
         gov.finish(grant, SimpleNamespace(usage=usage, client_started=True, status="ok", worker=None))

@@ -20,7 +20,7 @@ from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
-from kvroute.router.pipeline import ModelRoutes
+from kvroute.router.routes import ModelRoutes
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ async def _classifiers(app: web.Application) -> AsyncIterator[None]:
     choosers = app[keys.ROUTES].choosers()
     for chooser in choosers:
         await chooser.load()
-    for cascade in app[keys.ROUTES].cascades():  # the cascade's answer scorer (router/cascade.py)
-        await cascade.load()
+    for judge in app[keys.ROUTES].judges():  # a cascade's answer scorer (router/confidence.py)
+        await judge.load()
     tasks = [asyncio.create_task(c.reload_loop()) for c in choosers]
     yield
     for task in tasks:

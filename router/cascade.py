@@ -1,7 +1,7 @@
 """Cascade escalation: try the cheap tier, keep its answer when confident, else escalate.
 
-For a tiered model with ``mode: cascade``, ``pipeline.run_request`` hands the request here.
-The stage is one straight line per request::
+For a tiered model with ``mode: cascade``, the handler calls ``run`` here instead of
+``pipeline.run_request``; every try goes through the pipeline's ``attempt``::
 
     classifier score (if configured) -> band: strong only | cheap only | cascade
     cascade: try tier 0 (non-streaming, internally) -> confidence -> keep, or try tier 1 with
@@ -30,124 +30,63 @@ says whether it escalated. Metrics: ``kvroute_cascade_escalations_total{model,fr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from kvroute.router import keys
-from kvroute.router.confidence import Answer, Verdict, logprob_stats, parse_answer, rules
-from kvroute.router.config import CascadeConfig
-from kvroute.router.errors import BudgetExceeded, ConfigError, NoHealthyWorker, UpstreamError
-from kvroute.router.metrics import RouterMetrics
+from kvroute.router.confidence import Answer, AnswerJudge, parse_answer
+from kvroute.router.errors import BudgetExceeded, NoHealthyWorker, UpstreamError
+from kvroute.router.governance.grant import Grant
+from kvroute.router.pipeline import attempt
 from kvroute.router.proxy import TIER_HEADER, WORKER_HEADER, add_usage
 from kvroute.router.requests import CHAT, ParsedRequest
+from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.tiers import prompt_text
-
-if TYPE_CHECKING:
-    from kvroute.router.governance.governor import Grant
-    from kvroute.router.pipeline import ModelRoute, ServedModel
-    from kvroute.router.policies.base import RequestContext
 
 log = logging.getLogger(__name__)
 ESCALATED_HEADER = "x-kvroute-escalated"
-Build = Callable[["ModelRoute", ParsedRequest], Awaitable["RequestContext"]]
-Send = Callable[..., Awaitable[web.StreamResponse]]  # pipeline.forward_with_retry
 TRY_ERRORS = (UpstreamError, NoHealthyWorker)  # a cheap try failing this way escalates
 
 
-class Cascade:
-    def __init__(self, model: str, cfg: CascadeConfig, executor: Executor | None, metrics: RouterMetrics):
-        self.model, self.cfg, self.executor, self.metrics = model, cfg, executor, metrics
-        self.scorer: Any = None  # classifier.answer.AnswerScorer; None: rules only
-
-    async def load(self) -> None:
-        if self.cfg.answer_model == "rules":
-            return
-        from kvroute.classifier.answer import load_answer_scorer  # torch and the encoder load only here
-
-        try:
-            self.scorer = await asyncio.get_running_loop().run_in_executor(
-                self.executor, load_answer_scorer, self.cfg.answer_model)
-        except Exception as exc:
-            raise ConfigError(f"models[{self.model}].cascade.answer_model",
-                              f"cannot load the answer scorer: {exc}") from exc
-        log.info("model %s: cascade answer scorer %s loaded (threshold %s)", self.model, self.scorer.version,
-                 self.cfg.threshold)
-
-    async def confidence(self, question: str, answer: Answer, probe: bool = False) -> Verdict:
-        if probe and answer.finish_reason == "length":  # a probe is cut off by design
-            answer = replace(answer, finish_reason=None)
-        verdict = rules(answer, self.cfg.verifiers, self.cfg.min_mean_logprob)
-        if verdict is not None:
-            return verdict
-        signals = logprob_stats(answer.logprobs) if answer.logprobs else {}
-        if self.scorer is None:
-            return Verdict(1.0, "rules-only", signals)
-        scores = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.scorer.score, [question], [answer.text])
-        return Verdict(float(scores[0]), "scorer", signals)
-
-    # ---- the stage ------------------------------------------------------------------
-
-    async def run(self, request: web.Request, req: ParsedRequest, served: ServedModel, build: Build,
-                  send: Send) -> web.StreamResponse:
-        tiers = served.tiers
-        if served.chooser is not None:
-            _, score = await served.chooser.choose(prompt_text(req.body))
-            lo, hi = self.cfg.band
-            if score >= hi:  # the classifier is sure the strong tier is needed: no cheap try
-                return await Try(self, request, served, build, send).final(tiers[-1], req)
-            if score < lo:  # sure the cheap tier will do: no check either
-                return await Try(self, request, served, build, send).final(tiers[0], req)
-        return await Try(self, request, served, build, send).cascade(req)
+async def run(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
+    """A ``mode: cascade`` model: the classifier's band, then the cheap try and escalation."""
+    judge = served.judge
+    assert judge is not None  # handlers send only cascade models here
+    walk = Walk(judge, request, served)
+    if served.chooser is not None:
+        _, score = await served.chooser.choose(prompt_text(req.body))
+        lo, hi = judge.cfg.band
+        if score >= hi:  # the classifier is sure the strong tier is needed: no cheap try
+            return await walk.final(served.tiers[-1], req)
+        if score < lo:  # sure the cheap tier will do: no check either
+            return await walk.final(served.tiers[0], req)
+    return await walk.cascade(req)
 
 
-class Try:
-    """One request's walk through the tiers: its grants, wasted usage and the answer kept so far."""
+class Walk:
+    """One request's walk through the tiers: its first grant, wasted usage and the answer kept so far."""
 
-    def __init__(self, cascade: Cascade, request: web.Request, served: ServedModel, build: Build, send: Send):
-        self.c, self.request, self.served, self.build, self.send = cascade, request, served, build, send
-        self.app = request.app
-        self.governor = self.app.get(keys.GOVERNOR)
+    def __init__(self, judge: AnswerJudge, request: web.Request, served: ServedModel):
+        self.judge, self.request, self.served = judge, request, served
+        self.metrics = request.app[keys.METRICS]
         self.first: Grant | None = None
         self.spent: dict | None = None  # usage of earlier tries, added to the final response's
 
-    async def _admit(self, route: ModelRoute, req: ParsedRequest) -> tuple[ModelRoute, RequestContext,
-                                                                          ParsedRequest, Grant | None]:
-        ctx = await self.build(route, req)
-        if self.governor is None:
-            return route, ctx, req, None
-        if self.first is None:
-            grant = await self.governor.admit(req, self.served, route, ctx, rebuild=self.build,
-                                              authorization=self.request.headers.get("Authorization"))
-            self.first = grant
-        else:
-            grant = await self.governor.admit_escalation(self.first, self.served, route, ctx, rebuild=self.build)
-            if grant.route is not route:  # a downgrade budget sent it back down: no point in this try
-                self.governor.finish(grant, None)
-                raise BudgetExceeded(f"A budget refused the escalation to tier '{route.cfg.tier}'.")
-        return grant.route, grant.ctx, grant.req, grant
-
     async def _send(self, route: ModelRoute, req: ParsedRequest, **options) -> tuple[web.StreamResponse, dict | None]:
-        """One governed, proxied, accounted try; returns the response and the try's usage."""
-        route, ctx, req, grant = await self._admit(route, req)
-        if route.cfg.tier:
-            self.app[keys.METRICS].tier_requests.labels(self.served.name, route.cfg.tier).inc()
-        tries: list = []
-        try:
-            resp = await self.send(self.request, route, ctx, req, grant, tries, **options)
-            return resp, tries[-1].usage if tries else None
-        finally:
-            if grant is not None:
-                self.governor.finish(grant, tries[-1] if tries else None)
+        """One try through the pipeline's ``attempt``: governed, proxied, accounted, settled.
+
+        Later tries reserve again at their own tier's price; a budget that would move an
+        escalation back down refuses it (there is no point in that try)."""
+        done = await attempt(self.request, self.served, route, req, after=self.first,
+                             may_downgrade=self.first is None, **options)
+        if self.first is None:
+            self.first = done.grant
+        return done.response, done.usage
 
     async def final(self, route: ModelRoute, req: ParsedRequest, escalated: bool = False) -> web.StreamResponse:
         """The last try: streamed or returned to the client as usual, with the cascade's headers and usage."""
@@ -163,23 +102,23 @@ class Try:
         """Report the sum over tries in a whole JSON response's ``usage``."""
         if self.spent and resp.body is not None:
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-                body = orjson.loads(resp.body)
+                body = orjson.loads(resp.body)  # type: ignore[arg-type]
                 body["usage"] = add_usage(self.spent, body.get("usage"))
                 resp.body = orjson.dumps(body)
 
     async def cascade(self, req: ParsedRequest) -> web.StreamResponse:
         tiers = self.served.tiers
-        probe = req.stream and self.c.cfg.stream_policy == "first_tokens"
+        probe = req.stream and self.judge.cfg.stream_policy == "first_tokens"
         question = prompt_text(req.body)
         for i, route in enumerate(tiers[:-1]):
             resp, usage, answer = await self._cheap(route, req, probe)
-            verdict = await self.c.confidence(question, answer, probe)
-            kept = verdict.confidence >= self.c.cfg.threshold
-            if kept and not probe:
+            verdict = await self.judge.confidence(question, answer, probe)
+            kept = verdict.confidence >= self.judge.cfg.threshold
+            if kept and not probe and resp is not None:
                 return await self._emit(resp, req)
             if kept:  # the probe said yes: the cheap tier streams the original request
                 self._spend(usage)
-                self.c.metrics.cascade_wasted_tokens.labels(self.served.name).inc(_tokens(usage))
+                self.metrics.cascade_wasted_tokens.labels(self.served.name).inc(_tokens(usage))
                 return await self.final(route, req)
             nxt = tiers[i + 1]
             log.debug("cascade %s: escalating %s -> %s (%s, confidence %.3f)", self.served.name,
@@ -209,21 +148,21 @@ class Try:
         """The cheap try, whole and non-streaming (a probe: only ``first_tokens`` tokens)."""
         body = {k: v for k, v in req.body.items() if k != "stream_options"}
         body["stream"] = False
-        if probe:
-            cap = body.get("max_completion_tokens") or body.get("max_tokens") or self.c.cfg.first_tokens
-            body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = min(
-                cap, self.c.cfg.first_tokens)
         inner = replace(req, body=body, stream=False, wants_usage_chunk=False)
+        if probe:
+            inner = inner.with_max_tokens(min(req.max_tokens or self.judge.cfg.first_tokens,
+                                              self.judge.cfg.first_tokens))
         try:
             resp, usage = await self._send(route, inner)
         except TRY_ERRORS as exc:
             log.info("cascade %s: tier %s failed (%s), escalating", self.served.name, route.cfg.tier, exc.message)
             return None, None, Answer("", None, ok=False)
+        assert isinstance(resp, web.Response)  # a non-streaming try answers whole
         try:
-            parsed = orjson.loads(resp.body)  # type: ignore[union-attr]
+            parsed = orjson.loads(resp.body)  # type: ignore[arg-type]
         except (orjson.JSONDecodeError, TypeError):
-            return resp, usage, Answer("", None, ok=False)  # type: ignore[return-value]
-        return resp, usage, parse_answer(parsed)  # type: ignore[return-value]
+            return resp, usage, Answer("", None, ok=False)
+        return resp, usage, parse_answer(parsed)
 
     def _spend(self, usage: dict | None) -> None:
         """Remember an earlier try's usage: the final response reports the sum over tries."""
@@ -231,8 +170,8 @@ class Try:
             self.spent = add_usage(self.spent, usage)
 
     def _escalated(self, frm: ModelRoute, to: ModelRoute, usage: dict | None) -> None:
-        self.c.metrics.cascade_escalations.labels(self.served.name, frm.cfg.tier, to.cfg.tier).inc()
-        self.c.metrics.cascade_wasted_tokens.labels(self.served.name).inc(_tokens(usage))
+        self.metrics.cascade_escalations.labels(self.served.name, frm.cfg.tier, to.cfg.tier).inc()
+        self.metrics.cascade_wasted_tokens.labels(self.served.name).inc(_tokens(usage))
 
     async def _emit(self, resp: web.Response, req: ParsedRequest) -> web.StreamResponse:
         """The kept cheap answer: as is, or re-emitted as SSE to a streaming client."""

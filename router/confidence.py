@@ -18,11 +18,19 @@ carries them and returned in ``Verdict.signals`` for logs and tuning.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from kvroute.router.config import CascadeConfig
+from kvroute.router.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _REFUSAL = re.compile(r"^\s*(?:I(?:'m| am) sorry|I can(?:no|')t (?:help|assist|answer)|I(?:'m| am) (?:not able|unable) "
                       r"to|As an AI)", re.IGNORECASE)
@@ -106,3 +114,38 @@ def rules(answer: Answer, verifiers: Sequence[Mapping[str, Any]] = (),
     if min_mean_logprob is not None and signals and signals["lp_mean"] < min_mean_logprob:
         return Verdict(0.0, "logprob", signals)
     return None
+
+
+class AnswerJudge:
+    """A cascade model's judge of cheap answers: the rules above, then the answer scorer."""
+
+    def __init__(self, model: str, cfg: CascadeConfig, executor: Executor | None):
+        self.model, self.cfg, self.executor = model, cfg, executor
+        self.scorer: Any = None  # classifier.answer.AnswerScorer; None: rules only
+
+    async def load(self) -> None:
+        if self.cfg.answer_model == "rules":
+            return
+        from kvroute.classifier.answer import load_answer_scorer  # the encoder loads only here
+
+        try:
+            self.scorer = await asyncio.get_running_loop().run_in_executor(
+                self.executor, load_answer_scorer, self.cfg.answer_model)
+        except Exception as exc:
+            raise ConfigError(f"models[{self.model}].cascade.answer_model",
+                              f"cannot load the answer scorer: {exc}") from exc
+        log.info("model %s: cascade answer scorer %s loaded (threshold %s)", self.model, self.scorer.version,
+                 self.cfg.threshold)
+
+    async def confidence(self, question: str, answer: Answer, probe: bool = False) -> Verdict:
+        if probe and answer.finish_reason == "length":  # a probe is cut off by design
+            answer = replace(answer, finish_reason=None)
+        verdict = rules(answer, self.cfg.verifiers, self.cfg.min_mean_logprob)
+        if verdict is not None:
+            return verdict
+        signals = logprob_stats(answer.logprobs) if answer.logprobs else {}
+        if self.scorer is None:
+            return Verdict(1.0, "rules-only", signals)
+        scores = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.scorer.score, [question], [answer.text])
+        return Verdict(float(scores[0]), "scorer", signals)

@@ -7,10 +7,9 @@ import time
 
 from aiohttp import web
 
-from kvroute.router import keys
+from kvroute.router import cascade, keys, pipeline
 from kvroute.router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
 from kvroute.router.governance.api import add_governance_routes
-from kvroute.router.pipeline import run_request
 from kvroute.router.requests import CHAT, COMPLETION, parse_request, read_body
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,10 @@ async def _completion(request: web.Request, kind: str) -> web.StreamResponse:
     cfg = request.app[keys.CONFIG]
     raw = await read_body(request, cfg.server.max_body_bytes)
     req = parse_request(kind, raw, request.headers)
-    return await run_request(request, req)
+    served = request.app[keys.ROUTES].get(req.model)
+    if served.judge is not None and not req.headers.get("x-kvroute-tier"):
+        return await cascade.run(request, req, served)  # cheap tier first, escalate when unsure
+    return await pipeline.run_request(request, req, served)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -85,7 +87,7 @@ async def health(request: web.Request) -> web.Response:
 def _pool_health(route) -> dict:
     return {
         "tier": route.cfg.tier,
-        "mode": route.mode,
+        "index": route.index_kind,
         "policy": route.cfg.policy,
         "block_size": route.block_size,
         "healthy_workers": len(route.pool.healthy()),

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from kvroute.router.config import RouterConfig
 from kvroute.router.fleet.health import HealthChecker
+from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
-
-if TYPE_CHECKING:
-    pass
+from kvroute.router.routes import ModelRoutes
 
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", RouterMetrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 HEALTH = web.AppKey("health", HealthChecker)
-ROUTES = web.AppKey("routes", "ModelRoutes")
-GOVERNOR = web.AppKey("governor", "Governor")  # router.governance; absent without governance config
+ROUTES = web.AppKey("routes", ModelRoutes)
+GOVERNOR = web.AppKey("governor", Governor)  # absent without a governance config

@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 import orjson
@@ -24,6 +24,7 @@ from aiohttp import web
 
 from kvroute.router import keys
 from kvroute.router.errors import (
+    KvrouteError,
     UpstreamConnectError,
     UpstreamConnectionLost,
     UpstreamStatusError,
@@ -32,10 +33,7 @@ from kvroute.router.errors import (
 from kvroute.router.fleet.workers import Worker
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.requests import ParsedRequest
-
-if TYPE_CHECKING:
-    from kvroute.router.governance.governor import Grant
-    from kvroute.router.pipeline import ModelRoute
+from kvroute.router.routes import ModelRoute
 
 WORKER_HEADER = "x-kvroute-worker"
 TIER_HEADER = "x-kvroute-tier"
@@ -57,6 +55,22 @@ def map_client_errors(worker: Worker) -> Iterator[None]:
             f"Worker {worker.url} failed: {type(exc).__name__}: {exc}") from exc
 
 
+class StreamMeter(Protocol):
+    """What watches a response on its way to the client (governance's grant): it counts
+    what the worker produced, and can stop the request before a call or cut its stream."""
+
+    cut: KvrouteError | None  # why the stream was cut, once it was
+
+    def check(self) -> None:
+        """Before each upstream call; raises to stop the request."""
+
+    def on_stream_event(self, data: bytes) -> bool:
+        """One SSE event; False: cut the stream before it."""
+
+    def on_response(self, body: object) -> None:
+        """A whole (non-streaming) response body."""
+
+
 @dataclass
 class Dispatch:
     route: ModelRoute
@@ -68,7 +82,7 @@ class Dispatch:
     status: str = "error"
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    grant: Grant | None = None  # governance: counts the stream and may cut it (router/governance)
+    meter: StreamMeter | None = None  # governance: counts the stream and may cut it
     extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. the cascade's x-kvroute-escalated
     usage_add: dict | None = None  # cascade: earlier tries' usage, added to the usage the client sees
     predicted_cached: int = 0  # prompt tokens the policy expected ``worker`` to have cached
@@ -83,6 +97,8 @@ def upstream_body(d: Dispatch) -> bytes:
 
 
 async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
+    if d.meter is not None:
+        d.meter.check()  # e.g. the kill switch, before every upstream call
     app = request.app
     session = app[keys.SESSION]
     policy = d.route.policy
@@ -133,8 +149,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
     d.first_token_at = time.perf_counter()
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
         parsed = orjson.loads(raw)
-        if d.grant is not None:
-            d.grant.on_response(parsed)
+        if d.meter is not None:
+            d.meter.on_response(parsed)
         d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
                         headers=response_headers(d))
@@ -156,7 +172,7 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
                 continue
             if d.usage_add and b'"usage"' in data:
                 data = _with_usage_added(data, d.usage_add)
-            if d.grant is not None and not d.grant.on_stream_event(data):
+            if d.meter is not None and not d.meter.on_stream_event(data):
                 return await _cut_stream(request, out, d)
             if out is None:
                 out = await _start_stream(request, d)
@@ -188,7 +204,8 @@ async def _cut_stream(request: web.Request, out: web.StreamResponse | None, d: D
     if out is None:
         out = await _start_stream(request, d)
     with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
-        await out.write(b"data: " + orjson.dumps(d.grant.cut.to_body()) + b"\n\n")
+        cut = d.meter.cut if d.meter is not None else None
+        await out.write(b"data: " + orjson.dumps((cut or KvrouteError("Stream stopped")).to_body()) + b"\n\n")
         await out.write_eof()
     return out
 

@@ -8,7 +8,7 @@ field, so a client always gets a 4xx with a clear message and never a crash.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -30,6 +30,17 @@ class ParsedRequest:
     stream: bool
     wants_usage_chunk: bool  # the client asked for stream_options.include_usage
     headers: Mapping[str, str]
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The completion tokens asked for: ``max_completion_tokens``, else ``max_tokens``."""
+        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        return value if isinstance(value, int) else None
+
+    def with_max_tokens(self, n: int) -> ParsedRequest:
+        """The same request asking for ``n`` completion tokens, under the key the client used."""
+        key = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        return replace(self, body={**self.body, key: n})
 
 
 async def read_body(request: web.Request, max_bytes: int) -> bytes:

@@ -1,6 +1,6 @@
 """The ``Governor``: the one object the request path talks to about money.
 
-    grant = await governor.admit(req, served, route, ctx, authorization=..., rebuild=build_context)
+    grant = await governor.admit(req, served, route, ctx, authorization=...)
     try:
         ... proxy, with grant.on_stream_event(chunk) between stream chunks ...
     finally:
@@ -24,9 +24,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import orjson
@@ -36,17 +35,16 @@ from kvroute.router.governance import loops
 from kvroute.router.governance.alerts import Alerter
 from kvroute.router.governance.budgets import Rates, refusal, request_cap, slots_for
 from kvroute.router.governance.clock import Clock
-from kvroute.router.governance.config import Budget, GovernanceConfig
+from kvroute.router.governance.config import GovernanceConfig
+from kvroute.router.governance.grant import Grant
 from kvroute.router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
 from kvroute.router.governance.killswitch import KillSwitch
 from kvroute.router.governance.ledger import Ledger
-from kvroute.router.governance.store import Ask, Granted, MemoryStore, Slot, Store
+from kvroute.router.governance.store import Ask, Granted, MemoryStore, Store
 from kvroute.router.metrics import RouterMetrics
-
-if TYPE_CHECKING:
-    from kvroute.router.pipeline import ModelRoute, ServedModel
-    from kvroute.router.policies.base import RequestContext
-    from kvroute.router.requests import ParsedRequest
+from kvroute.router.policies.base import RequestContext
+from kvroute.router.requests import ParsedRequest
+from kvroute.router.routes import ModelRoute, ServedModel
 
 try:
     from redis.exceptions import RedisError
@@ -56,66 +54,6 @@ except ImportError:  # redis is only needed with governance.redis
 STORE_ERRORS = (OSError, TimeoutError, RedisError)
 log = logging.getLogger(__name__)
 spend_log = logging.getLogger("kvroute.spend")
-
-
-@dataclass
-class Grant:
-    """One admitted request: its reservation, and what its stream has produced so far."""
-
-    governor: Governor
-    rid: str
-    attrs: Attribution
-    model: str
-    route: ModelRoute
-    req: ParsedRequest
-    ctx: RequestContext
-    budgets: list[tuple[Budget, Slot]]
-    reserved: Granted
-    binding: Budget | None  # the budget that limited the completion grant, if one did
-    generated: int = 0  # completion tokens seen in the stream
-    tool_calls: int = 0  # tool calls seen in the response or stream
-    cut: KvrouteError | None = None
-    settled: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.ctx.prompt_tokens
-
-    def on_stream_tokens(self, n: int) -> bool:
-        """Count ``n`` generated tokens; False when the stream must be cut here."""
-        self.generated += n
-        if self.cut is None:
-            self.cut = self.governor.stream_check(self)
-        return self.cut is None
-
-    def on_stream_event(self, data: bytes) -> bool:
-        """One SSE event from the worker; False when the stream must be cut before it."""
-        if not data.startswith(b"data: {") or b'"choices"' not in data:
-            return self.cut is None
-        try:
-            chunk = orjson.loads(data[6:])
-        except orjson.JSONDecodeError:
-            return self.cut is None
-        tokens = 0
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta") or {}
-            calls = delta.get("tool_calls") or ()
-            self.tool_calls += sum(1 for c in calls if isinstance(c, dict) and c.get("id"))
-            if delta.get("content") or choice.get("text") or calls or delta.get("reasoning_content"):
-                tokens += 1
-        return self.on_stream_tokens(tokens) if tokens else self.cut is None
-
-    def on_response(self, body: Any) -> None:
-        """A whole (non-streaming) response: count its tool calls."""
-        if not isinstance(body, dict):
-            return
-        for choice in body.get("choices") or ():
-            message = choice.get("message") if isinstance(choice, dict) else None
-            if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
-                self.tool_calls += len(message["tool_calls"])
 
 
 def _label(value: str | None, allowed: tuple[str, ...] | None) -> str:
@@ -148,8 +86,7 @@ class Governor:
     # ---- admission -------------------------------------------------------------------
 
     async def admit(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext, *,
-                    authorization: str | None,
-                    rebuild: Callable[[ModelRoute, ParsedRequest], Awaitable[RequestContext]]) -> Grant:
+                    authorization: str | None) -> Grant:
         try:
             tenant = self.auth.tenant_of(authorization)
         except KvrouteError:
@@ -167,7 +104,7 @@ class Governor:
             if attrs.session:
                 body, delay = await self._loops(attrs, body)
             req = replace(req, headers=headers, body=body)
-            grant = await self._reserve(req, served, route, ctx, attrs, rebuild)
+            grant = await self._reserve(req, served, route, ctx, attrs)
         except STORE_ERRORS as exc:  # the store (Redis) is down: refuse rather than spend blind
             log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
             raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
@@ -183,13 +120,13 @@ class Governor:
                 raise
         return grant
 
-    async def admit_escalation(self, first: Grant, served: ServedModel, route: ModelRoute, ctx: RequestContext, *,
-                               rebuild: Callable[[ModelRoute, ParsedRequest], Awaitable[RequestContext]]) -> Grant:
+    async def admit_escalation(self, first: Grant, served: ServedModel, route: ModelRoute,
+                               ctx: RequestContext) -> Grant:
         """Another try of an admitted request on another tier (router/cascade.py): same attribution,
         its own reservation at that tier's price, settled on its own; no second loop check."""
         try:
             self.check_kill(first.attrs, served.name)
-            return await self._reserve(first.req, served, route, ctx, first.attrs, rebuild)
+            return await self._reserve(first.req, served, route, ctx, first.attrs)
         except STORE_ERRORS as exc:
             log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
             raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
@@ -230,9 +167,8 @@ class Governor:
         return body, 0.0
 
     async def _reserve(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext,
-                       attrs: Attribution, rebuild) -> Grant:
-        body = req.body
-        requested = body.get("max_completion_tokens") or body.get("max_tokens") or self.cfg.default_max_tokens
+                       attrs: Attribution) -> Grant:
+        requested = req.max_tokens or self.cfg.default_max_tokens
         need = min(self.cfg.min_completion_tokens, requested)
         now = self.clock.time()
         while True:
@@ -263,7 +199,7 @@ class Governor:
             log.info("budget %s: downgrading %s from tier %s to %s", refused.name, served.name, route.cfg.tier,
                      cheaper.cfg.tier)
             route = cheaper
-            ctx = await rebuild(route, req)
+            ctx = await route.context(req)
 
     @staticmethod
     def _cheaper(served: ServedModel, route: ModelRoute) -> ModelRoute | None:
@@ -271,10 +207,8 @@ class Governor:
         return served.tiers[i - 1] if i > 0 else None
 
     def _grant(self, rid, attrs, served, route, req, ctx, pairs, got: Granted, binding) -> Grant:
-        body = req.body
-        if got.completion != body.get("max_completion_tokens", body.get("max_tokens")):
-            key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-            req = replace(req, body={**body, key: got.completion})
+        if got.completion != req.max_tokens:
+            req = req.with_max_tokens(got.completion)
         return Grant(self, rid, attrs, served.name, route, req, ctx, pairs, got, binding)
 
     # ---- during the stream ----------------------------------------------------------

@@ -9,12 +9,12 @@ import orjson
 import pytest
 
 from kvroute.router.errors import AgentHalted, BudgetExceeded
-from kvroute.router.governance.clock import FakeClock
+from tests.clock import FakeClock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.governance.redis_store import RedisStore
 from kvroute.router.metrics import RouterMetrics
-from kvroute.router.pipeline import ModelRoutes, build_context
 from kvroute.router.requests import CHAT, parse_request
+from kvroute.router.routes import ModelRoutes
 from tests.governance.conftest import router_cfg
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 100}
@@ -31,8 +31,8 @@ async def setup(governance: dict, n: int = 2, clock: FakeClock | None = None):
 async def admit(gov: Governor, served, body: dict = BODY, headers: dict | None = None):
     req = parse_request(CHAT, orjson.dumps(body), headers or {})
     route = served.tiers[0]
-    ctx = await build_context(route, req)
-    return await gov.admit(req, served, route, ctx, authorization=None, rebuild=build_context)
+    ctx = await route.context(req)
+    return await gov.admit(req, served, route, ctx, authorization=None)
 
 
 def dispatch(grant, completion: int | None = None):
@@ -122,8 +122,7 @@ async def test_downgrade_moves_to_the_cheaper_tier_when_the_dollar_budget_is_spe
 
     async def admit_large():
         req = parse_request(CHAT, orjson.dumps({**BODY, "max_tokens": 40}), {})
-        return await gov.admit(req, served, large, await build_context(large, req), authorization=None,
-                               rebuild=build_context)
+        return await gov.admit(req, served, large, await large.context(req), authorization=None)
 
     first = await admit_large()
     assert first.route is large

@@ -139,7 +139,7 @@ async def test_router_in_exact_mode_routes_by_events_and_reports_them(router_for
     router = router_for("prefix", kv_events=fleet.kv_events_config())
     async with aiohttp.ClientSession() as s:
         health = await (await s.get(f"{router.url}/health")).json()
-        assert health["models"]["tiny"]["mode"] == "kv_events"
+        assert health["models"]["tiny"]["index"] == "kv_events"
         messages = fresh_messages(300)
         workers = set()
         for q in range(4):

@@ -181,7 +181,7 @@ def test_health_reports_the_shipped_classifier(served):
     auto = health["models"]["auto"]
     assert auto["healthy_workers"] == 2 and [t["tier"] for t in auto["tiers"]] == ["small", "large"]
     assert auto["classifier"]["version"] and auto["classifier"]["thresholds"]
-    assert health["models"]["exact"]["mode"] == "kv_events"
+    assert health["models"]["exact"]["index"] == "kv_events"
 
 
 def test_tiered_model(client):
@@ -250,7 +250,7 @@ def test_k8s_discovery_without_the_k8s_extra_says_which_extra(image_venv_no_extr
     assert venv.extras == ""
     probe = venv.python("import kubernetes_asyncio")
     assert probe.returncode != 0, "the no-extras venv has kubernetes_asyncio"
-    config = {"server": {"host": "127.0.0.1", "port": free_port()}, "discovery": {"mode": "k8s"},
+    config = {"server": {"host": "127.0.0.1", "port": free_port()}, "discovery": {"source": "k8s"},
               "models": [{"name": "m"}]}
     router = Router(venv, config, tmp_path, "k8s")
     try:

@@ -46,7 +46,7 @@ async def make(aiohttp_client, small: str, large: str, confidence: float | None,
                                                   {"name": "large", "workers": [large]}]}],
                             "health": {"interval_s": 60}})
     app = create_app(cfg)
-    cascade_ = app[keys.ROUTES].get("auto").cascade
+    cascade_ = app[keys.ROUTES].get("auto").judge
     if confidence is not None:
         cascade_.scorer = FixedScorer(confidence)
     return await aiohttp_client(app), cascade_
@@ -218,7 +218,7 @@ async def test_governance_charges_both_tries_at_their_tiers_prices(aiohttp_clien
                             "governance": {"budgets": [{"name": "day", "scope": "global", "window": "day",
                                                         "limit": {"tokens": 100000}}]}})
     app = create_app(cfg)
-    app[keys.ROUTES].get("auto").cascade.scorer = FixedScorer(0.0)
+    app[keys.ROUTES].get("auto").judge.scorer = FixedScorer(0.0)
     client = await aiohttp_client(app)
     resp = await client.post("/v1/chat/completions", json=BODY)
     assert resp.status == 200 and resp.headers["x-kvroute-escalated"] == "true"
@@ -256,7 +256,7 @@ async def test_classifier_band_skips_the_cheap_try_or_the_check(aiohttp_client, 
         served.chooser.version = "test"
 
     served.chooser.load = load
-    served.cascade.scorer = FixedScorer(0.0)  # would always escalate when checked
+    served.judge.scorer = FixedScorer(0.0)  # would always escalate when checked
     client = await aiohttp_client(app)
 
     def ask(n: int) -> dict:
@@ -266,9 +266,9 @@ async def test_classifier_band_skips_the_cheap_try_or_the_check(aiohttp_client, 
     assert resp.headers["x-kvroute-tier"] == "large" and resp.headers["x-kvroute-escalated"] == "false"
     assert small.app[SEEN] == []
     resp = await client.post("/v1/chat/completions", json=ask(5))  # < lo: cheap, no check
-    assert resp.headers["x-kvroute-tier"] == "small" and served.cascade.scorer.calls == []
+    assert resp.headers["x-kvroute-tier"] == "small" and served.judge.scorer.calls == []
     resp = await client.post("/v1/chat/completions", json=ask(30))  # in the band: cascade
-    assert resp.headers["x-kvroute-escalated"] == "true" and len(served.cascade.scorer.calls) == 1
+    assert resp.headers["x-kvroute-escalated"] == "true" and len(served.judge.scorer.calls) == 1
 
 
 async def test_overhead_bench_runs():
@@ -288,7 +288,7 @@ async def test_an_escalation_a_budget_refuses_keeps_the_cheap_answer(aiohttp_cli
                             "governance": {"budgets": [{"name": "per-call", "scope": "request",
                                                         "limit": {"usd": 0.5}}]}})
     app = create_app(cfg)
-    app[keys.ROUTES].get("auto").cascade.scorer = FixedScorer(0.0)
+    app[keys.ROUTES].get("auto").judge.scorer = FixedScorer(0.0)
     client = await aiohttp_client(app)
     resp = await client.post("/v1/chat/completions", json=BODY)
     body = await resp.json()

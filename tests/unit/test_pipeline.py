@@ -1,12 +1,12 @@
 from kvroute.router.config import config_from_dict
 from kvroute.router.fleet.discovery import DiscoveredWorker
-from kvroute.router.pipeline import ModelRoutes
 from kvroute.router.prefix import chain_keys
+from kvroute.router.routes import ModelRoutes
 
 
 def test_discovered_workers_join_and_leave_their_pools_with_their_index_entries():
     cfg = config_from_dict({
-        "discovery": {"mode": "k8s"},
+        "discovery": {"source": "k8s"},
         "models": [{"name": "plain"},
                    {"name": "auto", "tiers": [{"name": "small"}, {"name": "large"}],
                     "classifier": {"thresholds": [0.5]}}],

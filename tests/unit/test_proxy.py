@@ -138,7 +138,7 @@ async def test_models_health_and_metrics(client):
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     health = await (await client.get("/health")).json()
-    assert health["models"]["tiny"]["mode"] == "approximate"
+    assert health["models"]["tiny"]["index"] == "approximate"
     assert health["models"]["tiny"]["block_size"] == 32  # read from vllm:cache_config_info
     worker = client.server.app[keys.ROUTES].get("tiny").tiers[0].pool.all()[0]
     assert worker.vllm_waiting == 3  # scraped

@@ -1,0 +1,164 @@
+"""What the router knows about each model it serves: the types the request path works on.
+
+A ``ModelRoute`` is one worker pool (a plain model, or one tier of a tiered model) with
+its policy, prefix index and prefixer. A ``ServedModel`` is a model as clients name it:
+one route, or tiers cheapest first with the classifier that picks one and, for
+``mode: cascade``, the judge of cheap answers. ``ModelRoutes`` holds them all.
+
+This module imports nothing from governance, the proxy or the pipeline; they import it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from kvroute.router.confidence import AnswerJudge
+from kvroute.router.config import ModelConfig, RouterConfig
+from kvroute.router.errors import ModelNotFound
+from kvroute.router.fleet.workers import Worker, WorkerPool
+from kvroute.router.index import PrefixIndex
+from kvroute.router.kv_events import ExactIndex
+from kvroute.router.metrics import RouterMetrics
+from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
+from kvroute.router.policies.registry import create_policy
+from kvroute.router.prefix import Prefixer, PromptTokenizer
+from kvroute.router.requests import ParsedRequest
+from kvroute.router.tiers import TierChooser
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16  # used only until a worker reports its own
+# Completion tokens a request without max_tokens is expected to generate, for load
+# estimates only (governance reserves its own default_max_tokens).
+EXPECTED_MAX_TOKENS = 256
+MAX_TOKENS_CLAMP = 4096
+
+
+def expected_max_tokens(requested: int | None) -> int:
+    """Completion tokens to expect of a request that asked for ``requested`` (None: unsaid)."""
+    return max(1, min(requested or EXPECTED_MAX_TOKENS, MAX_TOKENS_CLAMP))
+
+
+@dataclass
+class ModelRoute:
+    cfg: ModelConfig
+    pool: WorkerPool
+    policy: Policy
+    index: PrefixIndex | ExactIndex
+    prefixer: Prefixer
+
+    @property
+    def index_kind(self) -> str:
+        """kv_events (exact, from vLLM's events), speculative, or approximate (no tokenizer)."""
+        if not self.prefixer.exact:
+            return "approximate"
+        return "kv_events" if self.cfg.kv_events else "speculative"
+
+    @property
+    def block_size(self) -> int:
+        if self.cfg.block_size:
+            return self.cfg.block_size
+        for w in self.pool.all():
+            if w.block_size:
+                return w.block_size
+        return DEFAULT_BLOCK_SIZE
+
+    async def context(self, req: ParsedRequest) -> RequestContext:
+        """What a policy sees of ``req`` on this route: its block keys, sizes and session."""
+        pk = await self.prefixer.keys(req.body, self.block_size)
+        session = req.headers.get("x-kvroute-session") or req.body.get("user")
+        return RequestContext(
+            model=self.cfg.name,
+            block_keys=pk.block_keys,
+            block_size=pk.block_size,
+            prompt_tokens=pk.prompt_tokens,
+            max_tokens=expected_max_tokens(req.max_tokens),
+            session_key=session if isinstance(session, str) else None,
+            headers=req.headers,
+        )
+
+
+@dataclass
+class ServedModel:
+    """A model as clients name it: one pool, or tiers (cheapest first) and a chooser."""
+
+    name: str
+    tiers: list[ModelRoute]
+    chooser: TierChooser | None = None
+    judge: AnswerJudge | None = None  # mode: cascade (router/cascade.py)
+
+    def tier(self, name: str) -> ModelRoute | None:
+        return next((t for t in self.tiers if t.cfg.tier == name), None)
+
+    def healthy(self) -> bool:
+        return any(t.pool.healthy() for t in self.tiers)
+
+
+class ModelRoutes:
+    """All configured models by the name clients send, and their pools by key."""
+
+    def __init__(self, cfg: RouterConfig, executor: Executor | None = None, metrics: RouterMetrics | None = None):
+        self.by_name: dict[str, ServedModel] = {}
+        self.by_key: dict[str, ModelRoute] = {}
+        metrics = metrics or RouterMetrics()
+        for m in cfg.models:
+            pools = [self._pool(p, executor) for p in m.pools]
+            chooser = None
+            if m.classifier is not None:
+                chooser = TierChooser(m.name, m.classifier, len(pools), executor, metrics)
+            judge = AnswerJudge(m.name, m.cascade, executor) if m.cascade is not None else None
+            self.by_name[m.name] = ServedModel(m.name, pools, chooser, judge)
+
+    def _pool(self, m: ModelConfig, executor: Executor | None) -> ModelRoute:
+        index: PrefixIndex | ExactIndex
+        if m.kv_events is not None:
+            index = ExactIndex(m.kv_capacity_blocks, m.kv_events.speculative_ttl_s)
+        else:
+            index = PrefixIndex(m.kv_capacity_blocks)
+        tokenizer = PromptTokenizer(m.tokenizer) if m.tokenizer else None
+        if tokenizer is None:
+            log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
+                        "(character chunks, not KV blocks)", m.key)
+        pool = WorkerPool(m.key, m.workers, tier=m.tier, api_key=m.api_key)
+        policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
+        pool.on_change(policy.on_workers_changed)
+        route = ModelRoute(m, pool, policy, index, Prefixer(tokenizer, m.approx_chunk_chars, executor))
+        self.by_key[m.key] = route
+        return route
+
+    def get(self, name: str) -> ServedModel:
+        served = self.by_name.get(name)
+        if served is None:
+            raise ModelNotFound(f"The model '{name}' does not exist or is not served by this "
+                                f"router. Available: {', '.join(self.by_name)}", param="model")
+        return served
+
+    def all_workers(self) -> Iterable[Worker]:
+        for route in self.by_key.values():
+            yield from route.pool.all()
+
+    def route_of(self, worker: Worker) -> ModelRoute:
+        return self.by_key[worker.model]
+
+    def choosers(self) -> list[TierChooser]:
+        return [s.chooser for s in self.by_name.values() if s.chooser is not None]
+
+    def judges(self) -> list[AnswerJudge]:
+        return [s.judge for s in self.by_name.values() if s.judge is not None]
+
+    def apply_discovery(self, found: Iterable) -> None:
+        """Replace every pool's members with what discovery sees (url, model, tier)."""
+        members: dict[str, list[tuple[str, str | None]]] = {key: [] for key in self.by_key}
+        for w in found:
+            key = f"{w.model}/{w.tier}" if w.tier else w.model
+            if key not in members:  # a plain model's pool also takes pods with a tier label
+                key = w.model if w.model in members else None
+            if key is None:
+                log.debug("discovered worker %s serves unconfigured model %s", w.url, w.model)
+                continue
+            members[key].append((w.url, w.tier))
+        for key, urls in members.items():
+            self.by_key[key].pool.set_members(urls)
