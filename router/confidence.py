@@ -73,8 +73,8 @@ def _logprobs(lp: Any) -> tuple[float, ...] | None:
         vals = [t.get("logprob") for t in lp["content"] if isinstance(t, dict)]
     else:  # completions
         vals = lp.get("token_logprobs") or []
-    vals = [float(v) for v in vals if isinstance(v, (int, float)) and v > float("-inf")]
-    return tuple(vals) if vals else None
+    floats = [float(v) for v in vals if isinstance(v, (int, float)) and v > float("-inf")]
+    return tuple(floats) if floats else None
 
 
 def logprob_stats(values: Sequence[float]) -> dict[str, float]:

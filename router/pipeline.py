@@ -83,7 +83,7 @@ async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, 
         response = await _proxy_with_retry(request, route, ctx, req, grant, tries, dispatch_options)
         return Attempt(response, grant, tries)
     finally:
-        if grant is not None:
+        if governor is not None and grant is not None:
             governor.finish(grant, tries[-1] if tries else None)  # settle to real usage, in the background
 
 

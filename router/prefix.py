@@ -83,7 +83,7 @@ class PromptTokenizer:
 
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         specials = sorted(set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab()), key=len, reverse=True)
-        self._special_ids = {s: self.tok.convert_tokens_to_ids(s) for s in specials}
+        self._special_ids: dict[str, int] = {s: self._token_id(s) for s in specials}
         self._split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")") if specials else None
         with_special = self.tok("x").input_ids
         without = self.tok("x", add_special_tokens=False).input_ids
@@ -96,7 +96,12 @@ class PromptTokenizer:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if tools:
             kwargs["tools"] = tools
-        return self.tok.apply_chat_template(msgs, **kwargs)
+        return str(self.tok.apply_chat_template(msgs, **kwargs))
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tok.convert_tokens_to_ids(token)
+        assert isinstance(token_id, int)  # one token in, one id out
+        return token_id
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of rendered text, as vLLM gets them (no extra special tokens)."""

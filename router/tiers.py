@@ -57,7 +57,7 @@ def _version(path: str | None) -> str:
 
 
 class TierChooser:
-    def __init__(self, model: str, cfg: ClassifierConfig, n_tiers: int, executor: Executor,
+    def __init__(self, model: str, cfg: ClassifierConfig, n_tiers: int, executor: Executor | None,
                  metrics: RouterMetrics):
         self.model = model
         self.cfg = cfg
@@ -67,7 +67,7 @@ class TierChooser:
         self.scorer: Any = None
         self.version: str | None = None
         self._queue: list[tuple[str, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.TimerHandle | None = None
 
     @property
     def thresholds(self) -> tuple[float, ...]:

@@ -88,7 +88,7 @@ def build_tiny_model(dest: Path | None = None, vocab_size: int = 2048) -> Path:
         head_dim=64,
         max_position_embeddings=4096,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),  # type: ignore[arg-type]  # one token: an int
         bos_token_id=None,
         tie_word_embeddings=True,
     )

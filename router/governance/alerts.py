@@ -102,12 +102,15 @@ class Alerter:
 
     async def run_webhook(self, session: aiohttp.ClientSession) -> None:
         """Drain the queue forever (a background task of the app)."""
+        url = self.cfg.webhook_url
+        if url is None:
+            return
         timeout = aiohttp.ClientTimeout(total=self.cfg.webhook_timeout_s)
         while True:
             alert = await self.queue.get()
             for attempt in range(self.cfg.webhook_retries + 1):
                 try:
-                    async with session.post(self.cfg.webhook_url, json=alert, timeout=timeout) as resp:
+                    async with session.post(url, json=alert, timeout=timeout) as resp:
                         if resp.status < 300:
                             self.metrics.webhooks.labels("sent").inc()
                             break

@@ -125,7 +125,7 @@ def refusal(budget: Budget, reason: str | None, now: float,
     if at is not None:
         at = max(at, now)
         stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return (f"{msg} It counts the last {_span(budget.window_s)}; room frees up at {stamp}, as its oldest "
+        return (f"{msg} It counts the last {_span(budget.window_s or 0)}; room frees up at {stamp}, as its oldest "
                 "usage ages out.", at - now)
     if budget.scope == "session":
         return f"{msg} Session budgets do not reset: start a new session.", None

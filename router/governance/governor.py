@@ -35,7 +35,7 @@ from kvroute.router.governance import loops
 from kvroute.router.governance.alerts import Alerter
 from kvroute.router.governance.budgets import Rates, refusal, request_cap, slots_for
 from kvroute.router.governance.clock import Clock
-from kvroute.router.governance.config import GovernanceConfig
+from kvroute.router.governance.config import Budget, GovernanceConfig
 from kvroute.router.governance.grant import Grant
 from kvroute.router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
 from kvroute.router.governance.killswitch import KillSwitch
@@ -176,7 +176,9 @@ class Governor:
             cap, req_budget = request_cap(self.cfg.budgets, attrs, ctx.prompt_tokens, rates)
             pairs = slots_for(self.cfg.budgets, attrs, now, self.cfg.session_ttl_s)
             got = None
+            refused: Budget
             if cap < need:
+                assert req_budget is not None  # cap is finite only under a request budget
                 refused, reason = req_budget, "tokens" if req_budget.limits.tokens else "usd"
             else:
                 rid = uuid.uuid4().hex
@@ -189,7 +191,8 @@ class Governor:
                         binding = req_budget if cap <= got.completion else (
                             pairs[got.failed][0] if got.failed is not None else None)
                     return self._grant(rid, attrs, served, route, req, ctx, pairs, got, binding)
-                refused, reason = pairs[got.failed][0], got.reason
+                assert got.failed is not None  # a refused reservation names its budget
+                refused, reason = pairs[got.failed][0], got.reason or "tokens"
             cheaper = self._cheaper(served, route) if refused.action == "downgrade" else None
             if cheaper is None:
                 self._action("reject")

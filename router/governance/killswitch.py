@@ -39,7 +39,7 @@ def _parse_entries(doc: object, source: str) -> dict[str, dict]:
     if isinstance(doc, dict):
         doc = doc.get("kills", [])
     out: dict[str, dict] = {}
-    for e in doc or []:
+    for e in doc if isinstance(doc, list) else []:
         if not isinstance(e, dict):
             continue
         try:
@@ -87,6 +87,8 @@ class KillSwitch:
         self._merge()
 
     def _read_file(self) -> None:
+        if self.cfg.file is None:
+            return
         path = Path(self.cfg.file)
         try:
             mtime = path.stat().st_mtime
@@ -100,6 +102,8 @@ class KillSwitch:
             log.error("kill switch file %s unreadable, keeping the last entries: %s", path, exc)
 
     async def _read_url(self, session: aiohttp.ClientSession) -> None:
+        if self.cfg.url is None:
+            return
         try:
             async with session.get(self.cfg.url, timeout=aiohttp.ClientTimeout(total=self.cfg.ttl_s)) as resp:
                 resp.raise_for_status()

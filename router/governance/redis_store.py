@@ -13,6 +13,7 @@ windows or sessions. Multi-key scripts need one Redis (or Sentinel), not Redis C
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -180,7 +181,8 @@ def _n(value: float | None) -> str:
 
 class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "kvroute:gov", settle_ttl_s: float = 86400.0):
-        self.r = client
+        # decode_responses=True: every reply is str, which redis-py's stubs cannot express.
+        self.r: Any = client
         self.p = prefix
         self._settle_ttl = int(settle_ttl_s)
         self._reserve = client.register_script(RESERVE)
@@ -189,8 +191,9 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, prefix: str = "kvroute:gov", password: str | None = None) -> RedisStore:
         # A password given apart from the URL (a mounted Secret) wins over one inside it.
-        extra = {"password": password} if password else {}
-        return cls(aioredis.Redis.from_url(url, decode_responses=True, **extra), prefix)
+        client = (aioredis.Redis.from_url(url, decode_responses=True, password=password) if password
+                  else aioredis.Redis.from_url(url, decode_responses=True))
+        return cls(client, prefix)
 
     def _keys(self, keys) -> list[str]:
         out = []
@@ -241,9 +244,6 @@ class RedisStore:
 
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool:
         return bool(await self.r.set(f"{self.p}:f:{key}", "1", nx=True, px=max(1, int(ttl_s * 1000))))
-
-    async def has_flag(self, key: str, now: float) -> bool:
-        return bool(await self.r.exists(f"{self.p}:f:{key}"))
 
     async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
                           flag: str) -> tuple[list[str], bool]:

@@ -103,8 +103,6 @@ class Store(Protocol):
 
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool: ...
 
-    async def has_flag(self, key: str, now: float) -> bool: ...
-
     async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
                           flag: str) -> tuple[list[str], bool]: ...
 
@@ -165,15 +163,16 @@ class _State:
 
 def plan(ask: Ask, states: list[_State]) -> Granted:
     """The reservation decision, shared in spirit with the Lua script of ``RedisStore``."""
-    allowed = float(ask.max_completion)
-    failed, reason = None, None
+    allowed: float = float(ask.max_completion)
+    failed: int | None = None
+    reason: str | None = None
     need = min(ask.min_completion, ask.max_completion)
-    ratios = []
+    ratios: list[float] = []
     deadline = None
 
     def refuse(i: int | None, why: str | None) -> Granted:
         slot = ask.slots[i] if i is not None else None
-        at = states[i].frees_at(slot, ask.now) if slot is not None and slot.rolling else None
+        at = states[i].frees_at(slot, ask.now) if i is not None and slot is not None and slot.rolling else None
         return Granted(False, failed=i, reason=why, ratios=ratios, reset_at=at)
 
     for i, (slot, st) in enumerate(zip(ask.slots, states)):
@@ -188,14 +187,15 @@ def plan(ask: Ask, states: list[_State]) -> Granted:
         if slot.tool_calls is not None and st.used_tc >= slot.tool_calls:
             return refuse(i, "tool_calls")
         if slot.tokens is not None:
-            room = slot.tokens - st.used_t - st.res_t - ask.prompt_tokens
-            if room < allowed:
-                allowed, failed, reason = room, i, "tokens"
+            token_room = slot.tokens - st.used_t - st.res_t - ask.prompt_tokens
+            if token_room < allowed:
+                allowed, failed, reason = token_room, i, "tokens"
         if slot.usd is not None and (ask.in_price > 0 or ask.out_price > 0):  # a free model costs nothing
             left = slot.usd - st.used_usd - st.res_usd - ask.prompt_tokens * ask.in_price
-            room = math.floor(left / ask.out_price + 1e-9) if ask.out_price > 0 else (math.inf if left >= 0 else -1)
-            if room < allowed:
-                allowed, failed, reason = room, i, "usd"
+            usd_room = (math.floor(left / ask.out_price + 1e-9) if ask.out_price > 0
+                        else (math.inf if left >= 0 else -1))
+            if usd_room < allowed:
+                allowed, failed, reason = usd_room, i, "usd"
     if allowed < need:
         return refuse(failed, reason)
     completion = int(allowed)
@@ -296,9 +296,6 @@ class MemoryStore:
             return False
         self._flags[key] = now + ttl_s
         return True
-
-    async def has_flag(self, key: str, now: float) -> bool:
-        return self._flags.get(key, 0.0) > now
 
     async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
                           flag: str) -> tuple[list[str], bool]:

@@ -103,7 +103,7 @@ def route_key(ctx: RequestContext) -> int | None:
     return None
 
 
-def validate_ring_options(options: Mapping[str, Any], key: str, extra: set[str] = frozenset()) -> None:
+def validate_ring_options(options: Mapping[str, Any], key: str, extra: frozenset[str] = frozenset()) -> None:
     allowed = {"vnodes", "load_factor"} | set(extra)
     for k, v in options.items():
         if k not in allowed:

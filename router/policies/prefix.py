@@ -240,7 +240,7 @@ class PrefixPolicy(Policy):
         # ring's: with the looser eligibility bound, new chats went to busy workers and
         # their second turns left for idle ones (real multi-turn tight 0.529, 6 chats
         # moved at turn 2 against 0-1 in four earlier runs).
-        return balanced or busy or free or first
+        return balanced or busy or free or first  # type: ignore[return-value]  # the walk sees every worker
 
     def fair_shares(self, key: int | None, n: int) -> float:
         """How many workers' fair share of recent traffic this prefix carries.
