@@ -23,7 +23,7 @@ COPY router/ router/
 COPY classifier/ classifier/
 COPY benchmarks/ benchmarks/
 COPY docker/install.sh docker/
-# Extras of the kvroute package to install: "k8s" (the default) lets discovery.mode k8s
+# Extras of the kvroute package to install: "k8s" (the default) lets discovery.source k8s
 # watch worker pods, as the Helm chart does by default; "" leaves it out.
 ARG EXTRAS=k8s
 RUN sh docker/install.sh /src /opt/venv "${EXTRAS}"

@@ -55,7 +55,7 @@ def _config_check(args: argparse.Namespace) -> int:
     pools = sum(len(m.pools) for m in cfg.models)
     gov = "on" if cfg.governance is not None else "off"
     print(f"ok: {args.file}: {len(cfg.models)} models, {pools} worker pools, "
-          f"discovery {cfg.discovery.mode}, governance {gov}")
+          f"discovery {cfg.discovery.source}, governance {gov}")
     return 0
 
 

@@ -142,14 +142,6 @@ class PrefixIndex:
             return
         evict_oldest(lru, self.capacity_of(worker), self._holders, worker)
 
-    def remove(self, worker: str, keys: Iterable[int]) -> None:
-        lru = self._lru.get(worker)
-        if lru is None:
-            return
-        for key in keys:
-            if lru.pop(key, 0) is None:
-                self._discard(key, worker)
-
     def drop_worker(self, worker: str) -> None:
         """Forget everything about a worker (it left, restarted or was ejected)."""
         for key in self._lru.pop(worker, ()):

@@ -20,7 +20,7 @@ from kvroute.router.config import ModelConfig, RouterConfig
 from kvroute.router.errors import ModelNotFound
 from kvroute.router.fleet.workers import Worker, WorkerPool
 from kvroute.router.index import PrefixIndex
-from kvroute.router.kv_events import ExactIndex
+from kvroute.router.kv_index import ExactIndex
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy

@@ -1,6 +1,6 @@
 """Worker discovery: where a model's vLLM workers are, as they come and go.
 
-``make_discovery(cfg)`` returns a ``Discovery`` for ``discovery.mode`` (``None`` for
+``make_discovery(cfg)`` returns a ``Discovery`` for ``discovery.source`` (``None`` for
 ``static``, whose workers are the config's URLs). A discovery's ``run(on_change)`` runs
 until cancelled and calls ``on_change`` with the FULL current set of workers whenever the
 set changes (and once after its first successful look-up, even when empty). It never
@@ -55,14 +55,14 @@ class Discovery(Protocol):
 
 
 def make_discovery(cfg: DiscoveryConfig) -> Discovery | None:
-    """The discovery for ``cfg.mode``; ``None`` for static workers."""
-    if cfg.mode == "static":
+    """The discovery for ``cfg.source``; ``None`` for static workers."""
+    if cfg.source == "static":
         return None
-    if cfg.mode == "dns":
+    if cfg.source == "dns":
         return DnsDiscovery(cfg)
-    if cfg.mode == "k8s":
+    if cfg.source == "k8s":
         return K8sDiscovery(cfg)
-    raise ValueError(f"unknown discovery mode {cfg.mode!r}")  # config validation prevents this
+    raise ValueError(f"unknown discovery source {cfg.source!r}")  # config validation prevents this
 
 
 def worker_url(ip: str, port: int) -> str:

@@ -14,7 +14,7 @@ import pytest
 from kvroute.benchmarks.fleets.mock import fake_worker
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
-from kvroute.router.governance.clock import FakeClock
+from tests.clock import FakeClock
 
 ADMIN = "admin-key-0"
 KEY_A = "sk-tenant-a"

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from kvroute.router import keys
-from kvroute.router.governance.clock import FakeClock
+from tests.clock import FakeClock
 from tests.governance.conftest import make_client
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 300,

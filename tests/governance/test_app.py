@@ -11,8 +11,8 @@ import pytest
 from kvroute.benchmarks.fleets.mock import SEEN, SEEN_HEADERS
 from kvroute.router import keys
 from kvroute.router.app import create_app
-from kvroute.router.governance.clock import FakeClock
 from kvroute.router.governance.store import MemoryStore
+from tests.clock import FakeClock
 from tests.governance.conftest import ADMIN, KEY_A, KEY_B, TENANTS, bearer, make_client, router_cfg, worker_url
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}

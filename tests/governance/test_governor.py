@@ -9,12 +9,12 @@ import orjson
 import pytest
 
 from kvroute.router.errors import AgentHalted, BudgetExceeded
-from tests.clock import FakeClock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.governance.redis_store import RedisStore
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.requests import CHAT, parse_request
 from kvroute.router.routes import ModelRoutes
+from tests.clock import FakeClock
 from tests.governance.conftest import router_cfg
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 100}

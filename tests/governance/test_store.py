@@ -109,7 +109,6 @@ async def test_fifty_concurrent_reservations_never_exceed_the_limit(store):
 
 async def test_flags_recent_lists_and_kill_entries(store):
     assert await store.set_flag("f", 10, NOW) and not await store.set_flag("f", 10, NOW)
-    assert await store.has_flag("f", NOW)
     for v in "abcdef":
         entries, halted = await store.push_recent("l", v, 5, 60, NOW, "f")
     assert entries == ["f", "e", "d", "c", "b"] and halted

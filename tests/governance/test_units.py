@@ -109,10 +109,10 @@ async def test_kill_switch_reads_a_url(aiohttp_server):
     import aiohttp
     from aiohttp import web
 
-    from kvroute.router.governance.clock import FakeClock
     from kvroute.router.governance.config import KillSwitchConfig
     from kvroute.router.governance.killswitch import KillSwitch
     from kvroute.router.governance.store import MemoryStore
+    from tests.clock import FakeClock
 
     doc = {"kills": [{"scope": "tenant", "value": "acme", "reason": "invoice overdue"}]}
     app = web.Application()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kvroute.router.config import RouterConfig, config_from_dict
+from kvroute.router.config import ModelConfig, RouterConfig, config_from_dict
 from kvroute.router.secrets import Local
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +82,12 @@ def router_config(objs: list[dict]) -> RouterConfig:
     """The rendered config, validated by the router's own parser. Form only: the files
     the config names (secrets, tokenizers) exist in the pod, not here."""
     return config_from_dict(raw_router_config(objs), local=Local(check=False))
+
+
+def model_named(cfg: RouterConfig, name: str) -> ModelConfig:
+    """The model entry ``name`` of ``cfg``."""
+    (m,) = [m for m in cfg.models if m.name == name]
+    return m
 
 
 def config_check(path: Path) -> subprocess.CompletedProcess:

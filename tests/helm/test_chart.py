@@ -33,6 +33,7 @@ from tests.helm.chart import (
     ci,
     config_check,
     container,
+    model_named,
     one,
     raw_router_config,
     render,
@@ -151,7 +152,8 @@ def test_yamllint_rendered(rendered_files) -> None:
 
 @pytest.mark.parametrize("bad, where", [
     ("router.replicaCount=abc", "/router/replicaCount"),
-    ("router.discovery.mode=ingress", "/router/discovery/mode"),
+    ("router.discovery.source=ingress", "/router/discovery/source"),
+    ("router.discovery.mode=k8s", "additional properties 'mode'"),  # renamed: router.discovery.source
     ("router.logLevel=verbose", "/router/logLevel"),
     ("router.replicas=3", "replicas"),
     ("router.config.server.max_body_bytes=-1", "/router/config/server/max_body_bytes"),
@@ -163,9 +165,10 @@ def test_yamllint_rendered(rendered_files) -> None:
     ("bogus=1", "bogus"),
     # The chart owns these parts of the router config.
     ("router.config.server.port=9000", "/router/config/server"),
-    ("router.config.discovery.mode=k8s", "/router/config"),
+    ("router.config.discovery.source=k8s", "/router/config"),
     # Router config types, at any depth.
-    ("router.config.log_prompts=yes", "/router/config/log_prompts"),
+    ("router.config.health.interval_s=often", "/router/config/health/interval_s"),
+    ("router.config.log_prompts=false", "additional properties 'log_prompts'"),  # no such key (yet)
     ("router.config.models[0].name=m,router.config.models[0].policy=fastest", "/router/config/models/0/policy"),
     ("router.config.models[0].name=m,router.config.models[0].price.input_per_m=-1",
      "/router/config/models/0/price/input_per_m"),
@@ -213,7 +216,7 @@ PROD = "production"
 
 @pytest.mark.parametrize("values, sets, message", [
     ("dns", ["workers[1].name=b", "workers[1].model=qwen-0-5b"], "one worker group per model"),
-    ("k8s", ["router.discovery.mode=static"], "needs workers: [URL, ...]"),
+    ("k8s", ["router.discovery.source=static"], "needs workers: [URL, ...]"),
     ("k8s", ["workers=null"], "workers"),
     ("static", ["router.config.models=null"], "no models"),
     # Tiers: every tier needs a worker group and every group of a tiered model a tier.
@@ -221,8 +224,8 @@ PROD = "production"
     ("two-tiers", ["workers[1].tier=huge", "workers[1].name=huge", "workers[2].name=large",
                    "workers[2].model=auto", "workers[2].tier=large"], "set tier to one of them"),
     ("two-tiers", ["router.config.models=null"], "add a router.config.models entry with tiers"),
-    ("two-tiers", ["router.discovery.mode=dns", "workers[1].model=other"], "a tiered model needs discovery k8s"),
-    ("two-tiers", ["router.discovery.mode=static"], "tier \"small\" needs workers: [URL, ...]"),
+    ("two-tiers", ["router.discovery.source=dns", "workers[1].model=other"], "a tiered model needs discovery k8s"),
+    ("two-tiers", ["router.discovery.source=static"], "tier \"small\" needs workers: [URL, ...]"),
     ("k8s", ["router.config.models[0].name=nobody"], "models[nobody]: no workers[] group serves it"),
     # Worker wiring the router config must not contradict.
     (PROD, ["router.config.models[0].tiers[0].upstream_model=x"], "serve --served-model-name \"auto\""),
@@ -287,7 +290,7 @@ def test_router_config_is_valid(helm, values) -> None:
     served = {d["spec"]["template"]["metadata"]["labels"]["kvroute.io/model"]
               for d in workers(objs)}
     assert served <= {m.name for m in cfg.models}
-    if cfg.discovery.mode == "k8s":
+    if cfg.discovery.source == "k8s":
         assert cfg.discovery.namespace == NS
         selector = dict(t.split("=", 1) for t in cfg.discovery.label_selector.split(","))
         assert selector["app.kubernetes.io/instance"] == RELEASE
@@ -309,7 +312,7 @@ def test_every_worker_group_lands_in_a_pool_that_it_serves(helm, values) -> None
     pool must ask the pods for the model name they serve, with the key they require."""
     objs = render(helm, values)
     cfg = router_config(objs)
-    if cfg.discovery.mode != "k8s":
+    if cfg.discovery.source != "k8s":
         return
     pools = {p.key: p for m in cfg.models for p in m.pools}
     joined: dict[str, list[dict]] = {}
@@ -388,17 +391,17 @@ def test_typo_fails_schema_and_config_check(helm, tmp_path, router_key, path) ->
 def test_static_config(helm) -> None:
     objs = render(helm, ci("static"))
     cfg = router_config(objs)
-    assert cfg.discovery.mode == "static" and not workers(objs)
-    assert cfg.model("llama-8b").workers == ("http://vllm-0.vllm.inference.svc:8000",
-                                             "http://vllm-1.vllm.inference.svc:8000")
-    assert cfg.model("llama-8b").upstream_model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg.discovery.source == "static" and not workers(objs)
+    llama = model_named(cfg, "llama-8b")
+    assert llama.workers == ("http://vllm-0.vllm.inference.svc:8000", "http://vllm-1.vllm.inference.svc:8000")
+    assert llama.upstream_model == "meta-llama/Llama-3.1-8B-Instruct"
     assert not by_kind(objs, "Role")
 
 
 def test_dns_config_points_at_headless_services(helm) -> None:
     objs = render(helm, ci("dns"))
     cfg = router_config(objs)
-    assert cfg.discovery.mode == "dns"
+    assert cfg.discovery.source == "dns"
     services = {s["metadata"]["name"]: s for s in by_kind(objs, "Service")}
     for target in cfg.discovery.services.values():
         host, port = target.rsplit(":", 1)
@@ -744,7 +747,7 @@ def test_worker_api_key_from_existing_secret(helm) -> None:
         assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kvroute-vllm-api-key",
                                                                     "key": "api-key"}
         assert not any("--api-key" in a for a in container(dep)["args"])  # never in the pod spec
-    for tier in cfg.model("auto").tiers:
+    for tier in model_named(cfg, "auto").tiers:
         assert tier.api_key == f"<file:{SECRETS_DIR}/kvroute-vllm-api-key/api-key>"
     assert not [s for s in by_kind(objs, "Secret") if "api-key" in s["metadata"]["name"]]
 

@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from kvroute.router.config import KvEventsConfig
-from kvroute.router.kv_events import EventHub, ExactIndex, WorkerEvents, endpoints_for, subscribe
+from kvroute.router.kv_events import EventHub, WorkerEvents, endpoints_for, subscribe
+from kvroute.router.kv_index import ExactIndex
 from kvroute.router.prefix import PromptTokenizer, chain_keys
 from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, scrape
 from tests.integration.workload import system_prompt

@@ -31,8 +31,10 @@ def test_minimal_config_gets_defaults():
     ({**base(), "server": {"port": "eighty"}}, "server.port"),
     ({**base(), "server": {"max_body_bytes": -5}}, "server.max_body_bytes"),
     ({**base(), "health": {"interval_s": True}}, "health.interval_s"),
-    ({**base(), "discovery": {"mode": "consul"}}, "discovery.mode"),
+    ({**base(), "discovery": {"source": "consul"}}, "discovery.source"),
     ({**base(), "unknown_section": {}}, "unknown_section"),
+    ({**base(), "log_prompts": True}, "log_prompts"),  # not a key (yet)
+    ({**base(), "discovery": {"mode": "k8s"}}, "discovery.mode"),  # renamed: discovery.source
     ({"models": [{"name": "m"}]}, "models[0].workers"),
 ])
 def test_errors_name_the_bad_key(raw, key):
@@ -61,5 +63,5 @@ def test_load_config_reads_yaml_and_reports_file_errors(tmp_path):
 
 
 def test_k8s_discovery_allows_models_without_static_workers():
-    cfg = config_from_dict({"models": [{"name": "m"}], "discovery": {"mode": "k8s", "namespace": "ns"}})
-    assert cfg.discovery.mode == "k8s" and cfg.models[0].workers == ()
+    cfg = config_from_dict({"models": [{"name": "m"}], "discovery": {"source": "k8s", "namespace": "ns"}})
+    assert cfg.discovery.source == "k8s" and cfg.models[0].workers == ()

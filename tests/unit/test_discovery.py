@@ -294,7 +294,7 @@ async def kube(aiohttp_server, tmp_path):
 
 
 def k8s_cfg(kubeconfig: Path | None, **kw) -> DiscoveryConfig:
-    base = dict(mode="k8s", namespace=NS, label_selector=SELECTOR, port=8000, resync_s=30.0,
+    base = dict(source="k8s", namespace=NS, label_selector=SELECTOR, port=8000, resync_s=30.0,
                 kubeconfig=str(kubeconfig) if kubeconfig else None)
     base.update(kw)
     return DiscoveryConfig(**base)
@@ -324,7 +324,7 @@ def fast(cfg: DiscoveryConfig) -> K8sDiscovery:
 
 
 def test_pod_worker_rules() -> None:
-    cfg = DiscoveryConfig(mode="k8s")
+    cfg = DiscoveryConfig(source="k8s")
     assert pod_worker(make_pod("a", "10.0.0.1"), cfg) == DiscoveredWorker(
         "http://10.0.0.1:8000", "llama-8b", "small")
     assert pod_worker(make_pod("a", "10.0.0.1", tier=None), cfg).tier is None
@@ -337,10 +337,10 @@ def test_pod_worker_rules() -> None:
     assert pod_worker(make_pod("a", "fd00::5"), cfg).url == "http://[fd00::5]:8000"
 
 
-def test_make_discovery_modes(tmp_path) -> None:
-    assert make_discovery(DiscoveryConfig(mode="static")) is None
-    assert isinstance(make_discovery(DiscoveryConfig(mode="dns")), DnsDiscovery)
-    assert isinstance(make_discovery(DiscoveryConfig(mode="k8s")), K8sDiscovery)
+def test_make_discovery_sources(tmp_path) -> None:
+    assert make_discovery(DiscoveryConfig(source="static")) is None
+    assert isinstance(make_discovery(DiscoveryConfig(source="dns")), DnsDiscovery)
+    assert isinstance(make_discovery(DiscoveryConfig(source="k8s")), K8sDiscovery)
 
 
 # ---- k8s -----------------------------------------------------------------------------
@@ -564,7 +564,7 @@ async def test_chart_role_and_selector_are_all_discovery_needs(kube, rendered) -
 
 
 async def test_dns_resolves_localhost() -> None:
-    cfg = DiscoveryConfig(mode="dns", services={"tiny": "localhost:8123"}, interval_s=0.05)
+    cfg = DiscoveryConfig(source="dns", services={"tiny": "localhost:8123"}, interval_s=0.05)
     rec = Recorder()
     async with running(DnsDiscovery(cfg), rec):
         await rec.until(lambda u: bool(u))
@@ -584,7 +584,7 @@ async def test_dns_failures_keep_workers_and_missing_names_drop_them() -> None:
                 raise answer
             return answer
 
-    cfg = DiscoveryConfig(mode="dns", services={"m": "svc.ns.svc.cluster.local:8000"},
+    cfg = DiscoveryConfig(source="dns", services={"m": "svc.ns.svc.cluster.local:8000"},
                           interval_s=0.01)
     rec = Recorder()
     async with running(Scripted(cfg), rec):

@@ -65,8 +65,6 @@ def test_drop_and_retain_workers():
     idx.drop_worker("w1")
     idx.retain_workers(["w2"])
     assert idx.match(keys, ["w1", "w2", "w3"]) == {"w1": 0, "w2": 2, "w3": 0}
-    idx.remove("w2", keys[1:])
-    assert idx.match(keys, ["w2"]) == {"w2": 1}
 
 
 def test_per_worker_capacity_follows_the_workers_real_kv_size():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import msgspec
 import pytest
 
 from kvroute.router.config import KvEventsConfig, config_from_dict
 from kvroute.router.errors import ConfigError
-from kvroute.router.kv_events import ExactIndex, WorkerEvents, endpoints_for
+from kvroute.router.kv_events import WorkerEvents, endpoints_for
+from kvroute.router.kv_index import EventApplier, ExactIndex
 from kvroute.router.prefix import chain_keys
 
 
@@ -164,3 +168,26 @@ def test_a_settled_block_expires_even_behind_an_older_request_still_in_flight(se
     index.insert("w1", quick)  # sent again: in flight again, whatever was settled before
     clock.now += 6
     assert index.match(quick, ["w1"]) == {"w1": 2} and index.blocks_of("w1") == 4
+
+
+def test_the_index_applies_decoded_events_without_the_transport():
+    index, counts = ExactIndex(capacity_blocks=1000), Counts()
+    applier = EventApplier("w1", index, counts)
+    tokens = list(range(12))
+    applier.apply_event(stored([1, 2], tokens[:8]))
+    applier.apply_event(stored([3], tokens[8:], parent=2))
+    assert index.confirmed_blocks("w1") == set(chain_keys(tokens, 4))
+    applier.apply_event(["BlockRemoved", [3], "GPU"])  # vLLM's array-like form
+    assert index.match(chain_keys(tokens, 4), ["w1"]) == {"w1": 2}
+    applier.apply_event({"type": "AllBlocksCleared"})
+    assert len(index) == 0 and not applier._ours
+    assert counts.events == {("w1", "BlockStored"): 2, ("w1", "BlockRemoved"): 1, ("w1", "AllBlocksCleared"): 1}
+
+
+def test_the_index_module_needs_neither_zmq_nor_msgpack():
+    """The index imports no transport: sockets and decoding are router.kv_events' job."""
+    code = ("import sys, kvroute.router.kv_index\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('zmq', 'msgspec')"
+            " or m == 'kvroute.router.kv_events'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -107,7 +107,7 @@ def test_k8s_discovery_without_the_extra_fails_at_start_naming_it(monkeypatch, t
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "kubernetes_asyncio" else real(name, *a))
-    path = write(tmp_path, {"models": [{"name": "m"}], "discovery": {"mode": "k8s"}})
+    path = write(tmp_path, {"models": [{"name": "m"}], "discovery": {"source": "k8s"}})
     assert main(["serve", "--config", path]) == 2
     assert "pip install 'kvroute[k8s]'" in capsys.readouterr().err
 

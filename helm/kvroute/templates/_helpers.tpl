@@ -188,9 +188,9 @@ Called with (dict "root" $ "pool" P "model" NAME "tier" TIER-or-"" "where" KEY "
 {{- $groups = append $groups . }}
 {{- end }}
 {{- end }}
-{{- $mode := .root.Values.router.discovery.mode }}
-{{- if and (ne $mode "static") (not $groups) }}
-{{- fail (printf "router.config.%s: no workers[] group serves it (model %q%s); discovery %s only finds this release's worker groups" .where .model (ternary (printf ", tier %q" .tier) "" (ne .tier "")) $mode) }}
+{{- $source := .root.Values.router.discovery.source }}
+{{- if and (ne $source "static") (not $groups) }}
+{{- fail (printf "router.config.%s: no workers[] group serves it (model %q%s); discovery %s only finds this release's worker groups" .where .model (ternary (printf ", tier %q" .tier) "" (ne .tier "")) $source) }}
 {{- end }}
 {{- if $groups }}
 {{- if and (hasKey .pool "upstream_model") (ne .pool.upstream_model .model) }}
@@ -257,19 +257,19 @@ secretKeyRef references into mounted files. */}}
 {{- $mounts := dict }}
 {{- $cfg := omit (deepCopy $r.config) "server" "models" "governance" }}
 {{- $_ := set $cfg "server" (merge (dict "host" "0.0.0.0" "port" (int $r.containerPort)) (deepCopy (default dict $r.config.server))) }}
-{{- $disc := dict "mode" $r.discovery.mode }}
-{{- if eq $r.discovery.mode "k8s" }}
+{{- $disc := dict "source" $r.discovery.source }}
+{{- if eq $r.discovery.source "k8s" }}
 {{- $_ := set $disc "namespace" .Release.Namespace }}
 {{- $_ := set $disc "label_selector" (include "kvroute.workerSelector" .) }}
 {{- $_ := set $disc "model_label" "kvroute.io/model" }}
 {{- $_ := set $disc "tier_label" "kvroute.io/tier" }}
 {{- $_ := set $disc "port" (int $r.discovery.port) }}
 {{- $_ := set $disc "resync_s" $r.discovery.resyncSeconds }}
-{{- else if eq $r.discovery.mode "dns" }}
+{{- else if eq $r.discovery.source "dns" }}
 {{- $services := dict }}
 {{- range .Values.workers }}
 {{- if hasKey $services .model }}
-{{- fail (printf "router.discovery.mode=dns supports one worker group per model; model %q has several (use mode k8s)" .model) }}
+{{- fail (printf "router.discovery.source=dns supports one worker group per model; model %q has several (use source k8s)" .model) }}
 {{- end }}
 {{- $_ := set $services .model (include "kvroute.worker.dnsTarget" (dict "root" $ "w" .)) }}
 {{- end }}
@@ -297,14 +297,14 @@ secretKeyRef references into mounted files. */}}
 {{- range $m := $models }}
 {{- $where := printf "models[%s]" $m.name }}
 {{- if $m.tiers }}
-{{- if eq $r.discovery.mode "dns" }}
+{{- if eq $r.discovery.source "dns" }}
 {{- fail (printf "router.config.%s: a tiered model needs discovery k8s (pod tier labels) or static" $where) }}
 {{- end }}
 {{- $tierNames := dict }}
 {{- range $t := $m.tiers }}
 {{- $_ := set $tierNames $t.name true }}
-{{- if and (eq $r.discovery.mode "static") (not $t.workers) }}
-{{- fail (printf "router.discovery.mode=static: router.config.models entry %q tier %q needs workers: [URL, ...]" $m.name $t.name) }}
+{{- if and (eq $r.discovery.source "static") (not $t.workers) }}
+{{- fail (printf "router.discovery.source=static: router.config.models entry %q tier %q needs workers: [URL, ...]" $m.name $t.name) }}
 {{- end }}
 {{- include "kvroute.wirePool" (dict "root" $ "pool" $t "model" $m.name "tier" $t.name "where" (printf "%s.tiers[%s]" $where $t.name) "mounts" $mounts) }}
 {{- end }}
@@ -314,8 +314,8 @@ secretKeyRef references into mounted files. */}}
 {{- end }}
 {{- end }}
 {{- else }}
-{{- if and (eq $r.discovery.mode "static") (not $m.workers) }}
-{{- fail (printf "router.discovery.mode=static: router.config.models entry %q needs workers: [URL, ...]" $m.name) }}
+{{- if and (eq $r.discovery.source "static") (not $m.workers) }}
+{{- fail (printf "router.discovery.source=static: router.config.models entry %q needs workers: [URL, ...]" $m.name) }}
 {{- end }}
 {{- $tiers := dict }}
 {{- range $.Values.workers }}
