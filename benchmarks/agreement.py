@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvroute.benchmarks.workloads import TraceRecord
+from kvroute.benchmarks.workloads import TraceRecord, add_workload_args, iter_records, workload_from_args
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ class ReplicaView:
 
     def __init__(self, urls: Sequence[str], kv_cfg, capacity_blocks: int, seed: int, model: str):
         from kvroute.router.fleet.workers import Worker
-        from kvroute.router.kv_events import EventHub, ExactIndex
+        from kvroute.router.kv_events import EventHub
+        from kvroute.router.kv_index import ExactIndex
         from kvroute.router.policies.base import PolicyDeps
         from kvroute.router.policies.registry import create_policy
 
@@ -261,11 +262,8 @@ async def measure(
     return out, results, elapsed, before, after, counts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kvroute.benchmarks.cli import _add_workload_args
-
-    p = argparse.ArgumentParser(prog="kvroute bench agreement", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvroute bench agreement``, the workload's included."""
     p.add_argument("--worker-url", action="append", required=True, help="a worker (repeat per worker)")
     p.add_argument("--events-port-offset", type=int, required=True,
                    help="workers publish KV events on HTTP port + this (replay endpoint: + 1000 more)")
@@ -277,20 +275,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", default="bench-out/agreement")
     p.add_argument("--log-level", default="WARNING")
-    _add_workload_args(p)
+    add_workload_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvroute bench agreement", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvroute.benchmarks.cli import _progress, _spec, urls_kv_events
+    """``kvroute bench agreement`` on its own (``argv``: the arguments after ``agreement``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``kvroute bench agreement`` with parsed ``args``; ``argv`` is recorded as the command."""
     from kvroute.benchmarks.fleets.routers import parse_router
-    from kvroute.benchmarks.fleets.urls import RealFleet, check_workers, replica_ports, router_state, start_router
-    from kvroute.benchmarks.runner import to_router_run
-    from kvroute.benchmarks.workloads import iter_records
+    from kvroute.benchmarks.fleets.urls import (
+        RealFleet,
+        check_workers,
+        replica_ports,
+        router_state,
+        start_router,
+        urls_kv_events,
+    )
+    from kvroute.benchmarks.runner import progress_bar, to_router_run
     from kvroute.router.config import KvEventsConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tokenizer is None:
         from kvroute.router.fleet.tinymodel import build_tiny_model
@@ -302,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     rspec = parse_router(args.router)
     if rspec.kind != "kvroute":
         raise SystemExit("--router must be a kvroute policy")
-    spec = _spec(args)
+    spec = workload_from_args(args)
     records = list(iter_records(spec.with_nonce(f"agreement|{time.time_ns()}")))
     out = Path(args.out)
     procs = start_router(rspec, fleet, out / "logs", replica_ports(args.router_port, 0, 1, rspec))
-    bar = _progress(len(records), "agreement")
+    bar = progress_bar(len(records), "agreement")
     try:
         decisions, results, elapsed, before, after, counts = asyncio.run(measure(
             records, [p.url for p in procs], fleet.urls, KvEventsConfig(**kv), args.tokenizer, args.model,
@@ -316,18 +330,18 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         for p in procs:
             p.stop()
-    run = to_router_run(args.router, results, elapsed, before, after)
+    router_run = to_router_run(args.router, results, elapsed, before, after)
     header = {
         "command": "kvroute bench agreement " + shlex.join(argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "router": args.router,
         "replicas": len(procs),
         "workers": list(fleet.urls),
-        "workload": {k: v for k, v in vars(spec).items() if k not in ("extra", "nonce")},
-        "hit_rate": round(run.hit_rate, 4),
-        "completed": run.completed,
-        "errors": run.errors,
-        "per_worker_requests": run.per_worker_requests,
+        "workload": spec.describe(),
+        "hit_rate": round(router_run.hit_rate, 4),
+        "completed": router_run.completed,
+        "errors": router_run.errors,
+        "per_worker_requests": router_run.per_worker_requests,
         "duration_s": round(elapsed, 2),
         "views": {"A": counts[0], "B": counts[1]},
         "replica_states": replica_states,
@@ -339,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(header, summary)
     (out / "agreement.md").write_text(md)
     print(md)
-    return 1 if run.errors else 0
+    return 1 if router_run.errors else 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
-from kvroute.benchmarks.fleets.simkeys import KeyCache
-from kvroute.benchmarks.workloads import TraceRecord, iter_records
+from kvroute.benchmarks.fleets.simkeys import KeyCache, make_tokenization
+from kvroute.benchmarks.workloads import TraceRecord, add_workload_args, iter_records, workload_from_args
 
 Request = tuple[tuple[int, ...], int]  # (block keys, prompt tokens)
 NEVER = sys.maxsize
@@ -137,14 +137,8 @@ def _plot(path: Path, curve: list[dict], at: int, measured: dict[str, float]) ->
     plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
-    from tqdm import tqdm
-
-    from kvroute.benchmarks.cli import _add_workload_args, _spec
-    from kvroute.benchmarks.fleets.simkeys import make_tokenization
-
-    p = argparse.ArgumentParser(prog="kvroute bench ceiling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvroute bench ceiling``, the workload's included."""
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--kv-blocks", type=int, default=320, help="KV blocks per worker")
     p.add_argument("--block-size", type=int, default=32)
@@ -152,33 +146,55 @@ def main(argv: list[str]) -> int:
     p.add_argument("--nonce", default="ceiling", help="prefix tag (any: it changes no length)")
     p.add_argument("--results", help="a bench run's results.json: put its routers on the plot")
     p.add_argument("--out", required=True)
-    _add_workload_args(p)
-    args = p.parse_args(argv)
+    add_workload_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvroute bench ceiling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kvroute bench ceiling`` on its own (``argv``: the arguments after ``ceiling``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``kvroute bench ceiling`` with parsed ``args``; ``argv`` is recorded as the command.
+
+    Bad input (sizes, a results file, a trace) ends it as argparse does: usage and exit 2.
+    """
+    from kvroute.benchmarks.runner import progress_bar
+
+    error = build_parser().error
     if args.workers < 1 or args.kv_blocks < 1:
-        p.error("--workers and --kv-blocks must be positive")
-    spec = _spec(args)
+        error("--workers and --kv-blocks must be positive")
+    spec = workload_from_args(args)
     measured = {}
     if args.results:
         try:
             routers = json.loads(Path(args.results).read_text())["routers"]
             measured = {name: float(r["hit_rate"]) for name, r in routers.items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            p.error(f"--results {args.results}: not a bench results.json ({exc})")
+            error(f"--results {args.results}: not a bench results.json ({exc})")
     keys = KeyCache(make_tokenization(args.tokenization), args.block_size)
     try:
-        with tqdm(total=spec.requests, desc="ceiling", unit="req", file=sys.stderr) as bar:
+        with progress_bar(spec.requests, "ceiling") as bar:
             reqs = request_keys(iter_records(spec.with_nonce(args.nonce)), keys, bar.update)
     except (OSError, ValueError, KeyError) as exc:  # a missing or malformed trace
-        p.error(f"--workload {spec.name}: {exc}")
+        error(f"--workload {spec.name}: {exc}")
     if not reqs:
-        p.error("the workload has no requests")
+        error("the workload has no requests")
     total = args.workers * args.kv_blocks
     curve = [ceiling(reqs, max(1, round(total * f)), args.block_size)
              for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
     result = next(c for c in curve if c["capacity_blocks"] == total)
     doc = {
         "command": "kvroute bench ceiling " + " ".join(argv),
-        "workload": {k: v for k, v in vars(spec).items() if k not in ("extra", "nonce")},
+        "workload": spec.describe(),
         "fleet": {"workers": args.workers, "kv_blocks": args.kv_blocks,
                   "block_size": args.block_size, "tokenization": args.tokenization},
         "requests": len(reqs),
@@ -209,3 +225,7 @@ def main(argv: list[str]) -> int:
     _plot(out / "ceiling.png", curve, total, measured)
     print("\n".join(md))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,8 +11,11 @@
     kvroute bench agreement --worker-url ... --events-port-offset 10000 --out DIR
     kvroute bench ceiling --workers 4 --kv-blocks 160 --workload shared-prefix --out DIR
 
-The oracle (groups pinned to workers by hand) is added unless ``--no-oracle``, because
-``hit_rate_vs_oracle`` needs it. Also runnable as ``python -m kvroute.benchmarks.cli``.
+Without a command (no arguments, or an option first) the routing benchmark ``run`` is
+meant: ``kvroute bench --fleet sim ...`` is ``kvroute bench run --fleet sim ...``; see
+``kvroute bench run --help`` for its options and ``kvroute bench COMMAND --help`` for the
+others'. The oracle (groups pinned to workers by hand) is added unless ``--no-oracle``,
+because ``hit_rate_vs_oracle`` needs it. Also runnable as ``python -m kvroute.benchmarks.cli``.
 """
 
 from __future__ import annotations
@@ -24,53 +27,22 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
-from kvroute.benchmarks.workloads import WORKLOADS, WorkloadSpec, iter_records, write_trace
+from kvroute.benchmarks import agreement, ceiling, overhead
+from kvroute.benchmarks.runner import progress_bar
+from kvroute.benchmarks.workloads import add_workload_args, iter_records, workload_from_args, write_trace
+
+# The command meant when the first argument is an option (or there is none).
+DEFAULT_COMMAND = "run"
 
 
-def _add_workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=WORKLOADS, default="shared-prefix")
-    g.add_argument("--trace", help="JSONL trace for --workload trace")
-    g.add_argument("--requests", type=int, default=192)
-    g.add_argument("--groups", type=int, default=16, help="prefix groups / concurrent sessions")
-    g.add_argument("--prefix-tokens", type=int, default=1800)
-    g.add_argument("--question-tokens", type=int, default=40)
-    g.add_argument("--max-tokens", type=int, default=16)
-    g.add_argument("--hot-share", type=float, default=0.6)
-    g.add_argument("--turns", type=int, default=8)
-    g.add_argument("--rate", type=float, default=0.0, help="open-loop arrivals/s (0: closed loop)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--model", default="tiny", help="served model name")
-
-
-def _spec(args: argparse.Namespace) -> WorkloadSpec:
-    return WorkloadSpec(
-        name=args.workload,
-        seed=args.seed,
-        requests=args.requests,
-        groups=args.groups,
-        prefix_tokens=args.prefix_tokens,
-        question_tokens=args.question_tokens,
-        max_tokens=args.max_tokens,
-        rate=args.rate,
-        model=args.model,
-        hot_share=args.hot_share,
-        turns=args.turns,
-        trace_path=args.trace,
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvroute bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the routing benchmark (``kvroute bench [run]``), the workload's included."""
     p.add_argument("--fleet", choices=("sim", "local", "urls"), default="sim")
     p.add_argument("--workers", default="8", help="worker count; sim: a comma list sweeps sizes")
     p.add_argument("--worker-url", action="append", default=[], help="--fleet urls: worker URL")
@@ -133,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "enables ?kv_events=1 routers",
     )
     g.add_argument("--tokenizer", default=None, help="urls: the model's tokenizer folder (exact mode)")
-    _add_workload_args(p)
-    return p
+    add_workload_args(p)
 
 
 def _routers(args: argparse.Namespace) -> list[str]:
@@ -144,12 +115,6 @@ def _routers(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
-
-
 def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
     from kvroute.benchmarks.fleets.routers import parse_router
     from kvroute.benchmarks.fleets.sim import SimConfig, simulate
@@ -157,13 +122,13 @@ def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
     from kvroute.benchmarks.report import write_report
 
     sizes = [int(x) for x in str(args.workers).split(",")]
-    spec = _spec(args)
+    spec = workload_from_args(args)
     options = json.loads(args.policy_options)
     routers = _routers(args)
     tok = make_tokenization(args.tokenization)
     sweep = []
     scale = sizes if args.per_worker else [1] * len(sizes)
-    bar = _progress(spec.requests * len(routers) * sum(scale), "sim")
+    bar = progress_bar(spec.requests * len(routers) * sum(scale), "sim")
     for n, k in zip(sizes, scale):
         sized = dataclasses.replace(
             spec, requests=spec.requests * k, groups=spec.groups * k, rate=spec.rate * k
@@ -219,22 +184,8 @@ def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
     return write_report(args.out, header, sweep[-1][1], sweep if len(sizes) > 1 else ())
 
 
-def urls_kv_events(offset: int | None) -> dict | None:
-    """The ``kv_events:`` config of a fleet whose events port is HTTP port + ``offset``."""
-    if offset is None:
-        return None
-    from kvroute.router.fleet.local import REPLAY_PORT_OFFSET
-
-    return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
-
-
-def hold_fleet_main(argv: list[str]) -> int:
-    """Start a local fleet and keep it until SIGTERM/Ctrl-C, so several runs can share it."""
-    import signal
-
-    from kvroute.benchmarks.fleets.local import local_fleet
-
-    p = argparse.ArgumentParser(prog="kvroute bench fleet", description=hold_fleet_main.__doc__)
+def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvroute bench fleet``."""
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--kv-blocks", type=int, default=320)
     p.add_argument("--block-size", type=int, default=32)
@@ -242,7 +193,14 @@ def hold_fleet_main(argv: list[str]) -> int:
     p.add_argument("--events-port", type=int, default=5701)
     p.add_argument("--model", default="tiny")
     p.add_argument("--out", default="bench-out/fleet")
-    args = p.parse_args(argv)
+
+
+def run_fleet(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start a local fleet and keep it until SIGTERM/Ctrl-C, so several runs can share it."""
+    import signal
+
+    from kvroute.benchmarks.fleets.local import local_fleet
+
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with local_fleet(
         args.workers,
@@ -265,13 +223,13 @@ def hold_fleet_main(argv: list[str]) -> int:
 
 
 def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
-    from kvroute.benchmarks.fleets.urls import RealFleet, compare_routers
+    from kvroute.benchmarks.fleets.urls import RealFleet, compare_routers, urls_kv_events
     from kvroute.benchmarks.report import write_report
 
-    spec = _spec(args)
+    spec = workload_from_args(args)
     routers = _routers(args)
     log_dir = Path(args.out) / "logs"
-    bar = _progress(spec.requests * len(routers), args.fleet)
+    bar = progress_bar(spec.requests * len(routers), args.fleet)
     if args.fleet == "urls":
         if not args.worker_url:
             raise SystemExit("--fleet urls needs --worker-url (repeat per worker)")
@@ -326,50 +284,101 @@ def router_code_digest() -> dict[str, str]:
     return {"path": str(root), "policies_index_proxy_xxh64": h.hexdigest()}
 
 
-def write_trace_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kvroute bench trace", description="write a workload as JSONL")
-    _add_workload_args(p)
+def add_trace_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvroute bench trace``, the workload's included."""
+    add_workload_args(p)
     p.add_argument("--nonce", default="")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    n = write_trace(iter_records(_spec(args).with_nonce(args.nonce)), args.out)
+
+
+def run_trace(args: argparse.Namespace, argv: list[str]) -> int:
+    """Write the workload as a JSONL trace (``--workload trace`` replays it)."""
+    n = write_trace(iter_records(workload_from_args(args).with_nonce(args.nonce)), args.out)
     print(f"wrote {n} requests to {args.out}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["overhead"]:
-        from kvroute.benchmarks.overhead import main as overhead_main
-
-        return overhead_main(argv[1:])
-    if argv[:1] == ["trace"]:
-        return write_trace_main(argv[1:])
-    if argv[:1] == ["fleet"]:
-        return hold_fleet_main(argv[1:])
-    if argv[:1] == ["ceiling"]:
-        from kvroute.benchmarks.ceiling import main as ceiling_main
-
-        return ceiling_main(argv[1:])
-    if argv[:1] == ["agreement"]:
-        from kvroute.benchmarks.agreement import main as agreement_main
-
-        return agreement_main(argv[1:])
-    args = build_parser().parse_args(argv)
+def run_routing(args: argparse.Namespace, argv: list[str]) -> int:
+    """The routing benchmark (``kvroute bench [run]``); ``argv``, its arguments without
+    ``run``, is recorded as the command."""
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    spec = _spec(args)
+    spec = workload_from_args(args)
     header: dict[str, Any] = {
         "command": "kvroute bench " + shlex.join(argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "workload": {k: v for k, v in vars(spec).items() if k not in ("extra", "nonce")},
+        "workload": spec.describe(),
         "seed": args.seed,
         "router_code": router_code_digest(),
     }
     doc = run_sim(args, header) if args.fleet == "sim" else run_real(args, header)
     print((Path(args.out) / "results.md").read_text())
     return 1 if any(e["errors"] for e in doc["routers"].values()) else 0
+
+
+class Command(NamedTuple):
+    """A ``kvroute bench`` subcommand: its flags and what runs it."""
+
+    help: str  # one line in ``kvroute bench --help``
+    description: str | None  # the top of ``kvroute bench NAME --help``
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str]], int]  # (parsed flags, its own argv) -> exit code
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        "compare routers on one request stream (the default command)",
+        "Compare routers on the same request stream on a simulated (sim), local or given (urls) "
+        "fleet and write results.json, results.md and plots to --out. The default command: "
+        "kvroute bench --fleet sim ... runs it.",
+        add_run_arguments,
+        run_routing,
+    ),
+    "overhead": Command("what each router adds in front of a free upstream", overhead.__doc__,
+                        overhead.add_arguments, overhead.run),
+    "trace": Command("write a workload as JSONL", "write a workload as JSONL", add_trace_arguments, run_trace),
+    "fleet": Command("start a local fleet and hold it for several runs", run_fleet.__doc__,
+                     add_fleet_arguments, run_fleet),
+    "agreement": Command("would two exact-mode replicas pick the same worker?", agreement.__doc__,
+                         agreement.add_arguments, agreement.run),
+    "ceiling": Command("the most prefix-cache hits any router could get", ceiling.__doc__,
+                       ceiling.add_arguments, ceiling.run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``kvroute bench``: one subparser per command in ``COMMANDS``."""
+    p = argparse.ArgumentParser(
+        prog="kvroute bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    for name, command in COMMANDS.items():
+        sp = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(sp)
+        sp.set_defaults(handler=command.run)
+    return p
+
+
+def command_argv(argv: list[str]) -> list[str]:
+    """``argv`` with its command first: ``DEFAULT_COMMAND`` is put in front when there is
+    none (no arguments, or an option other than --help first)."""
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        return [DEFAULT_COMMAND, *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = command_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    return args.handler(args, argv[1:])
 
 
 if __name__ == "__main__":

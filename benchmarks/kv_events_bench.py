@@ -19,7 +19,8 @@ from pathlib import Path
 
 import msgspec
 
-from kvroute.router.kv_events import ExactIndex, WorkerEvents
+from kvroute.router.kv_events import WorkerEvents
+from kvroute.router.kv_index import ExactIndex
 
 
 def make_batches(n_events: int, block_size: int, batch: int, seed: int = 0) -> list[bytes]:

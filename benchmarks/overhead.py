@@ -168,12 +168,8 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000, 3)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="kvroute bench overhead",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``kvroute bench overhead``."""
     p.add_argument(
         "--routers",
         default="prefix,round_robin,vllm-router:round_robin,"
@@ -189,7 +185,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fake", action="store_true", help=argparse.SUPPRESS
     )  # internal: be the upstream
-    args = p.parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvroute bench overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvroute.benchmarks.overhead``: as ``kvroute bench overhead``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run ``kvroute bench overhead`` with parsed ``args``; ``argv`` (its own arguments) is
+    recorded as the command."""
     ports = [args.base_port + i for i in range(args.upstreams)]
     if args.fake:
         asyncio.run(_serve_fake(ports))
@@ -249,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         upstream.terminate()
         upstream.wait(10)
-    _add_overhead(results)
+    add_overhead(results)
     doc = {
-        "command": "kvroute bench overhead " + shlex.join(argv or sys.argv[1:]),
+        "command": "kvroute bench overhead " + shlex.join(argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "requests": args.requests,
         "concurrency": args.concurrency,
@@ -265,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _add_overhead(results: dict[str, Any]) -> None:
+def add_overhead(results: dict[str, Any]) -> None:
+    """Add each router's latency over ``direct`` (``added_p50_ms``, ``added_p99_ms``) per mode."""
     direct = results.get("direct", {})
     for r in results.values():
         for mode, m in r.items():

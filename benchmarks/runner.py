@@ -13,6 +13,7 @@ client side.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvroute.benchmarks.results import RouterRun
 from kvroute.benchmarks.workloads import TraceRecord
 from kvroute.router.fleet.scraper import parse_vllm_metrics
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr counting requests; pass its ``update`` as a ``progress`` callback."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
 
 
 @dataclass

@@ -19,10 +19,14 @@ Workloads:
   appends a tool result (sent as a user message, which every chat template accepts).
 - ``hot-prefix``: like shared-prefix, but ``hot_share`` of the traffic uses group 0.
 - ``trace``: replay a JSONL file written by ``write_trace``.
+
+Every command that runs a workload takes the same flags: ``add_workload_args`` defines
+them and ``workload_from_args`` turns the parsed flags into a ``WorkloadSpec``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -94,6 +98,46 @@ class WorkloadSpec:
 
     def with_nonce(self, nonce: str) -> WorkloadSpec:
         return WorkloadSpec(**{**asdict(self), "nonce": nonce})
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as result files record it (``"workload"``): every field but the nonce and extra."""
+        return {k: v for k, v in vars(self).items() if k not in ("extra", "nonce")}
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """Add the workload flags (``--workload``, ``--requests``, ``--groups``, ``--seed``, ...)
+    to ``parser``, in their own help group; ``workload_from_args`` reads them back."""
+    g = parser.add_argument_group("workload")
+    g.add_argument("--workload", choices=WORKLOADS, default="shared-prefix")
+    g.add_argument("--trace", help="JSONL trace for --workload trace")
+    g.add_argument("--requests", type=int, default=192)
+    g.add_argument("--groups", type=int, default=16, help="prefix groups / concurrent sessions")
+    g.add_argument("--prefix-tokens", type=int, default=1800)
+    g.add_argument("--question-tokens", type=int, default=40)
+    g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--hot-share", type=float, default=0.6)
+    g.add_argument("--turns", type=int, default=8)
+    g.add_argument("--rate", type=float, default=0.0, help="open-loop arrivals/s (0: closed loop)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model", default="tiny", help="served model name")
+
+
+def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
+    """The ``WorkloadSpec`` that flags added by ``add_workload_args`` describe (no nonce)."""
+    return WorkloadSpec(
+        name=args.workload,
+        seed=args.seed,
+        requests=args.requests,
+        groups=args.groups,
+        prefix_tokens=args.prefix_tokens,
+        question_tokens=args.question_tokens,
+        max_tokens=args.max_tokens,
+        rate=args.rate,
+        model=args.model,
+        hot_share=args.hot_share,
+        turns=args.turns,
+        trace_path=args.trace,
+    )
 
 
 class _Text:

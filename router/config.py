@@ -260,9 +260,10 @@ def _parse_cascade(raw: Any, key: str, local: Local) -> CascadeConfig:
         local.path(answer_model, f"{key}.answer_model", "no such answer-scorer artifact (or 'rules')")
     band = d.band
     if raw.get("band") is not None:
-        band = v.number_list(raw["band"], f"{key}.band",
-                             "expected [lo, hi] with 0 <= lo <= hi <= 1 (classifier scores)",
-                             lambda b: len(b) == 2 and 0 <= b[0] <= b[1] <= 1)
+        lo, hi = v.number_list(raw["band"], f"{key}.band",
+                               "expected [lo, hi] with 0 <= lo <= hi <= 1 (classifier scores)",
+                               lambda b: len(b) == 2 and 0 <= b[0] <= b[1] <= 1)
+        band = (lo, hi)
     verifiers = v.items(raw.get("verifiers"), f"{key}.verifiers",
                         "expected a list of {regex: ...} or {json_schema: {...}}")
     for i, ver in enumerate(verifiers):

@@ -124,8 +124,9 @@ async def subscribe(ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: st
     replayed_until = -1
     try:
         if replay_endpoint is not None:
-            resuming = events.last_seq is not None
-            start = events.last_seq + 1 if resuming else 0
+            resumed_at = events.last_seq
+            resuming = resumed_at is not None
+            start = resumed_at + 1 if resumed_at is not None else 0
             if await replay(ctx, replay_endpoint, start, events, strict=resuming):
                 replayed_until = events.last_seq if events.last_seq is not None else -1
             elif resuming:
@@ -152,9 +153,10 @@ async def subscribe(ctx: zmq.asyncio.Context, endpoint: str, replay_endpoint: st
                 events.reset()
             elif state == "gap":
                 events.counter.gap(events.worker)
-                if replay_endpoint is not None:
+                if replay_endpoint is not None and last is not None:  # a gap follows a known sequence
                     events.last_seq = last
-                    if await replay(ctx, replay_endpoint, last + 1, events) and events.last_seq >= seq:
+                    if (await replay(ctx, replay_endpoint, last + 1, events)
+                            and events.last_seq is not None and events.last_seq >= seq):
                         # Repaired. Batches the replay applied may still be queued here: skip them.
                         replayed_until = events.last_seq
                         continue

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from kvroute.router.index import discard_holder, evict_oldest, longest_prefixes, match_all
 from kvroute.router.prefix import chain_keys
@@ -81,7 +81,7 @@ class ExactIndex:
 
     def insert(self, worker: str, keys: Sequence[int]) -> None:
         """Speculative: a request with these blocks was just sent to ``worker``."""
-        confirmed = self._confirmed.get(worker, {})
+        confirmed: Container[int] = self._confirmed.get(worker, ())
         spec = self._speculative.setdefault(worker, OrderedDict())
         expiry = self.clock() + self.in_flight_ttl
         for key in keys:
@@ -118,7 +118,7 @@ class ExactIndex:
 
     def stored(self, worker: str, keys: Iterable[int]) -> None:
         conf = self._confirmed.setdefault(worker, OrderedDict())
-        spec = self._speculative.get(worker, {})
+        spec: dict[int, float] = self._speculative.get(worker, {})
         for key in keys:
             conf[key] = None
             conf.move_to_end(key)
@@ -130,7 +130,7 @@ class ExactIndex:
         conf = self._confirmed.get(worker)
         if conf is None:
             return
-        spec = self._speculative.get(worker, {})
+        spec: dict[int, float] = self._speculative.get(worker, {})
         for key in keys:
             if conf.pop(key, 0) is None and key not in spec:
                 self._discard(key, worker)
@@ -143,14 +143,15 @@ class ExactIndex:
     def _holds(self, worker: str, key: int, now: float) -> bool:
         if key in self._confirmed.get(worker, ()):
             return True
-        expiry = self._speculative.get(worker, {}).get(key)
+        spec = self._speculative.get(worker)
+        expiry = spec.get(key) if spec is not None else None
         return expiry is not None and expiry > now
 
     def _expire(self, worker: str) -> None:
         now = self.clock()
-        spec = self._speculative.get(worker, {})
-        conf = self._confirmed.get(worker, {})
-        settled = self._settled.get(worker, {})
+        spec: OrderedDict[int, float] = self._speculative.get(worker) or OrderedDict()
+        conf: Container[int] = self._confirmed.get(worker, ())
+        settled: OrderedDict[int, float] = self._settled.get(worker) or OrderedDict()
         while settled:
             key, expiry = next(iter(settled.items()))
             if expiry > now:
@@ -172,12 +173,20 @@ class ExactIndex:
         discard_holder(self._holders, key, worker)
 
 
-class EventCounter:
+class EventCounter(Protocol):
     """Where the subscriber reports what it saw (Prometheus in the app, a dict in tests)."""
 
     def event(self, worker: str, kind: str, n: int = 1) -> None: ...
 
     def gap(self, worker: str) -> None: ...
+
+
+class _NoCounter:
+    def event(self, worker: str, kind: str, n: int = 1) -> None:
+        pass
+
+    def gap(self, worker: str) -> None:
+        pass
 
 
 class EventApplier:
@@ -187,7 +196,7 @@ class EventApplier:
     def __init__(self, worker: str, index: ExactIndex, counter: EventCounter | None = None):
         self.worker = worker
         self.index = index
-        self.counter = counter or EventCounter()
+        self.counter: EventCounter = counter or _NoCounter()
         self._ours: dict[int, int] = {}  # vLLM block hash -> our chain key
 
     def reset(self) -> None:
@@ -222,11 +231,12 @@ class EventApplier:
         if parent_hash is None:
             parent = 0
         else:
-            parent = self._ours.get(parent_hash)
-            if parent is None:
+            known = self._ours.get(parent_hash)
+            if known is None:
                 # The parent was stored before we subscribed: these blocks can't be keyed.
                 self.counter.event(self.worker, "unresolved")
                 return
+            parent = known
         keys = chain_keys(tokens, block_size, parent)
         self._ours.update(zip(hashes, keys))
         self.index.stored(self.worker, keys)

@@ -43,7 +43,7 @@ from kvroute.benchmarks.workloads import TraceRecord
 from kvroute.router.config import ModelConfig
 from kvroute.router.fleet.workers import Worker
 from kvroute.router.index import PrefixIndex
-from kvroute.router.kv_events import ExactIndex
+from kvroute.router.kv_index import ExactIndex
 from kvroute.router.policies.base import PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
 

@@ -40,15 +40,26 @@ class RealFleet:
     kv_events: dict | None = None
 
 
+def urls_kv_events(offset: int | None) -> dict | None:
+    """The ``kv_events:`` config of a fleet whose events port is HTTP port + ``offset``."""
+    if offset is None:
+        return None
+    from kvroute.router.fleet.local import REPLAY_PORT_OFFSET
+
+    return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
+
+
 def check_workers(urls: Sequence[str]) -> None:
     bad = [u for u in urls if not http_ok(f"{u}/health")]
     if bad:
         raise RuntimeError(f"workers not healthy: {', '.join(bad)}")
 
 
-def _target_for(
+def target_for(
     kind: str, urls: Sequence[str], router_url: str | Sequence[str] | None
 ) -> Callable[[TraceRecord], str]:
+    """Where each request goes: a pinned worker per group (oracle), the next worker
+    (direct), or the router; with several router replicas, the next replica."""
     if kind == "oracle":
         pins: dict[str, str] = {}
 
@@ -181,7 +192,7 @@ def compare_routers(
             check_workers(fleet.urls)  # a fleet that died mid-comparison fails fast
             if not rspec.client_side:
                 procs = start_router(rspec, fleet, log_dir, replica_ports(base_port, i, len(routers), rspec))
-            target = _target_for(rspec.kind, fleet.urls, [p.url for p in procs] or None)
+            target = target_for(rspec.kind, fleet.urls, [p.url for p in procs] or None)
             time.sleep(settle_s)
             before = asyncio.run(_snapshot(fleet.urls))
             results, elapsed = asyncio.run(drive(records, target, concurrency, progress=progress))

@@ -124,7 +124,7 @@ class DnsDiscovery:
             loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM),
             self._timeout_s,
         )
-        return sorted({info[4][0] for info in infos})
+        return sorted({str(info[4][0]) for info in infos})
 
     async def run(self, on_change: OnChange) -> None:
         publisher = _Publisher(on_change)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from kvroute.router.fleet.workers import Worker
 from kvroute.router.index import PrefixIndex
+from kvroute.router.kv_index import ExactIndex
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class RequestContext:
 class PolicyDeps:
     """Shared state handed to a policy at construction."""
 
-    index: PrefixIndex
+    index: PrefixIndex | ExactIndex  # speculative, or exact from vLLM's KV events
     rng: random.Random = field(default_factory=random.Random)
 
 

@@ -56,7 +56,7 @@ from typing import Any
 
 from kvroute.router.errors import ConfigError
 from kvroute.router.fleet.workers import Worker
-from kvroute.router.policies.base import PerCandidates, Policy, RequestContext, pick_random_min
+from kvroute.router.policies.base import PerCandidates, Policy, PolicyDeps, RequestContext, pick_random_min
 from kvroute.router.policies.consistent_hash import HashRing, route_key
 
 # A prefix is hot once it carries this many workers' fair share of recent traffic. A
@@ -158,8 +158,8 @@ class WorkingSet:
 class PrefixPolicy(Policy):
     name = "prefix"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, deps: PolicyDeps, options: Mapping[str, Any] | None = None):
+        super().__init__(deps, options)
         opts = {**_DEFAULTS, **self.options}
         self.load_weight = float(opts["load_weight"])
         self.balance_factor = float(opts["balance_factor"])

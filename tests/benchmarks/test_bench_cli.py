@@ -1,18 +1,21 @@
-"""CLI subcommands (sim run, trace) and the pieces of the real-fleet and overhead runs."""
+"""CLI subcommands (sim run, trace, ceiling, dispatch of every documented invocation) and the
+pieces of the real-fleet and overhead runs."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import orjson
 import pytest
 
-from kvroute.benchmarks.cli import main
+from kvroute.benchmarks import agreement, ceiling, cli, overhead
+from kvroute.benchmarks.cli import build_parser, command_argv, main
 from kvroute.benchmarks.fleets.routers import parse_router, router_command
-from kvroute.benchmarks.overhead import _add_overhead, fake_upstream_app, render_overhead
+from kvroute.benchmarks.overhead import add_overhead, fake_upstream_app, render_overhead
 from kvroute.benchmarks.runner import drive, write_request_log
-from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace
+from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace, workload_from_args
 
 
 def test_sim_run_writes_report(tmp_path, capsys) -> None:
@@ -48,15 +51,140 @@ def test_sim_run_writes_report(tmp_path, capsys) -> None:
     assert "| prefix |" in capsys.readouterr().out
 
 
+def test_explicit_run_is_the_default_command(tmp_path) -> None:
+    flags = ["--fleet", "sim", "--workers", "2", "--requests", "24", "--groups", "3", "--prefix-tokens", "200",
+             "--kv-blocks", "64", "--policies", "prefix", "--no-oracle"]
+    assert main(flags + ["--out", str(tmp_path / "a")]) == 0
+    assert main(["run", *flags, "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    # the command is recorded without "run": the two invocations are the same command
+    assert a["command"] == "kvroute bench " + " ".join(flags + ["--out", str(tmp_path / "a")])
+    assert b["command"] == "kvroute bench " + " ".join(flags + ["--out", str(tmp_path / "b")])
+    assert a["workload"] == b["workload"] and a["fleet"] == b["fleet"]
+    for key in ("hit_rate", "completed", "per_worker_requests", "prefix_hits_tokens"):
+        assert a["routers"]["prefix"][key] == b["routers"]["prefix"][key]
+
+
+# Every invocation README.md and docs/*.md show (flags abridged where they repeat), with the
+# command it must reach and flags it must set.
+DOCUMENTED = [
+    ("--fleet local --workers 4 --kv-blocks 320 --workload shared-prefix --requests 192 --groups 16 "
+     "--prefix-tokens 1800 --concurrency 8 --policies prefix,round_robin,vllm-router:cache_aware,smg:cache_aware "
+     "--out LOCAL", cli.run_routing, {"fleet": "local", "workers": "4", "kv_blocks": 320, "concurrency": 8,
+                                      "prefix_tokens": 1800, "out": "LOCAL"}),
+    ("--fleet local --workers 4 --concurrency 8 --out DIR --policies "
+     "prefix,prefix?kv_events=1,smg:cache_aware,vllm-router:cache_aware --kv-blocks 160 --workload agent "
+     "--requests 288 --groups 24", cli.run_routing,
+     {"fleet": "local", "policies": "prefix,prefix?kv_events=1,smg:cache_aware,vllm-router:cache_aware",
+      "workload": "agent", "requests": 288, "groups": 24}),
+    ("--fleet sim --workers 8,64,512 --per-worker --requests 100 --groups 4 --concurrency 2 "
+     "--policies round_robin,prefix --out SWEEP", cli.run_routing,
+     {"fleet": "sim", "workers": "8,64,512", "per_worker": True, "requests": 100, "concurrency": 2}),
+    ("--fleet sim --workers 4 --concurrency 8 --tokenization tiny --index-blocks 4096 "
+     "--policies prefix,prefix?kv_events=1 --seed 3", cli.run_routing,
+     {"tokenization": "tiny", "index_blocks": 4096, "seed": 3}),
+    ("--fleet urls --worker-url http://h:8000 --worker-url http://h:8001 --policies prefix", cli.run_routing,
+     {"fleet": "urls", "worker_url": ["http://h:8000", "http://h:8001"]}),
+    ("", cli.run_routing, {"fleet": "sim", "workers": "8", "out": "bench-out", "workload": "shared-prefix"}),
+    ("run --fleet sim --workers 8", cli.run_routing, {"fleet": "sim", "workers": "8"}),
+    ("overhead --requests 2000 --concurrency 32 --out OVERHEAD", overhead.run,
+     {"requests": 2000, "concurrency": 32, "out": "OVERHEAD", "prompt_tokens": 1000}),
+    ("overhead --routers prefix --requests 2000 --concurrency 32", overhead.run,
+     {"routers": "prefix", "out": "bench-out/overhead"}),
+    ("trace --workload agent --requests 200 --out trace.jsonl", cli.run_trace,
+     {"workload": "agent", "requests": 200, "out": "trace.jsonl"}),
+    ("fleet --workers 4 --kv-blocks 320 --worker-port 8260 --events-port 18260", cli.run_fleet,
+     {"workers": 4, "kv_blocks": 320, "worker_port": 8260, "events_port": 18260}),
+    ("agreement --worker-url http://127.0.0.1:8201 --worker-url http://127.0.0.1:8204 --events-port-offset -2500 "
+     "--workload shared-prefix --requests 192 --groups 16 --prefix-tokens 1800 --seed 4 --out DIR", agreement.run,
+     {"worker_url": ["http://127.0.0.1:8201", "http://127.0.0.1:8204"], "events_port_offset": -2500, "seed": 4,
+      "router": "prefix?kv_events=1&replicas=2"}),
+    ("ceiling --workers 4 --kv-blocks 320 --workload shared-prefix --requests 192 --groups 16 --prefix-tokens 1800 "
+     "--results LOCAL/results.json --out CEILING", ceiling.run,
+     {"workers": 4, "kv_blocks": 320, "results": "LOCAL/results.json", "out": "CEILING", "tokenization": "tiny"}),
+    ("ceiling --workers 4 --kv-blocks 160 --workload multi-turn --requests 288 --groups 24 --out DIR", ceiling.run,
+     {"kv_blocks": 160, "workload": "multi-turn", "groups": 24}),
+]
+
+
+@pytest.mark.parametrize(("line", "handler", "expected"), DOCUMENTED, ids=[d[0][:40] or "(none)" for d in DOCUMENTED])
+def test_documented_invocations_reach_their_command(line, handler, expected) -> None:
+    args = build_parser().parse_args(command_argv(line.split()))
+    assert args.handler is handler
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_demo_runs_the_routing_benchmark_on_a_local_fleet(monkeypatch) -> None:
+    from kvroute.benchmarks import demo
+
+    seen = {}
+
+    def fake_run(args, argv):
+        seen.update(args=args, argv=argv)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "run", cli.COMMANDS["run"]._replace(run=fake_run))
+    assert demo.main(["--workers", "2", "--out", "D"]) == 0
+    args = seen["args"]
+    assert (args.fleet, args.workers, args.kv_blocks, args.requests, args.groups) == ("local", "2", 240, 108, 9)
+    assert (args.concurrency, args.policies, args.out, args.no_oracle) == (6, "prefix,round_robin", "D", False)
+    assert seen["argv"][:2] == ["--fleet", "local"]  # recorded as "kvroute bench --fleet local ..."
+
+
+@pytest.mark.parametrize("command", ["run", "trace", "agreement", "ceiling"])
+def test_every_command_reads_the_workload_flags_alike(command) -> None:
+    required = {"trace": ["--out", "t"], "ceiling": ["--out", "c"],
+                "agreement": ["--worker-url", "http://w", "--events-port-offset", "1"]}.get(command, [])
+    flags = ["--workload", "hot-prefix", "--requests", "7", "--groups", "3", "--prefix-tokens", "90",
+             "--question-tokens", "5", "--max-tokens", "2", "--hot-share", "0.5", "--turns", "4", "--rate", "1.5",
+             "--seed", "9", "--model", "m", "--trace", "x.jsonl"]
+    args = build_parser().parse_args([command, *required, *flags])
+    assert workload_from_args(args) == WorkloadSpec(
+        "hot-prefix", seed=9, requests=7, groups=3, prefix_tokens=90, question_tokens=5, max_tokens=2, rate=1.5,
+        model="m", hot_share=0.5, turns=4, trace_path="x.jsonl")
+    # and without them, each command's workload is WorkloadSpec's default
+    assert workload_from_args(build_parser().parse_args([command, *required])) == WorkloadSpec()
+
+
+def test_help_lists_the_commands_and_a_bad_command_is_an_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kvroute bench [-h] COMMAND")
+    for name in ("run", "overhead", "trace", "fleet", "agreement", "ceiling"):
+        assert re.search(rf"\n {{4}}{name}\s", out), name
+    with pytest.raises(SystemExit) as exc:
+        main(["ceiling", "--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: kvroute bench ceiling")
+    with pytest.raises(SystemExit) as exc:
+        main(["nope"])
+    assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_ceiling_subcommand(tmp_path) -> None:
+    out = tmp_path / "c"
+    argv = ["ceiling", "--workers", "2", "--kv-blocks", "40", "--tokenization", "words", "--requests", "24",
+            "--groups", "3", "--prefix-tokens", "200", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads((out / "ceiling.json").read_text())
+    assert doc["command"] == "kvroute bench " + " ".join(argv)
+    assert doc["requests"] == 24 and doc["fleet"]["workers"] == 2 and doc["ceiling"]["capacity_blocks"] == 80
+    assert doc["workload"] == WorkloadSpec(requests=24, groups=3, prefix_tokens=200).describe()
+
+
 def test_trace_subcommand(tmp_path) -> None:
     path = tmp_path / "t.jsonl"
-    assert main(["trace", "--workload", "agent", "--requests", "12", "--out", str(path)]) == 0
-    assert len(list(read_trace(path))) == 12
+    assert main(["trace", "--workload", "agent", "--requests", "12", "--seed", "2", "--out", str(path)]) == 0
+    assert list(read_trace(path)) == list(iter_records(WorkloadSpec("agent", seed=2, requests=12)))
 
 
-def test_bad_workload_is_an_argparse_error() -> None:
-    with pytest.raises(SystemExit):
+def test_bad_workload_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
         main(["--workload", "nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: kvroute bench run") and "argument --workload: invalid choice: 'nope'" in err
 
 
 def test_router_specs() -> None:
@@ -107,7 +235,7 @@ def test_overhead_table() -> None:
         "prefix": {"plain": {"p50_ms": 1.5, "p99_ms": 4.0, "rps": 600.0, "errors": 0}},
         "smg:cache_aware": {"failure": "boom"},
     }
-    _add_overhead(results)
+    add_overhead(results)
     assert results["prefix"]["plain"]["added_p50_ms"] == 0.5
     md = render_overhead(
         {"requests": 1, "concurrency": 1, "prompt_tokens": 1, "command": "c", "routers": results}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from kvroute.benchmarks.agreement import MISS, TIE, UNIQUE, Decision, ReplicaView, classify, summarize, to_markdown
-from kvroute.benchmarks.cli import urls_kv_events
 from kvroute.benchmarks.fleets.routers import parse_router, router_command
-from kvroute.benchmarks.fleets.urls import _target_for, replica_ports
+from kvroute.benchmarks.fleets.urls import replica_ports, target_for, urls_kv_events
 from kvroute.benchmarks.workloads import TraceRecord
 from kvroute.router.config import KvEventsConfig, load_config
 from kvroute.router.kv_events import WorkerEvents
@@ -36,7 +36,7 @@ def test_router_config_has_kv_events(tmp_path) -> None:
     spec = parse_router("prefix?kv_events=1")
     cmd = router_command(spec, 8290, WORKERS, "tiny", str(tmp_path), 32, tmp_path, kv_events=KV)
     path = cmd[cmd.index("--config") + 1]
-    raw = json.loads(open(path).read())
+    raw = json.loads(Path(path).read_text())
     model = raw["models"][0]
     assert model["kv_events"] == KV
     assert model["policy_options"] == {}
@@ -55,7 +55,7 @@ def test_router_config_without_fleet_events_fails(tmp_path) -> None:
 
 def test_speculative_prefix_config_has_no_kv_events(tmp_path) -> None:
     cmd = router_command(parse_router("prefix?replicas=2"), 8291, WORKERS, "tiny", None, 32, tmp_path, kv_events=KV)
-    raw = json.loads(open(cmd[cmd.index("--config") + 1]).read())
+    raw = json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())
     assert "kv_events" not in raw["models"][0]
 
 
@@ -63,10 +63,10 @@ def test_replica_ports_and_alternating_target() -> None:
     spec = parse_router("prefix?replicas=2")
     assert replica_ports(8290, 1, 3, spec) == [8291, 8294]
     assert replica_ports(8290, 1, 3, parse_router("smg:cache_aware")) == [8291]
-    target = _target_for("kvroute", WORKERS, ["http://a", "http://b"])
+    target = target_for("kvroute", WORKERS, ["http://a", "http://b"])
     rec = TraceRecord(0.0, "g", {})
     assert [target(rec) for _ in range(4)] == ["http://a", "http://b", "http://a", "http://b"]
-    assert _target_for("kvroute", WORKERS, "http://a")(rec) == "http://a"
+    assert target_for("kvroute", WORKERS, "http://a")(rec) == "http://a"
 
 
 def test_urls_kv_events() -> None:

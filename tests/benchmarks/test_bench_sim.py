@@ -81,10 +81,11 @@ def test_keycache_matches_chain_keys() -> None:
     )
     assert cache.keys(msgs) == (tuple(chain_keys(ids, 8)), len(ids))
     longer = msgs + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q two"}]
-    keys, n = cache.keys(longer)
-    assert keys[: len(chain_keys(ids[: len(ids) - 3], 8))] == tuple(
-        chain_keys(ids[: len(ids) - 3], 8)
-    )
+    keys, n = cache.keys(longer)  # extends the cached prefix of the shorter conversation
+    longer_ids = [t for m in longer for t in tok.message_ids(m["role"], m["content"])] + tok.generation_ids()
+    assert (keys, n) == (tuple(chain_keys(longer_ids, 8)), len(longer_ids))
+    shared = chain_keys(ids[: len(ids) - len(tok.generation_ids())], 8)
+    assert len(shared) > 8 and keys[: len(shared)] == tuple(shared)
 
 
 def test_tiny_tokenization_equals_router_keys(tiny_model_dir) -> None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
 
 import pytest
 
-from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace, write_trace
+from kvroute.benchmarks.workloads import (
+    WorkloadSpec,
+    add_workload_args,
+    iter_records,
+    read_trace,
+    workload_from_args,
+    write_trace,
+)
 
 
 def _lines(spec: WorkloadSpec) -> list[str]:
@@ -99,6 +108,21 @@ def test_jsonl_round_trip_and_trace_replay(tmp_path) -> None:
     fresh = list(iter_records(WorkloadSpec(name="trace", trace_path=str(path), nonce="x")))
     assert fresh[0].body["messages"][0]["content"].endswith(recs[0].body["messages"][0]["content"])
     assert fresh[0].body["messages"][0]["content"] != recs[0].body["messages"][0]["content"]
+
+
+def test_workload_flags() -> None:
+    p = argparse.ArgumentParser()
+    add_workload_args(p)
+    assert workload_from_args(p.parse_args([])) == WorkloadSpec()  # flag defaults are the spec's
+    spec = workload_from_args(p.parse_args(["--workload", "multi-turn", "--groups", "5", "--turns", "3",
+                                            "--seed", "7", "--rate", "2"]))
+    assert spec == WorkloadSpec("multi-turn", seed=7, groups=5, turns=3, rate=2.0)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--workload", "nope"])
+    described = spec.with_nonce("n").describe()
+    assert described == {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+                         if f.name not in ("nonce", "extra")}
+    assert list(described)[:3] == ["name", "seed", "requests"]  # field order: results.json's key order
 
 
 def test_unknown_workload() -> None:

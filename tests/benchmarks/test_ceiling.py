@@ -49,10 +49,15 @@ def test_opt_bounds_lru_on_random_streams():
 
 
 def test_ceiling_summary_and_cli(tmp_path):
+    # Three groups in turn, room for two groups' shared blocks: LRU always evicts the group
+    # needed next and never hits; Belady keeps the two used next, so from the fourth
+    # request on two in three (18 of 27) hit their 4 shared blocks.
     reqs = [group(i % 3, 4, i) for i in range(30)]
     summary = ceiling(reqs, 8, BS)
-    assert summary["distinct_blocks"] == 3 * 4 + 30
-    assert 0 <= summary["lru_hit_rate"] <= summary["opt_hit_rate"] <= 1
+    assert summary["distinct_blocks"] == 3 * 4 + 30 and summary["prompt_tokens"] == 30 * 5 * BS
+    assert summary["capacity_over_blocks"] == round(8 / 42, 3)
+    assert summary["lru_hit_rate"] == 0.0
+    assert summary["opt_hit_rate"] == round(18 * 4 * BS / (30 * 5 * BS), 4)
 
     out = tmp_path / "c"
     results = tmp_path / "results.json"

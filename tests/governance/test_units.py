@@ -115,8 +115,11 @@ async def test_kill_switch_reads_a_url(aiohttp_server):
     from tests.clock import FakeClock
 
     doc = {"kills": [{"scope": "tenant", "value": "acme", "reason": "invoice overdue"}]}
+    async def kill_list(request: web.Request) -> web.Response:
+        return web.json_response(doc)
+
     app = web.Application()
-    app.router.add_get("/kill", lambda request: web.json_response(doc))
+    app.router.add_get("/kill", kill_list)
     server = await aiohttp_server(app)
     ks = KillSwitch(KillSwitchConfig(url=str(server.make_url("/kill")), ttl_s=1), MemoryStore(), FakeClock())
     async with aiohttp.ClientSession() as session:

@@ -132,6 +132,7 @@ def test_healthcheck_probe_reads_health(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+        server.stdout.close()
     down = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
                           env={**os.environ, "KVROUTE_HEALTH_URL": f"http://127.0.0.1:{port}/health"})
     assert down.returncode != 0
