@@ -160,11 +160,11 @@ class ReplicaView:
     """One replica's knowledge: its own event subscriptions, exact index and policy."""
 
     def __init__(self, urls: Sequence[str], kv_cfg, capacity_blocks: int, seed: int, model: str):
-        from kvroute.router.fleet.workers import Worker
         from kvroute.router.kv_events import EventHub
         from kvroute.router.kv_index import ExactIndex
         from kvroute.router.policies.base import PolicyDeps
         from kvroute.router.policies.registry import create_policy
+        from kvroute.router.upstream.workers import Worker
 
         self.urls = list(urls)
         self.kv_cfg = kv_cfg
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``kvroute bench agreement`` with parsed ``args``; ``argv`` is recorded as the command."""
-    from kvroute.benchmarks.fleets.routers import parse_router
-    from kvroute.benchmarks.fleets.urls import (
+    from kvroute.benchmarks.backends.routers import parse_router
+    from kvroute.benchmarks.backends.urls import (
         RealFleet,
         check_workers,
         replica_ports,
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tokenizer is None:
-        from kvroute.router.fleet.tinymodel import build_tiny_model
+        from kvroute.router.local.tinymodel import build_tiny_model
 
         args.tokenizer = str(build_tiny_model())
     kv = urls_kv_events(args.events_port_offset)

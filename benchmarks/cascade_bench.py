@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvroute.benchmarks.fleets.mock import fake_worker
+from kvroute.benchmarks.backends.mock import fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict

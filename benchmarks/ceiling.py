@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
-from kvroute.benchmarks.fleets.simkeys import KeyCache, make_tokenization
+from kvroute.benchmarks.backends.simkeys import KeyCache, make_tokenization
 from kvroute.benchmarks.workloads import TraceRecord, add_workload_args, iter_records, workload_from_args
 
 Request = tuple[tuple[int, ...], int]  # (block keys, prompt tokens)

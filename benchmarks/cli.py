@@ -116,9 +116,9 @@ def _routers(args: argparse.Namespace) -> list[str]:
 
 
 def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
-    from kvroute.benchmarks.fleets.routers import parse_router
-    from kvroute.benchmarks.fleets.sim import SimConfig, simulate
-    from kvroute.benchmarks.fleets.simkeys import KeyCache, make_tokenization
+    from kvroute.benchmarks.backends.routers import parse_router
+    from kvroute.benchmarks.backends.sim import SimConfig, simulate
+    from kvroute.benchmarks.backends.simkeys import KeyCache, make_tokenization
     from kvroute.benchmarks.report import write_report
 
     sizes = [int(x) for x in str(args.workers).split(",")]
@@ -199,7 +199,7 @@ def run_fleet(args: argparse.Namespace, argv: list[str]) -> int:
     """Start a local fleet and keep it until SIGTERM/Ctrl-C, so several runs can share it."""
     import signal
 
-    from kvroute.benchmarks.fleets.local import local_fleet
+    from kvroute.benchmarks.backends.local import local_fleet
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with local_fleet(
@@ -223,7 +223,7 @@ def run_fleet(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
-    from kvroute.benchmarks.fleets.urls import RealFleet, compare_routers, urls_kv_events
+    from kvroute.benchmarks.backends.urls import RealFleet, compare_routers, urls_kv_events
     from kvroute.benchmarks.report import write_report
 
     spec = workload_from_args(args)
@@ -245,7 +245,7 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
         )
         header["fleet"] = {"kind": "urls", "workers": len(fleet.urls), "urls": list(fleet.urls)}
     else:
-        from kvroute.benchmarks.fleets.local import local_fleet
+        from kvroute.benchmarks.backends.local import local_fleet
 
         n = int(args.workers)
         with local_fleet(

@@ -38,15 +38,15 @@ from typing import Any
 import msgspec
 import xxhash
 
-from kvroute.benchmarks.fleets.simkeys import WordIds
-from kvroute.benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
+from kvroute.benchmarks.backends.simkeys import WordIds
+from kvroute.benchmarks.backends.simworker import SimRequest, SimWorker, Timing
 from kvroute.benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.kv_events import WorkerEvents
 from kvroute.router.kv_index import EventCounter, ExactIndex
 from kvroute.router.policies.base import PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
 from kvroute.router.prefix import chain_keys
+from kvroute.router.upstream.workers import Worker
 
 
 class BlockStored(msgspec.Struct, tag=True):  # the wire shapes of vllm.distributed.kv_events

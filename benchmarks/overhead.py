@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvroute.benchmarks.fleets.routers import RouterProcess, http_ok, parse_router, router_command
+from kvroute.benchmarks.backends.routers import RouterProcess, http_ok, parse_router, router_command
 from kvroute.benchmarks.results import percentile
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
 
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     from tqdm import tqdm
 
-    from kvroute.router.fleet.tinymodel import build_tiny_model
+    from kvroute.router.local.tinymodel import build_tiny_model
 
     tokenizer = args.tokenizer or str(build_tiny_model())
     spec = WorkloadSpec(

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvroute.benchmarks.results import RouterRun
 from kvroute.benchmarks.workloads import TraceRecord
-from kvroute.router.fleet.scraper import parse_vllm_metrics
+from kvroute.router.upstream.scraper import parse_vllm_metrics
 
 
 def progress_bar(total: int, desc: str):

@@ -14,13 +14,13 @@ from aiohttp import web
 
 from kvroute.router import keys
 from kvroute.router.config import RouterConfig
-from kvroute.router.fleet.health import HealthChecker
-from kvroute.router.fleet.scraper import scrape_loop, scrape_once
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import ModelRoutes
+from kvroute.router.upstream.health import HealthChecker
+from kvroute.router.upstream.scraper import scrape_loop, scrape_once
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ async def _classifiers(app: web.Application) -> AsyncIterator[None]:
 
 async def _discovery(app: web.Application) -> AsyncIterator[None]:
     """Workers from dns or k8s discovery join and leave pools without a restart."""
-    from kvroute.router.fleet.discovery import make_discovery
+    from kvroute.router.upstream.discovery import make_discovery
 
     discovery = make_discovery(app[keys.CONFIG].discovery)
     if discovery is None:

@@ -60,7 +60,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _fleet_up(args: argparse.Namespace) -> int:
-    from kvroute.router.fleet.local import start_fleet, stop_fleet
+    from kvroute.router.local.fleet import start_fleet, stop_fleet
 
     fleet = start_fleet(workers=args.workers, kv_blocks=args.kv_blocks, base_port=args.base_port,
                         events_port=args.events_port, model=args.model,
@@ -86,7 +86,7 @@ def _fleet_up(args: argparse.Namespace) -> int:
 
 
 def _fleet_down(args: argparse.Namespace) -> int:
-    from kvroute.router.fleet.local import load_state, stop_fleet
+    from kvroute.router.local.fleet import load_state, stop_fleet
 
     fleets = load_state(args.base_port)
     if not fleets:

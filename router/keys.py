@@ -8,10 +8,10 @@ import aiohttp
 from aiohttp import web
 
 from kvroute.router.config import RouterConfig
-from kvroute.router.fleet.health import HealthChecker
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import ModelRoutes
+from kvroute.router.upstream.health import HealthChecker
 
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", RouterMetrics)

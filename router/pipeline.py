@@ -23,13 +23,13 @@ from aiohttp import web
 
 from kvroute.router import keys
 from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorker, UpstreamConnectionLost, UpstreamError
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
 from kvroute.router.requests import ParsedRequest
 from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.tiers import prompt_text
+from kvroute.router.upstream.workers import Worker
 
 log = logging.getLogger(__name__)
 

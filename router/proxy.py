@@ -30,10 +30,10 @@ from kvroute.router.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.requests import ParsedRequest
 from kvroute.router.routes import ModelRoute
+from kvroute.router.upstream.workers import Worker
 
 WORKER_HEADER = "x-kvroute-worker"
 TIER_HEADER = "x-kvroute-tier"

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from kvroute.router.confidence import AnswerJudge
 from kvroute.router.config import ModelConfig, RouterConfig
 from kvroute.router.errors import ModelNotFound
-from kvroute.router.fleet.workers import Worker, WorkerPool
 from kvroute.router.index import PrefixIndex
 from kvroute.router.kv_index import ExactIndex
 from kvroute.router.metrics import RouterMetrics
@@ -27,6 +26,7 @@ from kvroute.router.policies.registry import create_policy
 from kvroute.router.prefix import Prefixer, PromptTokenizer
 from kvroute.router.requests import ParsedRequest
 from kvroute.router.tiers import TierChooser
+from kvroute.router.upstream.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from kvroute.router.fleet.tinymodel import build_tiny_model
+    from kvroute.router.local.tinymodel import build_tiny_model
 
     return build_tiny_model()
 

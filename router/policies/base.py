@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.index import PrefixIndex
 from kvroute.router.kv_index import ExactIndex
+from kvroute.router.upstream.workers import Worker
 
 
 @dataclass(frozen=True)

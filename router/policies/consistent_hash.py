@@ -22,8 +22,8 @@ from typing import Any
 import xxhash
 
 from kvroute.router.errors import ConfigError
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.policies.base import Policy, RequestContext, pick_random_min
+from kvroute.router.upstream.workers import Worker
 
 
 class HashRing:

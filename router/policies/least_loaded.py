@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.policies.base import Policy, RequestContext, pick_random_min
+from kvroute.router.upstream.workers import Worker
 
 
 class LeastLoadedPolicy(Policy):

@@ -55,9 +55,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvroute.router.errors import ConfigError
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.policies.base import PerCandidates, Policy, PolicyDeps, RequestContext, pick_random_min
 from kvroute.router.policies.consistent_hash import HashRing, route_key
+from kvroute.router.upstream.workers import Worker
 
 # A prefix is hot once it carries this many workers' fair share of recent traffic. A
 # lower mark copied agents' shared tool schemas about (each ~1.2 fair shares in the

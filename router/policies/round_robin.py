@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.policies.base import PerCandidates, Policy, RequestContext
+from kvroute.router.upstream.workers import Worker
 
 
 class RoundRobinPolicy(Policy):

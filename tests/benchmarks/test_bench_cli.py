@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from kvroute.benchmarks import agreement, ceiling, cli, overhead
+from kvroute.benchmarks.backends.routers import parse_router, router_command
 from kvroute.benchmarks.cli import build_parser, command_argv, main
-from kvroute.benchmarks.fleets.routers import parse_router, router_command
 from kvroute.benchmarks.overhead import add_overhead, fake_upstream_app, render_overhead
 from kvroute.benchmarks.runner import drive, write_request_log
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace, workload_from_args

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvroute.benchmarks.agreement import MISS, TIE, UNIQUE, Decision, ReplicaView, classify, summarize, to_markdown
-from kvroute.benchmarks.fleets.routers import parse_router, router_command
-from kvroute.benchmarks.fleets.urls import replica_ports, target_for, urls_kv_events
+from kvroute.benchmarks.backends.routers import parse_router, router_command
+from kvroute.benchmarks.backends.urls import replica_ports, target_for, urls_kv_events
 from kvroute.benchmarks.workloads import TraceRecord
 from kvroute.router.config import KvEventsConfig, load_config
 from kvroute.router.kv_events import WorkerEvents
@@ -134,7 +134,7 @@ def test_replica_views_agree_on_the_same_events() -> None:
 
 
 def test_parse_router_state() -> None:
-    from kvroute.benchmarks.fleets.urls import parse_router_state
+    from kvroute.benchmarks.backends.urls import parse_router_state
 
     health = {"status": "ok", "models": {"tiny": {"mode": "kv_events", "healthy_workers": 4}}}
     metrics = (

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvroute.benchmarks.fleets.sim import SimConfig, simulate
-from kvroute.benchmarks.fleets.simkeys import KeyCache, TinyIds, WordIds
-from kvroute.benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
+from kvroute.benchmarks.backends.sim import SimConfig, simulate
+from kvroute.benchmarks.backends.simkeys import KeyCache, TinyIds, WordIds
+from kvroute.benchmarks.backends.simworker import SimRequest, SimWorker, Timing
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
 from kvroute.router.prefix import PromptTokenizer, chain_keys
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from kvroute.benchmarks.fleets.mock import fake_worker
+from kvroute.benchmarks.backends.mock import fake_worker
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
 from tests.clock import FakeClock

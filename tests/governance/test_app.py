@@ -8,7 +8,7 @@ import asyncio
 import orjson
 import pytest
 
-from kvroute.benchmarks.fleets.mock import SEEN, SEEN_HEADERS
+from kvroute.benchmarks.backends.mock import SEEN, SEEN_HEADERS
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.governance.store import MemoryStore

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvroute.router.fleet.discovery import pod_worker
+from kvroute.router.upstream.discovery import pod_worker
 from tests.helm.chart import (
     CHART,
     CI_VALUES,
@@ -307,7 +307,7 @@ def test_router_config_is_valid(helm, values) -> None:
 
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
 def test_every_worker_group_lands_in_a_pool_that_it_serves(helm, values) -> None:
-    """Run the router's own pod-to-worker mapping (router.fleet.discovery.pod_worker) on
+    """Run the router's own pod-to-worker mapping (router.upstream.discovery.pod_worker) on
     each worker group's pod: it must join a pool, every pool must get a group, and the
     pool must ask the pods for the model name they serve, with the key they require."""
     objs = render(helm, values)

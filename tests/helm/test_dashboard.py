@@ -20,7 +20,7 @@ from kvroute.router.metrics import RouterMetrics
 from tests.helm.chart import CHART
 
 DASHBOARD = json.loads((CHART / "dashboards" / "kvroute.json").read_text())
-# vLLM metric names the router's scraper (router/fleet/scraper.py) and the README use.
+# vLLM metric names the router's scraper (router/upstream/scraper.py) and the README use.
 VLLM_METRICS = {
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
     "vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total", "vllm:generation_tokens_total",

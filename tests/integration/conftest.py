@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvroute.router.fleet.local import LocalFleet, start_fleet, stop_fleet
-from kvroute.router.fleet.scraper import VllmStats, parse_vllm_metrics
+from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.upstream.scraper import VllmStats, parse_vllm_metrics
 
 KV_BLOCKS = 128
 BLOCK_SIZE = 32

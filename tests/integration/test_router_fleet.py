@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from kvroute.router.fleet.local import kill_worker, restart_worker
+from kvroute.router.local.fleet import kill_worker, restart_worker
 from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, record_result, scrape_fleet
 from tests.integration.workload import shared_prefix_requests, system_prompt
 

@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from kvroute.router.fleet.local import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
 from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router
 
 pytestmark = pytest.mark.integration

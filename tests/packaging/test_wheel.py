@@ -25,7 +25,7 @@ import redis
 import yaml
 from aiohttp import web
 
-from kvroute.benchmarks.fleets.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN, fake_worker
 from tests.packaging.conftest import BuiltVenv, bare_env
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 class MockFleet:
-    """Mock vLLM workers (kvroute.benchmarks.fleets.mock) on free ports, served by a loop
+    """Mock vLLM workers (kvroute.benchmarks.backends.mock) on free ports, served by a loop
     in a background thread."""
 
     def __init__(self, names: list[str]):

@@ -7,7 +7,7 @@ import socket
 import orjson
 import pytest
 
-from kvroute.benchmarks.fleets.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN, fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.cascade import to_sse

@@ -29,7 +29,7 @@ import yaml
 from aiohttp import web
 
 from kvroute.router.config import DiscoveryConfig, config_from_dict
-from kvroute.router.fleet.discovery import (
+from kvroute.router.upstream.discovery import (
     DiscoveredWorker,
     DnsDiscovery,
     K8sDiscovery,

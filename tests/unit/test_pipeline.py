@@ -1,7 +1,7 @@
 from kvroute.router.config import config_from_dict
-from kvroute.router.fleet.discovery import DiscoveredWorker
 from kvroute.router.prefix import chain_keys
 from kvroute.router.routes import ModelRoutes
+from kvroute.router.upstream.discovery import DiscoveredWorker
 
 
 def test_discovered_workers_join_and_leave_their_pools_with_their_index_entries():
@@ -28,7 +28,7 @@ def test_discovered_workers_join_and_leave_their_pools_with_their_index_entries(
 
 
 def test_a_pool_hands_out_the_same_healthy_tuple_until_health_or_membership_changes():
-    from kvroute.router.fleet.workers import WorkerPool
+    from kvroute.router.upstream.workers import WorkerPool
 
     pool = WorkerPool("m", ["http://a", "http://b", "http://c"])
     first = pool.healthy()
@@ -47,10 +47,10 @@ def test_a_pool_hands_out_the_same_healthy_tuple_until_health_or_membership_chan
 def test_the_prefix_policy_never_picks_a_worker_that_turned_unhealthy():
     import random
 
-    from kvroute.router.fleet.workers import WorkerPool
     from kvroute.router.index import PrefixIndex
     from kvroute.router.policies.base import PolicyDeps, RequestContext
     from kvroute.router.policies.registry import create_policy
+    from kvroute.router.upstream.workers import WorkerPool
 
     pool = WorkerPool("m", [f"http://w{i}" for i in range(4)])
     policy = create_policy("prefix", PolicyDeps(index=PrefixIndex(1000), rng=random.Random(0)), {})

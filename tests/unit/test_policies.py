@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 
 from kvroute.router.errors import ConfigError
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.index import PrefixIndex
 from kvroute.router.policies.base import PolicyDeps, RequestContext
 from kvroute.router.policies.registry import POLICIES, create_policy
 from kvroute.router.prefix import chain_keys
+from kvroute.router.upstream.workers import Worker
 
 
 def workers(n: int) -> list[Worker]:

@@ -8,7 +8,7 @@ import gc
 import orjson
 import pytest
 
-from kvroute.benchmarks.fleets.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN, fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kvroute.benchmarks.fleets.mock import fake_worker
+from kvroute.benchmarks.backends.mock import fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import ClassifierConfig, config_from_dict

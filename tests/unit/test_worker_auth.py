@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from kvroute.benchmarks.fleets.mock import SEEN_AUTH, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN_AUTH, fake_worker
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
 

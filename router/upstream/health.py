@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import aiohttp
 
-from kvroute.router.fleet.workers import Worker
+from kvroute.router.upstream.workers import Worker
 
 log = logging.getLogger(__name__)
 

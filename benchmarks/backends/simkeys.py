@@ -88,7 +88,7 @@ def make_tokenization(name: str, tokenizer_dir: str | None = None) -> Tokenizati
         return WordIds()
     if name == "tiny":
         if tokenizer_dir is None:
-            from kvroute.router.fleet.tinymodel import build_tiny_model
+            from kvroute.router.local.tinymodel import build_tiny_model
 
             tokenizer_dir = str(build_tiny_model())
         return TinyIds(tokenizer_dir)

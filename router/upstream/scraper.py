@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvroute.router.fleet.workers import Worker
+from kvroute.router.upstream.workers import Worker
 
 log = logging.getLogger(__name__)
 

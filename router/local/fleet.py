@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvroute.router.fleet.tinymodel import build_tiny_model, cache_root
+from kvroute.router.local.tinymodel import build_tiny_model, cache_root
 
 STARTUP_TIMEOUT_S = 420.0
 REPLAY_PORT_OFFSET = 1000  # a worker's KV-event replay endpoint: events port + this

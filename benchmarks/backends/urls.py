@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from kvroute.benchmarks.fleets.routers import RouterProcess, RouterSpec, http_ok, parse_router, router_command
+from kvroute.benchmarks.backends.routers import RouterProcess, RouterSpec, http_ok, parse_router, router_command
 from kvroute.benchmarks.results import RouterRun
 from kvroute.benchmarks.runner import drive, scrape_fleet, to_router_run, write_request_log
 from kvroute.benchmarks.workloads import TraceRecord, WorkloadSpec, iter_records
@@ -44,7 +44,7 @@ def urls_kv_events(offset: int | None) -> dict | None:
     """The ``kv_events:`` config of a fleet whose events port is HTTP port + ``offset``."""
     if offset is None:
         return None
-    from kvroute.router.fleet.local import REPLAY_PORT_OFFSET
+    from kvroute.router.local.fleet import REPLAY_PORT_OFFSET
 
     return {"port_offset": offset, "replay_port_offset": offset + REPLAY_PORT_OFFSET}
 

@@ -2,7 +2,7 @@
 
 The simulator plays the router framework's part around the policy code it imports:
 for each arrival it builds a ``RequestContext`` (block keys from ``router.prefix.
-chain_keys``), calls ``Policy.select`` on ``router.fleet.workers.Worker`` objects, then
+chain_keys``), calls ``Policy.select`` on ``router.upstream.workers.Worker`` objects, then
 ``on_dispatch``; it keeps ``in_flight_requests``/``in_flight_tokens`` as the framework
 does, copies ``vllm_running``/``vllm_waiting``/``kv_usage`` into the workers every
 ``scrape_s`` seconds as the metrics scraper would, and calls ``on_complete`` when a
@@ -36,16 +36,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvroute.benchmarks.fleets.simkeys import KeyCache
-from kvroute.benchmarks.fleets.simworker import SimRequest, SimWorker, Timing
+from kvroute.benchmarks.backends.simkeys import KeyCache
+from kvroute.benchmarks.backends.simworker import SimRequest, SimWorker, Timing
 from kvroute.benchmarks.results import RouterRun, percentile
 from kvroute.benchmarks.workloads import TraceRecord
 from kvroute.router.config import ModelConfig
-from kvroute.router.fleet.workers import Worker
 from kvroute.router.index import PrefixIndex
 from kvroute.router.kv_index import ExactIndex
 from kvroute.router.policies.base import PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
+from kvroute.router.upstream.workers import Worker
 
 ORACLE = "oracle"
 

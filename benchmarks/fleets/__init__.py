@@ -1,1 +1,0 @@
-"""Fleets a benchmark runs against: simulated (sim, simworker, simkeys) or real (local, urls)."""

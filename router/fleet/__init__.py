@@ -1,1 +1,0 @@
-"""Workers: their state, health checks, vLLM metrics scraping, discovery and local fleets."""
