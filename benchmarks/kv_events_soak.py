@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -164,11 +164,15 @@ def rss_mb() -> float:
 
 
 class Soak:
-    """The fleet, the router's index and policy, and the loop that drives them in real time."""
+    """The fleet, the router's index and policy, and the loop that drives them in real time.
 
-    def __init__(self, cfg: SoakConfig):
+    ``clock`` is the index's (its TTLs): monotonic real time, which the loop also runs on;
+    a test may pass one that it can move ahead to expire entries without waiting.
+    """
+
+    def __init__(self, cfg: SoakConfig, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
-        self.index = ExactIndex(cfg.capacity_blocks, cfg.speculative_ttl_s)
+        self.index = ExactIndex(cfg.capacity_blocks, cfg.speculative_ttl_s, clock)
         self.counts = _Counts()
         self.sims = [PublishingWorker(f"http://sim-{i}:8000", cfg.capacity_blocks, cfg.block_size)
                      for i in range(cfg.workers)]

@@ -22,6 +22,10 @@ resolved every ``interval_s`` with ``loop.getaddrinfo`` (the resolver runs in th
 executor, not on the loop); each IPv4 address is a worker. A name that does not exist
 (no ready pods behind a headless Service) yields no workers; a failed look-up keeps the
 model's previous workers.
+
+Every wait (retry backoff, the resync deadline, the DNS interval) goes through the
+``sleep`` a discovery is built with, ``asyncio.sleep`` by default; tests pass a fake
+clock's, and move time forward instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +43,7 @@ from kvroute.router.config import DiscoveryConfig
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[list["DiscoveredWorker"]], None]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -90,16 +95,17 @@ class _Publisher:
 
 
 class _Backoff:
-    def __init__(self, initial_s: float, max_s: float) -> None:
+    def __init__(self, initial_s: float, max_s: float, sleep: Sleep) -> None:
         self.initial_s, self.max_s = initial_s, max_s
         self.delay_s = initial_s
+        self._sleep = sleep
 
     def reset(self) -> None:
         self.delay_s = self.initial_s
 
     async def sleep(self) -> None:
         delay, self.delay_s = self.delay_s, min(self.delay_s * 2, self.max_s)
-        await asyncio.sleep(delay)
+        await self._sleep(delay)
 
 
 # ---- dns -----------------------------------------------------------------------------
@@ -110,9 +116,11 @@ _NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NON
 
 
 class DnsDiscovery:
-    def __init__(self, cfg: DiscoveryConfig, *, lookup_timeout_s: float = 5.0) -> None:
+    def __init__(self, cfg: DiscoveryConfig, *, lookup_timeout_s: float = 5.0,
+                 sleep: Sleep = asyncio.sleep) -> None:
         self._cfg = cfg
         self._timeout_s = lookup_timeout_s
+        self._sleep = sleep
         self._targets: list[tuple[str, str, int]] = []
         for model, target in cfg.services.items():
             host, _, port = target.rpartition(":")
@@ -147,7 +155,7 @@ class DnsDiscovery:
                                     for ip in result]
             if known:  # nothing is published before some look-up has succeeded
                 publisher.publish(w for workers in known.values() for w in workers)
-            await asyncio.sleep(self._cfg.interval_s)
+            await self._sleep(self._cfg.interval_s)
 
 
 # ---- k8s -----------------------------------------------------------------------------
@@ -198,9 +206,11 @@ class K8sDiscovery:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         min_watch_s: float | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._cfg = cfg
-        self._backoff = _Backoff(backoff_initial_s, backoff_max_s)
+        self._sleep = sleep
+        self._backoff = _Backoff(backoff_initial_s, backoff_max_s, sleep)
         if min_watch_s is not None:
             self.min_watch_s = min_watch_s
 
@@ -229,15 +239,15 @@ class K8sDiscovery:
             loop = asyncio.get_running_loop()
             while True:
                 pods: dict[str, Mapping[str, Any]] = {}
-                started, deadline = loop.time(), float("inf")
+                started = loop.time()
                 try:
                     version = await self._list(core, pods)
                     publisher.publish(self._workers(pods))
                     started = loop.time()
-                    deadline = started + self._cfg.resync_s
-                    # The timeout bounds the watch even if the connection silently dies.
-                    async with asyncio.timeout_at(deadline):
-                        await self._watch(core, version, pods, publisher)
+                    # The resync deadline bounds the watch even if the connection silently dies.
+                    if await self._until_resync(self._watch(core, version, pods, publisher)):
+                        self._backoff.reset()
+                        continue
                     # Watches end routinely (server timeout, API-server restart, idle
                     # proxies); back off only when they keep ending at once.
                     if loop.time() - started < self.min_watch_s:
@@ -246,11 +256,8 @@ class K8sDiscovery:
                         self._backoff.reset()
                     log.debug("k8s discovery: watch ended; re-listing")
                 except TimeoutError:
-                    if loop.time() < deadline:  # not our resync deadline: a real timeout
-                        log.warning("k8s discovery: API request timed out; retrying")
-                        await self._backoff.sleep()
-                    else:
-                        self._backoff.reset()
+                    log.warning("k8s discovery: API request timed out; retrying")
+                    await self._backoff.sleep()
                 except WatchExpired:
                     log.info("k8s discovery: watch expired (410 Gone); re-listing")
                     if loop.time() - started < self.min_watch_s:
@@ -268,6 +275,21 @@ class K8sDiscovery:
                     await self._backoff.sleep()
         finally:
             await api.close()
+
+    async def _until_resync(self, watch: Coroutine[Any, Any, None]) -> bool:
+        """Run ``watch`` until it ends (False, or its error) or ``resync_s`` passes (True)."""
+        watching = asyncio.ensure_future(watch)
+        deadline = asyncio.ensure_future(self._sleep(self._cfg.resync_s))
+        try:
+            await asyncio.wait((watching, deadline), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            deadline.cancel()
+            await asyncio.gather(watching, deadline, return_exceptions=True)
+        if watching.cancelled():  # the deadline came first
+            return True
+        watching.result()  # the watch's own error, if it had one
+        return False
 
     def _workers(self, pods: Mapping[str, Mapping[str, Any]]) -> list[DiscoveredWorker]:
         return [w for pod in pods.values() if (w := pod_worker(pod, self._cfg)) is not None]

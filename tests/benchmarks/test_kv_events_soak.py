@@ -11,13 +11,13 @@ and equal what the events describe; speculative entries must expire. Then the re
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import msgspec
 
 from kvroute.benchmarks.kv_events_soak import PublishingWorker, Soak, SoakConfig, main, write_outputs
+from tests.clock import SkewedMonotonic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +64,8 @@ def watch(soak: Soak) -> Watched:
 def test_short_soak_reports_what_happened_and_stays_bounded_and_exact(tmp_path) -> None:
     duration = 3.0
     cfg = SoakConfig(workers=4, capacity_blocks=256, rate=80, lost_share=0.1, speculative_ttl_s=0.3, sample_s=0.5)
-    soak = Soak(cfg)
+    clock = SkewedMonotonic()  # real time for the run; skipped ahead after it, for the TTLs
+    soak = Soak(cfg, clock)
     seen = watch(soak)
     soak.run(duration, progress=False)
     summary, samples = soak.summary(duration), soak.samples
@@ -112,14 +113,14 @@ def test_short_soak_reports_what_happened_and_stays_bounded_and_exact(tmp_path) 
 
     # Speculative entries of finished (or lost) requests expire after the TTL; those of
     # requests still in flight stay until they finish, and then expire too.
-    time.sleep(cfg.speculative_ttl_s + 0.05)
+    clock.advance(cfg.speculative_ttl_s + 0.05)
     for w in soak.workers:
         confirmed = ix.confirmed_blocks(w.url)
         in_flight = {k for fw, ctx, _ in soak.flights.values() if fw is w for k in ctx.block_keys} - confirmed
         assert ix.blocks_of(w.url) - len(confirmed) <= len(in_flight), w.url
     for w, ctx, _ in soak.flights.values():
         soak.policy.on_complete(w, ctx, True)
-    time.sleep(cfg.speculative_ttl_s + 0.05)
+    clock.advance(cfg.speculative_ttl_s + 0.05)
     for w in soak.workers:
         assert ix.blocks_of(w.url) == len(ix.confirmed_blocks(w.url)), w.url
     confirmed = [ix.confirmed_blocks(w.url) for w in soak.workers]

@@ -12,7 +12,7 @@ from kvroute.benchmarks.backends.mock import SEEN, SEEN_HEADERS
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.governance.store import MemoryStore
-from tests.clock import FakeClock
+from tests.clock import FakeClock, until
 from tests.governance.conftest import ADMIN, KEY_A, KEY_B, TENANTS, bearer, make_client, router_cfg, worker_url
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
@@ -35,15 +35,6 @@ async def settled(client) -> None:
 
 def events(text: str) -> list[str]:
     return [e for e in text.split("\n\n") if e]
-
-
-async def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    """For what only the network decides (a server noticing a client left)."""
-    for _ in range(int(timeout_s / 0.01)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 async def test_keys_tenants_and_spend_visibility(aiohttp_client, upstream, clock):
@@ -155,7 +146,7 @@ async def test_a_client_that_leaves_mid_stream_is_charged_for_what_was_generated
         state = next((s for k, s in store._states.items() if k.startswith("day:")), None)
         return state is not None and state.used_t > 0
 
-    await wait_until(settled_state)
+    await until(settled_state)  # only the network decides when the router sees the client leave
     state = next(s for k, s in store._states.items() if k.startswith("day:"))
     assert state.res_t == 0 and not state.reservations
     generated = state.used_t - prompt

@@ -10,6 +10,10 @@ Helm chart grants (rendered with the real helm binary, see tests/helm/test_chart
 
 Pods that "change silently" (no watch event) model missed events; only a re-LIST finds
 them, which is how the tests tell a resync from a watch update.
+
+Timers (the resync deadline, retry backoff, the DNS interval) run on a ``ManualClock``
+where a test is about them: the test advances it instead of waiting. Elsewhere the real
+sleep stays, with backoff kept short by ``fast``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from kvroute.router.upstream.discovery import (
     make_discovery,
     pod_worker,
 )
+from tests.clock import ManualClock, until
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kvroute"
@@ -141,11 +146,7 @@ class FakeKubeAPI:
 
     async def watching(self, timeout: float = 5.0) -> None:
         """Wait until a watch is open (events sent before that are replayed, drops are not)."""
-        async def wait() -> None:
-            while not self.watch_queues:
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(wait(), timeout)
+        await until(lambda: self.watch_queues, timeout)
 
     def end_watches(self) -> None:
         """The server closes every open watch cleanly (as on its timeout)."""
@@ -316,8 +317,10 @@ class running:
             await asyncio.wait_for(self.task, 5)
 
 
-def fast(cfg: DiscoveryConfig) -> K8sDiscovery:
-    return K8sDiscovery(cfg, backoff_initial_s=0.02, backoff_max_s=0.1, min_watch_s=0.0)
+def fast(cfg: DiscoveryConfig, clock: ManualClock | None = None) -> K8sDiscovery:
+    """Short backoff; every wait (backoff, resync) on ``clock`` when one is given, else real."""
+    return K8sDiscovery(cfg, backoff_initial_s=0.02, backoff_max_s=0.1, min_watch_s=0.0,
+                        sleep=clock.sleep if clock is not None else asyncio.sleep)
 
 
 # ---- pure ----------------------------------------------------------------------------
@@ -417,11 +420,15 @@ async def test_forbidden_retries_until_allowed(kube, caplog) -> None:
     kube.put(make_pod("a", "10.0.0.1"))
     kube.forbidden = True
     rec = Recorder()
-    async with running(fast(k8s_cfg(kube.kubeconfig)), rec):
-        while kube.lists == 0 and len(kube.requests) < 3:
-            await asyncio.sleep(0.01)
+    clock = ManualClock()
+    async with running(fast(k8s_cfg(kube.kubeconfig), clock), rec):
+        for _ in range(2):  # refused: it backs off (on the clock) and asks again
+            await clock.fire()
+        await clock.sleeping()  # refused a third time
+        assert len(kube.requests) == 3 and kube.lists == 0
         assert rec.calls == []  # nothing known yet: no (empty) set is published
         kube.forbidden = False
+        await clock.fire()
         await rec.until(lambda u: u == {url("10.0.0.1")})
     assert "needs get/list/watch on pods" in caplog.text
 
@@ -441,21 +448,27 @@ async def test_watch_410_gone_relists(kube) -> None:
 async def test_periodic_resync_without_events(kube) -> None:
     kube.put(make_pod("a", "10.0.0.1"))
     rec = Recorder()
-    async with running(fast(k8s_cfg(kube.kubeconfig, resync_s=0.2)), rec):
+    clock = ManualClock()
+    async with running(fast(k8s_cfg(kube.kubeconfig, resync_s=30.0), clock), rec):
         await rec.until(lambda u: u == {url("10.0.0.1")})
         kube.put(make_pod("b", "10.0.0.2"), event=False)
-        await rec.until(lambda u: u == {url("10.0.0.1"), url("10.0.0.2")}, timeout=3)
-        lists = kube.lists
-        while kube.lists < lists + 2:  # two more resyncs that change nothing...
-            await asyncio.sleep(0.05)
+        assert await clock.fire() == 30.0  # the resync deadline, with the watch still open
+        await rec.until(lambda u: u == {url("10.0.0.1"), url("10.0.0.2")})
+        assert kube.lists == 2
+        for _ in range(2):  # two more resyncs that change nothing...
+            assert await clock.fire() == 30.0
+        await until(lambda: kube.lists == 4)
     assert len(rec.calls) == 2  # ...call on_change no more: only real changes are published
 
 
 async def test_api_unreachable_retries_and_cancels(tmp_path) -> None:
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")  # discard port
     rec = Recorder()
-    async with running(fast(k8s_cfg(kubeconfig)), rec) as task:
-        await asyncio.sleep(0.3)
+    clock = ManualClock()
+    async with running(fast(k8s_cfg(kubeconfig), clock), rec) as task:
+        for _ in range(4):  # each failed try backs off on the clock, then tries again
+            await clock.fire()
+        await clock.sleeping()
         assert not task.done()  # keeps retrying instead of dying
     assert rec.calls == []
 
@@ -545,8 +558,7 @@ async def test_chart_role_and_selector_are_all_discovery_needs(kube, rendered) -
         await rec.until(lambda u: len(u) == 2)
         await kube.watching()
         kube.end_watches()  # force a second LIST + WATCH so both verbs are exercised again
-        while kube.watches < 2:
-            await asyncio.sleep(0.02)
+        await until(lambda: kube.watches >= 2)
     assert {(w.model, w.tier) for w in rec.calls[-1]} == {("auto", "small"), ("auto", "large")}
 
     assert kube.requests, "discovery made no requests"
@@ -566,9 +578,12 @@ async def test_chart_role_and_selector_are_all_discovery_needs(kube, rendered) -
 async def test_dns_resolves_localhost() -> None:
     cfg = DiscoveryConfig(source="dns", services={"tiny": "localhost:8123"}, interval_s=0.05)
     rec = Recorder()
-    async with running(DnsDiscovery(cfg), rec):
+    clock = ManualClock()
+    async with running(DnsDiscovery(cfg, sleep=clock.sleep), rec):
         await rec.until(lambda u: bool(u))
-        await asyncio.sleep(0.15)  # a few more rounds with the same answer
+        for _ in range(3):  # a few more rounds with the same answer
+            assert await clock.fire() == 0.05
+        await clock.sleeping()  # the last of them has finished
     assert rec.calls == [[DiscoveredWorker("http://127.0.0.1:8123", "tiny", None)]]
 
 
@@ -587,7 +602,11 @@ async def test_dns_failures_keep_workers_and_missing_names_drop_them() -> None:
     cfg = DiscoveryConfig(source="dns", services={"m": "svc.ns.svc.cluster.local:8000"},
                           interval_s=0.01)
     rec = Recorder()
-    async with running(Scripted(cfg), rec):
+    clock = ManualClock()
+    async with running(Scripted(cfg, sleep=clock.sleep), rec):
+        await rec.until(lambda u: len(u) == 2)
+        await clock.fire()  # the EAI_AGAIN round
+        await clock.fire()  # the EAI_NONAME round
         await rec.until(lambda u: u == set())
     assert [sorted(w.url for w in call) for call in rec.calls] == [
         [url("10.0.0.1"), url("10.0.0.2")],  # EAI_AGAIN kept these; no call in between

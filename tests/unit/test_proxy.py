@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 
 import orjson
@@ -12,6 +11,7 @@ from kvroute.benchmarks.backends.mock import SEEN, fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
+from tests.clock import until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 
@@ -147,10 +147,11 @@ async def test_models_health_and_metrics(client):
 
 async def test_no_healthy_worker_is_503_and_models_hides_it(aiohttp_client):
     client = await aiohttp_client(create_app(router_config(["http://127.0.0.1:1"])))
-    for _ in range(100):  # the first health check runs at start-up
-        if (await (await client.get("/health")).json())["status"] == "degraded":
-            break
-        await asyncio.sleep(0.02)
+
+    async def degraded() -> bool:
+        return (await (await client.get("/health")).json())["status"] == "degraded"
+
+    await until(degraded)  # the first health check runs at start-up, not on the (60 s) timer
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 503
     assert_openai_error(await resp.json(), "no_healthy_worker")

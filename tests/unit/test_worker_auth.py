@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from kvroute.benchmarks.backends.mock import SEEN_AUTH, fake_worker
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
+from tests.clock import until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 KEY = "sk-worker-secret-123"
@@ -40,8 +39,10 @@ async def test_the_key_from_an_env_variable_is_sent_on_requests_probes_and_scrap
         resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
         assert resp.status == 200, await resp.text()
         await resp.read()
-    await asyncio.sleep(0.2)  # a few health probes and metric scrapes
     seen = locked_worker.app[SEEN_AUTH]
+    # The first scrape runs before serving and the first health probe at start-up: neither
+    # waits for its interval, only for the loop task and the worker to answer.
+    await until(lambda: {"/health", "/metrics"} <= {path for path, _ in seen})
     paths = {path for path, _ in seen}
     assert {"/v1/chat/completions", "/health", "/metrics"} <= paths
     assert all(auth == f"Bearer {KEY}" for _, auth in seen)
