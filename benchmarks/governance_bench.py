@@ -9,6 +9,14 @@ not throughput. Redis is the one at ``--redis-url``, or a ``redis-server`` this 
 starts on a free port and stops again.
 
     python -m kvroute.benchmarks.governance_bench --requests 2000 --out results/governance
+
+``--faults`` measures store faults instead (docs/reliability.md): admission latency with
+Redis healthy and then paused (SIGSTOP, so connections hang rather than fail), under
+``on_store_error.budgets`` ``fail_closed`` and ``fail_open``, with ``--concurrency``
+requests in flight, and how long after SIGCONT requests are served normally again. It
+always starts its own redis-server (it must be able to pause it).
+
+    python -m kvroute.benchmarks.governance_bench --faults --requests 2000 --out results/governance
 """
 
 from __future__ import annotations
@@ -16,18 +24,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import orjson
 
 from kvroute.benchmarks.results import percentile
 from kvroute.router.config import config_from_dict
+from kvroute.router.errors import GovernanceUnavailable
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.requests import CHAT, parse_request
@@ -45,48 +57,91 @@ def _word(i: int) -> str:
     return "".join(chr(97 + (i // 26 ** k) % 26) for k in range(3))
 
 
-def _start_redis() -> tuple[subprocess.Popen, str, tempfile.TemporaryDirectory]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not found: install it or pass --redis-url")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    folder = tempfile.TemporaryDirectory()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", folder.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0", folder
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, that can be paused (SIGSTOP: clients
+    connect and send, and nothing answers) and resumed. Also used by tests/governance."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server not found: install it or pass --redis-url")
+        self._folder = tempfile.TemporaryDirectory()
+        for _ in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            self.proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--dir", self._folder.name],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if self._answers(port):
+                self.url = f"redis://127.0.0.1:{port}/0"
+                return
+            self.proc.kill()  # the port was taken between choosing and binding: try another
+            self.proc.wait(10)
+        self._folder.cleanup()
+        raise SystemExit("could not start redis-server")
+
+    def _answers(self, port: int) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()  # a stopped process does not act on SIGTERM until continued
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._folder.cleanup()
 
 
-async def run(store: str, redis_url: str | None, n: int) -> dict:
+def _governor(redis_url: str | None, on_store_error: dict | None = None):
     governance: dict = {"tenants": [{"name": "acme", "keys": ["sk-bench"]}], "budgets": BUDGETS}
     if redis_url:
         governance["redis"] = {"url": redis_url, "prefix": f"bench:{time.time_ns()}"}
+    if on_store_error:
+        governance["on_store_error"] = on_store_error
     cfg = config_from_dict({"models": [{"name": "tiny", "workers": ["http://127.0.0.1:1"],
                                         "price": {"input_per_m": 0.5, "output_per_m": 1.5}}],
                             "governance": governance})
     served = ModelRoutes(cfg).get("tiny")
-    route = served.tiers[0]
-    gov = Governor(cfg.governance, RouterMetrics())
+    return Governor(cfg.governance, RouterMetrics()), served, served.tiers[0]
+
+
+async def _request(route, i: int):
+    body = {"model": "tiny", "max_tokens": 200,
+            "messages": [{"role": "user", "content": f"what does report {_word(i)} say?"}]}
+    headers = {"x-kvroute-agent": f"agent-{i % 8}", "x-kvroute-feature": "search",
+               "x-kvroute-session": f"s-{i // 10}"}
+    req = parse_request(CHAT, orjson.dumps(body), headers)
+    return req, await route.context(req)
+
+
+def _done(ctx) -> SimpleNamespace:
+    usage = {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": 120}
+    return SimpleNamespace(usage=usage, client_started=True, status="ok", worker=None)
+
+
+async def run(store: str, redis_url: str | None, n: int) -> dict:
+    gov, served, route = _governor(redis_url)
     admit_s, settle_s = [], []
     for i in range(n + 100):  # the first 100 warm up connections and caches
-        body = {"model": "tiny", "max_tokens": 200,
-                "messages": [{"role": "user", "content": f"what does report {_word(i)} say?"}]}
-        headers = {"x-kvroute-agent": f"agent-{i % 8}", "x-kvroute-feature": "search",
-                   "x-kvroute-session": f"s-{i // 10}"}
-        req = parse_request(CHAT, orjson.dumps(body), headers)
-        ctx = await route.context(req)
+        req, ctx = await _request(route, i)
         t0 = time.perf_counter()
         grant = await gov.admit(req, served, route, ctx, authorization="Bearer sk-bench")
         t1 = time.perf_counter()
-        usage = {"prompt_tokens": ctx.prompt_tokens, "completion_tokens": 120}
-        gov.finish(grant, SimpleNamespace(usage=usage, client_started=True, status="ok", worker=None))
+        gov.finish(grant, _done(ctx))
         await gov.drain()
         t2 = time.perf_counter()
         if i >= 100:
@@ -99,6 +154,94 @@ async def run(store: str, redis_url: str | None, n: int) -> dict:
             "admit_p50_ms": ms(admit_s, 50), "admit_p99_ms": ms(admit_s, 99),
             "settle_p50_ms": ms(settle_s, 50), "settle_p99_ms": ms(settle_s, 99),
             "total_p50_ms": ms(total, 50), "total_p99_ms": ms(total, 99)}
+
+
+async def run_faults(server: RedisServer, budgets: str, n: int, concurrency: int, pause_s: float) -> list[dict]:
+    """Admission latency with Redis healthy, then paused, under one on_store_error.budgets
+    setting. Redis stays paused for ``pause_s`` in all, with a request every millisecond
+    after the measured ones (traffic keeps the probes going, as in production); then the
+    time from SIGCONT until a request is served normally again, and the reservations of
+    reserves that timed out but ran after SIGCONT, taken back."""
+    gov, served, route = _governor(server.url, {"budgets": budgets, "kill_switch": "fail_closed"})
+    counter = iter(range(10**9))
+
+    async def one() -> Any:
+        req, ctx = await _request(route, next(counter))
+        try:
+            grant = await gov.admit(req, served, route, ctx, authorization="Bearer sk-bench")
+        except GovernanceUnavailable:
+            return None
+        gov.finish(grant, _done(ctx))
+        return grant
+
+    async def phase(count: int) -> tuple[list[float], int, int]:
+        lat: list[float] = []
+        refused = unreserved = 0
+
+        async def client() -> None:
+            nonlocal refused, unreserved
+            while len(lat) < count:
+                t0 = time.perf_counter()
+                grant = await one()
+                lat.append(time.perf_counter() - t0)
+                refused += grant is None
+                unreserved += grant is not None and grant.reserved.unreserved
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await gov.drain()
+        return lat, refused, unreserved
+
+    await phase(100)  # warm up connections and scripts
+    rows, resumed = [], 0.0
+    for state in ("healthy", "paused"):
+        if state == "paused":
+            server.pause()
+            paused = time.perf_counter()
+        try:
+            lat, refused, unreserved = await phase(n)
+            while state == "paused" and time.perf_counter() - paused < pause_s:
+                await one()
+                await asyncio.sleep(0.001)
+        finally:
+            if state == "paused":
+                server.resume()
+                resumed = time.perf_counter()
+        rows.append({"budgets": budgets, "redis": state, "requests": len(lat), "concurrency": concurrency,
+                     "admit_p50_ms": _ms(lat, 50), "admit_p99_ms": _ms(lat, 99), "admit_max_ms": _ms(lat, 100),
+                     "over_100ms": sum(x > 0.1 for x in lat), "refused_503": refused,
+                     "admitted_unreserved": unreserved})
+    # Recovery: a request a millisecond; the first one served with a reservation again ends it.
+    back = None
+    while time.perf_counter() - resumed < 30:
+        grant = await one()
+        if grant is not None and not grant.reserved.unreserved:
+            back = round(time.perf_counter() - resumed, 3)
+            break
+        await asyncio.sleep(0.001)
+    await gov.drain()
+    rows[-1]["recovered_after_s"] = back
+    rows[-1]["released"] = await gov.release_orphans()  # the production background loop does this
+    store: Any = gov.store  # a RedisStore: count what is still reserved once every grant is settled
+    rows[-1]["reservations_left"] = sum([await store.r.zcard(k) async for k in store.r.scan_iter(f"{store.p}:z:*")])
+    await gov.close()
+    return rows
+
+
+def _ms(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile in ms (q=100: the maximum)."""
+    return round((percentile(xs, q) or 0.0) * 1000, 3)
+
+
+def faults_table(rows: list[dict]) -> str:
+    lines = ["| on_store_error.budgets | Redis | admit p50 (ms) | admit p99 | admit max | admissions over 100 ms | "
+             "refused (503) | admitted unreserved | served normally again after SIGCONT | "
+             "timed-out reservations taken back | reservations left |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        back = "" if r["redis"] == "healthy" else f"{r['recovered_after_s']} s"
+        lines.append(f"| {r['budgets']} | {r['redis']} | {r['admit_p50_ms']} | {r['admit_p99_ms']} | "
+                     f"{r['admit_max_ms']} | {r['over_100ms']} | {r['refused_503']} | {r['admitted_unreserved']} | "
+                     f"{back} | {r.get('released', '')} | {r.get('reservations_left', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict]) -> str:
@@ -116,25 +259,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", help="use this Redis instead of starting redis-server")
     p.add_argument("--no-redis", action="store_true", help="measure the in-memory store only")
     p.add_argument("--out", default="results/governance")
+    p.add_argument("--faults", action="store_true", help="measure admission with Redis healthy and paused")
+    p.add_argument("--concurrency", type=int, default=8, help="--faults: requests in flight")
+    p.add_argument("--pause-s", type=float, default=3.0, help="--faults: how long Redis stays paused")
     args = p.parse_args(argv)
+    if args.faults:
+        return _main_faults(args)
     rows = [asyncio.run(run("memory", None, args.requests))]
     if not args.no_redis:
-        proc = folder = None
+        server = None
         url = args.redis_url
         if url is None:
-            proc, url, folder = _start_redis()
+            server = RedisServer()
+            url = server.url
         try:
             rows.append(asyncio.run(run("redis (loopback)", url, args.requests)))
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
-                folder.cleanup()
+            if server is not None:
+                server.stop()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "governance_bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "governance_bench.md").write_text(table(rows))
     print(table(rows), end="")
+    return 0
+
+
+def _main_faults(args: argparse.Namespace) -> int:
+    if args.redis_url or args.no_redis:
+        raise SystemExit("--faults starts its own redis-server (it pauses it): drop --redis-url / --no-redis")
+    server = RedisServer()
+    try:
+        rows = [r for mode in ("fail_closed", "fail_open")
+                for r in asyncio.run(run_faults(server, mode, args.requests, args.concurrency, args.pause_s))]
+    finally:
+        server.stop()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "governance_faults.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "governance_faults.md").write_text(faults_table(rows))
+    print(faults_table(rows), end="")
     return 0
 
 

@@ -13,12 +13,13 @@ import aiohttp
 from aiohttp import web
 
 from kvroute.router import keys
+from kvroute.router.admission import Admission
 from kvroute.router.config import RouterConfig
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
-from kvroute.router.routes import ModelRoutes
+from kvroute.router.routes import ModelRoute, ModelRoutes
 from kvroute.router.upstream.health import HealthChecker
 from kvroute.router.upstream.scraper import scrape_loop, scrape_once
 
@@ -33,13 +34,21 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     if cfg.governance is not None:
         app[keys.GOVERNOR] = Governor(cfg.governance, app[keys.METRICS], clock)
     app[keys.EXECUTOR] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-tok")
-    routes = ModelRoutes(cfg, app[keys.EXECUTOR], app[keys.METRICS])
+    routes = ModelRoutes(cfg, app[keys.EXECUTOR], app[keys.METRICS], clock=clock)  # breakers, retries
     app[keys.ROUTES] = routes
+    admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
+    app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
+    for route in routes.by_key.values():
+        def on_members(_workers: list, route: ModelRoute = route) -> None:
+            admission.worker_freed(route)  # a worker that joined takes queued requests
+
+        route.pool.on_change(on_members)
 
     def on_worker_state(worker) -> None:
         # A worker that failed or came back may have lost its KV cache.
         routes.route_of(worker).index.drop_worker(worker.url)
         app[keys.METRICS].healthy.labels(worker.model, worker.url).set(1 if worker.healthy else 0)
+        admission.worker_freed(routes.route_of(worker))  # one back in service takes queued requests
 
     app[keys.HEALTH] = HealthChecker(on_worker_state)
     add_routes(app)

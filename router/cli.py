@@ -24,10 +24,9 @@ def _event_loop():
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from kvroute.router.app import create_app
     from kvroute.router.config import config_from_dict, load_config
+    from kvroute.router.server import run
 
     if args.config:
         cfg = load_config(args.config)
@@ -42,8 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.block_size:
             model["block_size"] = args.block_size
         cfg = config_from_dict({"models": [model], "server": {"host": args.host, "port": args.port}})
-    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, loop=_event_loop(),
-                access_log=None, print=lambda s: logging.getLogger("kvroute").info(s))
+    run(create_app(cfg), cfg.server, loop_factory=_event_loop)  # drains on SIGTERM (router/server.py)
     return 0
 
 

@@ -26,6 +26,7 @@ from kvroute.router.secrets import Local
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCOVERY_SOURCES = ("static", "dns", "k8s")
+OVERLOAD_MODES = ("reject", "queue")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,15 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
+    # Admission control (router/admission.py). The defaults change nothing below real
+    # overload: no bound per worker, and a router bound far above what one replica serves.
+    max_in_flight: int = 4096  # completion requests this replica serves at once
+    max_in_flight_per_worker: int | None = None  # None: no bound; else busy workers are skipped
+    overload: str = "reject"  # past a bound: reject (503 + Retry-After) or queue
+    max_queued: int = 1024  # overload queue: requests waiting at most (then 503)
+    queue_timeout_s: float = 30.0  # overload queue: the longest wait (then 503)
+    # Graceful drain on SIGTERM (router/server.py): in-flight requests get this long to finish.
+    drain_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,38 @@ class KvEventsConfig:
 
 
 @dataclass(frozen=True)
+class TimeoutsConfig:
+    """How long one upstream call of a pool may take, phase by phase (``router/proxy.py``).
+    ``server.connect_timeout_s`` and ``server.request_timeout_s`` bound them all."""
+
+    connect_s: float | None = None  # None: server.connect_timeout_s
+    # Streams only: response headers and the first SSE event, counted from the call's start.
+    # A non-streaming answer's first byte is its last, so only request_timeout_s bounds it.
+    first_byte_s: float = 60.0
+    idle_s: float = 60.0  # streams: the longest gap between two SSE events
+
+
+@dataclass(frozen=True)
+class RetriesConfig:
+    """Retries before the first byte (``router/retry.py``; the table is docs/reliability.md)."""
+
+    max_attempts: int = 3  # tries per request, the first included
+    backoff_base_s: float = 0.025  # full jitter: a retry waits uniform(0, min(max, base * 2**n))
+    backoff_max_s: float = 0.25
+    budget_ratio: float = 0.1  # retries may add this share of the pool's recent requests ...
+    min_retries_per_s: float = 1.0  # ... plus this many per second, so a quiet pool can retry
+    retry_after_max_s: float = 1.0  # a 429/503 Retry-After up to this is waited; a longer one ends the tries
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The circuit breaker of each worker (``router/upstream/breaker.py``)."""
+
+    failures: int = 5  # consecutive failures that open it
+    cooldown_s: float = 10.0  # open this long, then one probe request is let through
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model clients name; or, inside ``tiers``, one tier of it (``tier`` set)."""
 
@@ -139,6 +181,7 @@ class ModelConfig:
     mode: str = "route"  # route (classifier picks one tier) or cascade (escalate on low confidence)
     cascade: CascadeConfig | None = None  # set when mode is cascade
     api_key: str | None = field(default=None, repr=False)  # sent to workers as Authorization: Bearer
+    timeouts: TimeoutsConfig = TimeoutsConfig()
 
     @property
     def served_name(self) -> str:
@@ -163,18 +206,22 @@ class RouterConfig:
     scrape: ScrapeConfig = ScrapeConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     governance: GovernanceConfig | None = None  # None: no budgets, keys or kill switch
+    retries: RetriesConfig = RetriesConfig()
+    breaker: BreakerConfig = BreakerConfig()
 
 
 # ---- parsing (the checks themselves are router/validate.py) ----------------------------
 
-_ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance")
+_ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker")
 _POOL_KEYS = ("workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
-             "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key")
+             "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts")
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade")
 
 
 def _parse_server(raw: Any, key: str) -> ServerConfig:
-    raw = v.section(raw, ("host", "port", "max_body_bytes", "request_timeout_s", "connect_timeout_s"), key)
+    raw = v.section(raw, ("host", "port", "max_body_bytes", "request_timeout_s", "connect_timeout_s",
+                          "max_in_flight", "max_in_flight_per_worker", "overload", "max_queued",
+                          "queue_timeout_s", "drain_s"), key)
     d = ServerConfig()
     return ServerConfig(
         host=v.get(raw, "host", str, key, d.host),
@@ -182,6 +229,13 @@ def _parse_server(raw: Any, key: str) -> ServerConfig:
         max_body_bytes=v.get(raw, "max_body_bytes", int, key, d.max_body_bytes, positive=True),
         request_timeout_s=v.get(raw, "request_timeout_s", float, key, d.request_timeout_s, positive=True),
         connect_timeout_s=v.get(raw, "connect_timeout_s", float, key, d.connect_timeout_s, positive=True),
+        max_in_flight=v.get(raw, "max_in_flight", int, key, d.max_in_flight, positive=True),
+        max_in_flight_per_worker=v.get(raw, "max_in_flight_per_worker", int, key, d.max_in_flight_per_worker,
+                                       positive=True),
+        overload=v.get(raw, "overload", str, key, d.overload, choices=OVERLOAD_MODES),
+        max_queued=v.get(raw, "max_queued", int, key, d.max_queued, positive=True),
+        queue_timeout_s=v.get(raw, "queue_timeout_s", float, key, d.queue_timeout_s, positive=True),
+        drain_s=v.get(raw, "drain_s", float, key, d.drain_s, positive=True),
     )
 
 
@@ -213,6 +267,57 @@ def _parse_kv_events(raw: Any, key: str) -> KvEventsConfig:
         topic=v.get(raw, "topic", str, key, d.topic),
         speculative_ttl_s=v.get(raw, "speculative_ttl_s", float, key, d.speculative_ttl_s, positive=True),
     )
+
+
+def _parse_timeouts(raw: Any, key: str) -> TimeoutsConfig:
+    raw = v.section(raw, ("connect_s", "first_byte_s", "idle_s"), key)
+    d = TimeoutsConfig()
+    return TimeoutsConfig(
+        connect_s=v.get(raw, "connect_s", float, key, d.connect_s, positive=True),
+        first_byte_s=v.get(raw, "first_byte_s", float, key, d.first_byte_s, positive=True),
+        idle_s=v.get(raw, "idle_s", float, key, d.idle_s, positive=True),
+    )
+
+
+def _check_timeouts(models_raw: list[Any], models: tuple[ModelConfig, ...], server: ServerConfig) -> None:
+    """A pool's timeouts live inside the server's overall bounds: one set above its bound
+    could never fire, and is an error. A default above it simply yields to the bound."""
+    bounds = {"connect_s": ("server.connect_timeout_s", server.connect_timeout_s),
+              "first_byte_s": ("server.request_timeout_s", server.request_timeout_s),
+              "idle_s": ("server.request_timeout_s", server.request_timeout_s)}
+    for i, (raw, m) in enumerate(zip(models_raw, models)):
+        for j, (pool_raw, pool) in enumerate(zip(raw.get("tiers") or [raw], m.pools)):
+            where = f"models[{i}].tiers[{j}].timeouts" if m.tiers else f"models[{i}].timeouts"
+            for name in pool_raw.get("timeouts") or {}:
+                value = getattr(pool.timeouts, name)
+                bound_key, bound = bounds[name]
+                if value is not None and value > bound:
+                    raise ConfigError(f"{where}.{name}", f"{value:g} is above {bound_key} ({bound:g}), "
+                                                         "the overall bound; raise that too")
+
+
+def _parse_retries(raw: Any, key: str) -> RetriesConfig:
+    raw = v.section(raw, ("max_attempts", "backoff_base_s", "backoff_max_s", "budget_ratio", "min_retries_per_s",
+                          "retry_after_max_s"), key)
+    d = RetriesConfig()
+    cfg = RetriesConfig(
+        max_attempts=v.get(raw, "max_attempts", int, key, d.max_attempts, positive=True),
+        backoff_base_s=v.get(raw, "backoff_base_s", float, key, d.backoff_base_s, non_negative=True),
+        backoff_max_s=v.get(raw, "backoff_max_s", float, key, d.backoff_max_s, non_negative=True),
+        budget_ratio=v.get(raw, "budget_ratio", float, key, d.budget_ratio, non_negative=True),
+        min_retries_per_s=v.get(raw, "min_retries_per_s", float, key, d.min_retries_per_s, non_negative=True),
+        retry_after_max_s=v.get(raw, "retry_after_max_s", float, key, d.retry_after_max_s, non_negative=True),
+    )
+    if cfg.backoff_max_s < cfg.backoff_base_s:
+        raise ConfigError(f"{key}.backoff_max_s", f"must be at least backoff_base_s ({cfg.backoff_base_s:g})")
+    return cfg
+
+
+def _parse_breaker(raw: Any, key: str) -> BreakerConfig:
+    raw = v.section(raw, ("failures", "cooldown_s"), key)
+    d = BreakerConfig()
+    return BreakerConfig(failures=v.get(raw, "failures", int, key, d.failures, positive=True),
+                         cooldown_s=v.get(raw, "cooldown_s", float, key, d.cooldown_s, positive=True))
 
 
 def _parse_price(raw: Any, key: str) -> Price:
@@ -355,6 +460,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
         api_key=api_key,
         kv_events=kv_events,
         price=_parse_price(raw.get("price"), f"{key}.price"),
+        timeouts=_parse_timeouts(raw.get("timeouts"), f"{key}.timeouts"),
         workers=workers,
         tokenizer=tokenizer,
         block_size=v.get(raw, "block_size", int, key, d.block_size, positive=True),
@@ -411,9 +517,11 @@ def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
                 if not pool.workers:
                     where = f"models[{i}].tiers[{j}].workers" if m.tiers else f"models[{i}].workers"
                     raise ConfigError(where, "required with discovery.source static")
+    _check_timeouts(models_raw, models, server)
     governance = parse_governance(raw["governance"], local=local) if "governance" in raw else None
     return RouterConfig(models=models, server=server, health=health, scrape=scrape, discovery=discovery,
-                        governance=governance)
+                        governance=governance, retries=_parse_retries(raw.get("retries"), "retries"),
+                        breaker=_parse_breaker(raw.get("breaker"), "breaker"))
 
 
 def load_config(path: str | Path, *, local: Local = Local()) -> RouterConfig:

@@ -13,19 +13,29 @@ errors carry the status and the OpenAI error fields, and one middleware turns th
     │   ├── NotFound                404 unknown route
     │   ├── ModelNotFound           404 unknown model
     │   ├── PayloadTooLarge         413 body over the configured limit
+    │   ├── UnsupportedEncoding     415 a Content-Encoding the router cannot decode
+    │   ├── HeadersTooLarge         431 a header line over the limit, or too many headers
     │   └── BudgetExceeded          429 a hard budget is spent (names it and its reset time)
     │       └── LoopDetected        429 the session repeats itself and was halted
     └── ServiceError (5xx)
         ├── NoHealthyWorker         503 model configured but no worker can serve it
         ├── AgentHalted             503 a kill switch covers this request (code agent_halted)
         ├── GovernanceUnavailable   503 the budget store (Redis) cannot be reached
-        └── UpstreamError           a worker failed
-            ├── UpstreamConnectError    502 connect/transport failure (retryable before first byte)
-            ├── UpstreamTimeout         504
+        │   └── StoreUnavailable    a store call failed, or was skipped while the store is down
+        ├── Overloaded              503 past server.max_in_flight(_per_worker), queue full or timed out
+        ├── ShuttingDown            503 the router is draining (SIGTERM); retry on another replica
+        └── UpstreamError           502 a worker failed (e.g. a malformed or oversized answer)
+            ├── UpstreamConnectError    502 no connection could be made
+            │   └── UpstreamConnectionLost   the connection broke before the answer began
+            ├── UpstreamTimeout         504 server.request_timeout_s spent
+            │   ├── UpstreamConnectTimeout   connecting took over timeouts.connect_s
+            │   ├── UpstreamFirstByteTimeout no first byte within timeouts.first_byte_s
+            │   └── UpstreamIdleTimeout      a stream stalled for timeouts.idle_s
             └── UpstreamStatusError     worker answered with an error status (passed through)
 
 ``aiohttp.ClientError`` is translated into ``UpstreamError`` at one boundary:
-``router.proxy.map_client_errors``.
+``router.proxy.map_client_errors``. Whether a failed upstream call is retried, and whether
+it counts against the worker's circuit breaker, is one table: ``router.retry.RULES``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ class KvrouteError(Exception):
     type: str = "server_error"
     code: str | None = None
     headers: dict[str, str] | None = None  # extra response headers, e.g. Retry-After
+    close_connection: bool = False  # answer with Connection: close (the client should reconnect)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -102,6 +113,16 @@ class PayloadTooLarge(RequestError):
     code = "payload_too_large"
 
 
+class UnsupportedEncoding(RequestError):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
+class HeadersTooLarge(RequestError):
+    status = 431
+    code = "headers_too_large"
+
+
 class BudgetExceeded(RequestError):
     """A hard budget would be exceeded; ``param`` names the budget."""
 
@@ -140,17 +161,53 @@ class GovernanceUnavailable(ServiceError):
     code = "governance_unavailable"
 
 
+class StoreUnavailable(GovernanceUnavailable):
+    """A governance store call failed, or was not tried because the store is known to be
+    down (``router/governance/guard.py``). ``op`` names the call; ``sent``: the command may
+    have reached the store (and may still run there once it answers again)."""
+
+    def __init__(self, op: str, *, sent: bool):
+        super().__init__("Cost governance is unavailable; retry later.")
+        self.op = op
+        self.sent = sent
+
+
+class Overloaded(ServiceError):
+    """Admission control refused the request (``router/admission.py``); ``param`` names the
+    bound. Retry-After asks the client to come back shortly, here or on another replica."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int = 1):
+        super().__init__(message, param=param)
+        self.headers = {"retry-after": str(retry_after_s)}
+
+
+class ShuttingDown(ServiceError):
+    """The router is draining: in-flight requests finish, new ones go elsewhere."""
+
+    status = 503
+    code = "shutting_down"
+    # A keep-alive client reconnects (through the Service, to another replica) instead of
+    # sending its retry down the same connection to this one again.
+    close_connection = True
+
+    def __init__(self, message: str = "The router is shutting down; retry the request.", *,
+                 retry_after_s: int = 1):
+        super().__init__(message)
+        self.headers = {"retry-after": str(retry_after_s)}
+
+
 class UpstreamError(ServiceError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
-    retryable = False
 
 
 class UpstreamConnectError(UpstreamError):
     status = 502
     code = "upstream_unavailable"
-    retryable = True
 
 
 class UpstreamConnectionLost(UpstreamConnectError):
@@ -164,11 +221,27 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """No connection within the pool's ``timeouts.connect_s``: most often a host that is gone
+    without a reset (a deleted pod's IP)."""
+
+
+class UpstreamFirstByteTimeout(UpstreamTimeout):
+    """A stream's headers or first SSE event did not come within ``timeouts.first_byte_s``."""
+
+
+class UpstreamIdleTimeout(UpstreamTimeout):
+    """A stream went ``timeouts.idle_s`` without an SSE event."""
+
+
 class UpstreamStatusError(UpstreamError):
     """The worker answered with an error status; its body is passed through unchanged."""
 
-    def __init__(self, status: int, body: bytes, content_type: str | None):
+    def __init__(self, status: int, body: bytes, content_type: str | None, retry_after: str | None = None):
         super().__init__(f"upstream returned HTTP {status}")
         self.status = status
         self.body = body
         self.content_type = content_type or "application/json"
+        self.retry_after = retry_after  # the worker's Retry-After header, passed on to the client
+        if retry_after is not None:
+            self.headers = {"retry-after": retry_after}

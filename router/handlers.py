@@ -10,7 +10,7 @@ from aiohttp import web
 from kvroute.router import cascade, keys, pipeline
 from kvroute.router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
 from kvroute.router.governance.api import add_governance_routes
-from kvroute.router.requests import CHAT, COMPLETION, parse_request, read_body
+from kvroute.router.requests import CHAT, COMPLETION, check_headers, parse_request, read_body
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +19,18 @@ log = logging.getLogger(__name__)
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turn every failure into an OpenAI-style error body; never crash the router."""
     try:
+        check_headers(request.headers)  # the headers the router reads, before anything reads them
         return await handler(request)
     except UpstreamStatusError as exc:
         request.app[keys.METRICS].errors.labels("upstream_status").inc()
-        return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type.split(";")[0])
+        return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type.split(";")[0],
+                            headers=exc.headers)  # a worker's Retry-After reaches the client
     except KvrouteError as exc:
         request.app[keys.METRICS].errors.labels(exc.code or exc.type).inc()
-        return web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
+        resp = web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
+        if exc.close_connection:
+            resp.force_close()
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -39,6 +44,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def _completion(request: web.Request, kind: str) -> web.StreamResponse:
+    # Admitted (or 503) before the body is read: at most server.max_in_flight bodies in memory.
+    return await request.app[keys.ADMISSION].serve(request, lambda: _admitted_completion(request, kind))
+
+
+async def _admitted_completion(request: web.Request, kind: str) -> web.StreamResponse:
     cfg = request.app[keys.CONFIG]
     raw = await read_body(request, cfg.server.max_body_bytes)
     req = parse_request(kind, raw, request.headers)
@@ -84,6 +94,18 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok" if ok else "degraded", "models": models})
 
 
+async def livez(request: web.Request) -> web.Response:
+    """Kubernetes liveness: the process is up and its event loop answers (draining too)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Kubernetes readiness: 200 while serving with at least one model able to route; 503
+    while draining (SIGTERM) or when no model has a healthy worker."""
+    ready, why = request.app[keys.ADMISSION].ready(request.app[keys.ROUTES])
+    return web.json_response({"status": why}, status=200 if ready else 503)
+
+
 def _pool_health(route) -> dict:
     return {
         "tier": route.cfg.tier,
@@ -94,7 +116,7 @@ def _pool_health(route) -> dict:
         "index_entries": len(route.index),
         "workers": [
             {"url": w.url, "healthy": w.healthy, "last_error": w.last_error, "in_flight": w.in_flight_requests,
-             "index_blocks": route.index.blocks_of(w.url)}
+             "index_blocks": route.index.blocks_of(w.url), "breaker": w.breaker.state.name.lower()}
             for w in route.pool.all()
         ],
     }
@@ -122,6 +144,8 @@ def add_routes(app: web.Application) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     add_governance_routes(app, keys.GOVERNOR)  # spend and admin APIs (router/governance/api.py)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)

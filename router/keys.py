@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 from aiohttp import web
 
+from kvroute.router.admission import Admission
 from kvroute.router.config import RouterConfig
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
@@ -20,3 +21,4 @@ EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 HEALTH = web.AppKey("health", HealthChecker)
 ROUTES = web.AppKey("routes", ModelRoutes)
 GOVERNOR = web.AppKey("governor", Governor)  # absent without a governance config
+ADMISSION = web.AppKey("admission", Admission)  # in-flight bounds, the overload queue, drain

@@ -56,8 +56,29 @@ class RouterMetrics:
                                      ["worker"], registry=r)
         self.retries = Counter("kvroute_retries", "Requests retried on another worker",
                                ["model"], registry=r)
+        self.retries_refused = Counter("kvroute_retries_refused", "Retries the retry table allowed but a bound "
+                                       "refused: budget, attempts, no_worker, retry_after, deadline",
+                                       ["model", "reason"], registry=r)
+        self.breaker_state = Gauge("kvroute_worker_breaker_state", "Circuit breaker per worker: 0 closed, "
+                                   "1 half-open, 2 open", mw, registry=r)
         self.errors = Counter("kvroute_errors", "Requests answered with a kvroute error",
                               ["code"], registry=r)
+        # Admission control and drain (router/admission.py). scope: router (server.max_in_flight)
+        # or worker (server.max_in_flight_per_worker).
+        self.admitted_in_flight = Gauge("kvroute_in_flight_requests", "Completion requests admitted and "
+                                        "not yet finished", registry=r)
+        self.queued = Gauge("kvroute_queued_requests", "Requests waiting in the overload queue now",
+                            registry=r)
+        self.queued_total = Counter("kvroute_admission_queued", "Requests that waited in the overload queue",
+                                    ["scope"], registry=r)
+        self.queue_seconds = Histogram("kvroute_admission_queue_seconds", "Time requests waited in the "
+                                       "overload queue, whatever the outcome", ["scope"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.refused = Counter("kvroute_admission_refused", "Requests refused with 503: over_limit, "
+                               "workers_busy, queue_full, queue_timeout, shutting_down", ["reason"], registry=r)
+        self.draining = Gauge("kvroute_draining", "1 while the router drains before it stops", registry=r)
+        self.drain_cut = Counter("kvroute_drain_cut_requests", "In-flight requests cut at the end of "
+                                 "server.drain_s", registry=r)
         # Cost governance (router/governance). Tag labels pass an allow-list; others read "other".
         spend = ["tenant", "agent", "feature", "model"]
         self.spend_usd = Counter("kvroute_spend_usd", "Dollars spent (settled)", spend, registry=r)
@@ -70,6 +91,8 @@ class RouterMetrics:
         self.governance_actions = Counter("kvroute_governance_actions", "Governance decisions: reject, "
                                           "downgrade, throttle, kill_switch, loop_*, stream_cut, ...",
                                           ["action"], registry=r)
+        self.store_errors = Counter("kvroute_store_errors", "Governance store (Redis) calls that failed or "
+                                    "were skipped while it was down, by operation", ["op"], registry=r)
 
     def event(self, worker: str, kind: str, n: int = 1) -> None:
         self.kv_events.labels(worker, kind).inc(n)

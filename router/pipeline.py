@@ -15,6 +15,7 @@ stream meter (``proxy.StreamMeter``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from kvroute.router import keys
-from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorker, UpstreamConnectionLost, UpstreamError
+from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorker, UpstreamError
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
@@ -32,8 +33,6 @@ from kvroute.router.tiers import prompt_text
 from kvroute.router.upstream.workers import Worker
 
 log = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 2  # one retry on another worker, only before the first byte
 
 
 async def run_request(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
@@ -79,10 +78,13 @@ async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, 
     if route.cfg.tier:
         app[keys.METRICS].tier_requests.labels(served.name, route.cfg.tier).inc()
     tries: list[Dispatch] = []
+    admission = app[keys.ADMISSION]
     try:
+        await admission.wait_for_worker(route)  # overload: queue, all at server.max_in_flight_per_worker
         response = await _proxy_with_retry(request, route, ctx, req, grant, tries, dispatch_options)
         return Attempt(response, grant, tries)
     finally:
+        admission.worker_freed(route)  # its slot on the worker may go to a queued request
         if governor is not None and grant is not None:
             governor.finish(grant, tries[-1] if tries else None)  # settle to real usage, in the background
 
@@ -109,6 +111,7 @@ def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext, 
     if not candidates:
         raise NoHealthyWorker(f"No healthy worker for model '{route.cfg.name}'; retry later.",
                               param="model")
+    candidates = app[keys.ADMISSION].under_bound(route.cfg.name, candidates)  # server.max_in_flight_per_worker
     start = time.perf_counter()
     worker = route.policy.select(candidates, ctx) or candidates[0]
     app[keys.METRICS].decision.labels(route.cfg.name).observe(time.perf_counter() - start)
@@ -117,31 +120,43 @@ def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext, 
 
 async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: RequestContext, req: ParsedRequest,
                             grant: Grant | None, tries: list[Dispatch], options: dict) -> web.StreamResponse:
-    """choose worker -> proxy + account, with one retry on another worker before the first byte,
-    and one more on the same worker if its connection was lost (it is up; its cache is there)."""
+    """choose worker -> proxy + account, tried again before the first byte as the retry
+    table says (``router/retry.py``): on another worker, or once on the same worker after a
+    lost connection (it is up; its cache is there), within the pool's retry budget and the
+    request's overall deadline (``server.request_timeout_s``)."""
     app = request.app
+    metrics = app[keys.METRICS]
+    retry = route.retry
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app[keys.CONFIG].server.request_timeout_s
+    retry.on_request()
     tried: set[str] = set()
     worker: Worker | None = None
-    retried_same = False
+    lost_before = False
     while True:
         if worker is None:
             worker = choose_worker(app, route, ctx, tried)
             tried.add(worker.url)
-        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, meter=grant, **options)
+        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, meter=grant, deadline=deadline, **options)
         tries.append(dispatch)
         try:
             return await forward(request, dispatch)  # proxy + account
         except UpstreamError as exc:
-            if isinstance(exc, UpstreamConnectionLost) and not retried_same and not dispatch.client_started:
-                retried_same = True
-                app[keys.METRICS].retries.labels(route.cfg.name).inc()
-                log.warning("retrying %s request on %s after a lost connection: %s",
-                            route.cfg.name, worker.url, exc.message)
-                continue
-            if not (exc.retryable and not dispatch.client_started and len(tried) < MAX_ATTEMPTS
-                    and len(route.pool.healthy()) > 0):
+            decision = retry.decide(
+                exc, client_started=dispatch.client_started, tries=len(tries), lost_before=lost_before,
+                has_other=any(w.url not in tried for w in route.pool.healthy()),
+                remaining_s=deadline - loop.time())
+            if not decision.again:
+                if decision.refused is not None:
+                    metrics.retries_refused.labels(route.cfg.name, decision.refused).inc()
                 raise
-            app[keys.METRICS].retries.labels(route.cfg.name).inc()
-            log.warning("retrying %s request on another worker after %s: %s",
-                        route.cfg.name, worker.url, exc.message)
-            worker = None
+            metrics.retries.labels(route.cfg.name).inc()
+            log.warning("retrying %s request on %s in %.3fs after %s failed (%s): %s", route.cfg.name,
+                        "the same worker" if decision.same_worker else "another worker", decision.delay_s,
+                        worker.url, decision.rule.failure if decision.rule else "?", exc.message)
+            if decision.same_worker:
+                lost_before = True
+            else:
+                worker = None
+            if decision.delay_s > 0:
+                await retry.clock.sleep(decision.delay_s)  # backoff, or the worker's Retry-After

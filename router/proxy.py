@@ -7,12 +7,24 @@ transparently on another worker. The router always asks the worker for a final u
 chunk (``stream_options.include_usage``) and strips it again when the client did not
 ask for it.
 
-``map_client_errors`` is the one boundary where aiohttp's exceptions become kvroute's.
+Each call runs within its pool's ``timeouts``: ``connect_s`` to connect; for a stream,
+``first_byte_s`` until the response headers and the first SSE event are in, then
+``idle_s`` between events; and the request's overall deadline (``server.request_timeout_s``,
+across its retries) for all of it.
+
+``map_client_errors`` is the one boundary where aiohttp's exceptions become kvroute's
+before the first byte; ``_fail_stream`` is the one boundary after it: whatever fails once
+the client has bytes ends the stream with a final SSE error event, and is accounted. Each
+call's outcome is reported to the worker's circuit breaker (``router.retry.RULES`` says
+which outcomes count as failures).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,19 +33,28 @@ from typing import Protocol
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from kvroute.router import keys
 from kvroute.router.errors import (
     KvrouteError,
     UpstreamConnectError,
     UpstreamConnectionLost,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamFirstByteTimeout,
+    UpstreamIdleTimeout,
     UpstreamStatusError,
     UpstreamTimeout,
 )
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.requests import ParsedRequest
+from kvroute.router.retry import classify
 from kvroute.router.routes import ModelRoute
+from kvroute.router.upstream.breaker import Outcome
 from kvroute.router.upstream.workers import Worker
+
+log = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-kvroute-worker"
 TIER_HEADER = "x-kvroute-tier"
@@ -42,17 +63,38 @@ TIER_HEADER = "x-kvroute-tier"
 PREDICTED_HEADER = "x-kvroute-predicted-cached-tokens"
 
 
+# The largest SSE event relayed; a larger one ends the stream as a bad response. It bounds
+# what one stream buffers. A vLLM delta is usually a few tokens, but a tool call's
+# arguments or logprobs can make one event large: aiohttp's own line limit (512 KiB)
+# once turned a 700 KB delta into an unhandled error.
+MAX_EVENT_BYTES = 16 * 2**20
+
+# aiohttp's failures while talking to a worker (HttpProcessingError: a malformed answer)
+CLIENT_ERRORS = (TimeoutError, aiohttp.ClientError, HttpProcessingError)
+
+
+def upstream_error(exc: BaseException, worker: Worker) -> UpstreamError:
+    """One of ``CLIENT_ERRORS`` as kvroute's error (an ``UpstreamError`` as it is)."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # timeouts.connect_s
+        return UpstreamConnectTimeout(f"Worker {worker.url}: no connection in time ({what})")
+    if isinstance(exc, TimeoutError):  # aiohttp's total: the request's overall deadline
+        return UpstreamTimeout(f"Worker {worker.url} timed out (server.request_timeout_s)")
+    if isinstance(exc, aiohttp.ClientConnectorError):  # no connection could be made: down
+        return UpstreamConnectError(f"Worker {worker.url} failed: {what}")
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+        return UpstreamConnectionLost(f"Worker {worker.url} failed: {what}")
+    return UpstreamError(f"Worker {worker.url} sent a bad response: {what}")
+
+
 @contextlib.contextmanager
 def map_client_errors(worker: Worker) -> Iterator[None]:
     try:
         yield
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"Worker {worker.url} timed out") from exc
-    except aiohttp.ClientConnectorError as exc:  # no connection could be made: down
-        raise UpstreamConnectError(f"Worker {worker.url} failed: {type(exc).__name__}: {exc}") from exc
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-        raise UpstreamConnectionLost(
-            f"Worker {worker.url} failed: {type(exc).__name__}: {exc}") from exc
+    except CLIENT_ERRORS as exc:
+        raise upstream_error(exc, worker) from exc
 
 
 class StreamMeter(Protocol):
@@ -86,6 +128,9 @@ class Dispatch:
     extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. the cascade's x-kvroute-escalated
     usage_add: dict | None = None  # cascade: earlier tries' usage, added to the usage the client sees
     predicted_cached: int = 0  # prompt tokens the policy expected ``worker`` to have cached
+    deadline: float | None = None  # loop time when server.request_timeout_s is spent; None: from now
+    probe: bool = False  # this call is the worker's half-open breaker probe
+    failed: UpstreamError | None = None  # why the stream failed after its first byte
 
 
 def upstream_body(d: Dispatch) -> bytes:
@@ -100,40 +145,45 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
     if d.meter is not None:
         d.meter.check()  # e.g. the kill switch, before every upstream call
     app = request.app
-    session = app[keys.SESSION]
     policy = d.route.policy
     worker = d.worker
     predicted = d.predicted_cached = policy.predicted_cached_tokens(worker, d.ctx)
     load_tokens = max(0, d.ctx.prompt_tokens - predicted) + d.ctx.max_tokens
     policy.on_dispatch(worker, d.ctx)
+    d.probe = worker.breaker.on_dispatch()
     worker.in_flight_requests += 1
     worker.in_flight_tokens += load_tokens
     metrics = app[keys.METRICS]
     labels = (d.route.cfg.name, worker.url)
     metrics.in_flight.labels(*labels).inc()
+    outcome = Outcome.IGNORED  # for the breaker; e.g. the client left before the answer began
     try:
         with map_client_errors(worker):
-            async with session.post(
-                worker.url + d.req.path,
-                data=upstream_body(d),
-                headers={"content-type": "application/json", **_trace_headers(d.req), **worker.upstream_headers},
-            ) as resp:
+            async with contextlib.AsyncExitStack() as stack:
+                resp, first_byte_at = await _open(request, stack, d)
                 if resp.status >= 400:
                     body = await resp.read()
                     d.status = str(resp.status)
-                    raise UpstreamStatusError(resp.status, body, resp.headers.get("content-type"))
+                    raise UpstreamStatusError(resp.status, body, resp.headers.get("content-type"),
+                                              resp.headers.get("retry-after"))
                 if d.req.stream:
-                    response = await _relay_stream(request, resp, d)
+                    response = await _relay_stream(request, resp, d, first_byte_at)
                 else:
                     response = await _relay_whole(resp, d)
         if d.status == "error":  # not already cut, abandoned or failed mid-stream
             d.status = "ok"
+        if d.failed is not None:
+            outcome = _breaker_outcome(d.failed, client_started=True)
+        elif d.status == "ok":
+            outcome = Outcome.SUCCESS
         metrics.predicted_cached_tokens.labels(*labels).inc(predicted)
         return response
-    except UpstreamConnectError as exc:
+    except UpstreamError as exc:
+        outcome = _breaker_outcome(exc, client_started=d.client_started)
         # A lost connection is not ejected: ejection drops the worker's prefix-index
         # entries, and a keep-alive race once moved four agents off their histories.
-        if not d.client_started and not isinstance(exc, UpstreamConnectionLost):
+        if (isinstance(exc, UpstreamConnectError) and not d.client_started
+                and not isinstance(exc, UpstreamConnectionLost)):
             app[keys.HEALTH].eject(worker, exc.message)
         raise
     finally:
@@ -141,7 +191,50 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
         worker.in_flight_tokens -= load_tokens
         metrics.in_flight.labels(*labels).dec()
         policy.on_complete(worker, d.ctx, d.status == "ok")
+        worker.breaker.record(outcome, probe=d.probe)
         account(app, d)
+
+
+def _breaker_outcome(exc: UpstreamError, *, client_started: bool) -> Outcome:
+    rule = classify(exc, client_started=client_started)
+    return rule.breaker if rule is not None else Outcome.IGNORED
+
+
+async def _open(request: web.Request, stack: contextlib.AsyncExitStack,
+                d: Dispatch) -> tuple[aiohttp.ClientResponse, float | None]:
+    """Connect, send the request and wait for the response headers, within the pool's
+    timeouts. Returns the response and, for a stream, when its first event is due."""
+    server = request.app[keys.CONFIG].server
+    timeouts = d.route.cfg.timeouts
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    remaining = d.deadline - now if d.deadline is not None else server.request_timeout_s
+    if remaining <= 0:
+        raise UpstreamTimeout(f"Worker {d.worker.url} not tried: server.request_timeout_s is spent")
+    client_timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=timeouts.connect_s or server.connect_timeout_s)
+    first_byte_at = now + timeouts.first_byte_s if d.req.stream else None
+    timer = asyncio.timeout_at(first_byte_at)
+    try:
+        async with timer:
+            resp = await stack.enter_async_context(request.app[keys.SESSION].post(
+                d.worker.url + d.req.path,
+                data=upstream_body(d),
+                headers={"content-type": "application/json", **_trace_headers(d.req), **d.worker.upstream_headers},
+                timeout=client_timeout,
+            ))
+    except TimeoutError as exc:
+        if timer.expired():
+            raise _stalled(d, first=True) from exc
+        raise
+    return resp, first_byte_at
+
+
+def _stalled(d: Dispatch, *, first: bool) -> UpstreamTimeout:
+    t = d.route.cfg.timeouts
+    if first:
+        return UpstreamFirstByteTimeout(f"Worker {d.worker.url} sent nothing within "
+                                        f"timeouts.first_byte_s ({t.first_byte_s:g}s)")
+    return UpstreamIdleTimeout(f"Worker {d.worker.url} stalled for timeouts.idle_s ({t.idle_s:g}s)")
 
 
 async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
@@ -156,47 +249,124 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
                         headers=response_headers(d))
 
 
-async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: Dispatch) -> web.StreamResponse:
-    out: web.StreamResponse | None = None
-    event: list[bytes] = []
-    try:
-        async for line in resp.content:
-            if line not in (b"\n", b"\r\n"):
-                event.append(line)
-                continue
-            if not event:
-                continue
-            data = b"".join(event)
-            event = []
-            if not _keep_event(data, d):
-                continue
-            if d.usage_add and b'"usage"' in data:
-                data = _with_usage_added(data, d.usage_add)
-            if d.meter is not None and not d.meter.on_stream_event(data):
-                return await _cut_stream(request, out, d)
-            if out is None:
-                out = await _start_stream(request, d)
-            if d.first_token_at is None:
-                d.first_token_at = time.perf_counter()
+class _SseEvents:
+    """A worker's stream cut into SSE events: each event's lines, without the blank line
+    that ends it. Events are bounded by ``MAX_EVENT_BYTES``, not by aiohttp's line limit."""
+
+    def __init__(self, content: aiohttp.StreamReader, d: Dispatch):
+        self._content = content
+        self._d = d
+        self._buf = bytearray()
+        self._scanned = 0  # _buf holds no newline before this
+        self._lines: list[bytes] = []
+        self._size = 0  # bytes in _lines
+        self._ready: collections.deque[bytes] = collections.deque()
+        self._eof = False
+
+    async def next(self, deadline: float | None, *, first: bool) -> bytes | None:
+        """The next event, or None at the end of the stream. Raises the first-byte (or idle)
+        timeout when nothing comes by ``deadline`` (loop time)."""
+        while not self._ready:
+            if self._eof:
+                return None  # an unterminated last event is dropped, as the SSE spec says
+            timer = asyncio.timeout_at(deadline)
             try:
-                await out.write(data + b"\n")
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                d.status = "client_disconnected"
-                return out  # the client left; stop reading the worker
-    except (TimeoutError, aiohttp.ClientError) as exc:
+                async with timer:
+                    chunk = await self._content.readany()
+            except TimeoutError as exc:
+                if timer.expired():
+                    raise _stalled(self._d, first=first) from exc
+                raise
+            if chunk:
+                self._feed(chunk)
+            else:
+                self._eof = True
+        return self._ready.popleft()
+
+    def _feed(self, chunk: bytes) -> None:
+        buf = self._buf
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", self._scanned)) != -1:
+            line = bytes(buf[start:end + 1])
+            start = self._scanned = end + 1
+            if line in (b"\n", b"\r\n"):
+                if self._lines:
+                    self._ready.append(b"".join(self._lines))
+                    self._lines, self._size = [], 0
+            else:
+                self._lines.append(line)
+                self._size += len(line)
+                self._check(0)
+        del buf[:start]
+        self._scanned = len(buf)
+        self._check(len(buf))  # an event still arriving
+
+    def _check(self, pending: int) -> None:
+        if self._size + pending > MAX_EVENT_BYTES:
+            raise UpstreamError(f"Worker {self._d.worker.url} sent an SSE event over {MAX_EVENT_BYTES} bytes")
+
+
+async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: Dispatch,
+                        first_byte_at: float | None) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    idle_s = d.route.cfg.timeouts.idle_s
+    events = _SseEvents(resp.content, d)
+    out: web.StreamResponse | None = None
+    deadline, first = first_byte_at, True
+    try:
+        while (data := await events.next(deadline, first=first)) is not None:
+            first = False
+            if _keep_event(data, d):
+                if d.usage_add and b'"usage"' in data:
+                    data = _with_usage_added(data, d.usage_add)
+                if d.meter is not None and not d.meter.on_stream_event(data):
+                    return await _cut_stream(request, out, d)
+                if out is None:
+                    out = await _start_stream(request, d)
+                if d.first_token_at is None:
+                    d.first_token_at = time.perf_counter()
+                if not await _send(out, d, data + b"\n"):
+                    return out  # the client left; stop reading the worker
+            deadline = loop.time() + idle_s  # from here: the worker's gap, not a slow client's
+        if out is None:  # an empty stream: still answer well-formed SSE
+            out = await _start_stream(request, d)
+        await _send(out, d, None)
+    except Exception as exc:
         if out is None:
-            raise  # nothing sent yet: map_client_errors makes it retryable
-        # Too late to retry: end the stream with a clean, final SSE error event.
-        d.status = "upstream_error"
-        err = UpstreamConnectError(f"Worker {d.worker.url} failed mid-stream: {type(exc).__name__}")
-        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
-            await out.write(b"data: " + orjson.dumps(err.to_body()) + b"\n\n")
-            await out.write_eof()
-        return out
-    if out is None:  # an empty stream: still answer well-formed SSE
-        out = await _start_stream(request, d)
-    await out.write_eof()
+            raise  # nothing sent yet: the retry table decides (router/retry.py)
+        await _fail_stream(out, d, exc)
     return out
+
+
+async def _send(out: web.StreamResponse, d: Dispatch, data: bytes | None) -> bool:
+    """Write to the client (None: end the response); False when the client has left."""
+    try:
+        if data is None:
+            await out.write_eof()
+        else:
+            await out.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        d.status = "client_disconnected"
+        return False
+    return True
+
+
+async def _fail_stream(out: web.StreamResponse, d: Dispatch, exc: Exception) -> None:
+    """The one error boundary after the first byte: too late to retry, so whatever failed,
+    the stream ends with a clean, final SSE error event (OpenAI's error JSON)."""
+    err: KvrouteError
+    if isinstance(exc, (UpstreamError, *CLIENT_ERRORS)):
+        err = d.failed = upstream_error(exc, d.worker)
+        d.status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_error"
+        log.warning("stream from %s failed after its first byte: %s", d.worker.url, err.message)
+    else:  # the router's own fault; the worker is not blamed
+        log.error("stream from %s failed in the router", d.worker.url, exc_info=exc)
+        err = KvrouteError("Internal router error")
+        d.status = "internal_error"
+    with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+        await out.write(b"data: " + orjson.dumps(err.to_body()) + b"\n\n")
+        await out.write_eof()
 
 
 async def _cut_stream(request: web.Request, out: web.StreamResponse | None, d: Dispatch) -> web.StreamResponse:

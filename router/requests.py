@@ -14,11 +14,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kvroute.router.errors import InvalidRequest, PayloadTooLarge
+from kvroute.router.errors import InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 
 CHAT = "chat"
 COMPLETION = "completion"
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+# Content codings aiohttp decodes (br and zstd only with their libraries installed; without
+# them aiohttp refuses the request before any handler runs: router/server.py answers that).
+_DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,34 @@ class ParsedRequest:
         return replace(self, body={**self.body, key: n})
 
 
+def check_headers(headers: Mapping[str, str]) -> None:
+    """The headers the router reads (x-kvroute-*, traceparent, Authorization) must be printable
+    ASCII, as HTTP says: other bytes reach Python as lone surrogates that no hash, key or
+    Redis call can encode, so they get a 400 here rather than a 500 deep in the request."""
+    for name, value in headers.items():
+        lower = name.lower()
+        if ((lower.startswith("x-kvroute-") or lower in ("authorization", "traceparent"))
+                and not (value.isascii() and value.isprintable())):
+            raise InvalidRequest(f"Header '{lower}' must be printable ASCII", param=lower)
+
+
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the "
                               f"limit of {max_bytes} bytes.")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _DECODED:  # aiohttp would hand the coded bytes over as if plain
+        raise UnsupportedEncoding(f"Content-Encoding '{encoding[:64]}' is not supported; send the body "
+                                  "unencoded, or gzip or deflate", param="content-encoding")
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body exceeds the limit of {max_bytes} bytes.") from None
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip over a plain body
+        if encoding and encoding != "identity":
+            raise InvalidRequest(f"Request body is not valid {encoding} data (Content-Encoding: {encoding})",
+                                 param="content-encoding") from None
+        raise InvalidRequest(f"Request body could not be read: {exc}") from None
 
 
 def _field(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:

@@ -11,6 +11,7 @@ This module imports nothing from governance, the proxy or the pipeline; they imp
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
 from kvroute.router.prefix import Prefixer, PromptTokenizer
 from kvroute.router.requests import ParsedRequest
+from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
 from kvroute.router.upstream.workers import Worker, WorkerPool
 
@@ -49,6 +51,7 @@ class ModelRoute:
     policy: Policy
     index: PrefixIndex | ExactIndex
     prefixer: Prefixer
+    retry: Retrier  # the pool's retry rules, backoff and budget
 
     @property
     def index_kind(self) -> str:
@@ -98,12 +101,20 @@ class ServedModel:
 
 
 class ModelRoutes:
-    """All configured models by the name clients send, and their pools by key."""
+    """All configured models by the name clients send, and their pools by key.
 
-    def __init__(self, cfg: RouterConfig, executor: Executor | None = None, metrics: RouterMetrics | None = None):
+    ``clock`` times breaker cooldowns, retry budgets and backoff (default: monotonic real
+    time); ``rng`` draws the backoff jitter. Tests inject both."""
+
+    def __init__(self, cfg: RouterConfig, executor: Executor | None = None, metrics: RouterMetrics | None = None,
+                 *, clock: Clock | None = None, rng: random.Random | None = None):
         self.by_name: dict[str, ServedModel] = {}
         self.by_key: dict[str, ModelRoute] = {}
         metrics = metrics or RouterMetrics()
+        self._cfg = cfg
+        self._metrics = metrics
+        self._clock = clock or MonotonicClock()
+        self._rng = rng or random.Random()
         for m in cfg.models:
             pools = [self._pool(p, executor) for p in m.pools]
             chooser = None
@@ -122,10 +133,21 @@ class ModelRoutes:
         if tokenizer is None:
             log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
                         "(character chunks, not KV blocks)", m.key)
-        pool = WorkerPool(m.key, m.workers, tier=m.tier, api_key=m.api_key)
+        pool = WorkerPool(m.key, m.workers, tier=m.tier, api_key=m.api_key, breaker=self._cfg.breaker,
+                          now=self._clock.time)
         policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
         pool.on_change(policy.on_workers_changed)
-        route = ModelRoute(m, pool, policy, index, Prefixer(tokenizer, m.approx_chunk_chars, executor))
+        state = self._metrics.breaker_state
+
+        def export_breakers(workers: Iterable[Worker]) -> None:  # kvroute_worker_breaker_state
+            for w in workers:
+                state.labels(w.model, w.url).set(int(w.breaker.state))
+
+        export_breakers(pool.all())
+        pool.on_change(export_breakers)  # discovered workers start closed
+        pool.on_breaker_change(lambda w: export_breakers((w,)))
+        route = ModelRoute(m, pool, policy, index, Prefixer(tokenizer, m.approx_chunk_chars, executor),
+                           Retrier(self._cfg.retries, self._clock, self._rng))
         self.by_key[m.key] = route
         return route
 

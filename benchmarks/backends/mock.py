@@ -3,6 +3,20 @@ and benchmarks of the router's own cost.
 
 It answers like vLLM does (JSON bodies, SSE chunks with an optional usage chunk, /health,
 /metrics). It is never the only proof: tests/integration runs the same paths on vLLM.
+
+Faults a test sets per worker in ``app[FAULTS]`` (a dict, read on every completion request,
+so a test may change it while the worker runs):
+
+- ``status`` (and ``retry_after``): answer with this HTTP status, an OpenAI error body and
+  that ``Retry-After`` header, as an overloaded or failing vLLM does;
+- ``stall_s``: wait this long before the response headers;
+- ``stall_first_event_s``: a stream sends its headers, then waits this long;
+- ``stall_after_events`` and ``stall_mid_s``: a stream waits ``stall_mid_s`` after that
+  many events (a worker that hangs mid-stream);
+- ``delta_bytes``: a stream's first delta carries this many characters;
+- ``event_bytes_after``: a stream's second event carries this many characters.
+
+A stall ends early when the router closes the connection, so tests never wait it out.
 """
 
 from __future__ import annotations
@@ -31,6 +45,15 @@ SEEN_HEADERS = web.AppKey("seen_headers", list)  # lower-cased x-kvroute-* and t
 
 
 SEEN_AUTH = web.AppKey("seen_auth", list)  # (path, Authorization header or None) of every call
+FAULTS = web.AppKey("faults", dict)  # the fault knobs above
+
+
+async def stall(request: web.Request, seconds: float) -> None:
+    """Wait ``seconds``, or until the peer closed the connection."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end and request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(0.005)
 
 
 def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Application:
@@ -49,6 +72,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     app[SEEN] = []
     app[SEEN_HEADERS] = []
     app[SEEN_AUTH] = []
+    app[FAULTS] = {}
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -65,6 +89,16 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         if drop is not None and sum(b.get("drop_connection_once") == drop for b in app[SEEN]) == 1:
             request.transport.close()  # as a worker closing a keep-alive connection we reuse
             return web.Response()
+        faults = app[FAULTS]
+        if faults.get("stall_s"):
+            await stall(request, faults["stall_s"])
+            if request.transport is None or request.transport.is_closing():
+                return web.Response()  # the router gave up on us
+        if faults.get("status"):
+            status, retry_after = faults["status"], faults.get("retry_after")
+            return web.json_response({"object": "error", "message": f"fault: HTTP {status}",
+                                      "type": "ServiceUnavailableError", "param": None, "code": status},
+                                     status=status, headers={"Retry-After": retry_after} if retry_after else None)
         if body.get("model") == "reject-me" or body.get("temperature") == 99:
             return web.json_response({"object": "error", "message": "temperature too high",
                                       "type": "BadRequestError", "param": None, "code": 400}, status=400)
@@ -79,7 +113,18 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                                                    "finish_reason": "stop"}], "usage": usage})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        for word in ("hi", " from", f" {name}"):
+        if faults.get("stall_first_event_s"):
+            await stall(request, faults["stall_first_event_s"])
+        words = ["hi", " from", f" {name}"]
+        if faults.get("delta_bytes"):
+            words[0] = "x" * faults["delta_bytes"]
+        if faults.get("event_bytes_after"):
+            words[1] = "y" * faults["event_bytes_after"]
+        for i, word in enumerate(words):
+            if i == faults.get("stall_after_events"):
+                await stall(request, faults.get("stall_mid_s", 0))
+            if request.transport is None or request.transport.is_closing():
+                return resp  # the router gave up on us
             chunk = {"id": "x", "object": "chat.completion.chunk",
                      "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")

@@ -4,7 +4,10 @@
 sees every tenant (or the one it names); a tenant key sees only its own tenant, and
 naming another is 403. Without any key configured (an open router) it is open.
 ``POST /v1/kvroute/admin/kill`` ``{"scope": "global|tenant|agent|model", "value", "reason"}``
-halts, ``DELETE`` (same body, or query) resumes, ``GET`` lists; admin key only.
+halts, ``DELETE`` (same body, or query) resumes, ``GET`` lists; admin key only. The list
+says whether the store's entries are current (``"store": "ok"``), the last ones read while
+it is unreachable (``stale``), or never read since start (``unknown``). While the store is
+down, halting or resuming through the API is 503: the entry could not be shared.
 """
 
 from __future__ import annotations
@@ -12,10 +15,20 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from kvroute.router.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from kvroute.router.errors import (
+    Forbidden,
+    GovernanceUnavailable,
+    InvalidRequest,
+    NotFound,
+    StoreUnavailable,
+    Unauthorized,
+)
 from kvroute.router.governance.governor import Governor
 from kvroute.router.governance.killswitch import entry_key
 from kvroute.router.governance.ledger import DIMENSIONS, parse_window
+
+_STORE_DOWN = ("The kill switch's store (Redis) did not answer, so the change may not have been made or "
+               "shared; while it is down, use kill_switch.file or kill_switch.url.")
 
 
 def _governor(request: web.Request, key: web.AppKey) -> Governor:
@@ -82,23 +95,33 @@ def admin_handlers(key: web.AppKey) -> dict:
         gov.auth.require_admin(request.headers.get("Authorization"))
         return gov
 
+    def listing(gov: Governor) -> web.Response:
+        return web.json_response({"object": "list", "data": gov.kill.entries(), "store": gov.kill.store_state})
+
     async def kill(request: web.Request) -> web.Response:
         gov = admin(request)
         scope, value, reason = await _kill_args(request)
-        await gov.kill.set(scope, value, reason)
-        return web.json_response({"object": "list", "data": gov.kill.entries()})
+        try:
+            await gov.kill.set(scope, value, reason)
+        except StoreUnavailable:
+            raise GovernanceUnavailable(_STORE_DOWN) from None
+        return listing(gov)
 
     async def resume(request: web.Request) -> web.Response:
         gov = admin(request)
         scope, value, _ = await _kill_args(request)
-        if not await gov.kill.clear(scope, value):
+        try:
+            found = await gov.kill.clear(scope, value)
+        except StoreUnavailable:
+            raise GovernanceUnavailable(_STORE_DOWN) from None
+        if not found:
             raise NotFound(f"No kill switch set through the admin API for {entry_key(scope, value)}")
-        return web.json_response({"object": "list", "data": gov.kill.entries()})
+        return listing(gov)
 
     async def list_kills(request: web.Request) -> web.Response:
         gov = admin(request)
         await gov.kill.refresh()
-        return web.json_response({"object": "list", "data": gov.kill.entries()})
+        return listing(gov)
 
     async def alerts(request: web.Request) -> web.Response:
         gov = admin(request)

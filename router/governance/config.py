@@ -92,6 +92,32 @@ class RedisConfig:
     url: str = field(repr=False)  # may carry a password
     prefix: str = "kvroute:gov"
     password: str | None = field(default=None, repr=False)
+    # Every request waits on Redis before it reaches a worker, so a Redis that stops
+    # answering must cost a bounded, small delay, not a hang. A healthy Redis answers the
+    # reserve script in about a millisecond, and a TCP handshake on a LAN takes well under
+    # one: half a second of silence means it is down (or stalled far beyond what a request
+    # should wait), while a fork or fsync stall of a few hundred ms still passes.
+    connect_timeout_s: float = 0.5
+    timeout_s: float = 0.5
+
+
+FAIL_MODES = ("fail_closed", "fail_open")
+
+
+@dataclass(frozen=True)
+class StoreErrorPolicy:
+    """What a replica does while its store (Redis) cannot be reached (router/governance/guard.py).
+
+    budgets: fail_closed refuses requests (503 governance_unavailable); fail_open admits
+    them without a reservation (and without loop detection) and charges their usage when
+    they finish, if the store is back by then.
+    kill_switch: fail_closed keeps enforcing the last kill list read from the store, and
+    refuses requests while it has never read one since start; fail_open ignores the
+    store's list while it is unreachable. Both keep honouring kill_switch.file and .url.
+    """
+
+    budgets: str = "fail_closed"
+    kill_switch: str = "fail_closed"
 
 
 @dataclass(frozen=True)
@@ -103,6 +129,7 @@ class GovernanceConfig:
     alerts: AlertConfig = AlertConfig()
     loops: LoopConfig = LoopConfig()
     redis: RedisConfig | None = None
+    on_store_error: StoreErrorPolicy = StoreErrorPolicy()
     tag_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # metric label allow-list
     default_max_tokens: int = 1024  # reserved when a request names no max_tokens
     min_completion_tokens: int = 16  # below this much room a request is refused, not shrunk
@@ -256,7 +283,7 @@ def _parse_kill(raw: Any, key: str) -> KillSwitchConfig:
 
 
 def _parse_redis(raw: Any, key: str, local: Local) -> RedisConfig:
-    raw = v.section(raw, ("url", "prefix", "password"), key)
+    raw = v.section(raw, ("url", "prefix", "password", "connect_timeout_s", "timeout_s"), key)
     if raw.get("url") is None:
         raise ConfigError(f"{key}.url", "required: a redis:// URL")
     url = local.secret(raw["url"], f"{key}.url")
@@ -264,7 +291,24 @@ def _parse_redis(raw: Any, key: str, local: Local) -> RedisConfig:
     if (local.check or literal) and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{key}.url", "required: a redis:// URL")
     password = None if raw.get("password") is None else local.secret(raw["password"], f"{key}.password")
-    return RedisConfig(url=url, prefix=v.get(raw, "prefix", str, key, "kvroute:gov"), password=password)
+    d = RedisConfig(url="")
+    return RedisConfig(url=url, prefix=v.get(raw, "prefix", str, key, d.prefix), password=password,
+                       connect_timeout_s=_timeout(raw, "connect_timeout_s", key, d.connect_timeout_s),
+                       timeout_s=_timeout(raw, "timeout_s", key, d.timeout_s))
+
+
+def _timeout(raw: Mapping[str, Any], name: str, key: str, default: float) -> float:
+    value = v.get(raw, name, float, key, default, positive=True)
+    if value > 30:  # beyond this a hung Redis holds requests as if there were no timeout
+        raise ConfigError(f"{key}.{name}", "must be at most 30 seconds")
+    return value
+
+
+def _parse_store_errors(raw: Any, key: str) -> StoreErrorPolicy:
+    raw = v.section(raw, ("budgets", "kill_switch"), key)
+    d = StoreErrorPolicy()
+    return StoreErrorPolicy(budgets=v.get(raw, "budgets", str, key, d.budgets, choices=FAIL_MODES),
+                            kill_switch=v.get(raw, "kill_switch", str, key, d.kill_switch, choices=FAIL_MODES))
 
 
 def _parse_tag_values(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
@@ -275,7 +319,7 @@ def _parse_tag_values(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
 def parse_governance(raw: Any, key: str = "governance", *, local: Local = Local()) -> GovernanceConfig:
     """Validate the ``governance:`` mapping into a ``GovernanceConfig``."""
     raw = v.section(raw, ("tenants", "keys_file", "admin_keys", "budgets", "kill_switch", "alerts", "loops",
-                          "redis", "tag_values", "default_max_tokens", "min_completion_tokens",
+                          "redis", "on_store_error", "tag_values", "default_max_tokens", "min_completion_tokens",
                           "reservation_ttl_s", "session_ttl_s"), key)
     tenants = _parse_tenants(raw.get("tenants"), f"{key}.tenants", local)
     admin = list(v.secret_list(raw.get("admin_keys"), f"{key}.admin_keys", local))
@@ -308,6 +352,7 @@ def parse_governance(raw: Any, key: str = "governance", *, local: Local = Local(
         alerts=_parse_alerts(raw.get("alerts"), f"{key}.alerts", local),
         loops=_parse_loops(raw.get("loops"), f"{key}.loops"),
         redis=None if raw.get("redis") is None else _parse_redis(raw["redis"], f"{key}.redis", local),
+        on_store_error=_parse_store_errors(raw.get("on_store_error"), f"{key}.on_store_error"),
         tag_values=_parse_tag_values(raw.get("tag_values"), f"{key}.tag_values"),
         default_max_tokens=v.get(raw, "default_max_tokens", int, key, d.default_max_tokens, positive=True),
         min_completion_tokens=v.get(raw, "min_completion_tokens", int, key, d.min_completion_tokens,

@@ -16,6 +16,17 @@ that settles the reservation to the real usage (the response's ``usage``, or the
 plus the tokens streamed so far when a stream was cut or the client left), records the
 spend, and raises alerts. A grant is settled exactly once; a grant that is never settled
 frees its reservation after ``reservation_ttl_s``.
+
+Every store call goes through a ``GuardedStore`` (``guard.py``), which fails fast while the
+store is down. Then ``governance.on_store_error.budgets`` decides: ``fail_closed`` refuses
+the request (503 ``governance_unavailable``); ``fail_open`` admits it with nothing reserved
+and no loop check, capped only by the request budgets (they need no state), counts it
+(``kvroute_governance_actions_total{action="fail_open"}``, a log line at most every
+``FAIL_OPEN_LOG_EVERY_S``), and settles it best-effort when it finishes: its usage is
+charged to its budgets and the ledger if the store answers by then, and is lost for them
+(not queued) if not. A reserve whose reply timed out may still run once the store answers;
+its reservation is taken back (``release_orphans``) rather than left to hold budget room
+for ``reservation_ttl_s``.
 """
 
 from __future__ import annotations
@@ -30,13 +41,21 @@ from typing import Any
 import aiohttp
 import orjson
 
-from kvroute.router.errors import AgentHalted, BudgetExceeded, GovernanceUnavailable, KvrouteError, LoopDetected
+from kvroute.router.errors import (
+    AgentHalted,
+    BudgetExceeded,
+    GovernanceUnavailable,
+    KvrouteError,
+    LoopDetected,
+    StoreUnavailable,
+)
 from kvroute.router.governance import loops
 from kvroute.router.governance.alerts import Alerter
 from kvroute.router.governance.budgets import Rates, refusal, request_cap, slots_for
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.config import Budget, GovernanceConfig
 from kvroute.router.governance.grant import Grant
+from kvroute.router.governance.guard import GuardedStore
 from kvroute.router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
 from kvroute.router.governance.killswitch import KillSwitch
 from kvroute.router.governance.ledger import Ledger
@@ -46,12 +65,8 @@ from kvroute.router.policies.base import RequestContext
 from kvroute.router.requests import ParsedRequest
 from kvroute.router.routes import ModelRoute, ServedModel
 
-try:
-    from redis.exceptions import RedisError
-except ImportError:  # redis is only needed with governance.redis
-    RedisError = OSError  # type: ignore[assignment,misc]
-
-STORE_ERRORS = (OSError, TimeoutError, RedisError)
+FAIL_OPEN_LOG_EVERY_S = 10.0
+MAX_ORPHANS = 10_000  # beyond this, reserves that timed out are left to expire on their own
 log = logging.getLogger(__name__)
 spend_log = logging.getLogger("kvroute.spend")
 
@@ -72,16 +87,25 @@ class Governor:
             if cfg.redis is not None:
                 from kvroute.router.governance.redis_store import RedisStore
 
-                store = RedisStore.from_url(cfg.redis.url, cfg.redis.prefix, cfg.redis.password)
+                store = RedisStore.from_url(cfg.redis.url, cfg.redis.prefix, cfg.redis.password,
+                                            connect_timeout_s=cfg.redis.connect_timeout_s,
+                                            timeout_s=cfg.redis.timeout_s)
             else:
                 store = MemoryStore()
-        self.store = store
+        self.store = store  # the backend itself, for tests and inspection; governance calls go through:
+        self.guarded = GuardedStore(store, metrics, self.clock)
+        self.fail_open = cfg.on_store_error.budgets == "fail_open"
         self.auth = Authenticator(cfg)
-        self.kill = KillSwitch(cfg.kill_switch, store, self.clock)
-        self.alerts = Alerter(cfg.alerts, store, self.clock, metrics)
-        self.ledger = Ledger(store)
+        self.kill = KillSwitch(cfg.kill_switch, self.guarded, self.clock,
+                               fail_open=cfg.on_store_error.kill_switch == "fail_open")
+        self.alerts = Alerter(cfg.alerts, self.guarded, self.clock, metrics)
+        self.ledger = Ledger(self.guarded)
         self.pending: set[asyncio.Task] = set()
         self._tenants = {t.name for t in cfg.tenants} | {"anonymous"}
+        # rid -> (budget keys, reservation expiry): reserves that timed out, to take back
+        self._orphans: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._unlogged_open = 0  # fail_open admissions since the last log line
+        self._open_logged_at = -1e18
 
     # ---- admission -------------------------------------------------------------------
 
@@ -96,18 +120,21 @@ class Governor:
         if trace_id(headers.get("traceparent")) is None:
             headers["traceparent"] = new_traceparent()
         attrs = attribution(tenant, headers, ctx.session_key)
-        try:
-            await self.kill.maybe_refresh()
-            self.check_kill(attrs, served.name)
-            body = req.body
-            delay = 0.0
-            if attrs.session:
+        await self.kill.maybe_refresh()  # a store fault is the kill switch's own business (on_store_error)
+        if self.kill.unverified:
+            raise GovernanceUnavailable("The kill switch's shared state could not be read since this router "
+                                        "started; retry later.")
+        self.check_kill(attrs, served.name)
+        body, delay = req.body, 0.0
+        if attrs.session:
+            try:
                 body, delay = await self._loops(attrs, body)
-            req = replace(req, headers=headers, body=body)
-            grant = await self._reserve(req, served, route, ctx, attrs)
-        except STORE_ERRORS as exc:  # the store (Redis) is down: refuse rather than spend blind
-            log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
-            raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
+            except StoreUnavailable:
+                if not self.fail_open:
+                    raise
+                # fail_open: the session's recent requests live in the store; no loop check until it is back
+        req = replace(req, headers=headers, body=body)
+        grant = await self._reserve(req, served, route, ctx, attrs)
         for (budget, _slot), r in zip(grant.budgets, grant.reserved.ratios):
             if budget.action == "throttle" and r >= budget.throttle_at:
                 delay = max(delay, budget.throttle_delay_s)
@@ -124,12 +151,8 @@ class Governor:
                                ctx: RequestContext) -> Grant:
         """Another try of an admitted request on another tier (router/cascade.py): same attribution,
         its own reservation at that tier's price, settled on its own; no second loop check."""
-        try:
-            self.check_kill(first.attrs, served.name)
-            return await self._reserve(first.req, served, route, ctx, first.attrs)
-        except STORE_ERRORS as exc:
-            log.error("governance store unavailable: %s: %s", type(exc).__name__, exc)
-            raise GovernanceUnavailable("Cost governance is unavailable; retry later.") from None
+        self.check_kill(first.attrs, served.name)
+        return await self._reserve(first.req, served, route, ctx, first.attrs)
 
     def check_kill(self, attrs: Attribution, model: str) -> None:
         hit = self.kill.check(attrs.tenant, attrs.agent, model)
@@ -142,8 +165,8 @@ class Governor:
         lc = self.cfg.loops
         who = f"{attrs.tenant}/{attrs.session}"
         halt_flag = f"halt:{who}"
-        entries, halted = await self.store.push_recent(f"loop:{who}", loops.signature(body), lc.window,
-                                                        self.cfg.session_ttl_s, self.clock.time(), halt_flag)
+        entries, halted = await self.guarded.push_recent(f"loop:{who}", loops.signature(body), lc.window,
+                                                          self.cfg.session_ttl_s, self.clock.time(), halt_flag)
         if halted:
             self._action("loop_halt")
             raise LoopDetected(f"Session '{attrs.session}' was halted because it was looping; start a new "
@@ -155,7 +178,7 @@ class Governor:
             self.alerts.emit("loop_detected", tenant=attrs.tenant, agent=attrs.agent, session=attrs.session,
                              reason=why, action=lc.action)
         if lc.action == "halt":
-            await self.store.set_flag(halt_flag, self.cfg.session_ttl_s, self.clock.time())
+            await self.guarded.set_flag(halt_flag, self.cfg.session_ttl_s, self.clock.time())
             self._action("loop_halt")
             raise LoopDetected(f"Session '{attrs.session}' is looping ({why} in {lc.window} requests in a "
                                "row) and was halted; start a new session.", param="x-kvroute-session")
@@ -184,7 +207,14 @@ class Governor:
                 rid = uuid.uuid4().hex
                 ask = Ask(rid, tuple(s for _, s in pairs), ctx.prompt_tokens, int(min(requested, cap)), need,
                           rates.input, rates.output, now, self.cfg.reservation_ttl_s)
-                got = await self.store.reserve(ask)
+                try:
+                    got = await self.guarded.reserve(ask)
+                except StoreUnavailable as exc:
+                    if exc.sent:
+                        self._orphan(ask)
+                    if not self.fail_open:
+                        raise  # 503 governance_unavailable: refuse rather than spend blind
+                    return self._unreserved(attrs, served, route, req, ctx, pairs, ask)
                 if got.ok:
                     binding = None
                     if got.completion < requested:
@@ -203,6 +233,50 @@ class Governor:
                      cheaper.cfg.tier)
             route = cheaper
             ctx = await route.context(req)
+
+    def _unreserved(self, attrs, served, route, req, ctx, pairs, ask: Ask) -> Grant:
+        """on_store_error.budgets fail_open: admitted within the request budgets, nothing reserved."""
+        self._action("fail_open")
+        self._unlogged_open += 1
+        now = self.clock.time()
+        if now - self._open_logged_at >= FAIL_OPEN_LOG_EVERY_S:
+            log.error("governance store unreachable: admitted %d request(s) without a budget reservation "
+                      "(on_store_error.budgets: fail_open)", self._unlogged_open)
+            self._unlogged_open, self._open_logged_at = 0, now
+        # The member is never stored: settling it only adds usage, into the bucket of ask.now.
+        got = Granted(True, completion=ask.max_completion, member=f"{ask.rid}@{ask.now!r}|0|0",
+                      ratios=[0.0] * len(pairs), unreserved=True)
+        return self._grant(ask.rid, attrs, served, route, req, ctx, pairs, got, None)
+
+    def _orphan(self, ask: Ask) -> None:
+        if len(self._orphans) < MAX_ORPHANS:
+            self._orphans[ask.rid] = (tuple(s.key for s in ask.slots), ask.now + ask.ttl_s)
+
+    async def _release(self, rid: str) -> int:
+        found = self._orphans.get(rid)
+        if found is None:
+            return 0
+        n = await self.guarded.release(rid, *found)
+        self._orphans.pop(rid, None)
+        return n
+
+    async def release_orphans(self) -> int:
+        """Take back the reservations of reserves that timed out but ran once the store answered
+        again (a paused Redis reads what was already sent). The background loop calls this."""
+        if not self._orphans or not self.guarded.up:
+            return 0
+        now, released = self.clock.time(), 0
+        for rid, (_keys, expires_at) in list(self._orphans.items()):
+            if expires_at <= now:  # expired on its own by now
+                self._orphans.pop(rid, None)
+                continue
+            try:
+                released += await self._release(rid)
+            except StoreUnavailable:
+                break  # down again: the next round retries
+        if released:
+            log.warning("took back %d reservation(s) made by reserves that had timed out", released)
+        return released
 
     @staticmethod
     def _cheaper(served: ServedModel, route: ModelRoute) -> ModelRoute | None:
@@ -272,10 +346,12 @@ class Governor:
         tokens = prompt + completion
         keys = tuple(s.key for _, s in grant.budgets)
         try:
+            if grant.reserved.unreserved:
+                await self._release(grant.rid)  # its reserve may have run after all, once the store answered
             if keys:
-                used = await self.store.settle(grant.reserved.member, keys, grant.reserved.tokens, grant.reserved.usd,
-                                               tokens, usd, grant.tool_calls, now=self.clock.time(),
-                                               slots=tuple(s for _, s in grant.budgets))
+                used = await self.guarded.settle(grant.reserved.member, keys, grant.reserved.tokens,
+                                                 grant.reserved.usd, tokens, usd, grant.tool_calls,
+                                                 now=self.clock.time(), slots=tuple(s for _, s in grant.budgets))
             else:
                 used = []
             if tokens:
@@ -285,6 +361,8 @@ class Governor:
                 await self.alerts.budget_used(slot, budget.scope, u)
             if usd > 0:
                 await self.alerts.check_spike(grant.attrs.tenant)
+        except StoreUnavailable:
+            pass  # counted in kvroute_store_errors_total and logged once per outage by the guard
         except Exception as exc:
             log.error("settling request %s failed (its reservation expires in %.0f s): %s: %s", grant.rid,
                       self.cfg.reservation_ttl_s, type(exc).__name__, exc)
@@ -327,6 +405,7 @@ class Governor:
             while True:
                 try:
                     await self.kill.refresh(session)
+                    await self.release_orphans()
                 except Exception as exc:
                     log.error("kill switch refresh failed: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(self.cfg.kill_switch.ttl_s)
@@ -338,5 +417,5 @@ class Governor:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.drain(), 10)
-        await self.store.close()
+        await self.guarded.close()
 

@@ -5,6 +5,17 @@ them), from a file and from a URL (a YAML/JSON list of ``{scope, value, reason}`
 router checks a local snapshot before every upstream call and between stream chunks, and
 re-reads the sources at most every ``ttl_s`` (at most 5 s): on demand when a request
 finds the snapshot stale, and from a background loop, so an idle replica is current too.
+
+While the store cannot be read (``governance.on_store_error.kill_switch``), file and URL
+entries still apply, and the store's entries are handled so that the switch never stops
+working unnoticed:
+
+- ``fail_closed`` (default): keep enforcing the last entries read from the store. A replica
+  that has not read the store once since it started cannot know whether ``global`` is set
+  (one that scaled up during the outage would otherwise serve an agent halted on every
+  other replica), so it refuses requests (503 ``governance_unavailable``) until it has.
+- ``fail_open``: ignore the store's entries until it answers again (availability over
+  enforcement, logged once per outage).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import aiohttp
 import orjson
 import yaml
 
+from kvroute.router.errors import StoreUnavailable
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.config import KillSwitchConfig
 from kvroute.router.governance.store import Store
@@ -52,10 +64,13 @@ def _parse_entries(doc: object, source: str) -> dict[str, dict]:
 
 
 class KillSwitch:
-    def __init__(self, cfg: KillSwitchConfig, store: Store, clock: Clock):
+    def __init__(self, cfg: KillSwitchConfig, store: Store, clock: Clock, *, fail_open: bool = False):
         self.cfg = cfg
         self.store = store
         self.clock = clock
+        self.fail_open = fail_open  # on_store_error.kill_switch
+        self.loaded = False  # the store's entries were read at least once since start
+        self.store_ok = True  # the last read of the store succeeded
         self.active: dict[str, dict] = {}
         self._from_store: dict[str, dict] = {}
         self._from_file: dict[str, dict] = {}
@@ -72,19 +87,57 @@ class KillSwitch:
                 return key, self.active[key]
         return None
 
+    @property
+    def unverified(self) -> bool:
+        """fail_closed, and the store's entries were never read: no request can be cleared."""
+        return not self.fail_open and not self.loaded
+
+    @property
+    def store_state(self) -> str:
+        """``ok``, ``stale`` (unreachable: last entries kept, or ignored under fail_open) or
+        ``unknown`` (unreachable and never read since start)."""
+        if self.store_ok and self.loaded:
+            return "ok"
+        return "stale" if self.loaded else "unknown"
+
     async def maybe_refresh(self) -> None:
-        if self.clock.time() - self._checked_at >= self.cfg.ttl_s:
+        # Unverified: read now, even if another refresh (the poller's first) is in flight.
+        if self.unverified or self.clock.time() - self._checked_at >= self.cfg.ttl_s:
             await self.refresh()
 
     async def refresh(self, session: aiohttp.ClientSession | None = None) -> None:
+        """Re-read every source; a store that cannot be read is handled here, never raised."""
         self._checked_at = self.clock.time()
-        raw = await self.store.kill_all()
-        self._from_store = {k: orjson.loads(v) for k, v in raw.items()}
+        try:
+            raw = await self.store.kill_all()
+        except StoreUnavailable:
+            self._store_unreachable()
+        else:
+            self._from_store = {k: orjson.loads(v) for k, v in raw.items()}
+            if not self.store_ok:
+                log.warning("kill switch: the store answers again (%d entries)", len(self._from_store))
+            self.store_ok = self.loaded = True
         if self.cfg.file:
             self._read_file()
         if self.cfg.url and session is not None:
             await self._read_url(session)
         self._merge()
+
+    def _store_unreachable(self) -> None:
+        if self.store_ok:  # once per outage; kvroute_store_errors_total{op="kill_refresh"} counts every try
+            if self.fail_open:
+                log.error("kill switch: store unreachable, ignoring its %d entries until it answers "
+                          "(on_store_error.kill_switch: fail_open); file and URL entries still apply",
+                          len(self._from_store))
+            elif self.loaded:
+                log.error("kill switch: store unreachable, enforcing the %d entries last read from it",
+                          len(self._from_store))
+            else:
+                log.error("kill switch: store unreachable and never read since start: refusing requests "
+                          "until it answers (on_store_error.kill_switch: fail_closed)")
+        self.store_ok = False
+        if self.fail_open:
+            self._from_store = {}
 
     def _read_file(self) -> None:
         if self.cfg.file is None:

@@ -8,6 +8,12 @@ fields that left the window and sum the rest. The scripts follow ``store.plan`` 
 ``MemoryStore.settle`` exactly. All
 keys start with the configured prefix and carry a TTL, so Redis never fills with dead
 windows or sessions. Multi-key scripts need one Redis (or Sentinel), not Redis Cluster.
+
+The client waits at most ``connect_timeout_s`` to connect and ``timeout_s`` for each reply,
+and never retries: a reserve or settle is not idempotent (a retry after a reply was lost
+would count twice), and a Redis that is down should cost one timeout, not several. A call
+that timed out may still run once Redis answers again (a paused Redis reads what was
+already sent): ``release`` takes back a reservation made that way.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import math
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from kvroute.router.governance.store import NONE, Ask, Granted, Slot, Used
 
@@ -175,6 +183,27 @@ return out
 """.replace("PARSE", _PARSE).replace("ROLL", _ROLL)
 
 
+# Take back the reservation request ARGV[1] made with expiry ARGV[2] (its zset score), if it
+# holds one: a reserve whose reply timed out may have run after all.
+RELEASE = """
+local head, at = ARGV[1] .. '@', tonumber(ARGV[2])
+local n = 0
+for i = 1, #KEYS / 2 do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', z, at - 1, at + 1)) do
+    if string.sub(m, 1, #head) == head then
+      PARSE
+      redis.call('ZREM', z, m)
+      redis.call('HINCRBY', h, 'res_t', -tonumber(rt))
+      redis.call('HINCRBYFLOAT', h, 'res_usd', -tonumber(ru))
+      n = n + 1
+    end
+  end
+end
+return n
+""".replace("PARSE", _PARSE)
+
+
 def _n(value: float | None) -> str:
     return repr(NONE if value is None else value)
 
@@ -187,13 +216,16 @@ class RedisStore:
         self._settle_ttl = int(settle_ttl_s)
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
+        self._release = client.register_script(RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "kvroute:gov", password: str | None = None) -> RedisStore:
-        # A password given apart from the URL (a mounted Secret) wins over one inside it.
-        client = (aioredis.Redis.from_url(url, decode_responses=True, password=password) if password
-                  else aioredis.Redis.from_url(url, decode_responses=True))
-        return cls(client, prefix)
+    def from_url(cls, url: str, prefix: str = "kvroute:gov", password: str | None = None, *,
+                 connect_timeout_s: float = 0.5, timeout_s: float = 0.5) -> RedisStore:
+        kw: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": connect_timeout_s,
+                              "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
+        if password:  # given apart from the URL (a mounted Secret), it wins over one inside it
+            kw["password"] = password
+        return cls(aioredis.Redis.from_url(url, **kw), prefix)
 
     def _keys(self, keys) -> list[str]:
         out = []
@@ -242,6 +274,9 @@ class RedisStore:
         res = await self._settle(keys=self._keys(keys), args=args)
         return [Used(int(res[i]), float(res[i + 1]), int(res[i + 2])) for i in range(0, len(res), 3)]
 
+    async def release(self, rid: str, keys: tuple[str, ...], expires_at: float) -> int:
+        return int(await self._release(keys=self._keys(keys), args=[rid, repr(expires_at)]))
+
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool:
         return bool(await self.r.set(f"{self.p}:f:{key}", "1", nx=True, px=max(1, int(ttl_s * 1000))))
 
@@ -287,6 +322,9 @@ class RedisStore:
     async def hourly(self, tenant: str) -> dict[int, float]:
         raw = await self.r.hgetall(f"{self.p}:hourly:{tenant}")
         return {int(h): float(v) for h, v in raw.items()}
+
+    async def ping(self) -> None:
+        await self.r.ping()
 
     async def close(self) -> None:
         await self.r.aclose()

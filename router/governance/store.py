@@ -74,6 +74,7 @@ class Granted:
     ratios: list[float] = field(default_factory=list)  # (used + reserved) / limit, before this ask
     reset_at: float | None = None  # refused by a rolling budget: when its oldest usage ages out
     deadline: float | None = None  # granted: when the tightest session wall-clock limit runs out
+    unreserved: bool = False  # admitted with nothing reserved: the store was down (on_store_error: fail_open)
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Store(Protocol):
                      tokens: int, usd: float, tool_calls: int, now: float = 0.0,
                      slots: tuple[Slot, ...] = ()) -> list[Used]: ...
 
+    async def release(self, rid: str, keys: tuple[str, ...], expires_at: float) -> int: ...
+
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool: ...
 
     async def push_recent(self, key: str, value: str, n: int, ttl_s: float, now: float,
@@ -118,6 +121,8 @@ class Store(Protocol):
     async def spend(self, hours: range) -> dict[str, float]: ...
 
     async def hourly(self, tenant: str) -> dict[int, float]: ...
+
+    async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -291,6 +296,21 @@ class MemoryStore:
             out.append(Used(st.used_t, st.used_usd, st.used_tc))
         return out
 
+    async def release(self, rid: str, keys: tuple[str, ...], expires_at: float) -> int:
+        """Drop request ``rid``'s reservation, if it holds one (see ``RedisStore.release``)."""
+        n = 0
+        for key in keys:
+            st = self._states.get(key)
+            if st is None:
+                continue
+            for member in [m for m in st.reservations if m.startswith(f"{rid}@")]:
+                del st.reservations[member]
+                _rid, t, usd = member.split("|")
+                st.res_t -= int(t)
+                st.res_usd -= float(usd)
+                n += 1
+        return n
+
     async def set_flag(self, key: str, ttl_s: float, now: float) -> bool:
         if self._flags.get(key, 0.0) > now:
             return False
@@ -337,6 +357,9 @@ class MemoryStore:
 
     async def hourly(self, tenant: str) -> dict[int, float]:
         return dict(self._hourly.get(tenant, {}))
+
+    async def ping(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass

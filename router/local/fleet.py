@@ -9,6 +9,7 @@ spawned, also on Ctrl-C. A state file lets ``fleet down`` stop a detached fleet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from kvroute.router.local.tinymodel import build_tiny_model, cache_root
@@ -33,6 +34,11 @@ class LocalWorker:
     events_port: int
     pid: int
     log_path: str
+    # Held while we started it, so the child is reaped through it (not recorded in state).
+    proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "proc"}
 
 
 @dataclass
@@ -127,7 +133,8 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
         state_file(base_port).parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v for k, v in asdict(fleet).items() if k != "api_key"}
+        state = {f.name: getattr(fleet, f.name) for f in fields(fleet) if f.name not in ("api_key", "workers")}
+        state["workers"] = [w.record() for w in fleet.workers]
         state_file(base_port).write_text(json.dumps(state, indent=2))
     if wait:
         try:
@@ -155,7 +162,7 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
                          fleet.kv_blocks, fleet.max_model_len)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return LocalWorker(f"http://127.0.0.1:{port}", port, events_port, proc.pid, str(log_path))
+    return LocalWorker(f"http://127.0.0.1:{port}", port, events_port, proc.pid, str(log_path), proc)
 
 
 def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
@@ -222,6 +229,9 @@ def stop_fleet(fleet: LocalFleet, timeout_s: float = 15.0) -> None:
         while _alive(w.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         kill_worker(w, signal.SIGKILL)
+        if w.proc is not None:  # reap it, so nothing is left running behind the handle
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(timeout=5)
     path = state_file(fleet.workers[0].port) if fleet.workers else None
     if path is not None and path.exists():
         try:

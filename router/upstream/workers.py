@@ -1,14 +1,21 @@
 """Worker state as the router sees it.
 
 A ``Worker`` is one vLLM OpenAI server. Its fields are updated by three writers, all on
-the event loop: the request path (in-flight accounting), the health loop and the metrics
-scraper. Policies only read them.
+the event loop: the request path (in-flight accounting and its circuit breaker), the
+health loop and the metrics scraper. Policies only read them.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+
+from kvroute.router.config import BreakerConfig
+from kvroute.router.upstream.breaker import Breaker, State
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +37,8 @@ class Worker:
     upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # the owning pool's hook: its cached list of healthy workers is stale
     _on_health_change: Callable[[], None] | None = field(default=None, repr=False)
+    # Opens after consecutive failures: no traffic, but the worker stays healthy (index kept).
+    breaker: Breaker = field(default_factory=Breaker, repr=False, compare=False)
 
     @property
     def healthy(self) -> bool:
@@ -57,12 +66,17 @@ class Worker:
 class WorkerPool:
     """The workers of one model. Membership changes come from config or discovery."""
 
-    def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None, api_key: str | None = None):
+    def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None, api_key: str | None = None,
+                 *, breaker: BreakerConfig = BreakerConfig(), now: Callable[[], float] = time.monotonic):
         self.model = model  # the pool key: "model" or "model/tier"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._workers: dict[str, Worker] = {}
         self._healthy: tuple[Worker, ...] | None = None
+        self._probe_due: float | None = None  # the earliest open breaker's end of cooldown
+        self._breaker = breaker
+        self._now = now
         self._listeners: list[Callable[[list[Worker]], None]] = []
+        self._breaker_listeners: list[Callable[[Worker], None]] = []
         for u in urls:
             self._add(u, tier)
 
@@ -70,19 +84,45 @@ class WorkerPool:
         return list(self._workers.values())
 
     def healthy(self) -> tuple[Worker, ...]:
-        """The routable workers. The same tuple until membership or health changes, so a
-        request does not pay for a walk over the fleet (and policies may key caches on it)."""
+        """The routable workers: healthy, with a breaker that admits traffic. The same tuple
+        until membership, health or a breaker changes, so a request does not pay for a walk
+        over the fleet (and policies may key caches on it); while a breaker is open, one
+        clock read per call sees its cooldown end."""
+        if self._probe_due is not None and self._now() >= self._probe_due:
+            self._probe_due = None
+            for w in self._workers.values():
+                w.breaker.poll()  # open -> half-open; its hook makes the tuple stale
+            self._healthy = None
         if self._healthy is None:
-            self._healthy = tuple(w for w in self._workers.values() if w.healthy)
+            workers = self._workers.values()
+            self._healthy = tuple(w for w in workers if w.healthy and w.breaker.admits)
+            due = [t for w in workers if (t := w.breaker.probe_at) is not None]
+            self._probe_due = min(due) if due else None
         return self._healthy
 
     def _stale(self) -> None:
         self._healthy = None
 
     def _add(self, url: str, tier: str | None) -> None:
-        self._workers[url] = Worker(url=url, model=self.model, tier=tier, upstream_headers=self._headers,
-                                    _on_health_change=self._stale)
+        worker = Worker(url=url, model=self.model, tier=tier, upstream_headers=self._headers,
+                        _on_health_change=self._stale, breaker=Breaker(self._breaker, self._now))
+        worker.breaker.on_change = lambda: self._breaker_changed(worker)
+        self._workers[url] = worker
         self._stale()
+
+    def _breaker_changed(self, worker: Worker) -> None:
+        self._stale()
+        state = worker.breaker.state
+        if state is State.OPEN:
+            log.warning("worker %s: circuit breaker open for %gs", worker.url, worker.breaker.cooldown_s)
+        elif state is State.CLOSED:
+            log.info("worker %s: circuit breaker closed", worker.url)
+        for listener in self._breaker_listeners:
+            listener(worker)
+
+    def on_breaker_change(self, listener: Callable[[Worker], None]) -> None:
+        """Called with the worker whenever its breaker changes state (or starts or ends a probe)."""
+        self._breaker_listeners.append(listener)
 
     def get(self, url: str) -> Worker | None:
         return self._workers.get(url)
@@ -96,7 +136,8 @@ class WorkerPool:
         changed = False
         for url in list(self._workers):
             if url not in wanted:
-                self._workers.pop(url)._on_health_change = None
+                gone = self._workers.pop(url)
+                gone._on_health_change = gone.breaker.on_change = None
                 self._stale()
                 changed = True
         for url, tier in wanted.items():

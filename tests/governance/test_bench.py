@@ -13,3 +13,14 @@ def test_governance_bench_writes_json_and_a_table(tmp_path, redis_url):
     assert [r["store"] for r in rows] == ["memory", "redis (loopback)"]
     assert all(r["admit_p50_ms"] > 0 for r in rows)
     assert "| memory |" in (tmp_path / "governance_bench.md").read_text()
+
+
+def test_the_store_fault_mode_pauses_its_own_redis_and_writes_json_and_a_table(tmp_path):
+    argv = ["--faults", "--requests", "20", "--concurrency", "2", "--pause-s", "0.6", "--out", str(tmp_path)]
+    assert governance_bench.main(argv) == 0
+    rows = json.loads((tmp_path / "governance_faults.json").read_text())
+    assert [(r["budgets"], r["redis"]) for r in rows] == [
+        ("fail_closed", "healthy"), ("fail_closed", "paused"), ("fail_open", "healthy"), ("fail_open", "paused")]
+    assert rows[1]["refused_503"] == rows[1]["requests"] and rows[3]["admitted_unreserved"] == rows[3]["requests"]
+    assert all(r["reservations_left"] == 0 for r in rows[1::2])
+    assert "| fail_open | paused |" in (tmp_path / "governance_faults.md").read_text()

@@ -588,8 +588,8 @@ def test_router_deployment(helm) -> None:
     assert c["command"] + c["args"] == ["kvroute", "--log-level", "INFO", "serve", "--config",
                                         "/etc/kvroute/config.yaml"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}  # 503 while draining
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts["/etc/kvroute"] == "config"
     cm = one(objs, "ConfigMap", "router")

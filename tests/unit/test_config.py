@@ -36,6 +36,26 @@ def test_minimal_config_gets_defaults():
     ({**base(), "log_prompts": True}, "log_prompts"),  # not a key (yet)
     ({**base(), "discovery": {"mode": "k8s"}}, "discovery.mode"),  # renamed: discovery.source
     ({"models": [{"name": "m"}]}, "models[0].workers"),
+    # reliability: timeouts per pool, retries and breakers (docs/reliability.md)
+    (base(timeouts={"first_byte_s": 0}), "models[0].timeouts.first_byte_s"),
+    (base(timeouts={"idle_s": "1m"}), "models[0].timeouts.idle_s"),
+    (base(timeouts={"read_s": 5}), "models[0].timeouts.read_s"),
+    (base(timeouts=30), "models[0].timeouts"),
+    (base(timeouts={"connect_s": 10}), "models[0].timeouts.connect_s"),  # above server.connect_timeout_s
+    ({**base(timeouts={"idle_s": 120}), "server": {"request_timeout_s": 60}}, "models[0].timeouts.idle_s"),
+    ({"models": [{"name": "m", "timeouts": {}, "tiers": [{"name": "s", "workers": ["http://a:1"]}]}]},
+     "models[0].timeouts"),
+    ({"models": [{"name": "m", "tiers": [{"name": "s", "workers": ["http://a:1"],
+                                          "timeouts": {"first_byte_s": -1}}]}]},
+     "models[0].tiers[0].timeouts.first_byte_s"),
+    ({**base(), "retries": {"max_attempts": 0}}, "retries.max_attempts"),
+    ({**base(), "retries": {"budget_ratio": -0.1}}, "retries.budget_ratio"),
+    ({**base(), "retries": {"backoff_base_s": 1, "backoff_max_s": 0.5}}, "retries.backoff_max_s"),
+    ({**base(), "retries": {"budget": 0.1}}, "retries.budget"),
+    ({**base(), "breaker": {"failures": 0}}, "breaker.failures"),
+    ({**base(), "breaker": {"failures": 2.5}}, "breaker.failures"),
+    ({**base(), "breaker": {"cooldown_s": 0}}, "breaker.cooldown_s"),
+    ({**base(), "breaker": []}, "breaker"),
 ])
 def test_errors_name_the_bad_key(raw, key):
     with pytest.raises(ConfigError) as err:
@@ -65,3 +85,22 @@ def test_load_config_reads_yaml_and_reports_file_errors(tmp_path):
 def test_k8s_discovery_allows_models_without_static_workers():
     cfg = config_from_dict({"models": [{"name": "m"}], "discovery": {"source": "k8s", "namespace": "ns"}})
     assert cfg.discovery.source == "k8s" and cfg.models[0].workers == ()
+
+
+def test_reliability_defaults_and_overrides():
+    cfg = config_from_dict(base())
+    t, r, b = cfg.models[0].timeouts, cfg.retries, cfg.breaker
+    assert (t.connect_s, t.first_byte_s, t.idle_s) == (None, 60.0, 60.0)  # connect_s: the server's
+    assert (r.max_attempts, r.backoff_base_s, r.backoff_max_s, r.budget_ratio, r.min_retries_per_s,
+            r.retry_after_max_s) == (3, 0.025, 0.25, 0.1, 1.0, 1.0)
+    assert (b.failures, b.cooldown_s) == (5, 10.0)
+    # a default above a lowered overall bound is no error: the bound wins
+    assert config_from_dict({**base(), "server": {"request_timeout_s": 30}}).models[0].timeouts.idle_s == 60.0
+    cfg = config_from_dict({"models": [{"name": "m", "tiers": [
+        {"name": "s", "workers": ["http://a:1"], "timeouts": {"connect_s": 1, "first_byte_s": 20, "idle_s": 5}},
+        {"name": "l", "workers": ["http://b:1"]}]}],
+        "retries": {"max_attempts": 1}, "breaker": {"failures": 3, "cooldown_s": 2}})
+    small, large = cfg.models[0].tiers
+    assert (small.timeouts.connect_s, small.timeouts.first_byte_s, small.timeouts.idle_s) == (1.0, 20.0, 5.0)
+    assert large.timeouts.first_byte_s == 60.0
+    assert cfg.retries.max_attempts == 1 and (cfg.breaker.failures, cfg.breaker.cooldown_s) == (3, 2.0)
