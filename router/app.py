@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import aiohttp
 from aiohttp import web
@@ -19,9 +20,9 @@ from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
-from kvroute.router.routes import ModelRoute, ModelRoutes
+from kvroute.router.routes import Executors, ModelRoute, ModelRoutes
 from kvroute.router.upstream.health import HealthChecker
-from kvroute.router.upstream.scraper import scrape_loop, scrape_once
+from kvroute.router.upstream.scraper import Scraper
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     app[keys.METRICS] = metrics or RouterMetrics()
     if cfg.governance is not None:
         app[keys.GOVERNOR] = Governor(cfg.governance, app[keys.METRICS], clock)
-    app[keys.EXECUTOR] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-tok")
-    routes = ModelRoutes(cfg, app[keys.EXECUTOR], app[keys.METRICS], clock=clock)  # breakers, retries
+    executors = app[keys.EXECUTORS] = _executors()
+    routes = ModelRoutes(cfg, executors, app[keys.METRICS], clock=clock)  # breakers, retries
     app[keys.ROUTES] = routes
     admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
     app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
@@ -47,12 +48,13 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     def on_worker_state(worker) -> None:
         # A worker that failed or came back may have lost its KV cache.
         routes.route_of(worker).index.drop_worker(worker.url)
-        app[keys.METRICS].healthy.labels(worker.model, worker.url).set(1 if worker.healthy else 0)
+        if not worker.left:  # a probe that ends after the worker left must not revive its series
+            app[keys.METRICS].healthy.labels(worker.model, worker.url).set(1 if worker.healthy else 0)
         admission.worker_freed(routes.route_of(worker))  # one back in service takes queued requests
 
     app[keys.HEALTH] = HealthChecker(on_worker_state)
     add_routes(app)
-    app.cleanup_ctx.extend([_client_session, _executor, _classifiers, _discovery, _kv_events, _scraper,
+    app.cleanup_ctx.extend([_client_session, _tokenizer_executor, _classifiers, _discovery, _kv_events, _scraper,
                             _health_loop, _governor, _freeze_startup_objects])
     return app
 
@@ -76,9 +78,29 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _executor(app: web.Application) -> AsyncIterator[None]:
+def _executors() -> Executors:
+    """One thread pool per kind of blocking work (threads start only when first used).
+
+    Tokenization: HF fast tokenizers encode without the GIL, so a few threads tokenize
+    long prompts in parallel; more would only wait on the GIL for chat templating. The
+    classifier and the answer scorer score a batch at a time in numpy (which also lets the
+    GIL go): two threads each, so a model (re)load never holds up scoring."""
+    cpus = os.cpu_count() or 1
+    return Executors(
+        tokenizer=ThreadPoolExecutor(max_workers=max(2, min(4, cpus)), thread_name_prefix="kvroute-tokenizer"),
+        classifier=ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-classifier"),
+        judge=ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvroute-judge"),
+    )
+
+
+def _shutdown(executor: Executor | None) -> None:
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _tokenizer_executor(app: web.Application) -> AsyncIterator[None]:
     yield
-    app[keys.EXECUTOR].shutdown(wait=False, cancel_futures=True)
+    _shutdown(app[keys.EXECUTORS].tokenizer)
 
 
 async def _run_background(coro) -> AsyncIterator[None]:
@@ -103,6 +125,8 @@ async def _classifiers(app: web.Application) -> AsyncIterator[None]:
     for chooser in choosers:
         await chooser.close()
     await asyncio.gather(*tasks, return_exceptions=True)
+    _shutdown(app[keys.EXECUTORS].classifier)
+    _shutdown(app[keys.EXECUTORS].judge)
 
 
 async def _discovery(app: web.Application) -> AsyncIterator[None]:
@@ -156,12 +180,13 @@ async def _scraper(app: web.Application) -> AsyncIterator[None]:
         if stats.num_gpu_blocks:
             routes.route_of(worker).index.set_capacity(worker.url, stats.num_gpu_blocks)
 
+    scraper = Scraper(session, cfg.timeout_s, app[keys.METRICS], on_stats)
     # One scrape before serving, so the KV block size is known for the first request.
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(scrape_once(session, routes.all_workers(), cfg.timeout_s, on_stats),
-                               cfg.timeout_s + 1)
-    loop = scrape_loop(session, routes.all_workers, cfg.interval_s, cfg.timeout_s, on_stats)
-    async for _ in _run_background(loop):
+    try:
+        await asyncio.wait_for(scraper.once(routes.all_workers()), cfg.timeout_s + 1)
+    except TimeoutError:  # each worker has its own timeout; this bounds start-up all the same
+        log.warning("the first scrape of the workers' /metrics did not finish in %ss", cfg.timeout_s + 1)
+    async for _ in _run_background(scraper.run(routes.all_workers, cfg.interval_s)):
         yield
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import aiohttp
 from aiohttp import web
 
@@ -11,13 +9,13 @@ from kvroute.router.admission import Admission
 from kvroute.router.config import RouterConfig
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
-from kvroute.router.routes import ModelRoutes
+from kvroute.router.routes import Executors, ModelRoutes
 from kvroute.router.upstream.health import HealthChecker
 
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", RouterMetrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
-EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+EXECUTORS = web.AppKey("executors", Executors)  # tokenizer, classifier, answer scorer
 HEALTH = web.AppKey("health", HealthChecker)
 ROUTES = web.AppKey("routes", ModelRoutes)
 GOVERNOR = web.AppKey("governor", Governor)  # absent without a governance config

@@ -1,11 +1,19 @@
 """Prometheus metrics owned by one ``RouterMetrics`` object per app (no global registry).
 
 Labels come from a small fixed set: ``model``, ``worker`` and ``status``.
+
+A worker's series live as long as it is a member of a pool: ``join_worker`` creates its
+``healthy`` and breaker series when it joins (a worker healthy from the start would
+otherwise have none), ``forget_worker`` removes every series that names it when it leaves,
+so pods that discovery dropped neither keep reporting ``healthy`` nor accumulate series.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05)
@@ -93,6 +101,37 @@ class RouterMetrics:
                                           ["action"], registry=r)
         self.store_errors = Counter("kvroute_store_errors", "Governance store (Redis) calls that failed or "
                                     "were skipped while it was down, by operation", ["op"], registry=r)
+        # Reliability: scrapes of a worker's /metrics that failed, and requests routed
+        # approximately although the model has a tokenizer (router/prefix.py).
+        self.scrape_errors = Counter("kvroute_scrape_errors", "Scrapes of a worker's vLLM /metrics that "
+                                     "failed (unreachable, timed out, bad status or page)", mw, registry=r)
+        self.prefix_fallbacks = Counter("kvroute_prefix_fallbacks", "Requests of a model with a tokenizer "
+                                        "routed approximately because templating or tokenizing failed",
+                                        ["model", "reason"], registry=r)
+        # Every metric labelled with a worker, with its label names, for forget_worker.
+        self._by_model_worker: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
+            (self.requests, (*mw, "status"))] + [(m, tuple(mw)) for m in (
+                self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.predicted_cached_tokens,
+                self.in_flight, self.healthy, self.ttft, self.latency, self.breaker_state, self.scrape_errors)]
+        self._by_worker: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
+            (self.kv_events, ("worker", "type")), (self.kv_event_gaps, ("worker",))]
+
+    def join_worker(self, model: str, url: str, *, healthy: bool, breaker: int) -> None:
+        """A worker joined a pool: its health and breaker series exist from now on."""
+        self.healthy.labels(model, url).set(1 if healthy else 0)
+        self.breaker_state.labels(model, url).set(breaker)
+
+    def forget_worker(self, models: Iterable[str], url: str, *, everywhere: bool = True) -> None:
+        """Remove every series of the worker at ``url`` labelled with one of ``models`` (a
+        tier's workers are labelled ``model/tier`` on some series and ``model`` on others).
+        ``everywhere``: no pool has the URL any more, so its KV-event series (labelled by
+        worker alone) go too."""
+        names = set(models)
+        for metric, labelnames in self._by_model_worker:
+            _remove(metric, labelnames, lambda labels: labels["worker"] == url and labels["model"] in names)
+        if everywhere:
+            for metric, labelnames in self._by_worker:
+                _remove(metric, labelnames, lambda labels: labels["worker"] == url)
 
     def event(self, worker: str, kind: str, n: int = 1) -> None:
         self.kv_events.labels(worker, kind).inc(n)
@@ -102,3 +141,17 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _remove(metric: MetricWrapperBase, labelnames: tuple[str, ...],
+            match: Callable[[dict[str, str]], bool]) -> None:
+    """Remove the children of a labelled metric whose labels ``match``. They are found with
+    ``collect()``, whose samples carry their child's labels (plus ``le`` on a histogram's
+    buckets): ``remove_by_labels`` would do it, but needs prometheus_client 0.23."""
+    children = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if match(sample.labels):
+                children.add(tuple(sample.labels[n] for n in labelnames))
+    for values in children:
+        metric.remove(*values)

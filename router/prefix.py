@@ -7,7 +7,12 @@ Only full blocks get a key, because vLLM only caches full blocks.
 
 Rendered text is split at special tokens (which tokenizers never merge across) and each
 piece's ids are cached, so a growing conversation tokenizes only its new messages and a
-long shared system prompt is tokenized once. Long prompts are tokenized in an executor.
+long shared system prompt is tokenized once. Long prompts are tokenized in an executor,
+so one tokenizer serves the event loop and the executor's threads at once: its piece cache
+takes a lock, and the tokenizer itself is shared (see ``PromptTokenizer``).
+
+A request that cannot be templated or tokenized (a chat template that rejects its
+messages) is routed approximately, counted in ``kvroute_prefix_fallbacks_total`` and logged.
 
 Without a tokenizer (approximate mode) the prompt text is hashed in fixed-size character
 chunks instead. The result is still stable per prefix, but prefill-token estimates are
@@ -17,10 +22,13 @@ rough; the mode is logged and shown on ``/health``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import threading
+import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +36,13 @@ from typing import Any
 import xxhash
 
 from kvroute.router.errors import InvalidRequest
+from kvroute.router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
 
 EXECUTOR_THRESHOLD_CHARS = 4096  # shorter prompts are tokenized inline: an executor hop costs more
 PIECE_CACHE_SIZE = 8192
+FALLBACK_LOG_INTERVAL_S = 60.0  # a client that keeps sending what the template rejects logs once a minute
 
 
 def chain_keys(token_ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:
@@ -76,7 +88,14 @@ def normalize_content(content: Any) -> str:
 
 
 class PromptTokenizer:
-    """The model's own tokenizer and chat template, loaded from a local folder."""
+    """The model's own tokenizer and chat template, loaded from a local folder.
+
+    Thread-safe. The piece cache is an LRU behind a lock (its check-then-act once lost
+    entries to another thread and sent the request down the approximate path). The Rust
+    tokenizer is shared without one: encoding borrows it immutably, and HF fast
+    tokenizers raise "Already borrowed" only when a call changes their truncation or
+    padding, which these calls never ask for (tests/unit/test_prefix.py tokenizes from
+    many threads at once)."""
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer  # heavy import; only when configured
@@ -90,6 +109,7 @@ class PromptTokenizer:
         n = len(with_special) - len(without)
         self._completion_prefix = list(with_special[:n]) if n > 0 and with_special[n:] == without else []
         self._pieces: OrderedDict[str, list[int]] = OrderedDict()
+        self._pieces_lock = threading.Lock()  # held for the cache's bookkeeping, never while tokenizing
 
     def render_chat(self, messages: list[dict], tools: list | None) -> str:
         msgs = [{**m, "content": normalize_content(m.get("content"))} for m in messages]
@@ -119,14 +139,18 @@ class PromptTokenizer:
         return ids
 
     def _encode_piece(self, piece: str) -> list[int]:
-        cached = self._pieces.get(piece)
-        if cached is not None:
-            self._pieces.move_to_end(piece)
-            return cached
+        with self._pieces_lock:
+            cached = self._pieces.get(piece)
+            if cached is not None:
+                self._pieces.move_to_end(piece)
+                return cached
+        # Two threads may tokenize the same new piece at once; both get the same ids.
         ids = self.tok(piece, add_special_tokens=False).input_ids
-        self._pieces[piece] = ids
-        if len(self._pieces) > PIECE_CACHE_SIZE:
-            self._pieces.popitem(last=False)
+        with self._pieces_lock:
+            self._pieces[piece] = ids
+            self._pieces.move_to_end(piece)
+            while len(self._pieces) > PIECE_CACHE_SIZE:
+                self._pieces.popitem(last=False)
         return ids
 
     def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
@@ -141,12 +165,24 @@ def _chat_text_approx(messages: list[dict]) -> str:
 
 
 class Prefixer:
-    """Computes ``PromptKeys`` for one model's requests, exact or approximate."""
+    """Computes ``PromptKeys`` for one model's requests, exact or approximate.
 
-    def __init__(self, tokenizer: PromptTokenizer | None, chunk_chars: int, executor: Executor | None = None):
+    ``model`` labels the fallbacks it counts in ``metrics`` (the pool's key, ``model/tier``
+    for a tier: each tier has its own tokenizer). ``keys_sync`` runs on the loop and in the
+    executor's threads."""
+
+    def __init__(self, tokenizer: PromptTokenizer | None, chunk_chars: int, executor: Executor | None = None,
+                 *, model: str = "", metrics: RouterMetrics | None = None,
+                 now: Callable[[], float] = time.monotonic):
         self.tokenizer = tokenizer
         self.chunk_chars = chunk_chars
         self.executor = executor
+        self.model = model
+        self.metrics = metrics
+        self._now = now
+        self._log_lock = threading.Lock()
+        self._logged_at: dict[str, float] = {}  # reason -> when a fallback was last logged
+        self._unlogged: dict[str, int] = {}  # reason -> fallbacks since
 
     @property
     def exact(self) -> bool:
@@ -156,21 +192,44 @@ class Prefixer:
         messages = body.get("messages")
         tok = self.tokenizer
         if tok is not None:
-            try:
-                if messages is not None:
-                    ids = tok.chat_ids(messages, body.get("tools"))
-                else:
-                    ids = _completion_ids(tok, body["prompt"])
-            except InvalidRequest:
-                raise
-            except Exception:  # a template that rejects this input: route approximately
-                ids = None
+            ids = self._token_ids(tok, body, messages)
             if ids is not None:
                 return PromptKeys(tuple(chain_keys(ids, block_size)), len(ids), block_size, True)
         text = _chat_text_approx(messages) if messages is not None else _prompt_text(body["prompt"])
         tokens_per_chunk = max(1, self.chunk_chars // 4)
         keys = text_chunk_keys(text, self.chunk_chars)
         return PromptKeys(tuple(keys), max(1, len(text) // 4), tokens_per_chunk, False)
+
+    def _token_ids(self, tok: PromptTokenizer, body: dict, messages: list[dict] | None) -> list[int] | None:
+        """The prompt's token ids; None (counted and logged) when templating or tokenizing fails."""
+        reason = "template"
+        try:
+            if messages is not None:
+                text = tok.render_chat(messages, body.get("tools"))
+                reason = "tokenizer"
+                return tok.encode_text(text)
+            reason = "tokenizer"
+            return _completion_ids(tok, body["prompt"])
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # e.g. a template that rejects these messages: route approximately
+            self._fallback(reason, exc)
+            return None
+
+    def _fallback(self, reason: str, exc: Exception) -> None:
+        if self.metrics is not None:
+            self.metrics.prefix_fallbacks.labels(self.model, reason).inc()
+        now = self._now()
+        with self._log_lock:  # fallbacks come from the loop and from executor threads
+            last = self._logged_at.get(reason)
+            if last is not None and now - last < FALLBACK_LOG_INTERVAL_S:
+                self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+                return
+            self._logged_at[reason] = now
+            since = self._unlogged.pop(reason, 0)
+        log.warning("model %s: routing a request approximately, its %s failed: %s: %s%s", self.model,
+                    "chat template" if reason == "template" else "tokenization", type(exc).__name__, exc,
+                    f" ({since} more since the last report)" if since else "")
 
     async def keys(self, body: dict, block_size: int) -> PromptKeys:
         if self.tokenizer is None or _body_chars(body) < EXECUTOR_THRESHOLD_CHARS:

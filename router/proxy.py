@@ -193,6 +193,7 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
         policy.on_complete(worker, d.ctx, d.status == "ok")
         worker.breaker.record(outcome, probe=d.probe)
         account(app, d)
+        worker.request_accounted()  # the last request of a worker that left: its series go now
 
 
 def _breaker_outcome(exc: UpstreamError, *, client_started: bool) -> Outcome:

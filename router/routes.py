@@ -84,6 +84,17 @@ class ModelRoute:
         )
 
 
+@dataclass(frozen=True)
+class Executors:
+    """The thread pools that keep blocking work off the event loop, one per kind, so a slow
+    classifier batch or a model reload never queues tokenization, or the other way round.
+    None: asyncio's default executor."""
+
+    tokenizer: Executor | None = None  # long prompts' templating and tokenization (router/prefix.py)
+    classifier: Executor | None = None  # tier classifier batches and reloads (router/tiers.py)
+    judge: Executor | None = None  # the cascade's answer scorer and its load (router/confidence.py)
+
+
 @dataclass
 class ServedModel:
     """A model as clients name it: one pool, or tiers (cheapest first) and a chooser."""
@@ -106,7 +117,7 @@ class ModelRoutes:
     ``clock`` times breaker cooldowns, retry budgets and backoff (default: monotonic real
     time); ``rng`` draws the backoff jitter. Tests inject both."""
 
-    def __init__(self, cfg: RouterConfig, executor: Executor | None = None, metrics: RouterMetrics | None = None,
+    def __init__(self, cfg: RouterConfig, executors: Executors = Executors(), metrics: RouterMetrics | None = None,
                  *, clock: Clock | None = None, rng: random.Random | None = None):
         self.by_name: dict[str, ServedModel] = {}
         self.by_key: dict[str, ModelRoute] = {}
@@ -116,11 +127,11 @@ class ModelRoutes:
         self._clock = clock or MonotonicClock()
         self._rng = rng or random.Random()
         for m in cfg.models:
-            pools = [self._pool(p, executor) for p in m.pools]
+            pools = [self._pool(p, executors.tokenizer) for p in m.pools]
             chooser = None
             if m.classifier is not None:
-                chooser = TierChooser(m.name, m.classifier, len(pools), executor, metrics)
-            judge = AnswerJudge(m.name, m.cascade, executor) if m.cascade is not None else None
+                chooser = TierChooser(m.name, m.classifier, len(pools), executors.classifier, metrics)
+            judge = AnswerJudge(m.name, m.cascade, executors.judge) if m.cascade is not None else None
             self.by_name[m.name] = ServedModel(m.name, pools, chooser, judge)
 
     def _pool(self, m: ModelConfig, executor: Executor | None) -> ModelRoute:
@@ -137,16 +148,19 @@ class ModelRoutes:
                           now=self._clock.time)
         policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
         pool.on_change(policy.on_workers_changed)
-        state = self._metrics.breaker_state
+        metrics = self._metrics
 
-        def export_breakers(workers: Iterable[Worker]) -> None:  # kvroute_worker_breaker_state
-            for w in workers:
-                state.labels(w.model, w.url).set(int(w.breaker.state))
+        def joined(w: Worker) -> None:  # its healthy and breaker series exist from the start
+            metrics.join_worker(w.model, w.url, healthy=w.healthy, breaker=int(w.breaker.state))
 
-        export_breakers(pool.all())
-        pool.on_change(export_breakers)  # discovered workers start closed
-        pool.on_breaker_change(lambda w: export_breakers((w,)))
-        route = ModelRoute(m, pool, policy, index, Prefixer(tokenizer, m.approx_chunk_chars, executor),
+        for w in pool.all():
+            joined(w)
+        pool.on_join(joined)
+        pool.on_leave(self._forget)
+        pool.on_breaker_change(lambda w: metrics.breaker_state.labels(w.model, w.url).set(int(w.breaker.state)))
+        prefixer = Prefixer(tokenizer, m.approx_chunk_chars, executor, model=m.key, metrics=metrics,
+                            now=self._clock.time)
+        route = ModelRoute(m, pool, policy, index, prefixer,
                            Retrier(self._cfg.retries, self._clock, self._rng))
         self.by_key[m.key] = route
         return route
@@ -170,6 +184,17 @@ class ModelRoutes:
 
     def judges(self) -> list[AnswerJudge]:
         return [s.judge for s in self.by_name.values() if s.judge is not None]
+
+    def _forget(self, worker: Worker) -> None:
+        """Remove the metric series of a worker that left its pool and has nothing in flight."""
+        route = self.by_key[worker.model]
+        holders = [r for r in self.by_key.values() if r.pool.get(worker.url) is not None]
+        if route in holders:
+            return  # it rejoined before its last request ended: the series are the new member's
+        models = {worker.model}  # health and breaker series: the pool key (model/tier)
+        if not any(r.cfg.name == route.cfg.name for r in holders):
+            models.add(route.cfg.name)  # request series: the model's name
+        self._metrics.forget_worker(models, worker.url, everywhere=not holders)
 
     def apply_discovery(self, found: Iterable) -> None:
         """Replace every pool's members with what discovery sees (url, model, tier)."""

@@ -68,6 +68,9 @@ class TierChooser:
         self.version: str | None = None
         self._queue: list[tuple[str, asyncio.Future]] = []
         self._flusher: asyncio.TimerHandle | None = None
+        # Batches being scored. The loop keeps only weak references to tasks: one nobody
+        # holds can be collected mid-batch, and its callers' futures would never resolve.
+        self._scoring: set[asyncio.Task] = set()
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -119,25 +122,42 @@ class TierChooser:
             self._flusher = None
         batch, self._queue = self._queue, []
         if batch:
-            asyncio.ensure_future(self._score(batch))
+            task = asyncio.get_running_loop().create_task(self._score(batch))
+            self._scoring.add(task)
+            task.add_done_callback(self._scored)
+
+    def _scored(self, task: asyncio.Task) -> None:
+        self._scoring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("model %s: scoring a classifier batch failed", self.model, exc_info=task.exception())
 
     async def _score(self, batch: list[tuple[str, asyncio.Future]]) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
             scores = await loop.run_in_executor(self.executor, self.scorer.score, [t for t, _ in batch])
-        except Exception as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+        except Exception as exc:  # the scorer failed: each caller gets its error
+            _fail(batch, exc)
             return
-        self.metrics.classifier_seconds.labels(self.model).observe(time.perf_counter() - start)
-        for (_, fut), score in zip(batch, scores):
-            if not fut.done():
-                fut.set_result(float(score))
+        try:
+            self.metrics.classifier_seconds.labels(self.model).observe(time.perf_counter() - start)
+            for (_, fut), score in zip(batch, scores):
+                if not fut.done():
+                    fut.set_result(float(score))
+        finally:  # a bug above (raised on, and logged by _scored) must not leave a caller waiting
+            _fail(batch, RuntimeError(f"model {self.model}: the classifier batch ended without a score"))
 
     async def close(self) -> None:
+        """Score what is queued and wait for the batches in flight (before the executor goes)."""
         if self._flusher is not None:
             self._flusher.cancel()
         with contextlib.suppress(Exception):
             self._flush()
+        await asyncio.gather(*self._scoring, return_exceptions=True)
+
+
+def _fail(batch: list[tuple[str, asyncio.Future]], exc: BaseException) -> None:
+    """Fail the callers of ``batch`` still waiting (none once every score is set)."""
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -20,7 +20,9 @@ working unnoticed:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import Executor
 from pathlib import Path
 
 import aiohttp
@@ -63,8 +65,21 @@ def _parse_entries(doc: object, source: str) -> dict[str, dict]:
     return out
 
 
+def _load_if_changed(path: Path, known_mtime: float | None) -> tuple[float, object] | None:
+    """(mtime, parsed YAML) of the kill-switch file; None while its mtime is ``known_mtime``.
+    Runs in an executor."""
+    mtime = path.stat().st_mtime
+    if mtime == known_mtime:
+        return None
+    return mtime, yaml.safe_load(path.read_text())
+
+
 class KillSwitch:
-    def __init__(self, cfg: KillSwitchConfig, store: Store, clock: Clock, *, fail_open: bool = False):
+    """``executor`` reads and parses the file and URL sources (None: the loop's default)."""
+
+    def __init__(self, cfg: KillSwitchConfig, store: Store, clock: Clock, *, fail_open: bool = False,
+                 executor: Executor | None = None):
+        self._executor = executor
         self.cfg = cfg
         self.store = store
         self.clock = clock
@@ -118,7 +133,7 @@ class KillSwitch:
                 log.warning("kill switch: the store answers again (%d entries)", len(self._from_store))
             self.store_ok = self.loaded = True
         if self.cfg.file:
-            self._read_file()
+            await self._read_file()
         if self.cfg.url and session is not None:
             await self._read_url(session)
         self._merge()
@@ -139,15 +154,17 @@ class KillSwitch:
         if self.fail_open:
             self._from_store = {}
 
-    def _read_file(self) -> None:
+    async def _read_file(self) -> None:
         if self.cfg.file is None:
             return
         path = Path(self.cfg.file)
-        try:
-            mtime = path.stat().st_mtime
-            if mtime == self._file_mtime:
+        loop = asyncio.get_running_loop()
+        try:  # off the loop: a stat on a slow volume, or a large file to read and parse
+            loaded = await loop.run_in_executor(self._executor, _load_if_changed, path, self._file_mtime)
+            if loaded is None:
                 return
-            self._from_file = _parse_entries(yaml.safe_load(path.read_text()), "file")
+            mtime, doc = loaded
+            self._from_file = _parse_entries(doc, "file")
             self._file_mtime = mtime
         except FileNotFoundError:
             self._from_file, self._file_mtime = {}, None
@@ -160,7 +177,9 @@ class KillSwitch:
         try:
             async with session.get(self.cfg.url, timeout=aiohttp.ClientTimeout(total=self.cfg.ttl_s)) as resp:
                 resp.raise_for_status()
-                self._from_url = _parse_entries(yaml.safe_load(await resp.text()), "url")
+                text = await resp.text()
+            doc = await asyncio.get_running_loop().run_in_executor(self._executor, yaml.safe_load, text)
+            self._from_url = _parse_entries(doc, "url")
         except (aiohttp.ClientError, TimeoutError, yaml.YAMLError) as exc:
             log.error("kill switch URL unreadable, keeping the last entries: %s", exc)
 

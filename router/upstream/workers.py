@@ -39,6 +39,10 @@ class Worker:
     _on_health_change: Callable[[], None] | None = field(default=None, repr=False)
     # Opens after consecutive failures: no traffic, but the worker stays healthy (index kept).
     breaker: Breaker = field(default_factory=Breaker, repr=False, compare=False)
+    scrape_failures: int = 0  # consecutive failed scrapes of its /metrics (logged on the first)
+    left: bool = False  # no longer a member of its pool (requests sent before may still run)
+    # Set by the pool when the worker leaves with requests in flight: runs once the last is accounted.
+    _on_drained: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -50,6 +54,14 @@ class Worker:
             self._healthy = ok
             if self._on_health_change is not None:
                 self._on_health_change()
+
+    def request_accounted(self) -> None:
+        """A request to this worker has ended and been accounted (metrics included). The
+        last one of a worker that left its pool lets the pool's leave listeners run, so its
+        metric series are removed after their final updates, not re-created by them."""
+        if self._on_drained is not None and self.in_flight_requests == 0:
+            callback, self._on_drained = self._on_drained, None
+            callback()
 
     @property
     def queue_depth(self) -> int:
@@ -77,6 +89,8 @@ class WorkerPool:
         self._now = now
         self._listeners: list[Callable[[list[Worker]], None]] = []
         self._breaker_listeners: list[Callable[[Worker], None]] = []
+        self._join_listeners: list[Callable[[Worker], None]] = []
+        self._leave_listeners: list[Callable[[Worker], None]] = []
         for u in urls:
             self._add(u, tier)
 
@@ -128,24 +142,48 @@ class WorkerPool:
         return self._workers.get(url)
 
     def on_change(self, listener: Callable[[list[Worker]], None]) -> None:
+        """Called with the members whenever membership changes."""
         self._listeners.append(listener)
+
+    def on_join(self, listener: Callable[[Worker], None]) -> None:
+        """Called with each worker that joins by ``set_members`` (after ``on_change``'s listeners)."""
+        self._join_listeners.append(listener)
+
+    def on_leave(self, listener: Callable[[Worker], None]) -> None:
+        """Called with each worker that left, once it has no request in flight: at once, or
+        when its last request has been accounted (``Worker.request_accounted``)."""
+        self._leave_listeners.append(listener)
 
     def set_members(self, members: Iterable[tuple[str, str | None]]) -> None:
         """Replace membership with (url, tier) pairs, keeping state of workers that stay."""
         wanted = dict(members)
-        changed = False
+        left: list[Worker] = []
+        joined: list[Worker] = []
         for url in list(self._workers):
             if url not in wanted:
                 gone = self._workers.pop(url)
                 gone._on_health_change = gone.breaker.on_change = None
+                gone.left = True
+                left.append(gone)
                 self._stale()
-                changed = True
         for url, tier in wanted.items():
             if url not in self._workers:
                 self._add(url, tier)
-                changed = True
+                joined.append(self._workers[url])
             else:
                 self._workers[url].tier = tier
-        if changed:
+        if left or joined:
             for listener in self._listeners:
                 listener(self.all())
+        for worker in joined:
+            for on_join in self._join_listeners:
+                on_join(worker)
+        for worker in left:
+            if worker.in_flight_requests:
+                worker._on_drained = lambda worker=worker: self._left(worker)
+            else:
+                self._left(worker)
+
+    def _left(self, worker: Worker) -> None:
+        for on_leave in self._leave_listeners:
+            on_leave(worker)

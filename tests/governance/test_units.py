@@ -126,3 +126,39 @@ async def test_kill_switch_reads_a_url(aiohttp_server):
         await ks.refresh(session)
     assert ks.check("acme", None, "tiny") == ("tenant:acme", {"reason": "invoice overdue", "source": "url"})
     assert ks.check("globex", "bot", "tiny") is None
+
+
+async def test_the_kill_switch_file_is_read_and_parsed_off_the_event_loop(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from kvroute.router.governance import killswitch
+    from kvroute.router.governance.config import KillSwitchConfig
+    from kvroute.router.governance.store import MemoryStore
+    from tests.clock import FakeClock
+
+    kill_file = tmp_path / "kill.yaml"
+    kill_file.write_text("- {scope: agent, value: coder, reason: runaway}\n")
+    reads: list[str] = []
+    load = killswitch._load_if_changed
+
+    def recording(path, known_mtime):
+        loaded = load(path, known_mtime)
+        reads.append(threading.current_thread().name if loaded is not None else "unchanged")
+        return loaded
+
+    monkeypatch.setattr(killswitch, "_load_if_changed", recording)
+    ks = killswitch.KillSwitch(KillSwitchConfig(file=str(kill_file), ttl_s=1), MemoryStore(), FakeClock())
+    await ks.refresh()
+    assert ks.check("acme", "coder", "tiny") == ("agent:coder", {"reason": "runaway", "source": "file"})
+    await ks.refresh()  # same mtime: not read again
+    kill_file.write_text("[]\n")
+    os.utime(kill_file, (1, 1))  # a new mtime, whatever the clock's resolution
+    await ks.refresh()
+    assert ks.check("acme", "coder", "tiny") is None
+    loop_thread = threading.current_thread().name
+    assert reads[1] == "unchanged" and len(reads) == 3
+    assert loop_thread not in (reads[0], reads[2])  # both reads ran in an executor thread
+    kill_file.unlink()
+    await ks.refresh()
+    assert ks.entries() == []

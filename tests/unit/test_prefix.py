@@ -68,3 +68,91 @@ async def test_prefixer_completions_accept_all_prompt_shapes(tok):
     ids = await p.keys({"prompt": list(range(40))}, 16)
     assert s.block_keys == lst.block_keys and s.prompt_tokens > 16
     assert ids.prompt_tokens == 40 and len(ids.block_keys) == 2
+
+
+# ---- threads: the loop and the tokenizer executor share one PromptTokenizer ---------------
+
+def test_the_piece_cache_is_safe_across_threads(tiny_model_dir, monkeypatch):
+    """Threads on a tiny LRU whose lookups yield to other threads: without the lock, an
+    entry found by get() was evicted by another thread before move_to_end() (KeyError, and
+    the request silently went to approximate routing). Every call must succeed."""
+    import random
+    import time
+    from collections import OrderedDict
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvroute.router import prefix
+
+    class YieldingDict(OrderedDict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            time.sleep(0.0005)  # another thread runs between the lookup and what follows
+            return value
+
+    monkeypatch.setattr(prefix, "PIECE_CACHE_SIZE", 2)
+    tok = PromptTokenizer(str(tiny_model_dir))
+    tok._pieces = YieldingDict()
+    pieces = [f"piece {i} of a shared prompt " * 3 for i in range(4)]
+    expected = {p: tok.tok(p, add_special_tokens=False).input_ids for p in pieces}
+
+    def work(seed: int) -> int:
+        rnd = random.Random(seed)
+        return sum(tok._encode_piece(p) != expected[p] for p in (rnd.choice(pieces) for _ in range(60)))
+
+    with ThreadPoolExecutor(6) as ex:
+        assert sum(ex.map(work, range(6))) == 0  # and nothing raised
+    assert len(tok._pieces) <= 2
+
+
+def test_the_tokenizer_can_be_shared_by_threads(tok):
+    """HF fast tokenizers raise "Already borrowed" when a call changes truncation or padding
+    while another thread encodes; the router's calls change neither."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    conversations = [[{"role": "system", "content": f"System prompt {i % 5}. " * 200},
+                      {"role": "user", "content": f"question {i} " * (1 + i % 30)}] for i in range(64)]
+    expected = [tok.tok(tok.render_chat(c, None), add_special_tokens=False).input_ids for c in conversations]
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(tok.chat_ids, conversations)) == expected
+
+
+# ---- fallbacks to approximate routing are counted and logged ---------------------------
+
+class BrokenTokenizer:
+    """Its chat template rejects every conversation; its encoder fails on 'boom'."""
+
+    def render_chat(self, messages, tools):
+        raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    def completion_ids(self, prompt):
+        if "boom" in prompt:
+            raise RuntimeError("tokenizer exploded")
+        return [1, 2, 3]
+
+
+def fallbacks(metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("kvroute_prefix_fallbacks_total",
+                                             {"model": "llama/small", "reason": reason}) or 0.0
+
+
+async def test_every_fallback_is_counted_and_logged_at_most_once_a_minute(caplog):
+    from kvroute.router.metrics import RouterMetrics
+    from tests.clock import FakeClock
+
+    metrics, clock = RouterMetrics(), FakeClock()
+    p = Prefixer(BrokenTokenizer(), 64, model="llama/small", metrics=metrics, now=clock.time)  # type: ignore[arg-type]
+    chat = {"messages": [{"role": "user", "content": "hi " * 100}]}
+    with caplog.at_level("WARNING", "kvroute.router.prefix"):
+        for _ in range(3):
+            keys = await p.keys(chat, 16)
+            assert not keys.exact and keys.block_keys  # routed, approximately
+        clock.advance(61)
+        await p.keys(chat, 16)
+        assert not (await p.keys({"prompt": "boom " * 100}, 16)).exact
+        assert (await p.keys({"prompt": "fine"}, 16)).exact
+    assert fallbacks(metrics, "template") == 4 and fallbacks(metrics, "tokenizer") == 1
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 3
+    assert "chat template failed: ValueError: Conversation roles must alternate" in logged[0]
+    assert "(2 more since the last report)" in logged[1]
+    assert "tokenization failed: RuntimeError: tokenizer exploded" in logged[2]

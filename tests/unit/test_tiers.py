@@ -122,3 +122,74 @@ def _no_load(c: TierChooser):
         c.version = c.scorer.version
 
     return load
+
+
+async def test_a_batch_being_scored_is_held_until_it_is_done():
+    import gc
+    import threading
+
+    from tests.clock import until
+
+    gate = threading.Event()
+
+    class Gated(LengthScorer):
+        def score(self, prompts):
+            gate.wait(5)
+            return super().score(prompts)
+
+    c = chooser(batch_window_ms=1)
+    c.scorer = Gated()
+    waiting = asyncio.ensure_future(c.choose("x"))
+    await until(lambda: len(c._scoring) == 1)
+    gc.collect()  # the loop holds tasks weakly: only the chooser's reference keeps this one
+    assert len(c._scoring) == 1
+    gate.set()
+    assert (await waiting)[0] == 0
+    await until(lambda: not c._scoring)
+
+
+async def test_a_failing_batch_fails_its_callers_and_a_bug_is_logged(caplog):
+    class Failing(LengthScorer):
+        def score(self, prompts):
+            raise RuntimeError("scorer down")
+
+    c = chooser(batch_window_ms=1)
+    c.scorer = Failing()
+    with pytest.raises(RuntimeError, match="scorer down"):
+        await c.choose("x")
+
+    class BrokenMetric:
+        def labels(self, *_):
+            raise KeyError("a bug after scoring")
+
+    c = chooser(batch_window_ms=1)
+    c.metrics.classifier_seconds = BrokenMetric()
+    with pytest.raises(RuntimeError, match="ended without a score"):
+        await asyncio.wait_for(c.choose("x"), 2)  # never left waiting
+    await c.close()
+    assert any("scoring a classifier batch failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_tokenizer_classifier_and_answer_scorer_have_their_own_executors(aiohttp_client, aiohttp_server):
+    small, large = [str((await aiohttp_server(fake_worker(n))).make_url("")).rstrip("/") for n in ("s", "l")]
+    cfg = config_from_dict({"models": [{"name": "auto", "mode": "cascade", "classifier": {},
+                                        "cascade": {"answer_model": "rules"},
+                                        "tiers": [{"name": "small", "workers": [small]},
+                                                  {"name": "large", "workers": [large]}]}],
+                            "health": {"interval_s": 60}})
+    app = create_app(cfg)
+    pools = app[keys.EXECUTORS]
+    served = app[keys.ROUTES].get("auto")
+    assert len({id(pools.tokenizer), id(pools.classifier), id(pools.judge)}) == 3
+    assert all(t.prefixer.executor is pools.tokenizer for t in served.tiers)
+    assert served.chooser.executor is pools.classifier and served.judge.executor is pools.judge
+    served.chooser.load = served.chooser.close = _noop  # no classifier to load: only the wiring counts
+    client = await aiohttp_client(app)
+    await client.close()  # the cleanup contexts run
+    for pool in (pools.tokenizer, pools.classifier, pools.judge):
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.submit(int)
+
+
+async def _noop() -> None:
+    return None
