@@ -6,6 +6,8 @@
         --policies prefix,round_robin,vllm-router:cache_aware,smg:cache_aware --out DIR
     kvroute bench --fleet urls --worker-url http://h:8000 --worker-url ... --policies ...
     kvroute bench overhead --out DIR
+    kvroute bench reliability --streams 1000 --rounds 3 --restart-streams 200 --out DIR
+    kvroute bench reliability --parts faults --fleet local --out DIR
     kvroute bench trace --workload agent --requests 200 --out trace.jsonl
     kvroute bench fleet --workers 4 --kv-blocks 320 --worker-port 8260 --events-port 18260
     kvroute bench agreement --worker-url ... --events-port-offset 10000 --out DIR
@@ -33,7 +35,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from kvroute.benchmarks import agreement, ceiling, overhead
+from kvroute.benchmarks import agreement, ceiling, overhead, reliability
 from kvroute.benchmarks.runner import progress_bar
 from kvroute.benchmarks.workloads import add_workload_args, iter_records, workload_from_args, write_trace
 
@@ -337,6 +339,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "overhead": Command("what each router adds in front of a free upstream", overhead.__doc__,
                         overhead.add_arguments, overhead.run),
+    "reliability": Command("load, faults, restarts: does the router hold up?", reliability.__doc__,
+                           reliability.add_arguments, reliability.run),
     "trace": Command("write a workload as JSONL", "write a workload as JSONL", add_trace_arguments, run_trace),
     "fleet": Command("start a local fleet and hold it for several runs", run_fleet.__doc__,
                      add_fleet_arguments, run_fleet),

@@ -63,7 +63,10 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
                               f"limit of {max_bytes} bytes.")
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in _DECODED:  # aiohttp would hand the coded bytes over as if plain
-        raise UnsupportedEncoding(f"Content-Encoding '{encoding[:64]}' is not supported; send the body "
+        # Echoed escaped: non-ASCII header bytes reach Python as lone surrogates, which would
+        # make the error body invalid UTF-8.
+        shown = encoding[:64].encode("ascii", "backslashreplace").decode("ascii")
+        raise UnsupportedEncoding(f"Content-Encoding '{shown}' is not supported; send the body "
                                   "unencoded, or gzip or deflate", param="content-encoding")
     try:
         return await request.read()
@@ -134,6 +137,10 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str]) -> ParsedRe
         if "prompt" not in body:
             raise InvalidRequest("'prompt' is required", param="prompt")
         _check_prompt(body["prompt"])
+        # Not a completion field, but the prompt's keys are read from 'messages' when it is there
+        # (router/prefix.py): junk in it must be a 400 here, not a 500 there.
+        if body.get("messages") is not None:
+            _check_messages(body["messages"])
         path = "/v1/completions"
     stream = bool(_field(body, "stream", (bool,), "a boolean"))
     for name in ("max_tokens", "max_completion_tokens", "n"):
