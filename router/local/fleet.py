@@ -171,6 +171,7 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
     kill_worker(old)
     while _alive(old.pid):
         time.sleep(0.1)
+    _reap(old)
     fleet.workers[i] = _spawn(fleet, i, old.port, old.events_port)
     if wait:
         wait_healthy(_only(fleet, i), progress=lambda _: None)
@@ -213,6 +214,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _reap(worker: LocalWorker) -> None:
+    """Collect a killed worker's exit status through its handle: Popen warns when a handle
+    is dropped before it saw the exit, even if the child was reaped another way."""
+    if worker.proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.proc.wait(timeout=5)
+
+
 def kill_worker(worker: LocalWorker, sig: int = signal.SIGKILL) -> None:
     """Kill one worker's whole process group (API server and engine core)."""
     try:
@@ -229,9 +238,7 @@ def stop_fleet(fleet: LocalFleet, timeout_s: float = 15.0) -> None:
         while _alive(w.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         kill_worker(w, signal.SIGKILL)
-        if w.proc is not None:  # reap it, so nothing is left running behind the handle
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                w.proc.wait(timeout=5)
+        _reap(w)
     path = state_file(fleet.workers[0].port) if fleet.workers else None
     if path is not None and path.exists():
         try:
