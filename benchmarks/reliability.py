@@ -758,8 +758,11 @@ def summarize_fault(name: str, results: Sequence[StreamResult], polls: Sequence[
     t_fault, t_end = marks["fault"], marks["end"]
     base = [r.latency_s for r in results if r.end <= t_fault and r.outcome == "ok"]
     slow_s = 2 * (_pct(base, 99) or 1.0) + 0.5
+    # Requests in flight when the fault began or sent during it. Later ones meet the worker's
+    # return (a restarted worker's first answers are slow), not the fault: they count in the
+    # outcomes below, not in its impact.
     overlapping = [r for r in results if r.end >= t_fault and r.start <= t_end]
-    affected = [r for r in results if r.end >= t_fault and (r.outcome != "ok" or r.latency_s > slow_s)]
+    affected = [r for r in overlapping if r.outcome != "ok" or r.latency_s > slow_s]
     c = count(results)
     by_design = sum(r.outcome == "failed" and r.code == "governance_unavailable" for r in results) \
         if name == "redis-fail_closed" else 0
@@ -770,10 +773,11 @@ def summarize_fault(name: str, results: Sequence[StreamResult], polls: Sequence[
         "failed_codes": sorted({str(r.code) for r in results if r.outcome == "failed"}),
         "cut_clean": c["cut_clean"], "cut_unclean": c["cut_unclean"], "hangs": c["hang"],
         "cut_codes": sorted({str(r.code) for r in results if r.outcome == "cut_clean"}),
-        "slowed": sum(r.outcome == "ok" and r.latency_s > slow_s for r in results if r.end >= t_fault),
+        "slowed": sum(r.outcome == "ok" and r.latency_s > slow_s for r in overlapping),
         "slow_threshold_s": round(slow_s, 2), "baseline_p50_s": round(_pct(base, 50) or 0, 3),
         "baseline_p99_s": round(_pct(base, 99) or 0, 3),
         "fault_s": round(t_end - t_fault, 1), "marks": marks,
+        "restart_s": round(t_end - marks["restart"], 1) if "restart" in marks else None,
         "impact_ended_after_s": round(max((r.end for r in affected), default=t_fault) - t_fault, 2),
         "retries": metric_value(metrics, "kvroute_retries_total"),
         "retries_refused": {m.group(1): float(m.group(2)) for m in re.finditer(
@@ -901,7 +905,10 @@ def render(doc: dict[str, Any]) -> str:
             cut = f"{r['cut_clean']} / {r['cut_unclean']}"
             if r["cut_codes"]:
                 cut += f" ({', '.join(r['cut_codes'])})"
-            lines.append(f"| {r['fault']} | {r['fault_s']} s | {r['requests']} ({r['during_fault']}) | {failed} | "
+            span = f"{r['fault_s']} s"
+            if r.get("restart_s") is not None:
+                span = f"{r['fault_s'] - r['restart_s']:g} s down + {r['restart_s']} s restart"
+            lines.append(f"| {r['fault']} | {span} | {r['requests']} ({r['during_fault']}) | {failed} | "
                          f"{cut} | {r['hangs']} | {r['slowed']} | {_s(r['out_of_rotation_after_s'])} | "
                          f"{_s(r['impact_ended_after_s'])} | {_s(r['back_after_s'])} | {r['retries']:g} | "
                          f"{'met' if r['target_met'] else 'MISSED'} |")
