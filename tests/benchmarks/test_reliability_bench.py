@@ -5,7 +5,6 @@ reader."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import aiohttp
@@ -68,6 +67,10 @@ DOCUMENTED = [
     ("reliability --parts faults --fleet local --out DIR",
      {"parts": "faults", "fleet": "local", "first_byte_s": 3.0, "cooldown_s": 5.0, "idle_s": 5.0,
       "faults": "kill,stop,503,redis-fail_closed,redis-fail_open", "fault_rate": 5.0}),
+    ("reliability --parts faults --fleet local --faults stop,503,redis-fail_closed,redis-fail_open --out DIR",
+     {"faults": "stop,503,redis-fail_closed,redis-fail_open", "kv_blocks": 128, "max_tokens": 32, "stop_s": 20.0,
+      "unavailable_s": 30.0, "redis_pause_s": 10.0, "baseline_s": 10.0, "client_timeout_s": 60.0}),
+    ("reliability --parts faults --fleet local --faults kill --out DIR", {"faults": "kill", "down_s": 15.0}),
 ]
 
 
@@ -102,22 +105,20 @@ def _r(start: float, latency: float, outcome: str = "ok", worker: str = "b", cod
 
 
 def test_summary_of_a_worker_fault() -> None:
-    args = argparse.Namespace()
     results = [_r(t, 0.2, worker="a" if t % 2 else "b") for t in range(10)]  # healthy: both serve
     results += [_r(10.1, 0.3, "cut_clean", "a", "upstream_error"),  # in flight on the killed worker
                 _r(10.5, 3.4),  # waited out first_byte_s, then served by the other one
                 *[_r(t, 0.2) for t in range(11, 30)],
                 _r(31.0, 0.2, worker="a")]  # back, 1 s after the fault ended
     polls = [Poll(t / 4, t / 4 < 10.5 or t / 4 >= 30, None, 0.0) for t in range(140)]
-    row = summarize_fault("kill", results, polls, {"fault": 10.0, "end": 30.0}, "a", "kvroute_retries_total 3.0\n",
-                          args)
+    row = summarize_fault("kill", results, polls, {"fault": 10.0, "end": 30.0}, "a", "kvroute_retries_total 3.0\n")
     assert (row["failed_before_stream"], row["cut_clean"], row["cut_unclean"], row["hangs"]) == (0, 1, 0, 0)
     assert row["cut_codes"] == ["upstream_error"] and row["slowed"] == 1 and row["retries"] == 3
     assert row["out_of_rotation_after_s"] == 0.5 and row["back_after_s"] == 1.0
     assert row["impact_ended_after_s"] == pytest.approx(3.9)  # the slowed request's end
     assert row["target_met"]
     assert summarize_fault("kill", [*results, _r(12, 0.1, "failed", "b", "upstream_unavailable")], polls,
-                           {"fault": 10.0, "end": 30.0}, "a", "", args)["target_met"] is False
+                           {"fault": 10.0, "end": 30.0}, "a", "")["target_met"] is False
 
 
 def test_summary_of_a_redis_pause_counts_fail_closed_refusals_as_by_design() -> None:
@@ -125,8 +126,7 @@ def test_summary_of_a_redis_pause_counts_fail_closed_refusals_as_by_design() -> 
     results += [_r(10 + t / 10, 0.0, "failed", "b", "governance_unavailable") for t in range(50)]
     results += [_r(16 + t / 2, 0.2) for t in range(10)]
     polls = [Poll(t / 4, None, None, 0.0 if t / 4 < 10.5 else min(50.0, (t / 4 - 10.5) * 10)) for t in range(100)]
-    row = summarize_fault("redis-fail_closed", results, polls, {"fault": 10.0, "end": 15.0}, None, "",
-                          argparse.Namespace())
+    row = summarize_fault("redis-fail_closed", results, polls, {"fault": 10.0, "end": 15.0}, None, "")
     assert row["failed_before_stream"] == 50 and row["refused_by_design"] == 50 and row["failed_unexpected"] == 0
     assert row["out_of_rotation_after_s"] == 0.75 and row["back_after_s"] == 0.5 and row["target_met"]
 
