@@ -23,13 +23,13 @@ import json
 import logging
 import random
 import shlex
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvroute.benchmarks.runner import run_standalone
 from kvroute.benchmarks.workloads import TraceRecord, add_workload_args, iter_records, workload_from_args
 
 log = logging.getLogger(__name__)
@@ -278,17 +278,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_args(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvroute bench agreement", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """``kvroute bench agreement`` on its own (``argv``: the arguments after ``agreement``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(build_parser().parse_args(argv), argv)
+    return run_standalone("agreement", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

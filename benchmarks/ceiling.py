@@ -27,6 +27,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
 from kvroute.benchmarks.backends.simkeys import KeyCache, make_tokenization
+from kvroute.benchmarks.runner import run_standalone
 from kvroute.benchmarks.workloads import TraceRecord, add_workload_args, iter_records, workload_from_args
 
 Request = tuple[tuple[int, ...], int]  # (block keys, prompt tokens)
@@ -149,17 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_args(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvroute bench ceiling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """``kvroute bench ceiling`` on its own (``argv``: the arguments after ``ceiling``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(build_parser().parse_args(argv), argv)
+    return run_standalone("ceiling", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -167,9 +160,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     Bad input (sizes, a results file, a trace) ends it as argparse does: usage and exit 2.
     """
-    from kvroute.benchmarks.runner import progress_bar
+    from kvroute.benchmarks.runner import progress_bar, standalone_parser
 
-    error = build_parser().error
+    error = standalone_parser("ceiling", __doc__, add_arguments).error
     if args.workers < 1 or args.kv_blocks < 1:
         error("--workers and --kv-blocks must be positive")
     spec = workload_from_args(args)

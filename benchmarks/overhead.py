@@ -30,6 +30,7 @@ from aiohttp import web
 
 from kvroute.benchmarks.backends.routers import RouterProcess, http_ok, parse_router, router_command
 from kvroute.benchmarks.results import percentile
+from kvroute.benchmarks.runner import run_standalone
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
 
 _METRICS = """# TYPE vllm:num_requests_running gauge
@@ -187,20 +188,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # internal: be the upstream
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvroute bench overhead",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvroute.benchmarks.overhead``: as ``kvroute bench overhead``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(build_parser().parse_args(argv), argv)
+    return run_standalone("overhead", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

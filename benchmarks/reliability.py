@@ -58,6 +58,7 @@ from aiohttp import web
 
 from kvroute.benchmarks.backends.routers import KVROUTE_SERVE, RouterProcess, http_ok
 from kvroute.benchmarks.results import percentile
+from kvroute.benchmarks.runner import run_standalone
 
 T = TypeVar("T")
 PARTS = ("load", "restart", "faults")
@@ -1085,17 +1086,9 @@ def _json_default(x: Any) -> Any:
     raise TypeError(type(x).__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvroute bench reliability", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvroute.benchmarks.reliability``: as ``kvroute bench reliability``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(build_parser().parse_args(argv), argv)
+    return run_standalone("reliability", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

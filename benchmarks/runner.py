@@ -12,6 +12,7 @@ client side.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
@@ -198,3 +199,19 @@ def write_request_log(path: Path, records: Sequence[TraceRecord], results: Seque
                 "cached_tokens": res.cached_tokens, "predicted_cached_tokens": res.predicted_cached_tokens,
                 "ttft_s": res.ttft_s,
             }) + b"\n")
+
+
+def run_standalone(name: str, doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+                   run: Callable[[argparse.Namespace, list[str]], int], argv: list[str] | None) -> int:
+    """A ``kvroute bench NAME`` subcommand run on its own (``python -m kvroute.benchmarks.NAME``):
+    the same arguments, and ``argv`` recorded as its command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(standalone_parser(name, doc, add_arguments).parse_args(argv), argv)
+
+
+def standalone_parser(name: str, doc: str | None,
+                      add_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"kvroute bench {name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
