@@ -4,8 +4,11 @@ loopback.
 
 Each request is tagged (tenant, agent, feature, session) and falls under four budgets
 (request, session, agent per day, tenant per day), with loop detection on: the realistic
-worst case, not an empty config. Requests run one at a time, so the figures are latency,
-not throughput. Redis is the one at ``--redis-url``, or a ``redis-server`` this script
+worst case, not an empty config. The "all features" rows add what agent fleets use: no
+session header (the session is derived from a conversation fingerprint), named per-agent
+limits matched by tag, a downgrade budget, two rate limits (per key and per agent) and
+routed alert webhooks. Requests run one at a time, so the figures are latency, not
+throughput. Redis is the one at ``--redis-url``, or a ``redis-server`` this script
 starts on a free port and stops again.
 
     python -m kvroute.benchmarks.governance_bench --requests 2000 --out results/governance
@@ -106,8 +109,25 @@ class RedisServer:
         self._folder.cleanup()
 
 
-def _governor(redis_url: str | None, on_store_error: dict | None = None):
+# On top of BUDGETS with --features all (none of them refuses a request here).
+FLEET = {
+    "budgets": [{"name": "research", "scope": "agent", "match": {"agent": ["agent-1", "agent-2"]},
+                 "limit": {"usd": 500}},
+                {"name": "search-day", "scope": "feature", "window": "day", "limit": {"usd": 5000},
+                 "action": "downgrade", "downgrade_at": 0.8}],
+    "rate_limits": [{"name": "per-key", "per": "key", "requests_per_minute": 1_000_000,
+                     "tokens_per_minute": 1_000_000_000},
+                    {"name": "per-agent", "per": "agent", "requests_per_minute": 1_000_000}],
+    "alerts": {"spike_by": ["tenant", "agent", "feature"],
+               "webhooks": [{"url": "http://127.0.0.1:9/oncall", "kinds": ["threshold_100"], "format": "slack"},
+                            {"url": "http://127.0.0.1:9/team", "kinds": ["threshold_70", "loop_detected"]}]},
+}
+
+
+def _governor(redis_url: str | None, on_store_error: dict | None = None, features: bool = False):
     governance: dict = {"tenants": [{"name": "acme", "keys": ["sk-bench"]}], "budgets": BUDGETS}
+    if features:
+        governance = {**governance, **FLEET, "budgets": BUDGETS + FLEET["budgets"]}
     if redis_url:
         governance["redis"] = {"url": redis_url, "prefix": f"bench:{time.time_ns()}"}
     if on_store_error:
@@ -119,11 +139,16 @@ def _governor(redis_url: str | None, on_store_error: dict | None = None):
     return Governor(cfg.governance, RouterMetrics()), served, served.tiers[0]
 
 
-async def _request(route, i: int):
+async def _request(route, i: int, features: bool = False):
     body = {"model": "tiny", "max_tokens": 200,
             "messages": [{"role": "user", "content": f"what does report {_word(i)} say?"}]}
     headers = {"x-kvroute-agent": f"agent-{i % 8}", "x-kvroute-feature": "search",
                "x-kvroute-session": f"s-{i // 10}"}
+    if features:  # no session header: one conversation (system prompt + first message) per 10 requests
+        del headers["x-kvroute-session"]
+        body["messages"] = [{"role": "system", "content": "You are a research agent. " * 20},
+                            {"role": "user", "content": f"task {_word(i // 10)}"},
+                            {"role": "assistant", "content": "Looking."}, *body["messages"]]
     req = parse_request(CHAT, orjson.dumps(body), headers)
     return req, await route.context(req)
 
@@ -133,11 +158,11 @@ def _done(ctx) -> SimpleNamespace:
     return SimpleNamespace(usage=usage, client_started=True, status="ok", worker=None)
 
 
-async def run(store: str, redis_url: str | None, n: int) -> dict:
-    gov, served, route = _governor(redis_url)
+async def run(store: str, redis_url: str | None, n: int, features: bool = False) -> dict:
+    gov, served, route = _governor(redis_url, features=features)
     admit_s, settle_s = [], []
     for i in range(n + 100):  # the first 100 warm up connections and caches
-        req, ctx = await _request(route, i)
+        req, ctx = await _request(route, i, features)
         t0 = time.perf_counter()
         grant = await gov.admit(req, served, route, ctx, authorization="Bearer sk-bench")
         t1 = time.perf_counter()
@@ -150,7 +175,7 @@ async def run(store: str, redis_url: str | None, n: int) -> dict:
     await gov.close()
     total = [a + s for a, s in zip(admit_s, settle_s)]
     ms = lambda xs, q: round(percentile(xs, q) * 1000, 3)  # noqa: E731
-    return {"store": store, "requests": n,
+    return {"store": store + (", all features" if features else ""), "requests": n,
             "admit_p50_ms": ms(admit_s, 50), "admit_p99_ms": ms(admit_s, 99),
             "settle_p50_ms": ms(settle_s, 50), "settle_p99_ms": ms(settle_s, 99),
             "total_p50_ms": ms(total, 50), "total_p99_ms": ms(total, 99)}
@@ -259,13 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", help="use this Redis instead of starting redis-server")
     p.add_argument("--no-redis", action="store_true", help="measure the in-memory store only")
     p.add_argument("--out", default="results/governance")
+    p.add_argument("--features", choices=("base", "all", "both"), default="both",
+                   help="budgets and loops only (base), every governance feature on (all), or both")
     p.add_argument("--faults", action="store_true", help="measure admission with Redis healthy and paused")
     p.add_argument("--concurrency", type=int, default=8, help="--faults: requests in flight")
     p.add_argument("--pause-s", type=float, default=3.0, help="--faults: how long Redis stays paused")
     args = p.parse_args(argv)
     if args.faults:
         return _main_faults(args)
-    rows = [asyncio.run(run("memory", None, args.requests))]
+    modes = {"base": [False], "all": [True], "both": [False, True]}[args.features]
+    rows = [asyncio.run(run("memory", None, args.requests, f)) for f in modes]
     if not args.no_redis:
         server = None
         url = args.redis_url
@@ -273,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             server = RedisServer()
             url = server.url
         try:
-            rows.append(asyncio.run(run("redis (loopback)", url, args.requests)))
+            rows += [asyncio.run(run("redis (loopback)", url, args.requests, f)) for f in modes]
         finally:
             if server is not None:
                 server.stop()

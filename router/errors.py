@@ -15,8 +15,9 @@ errors carry the status and the OpenAI error fields, and one middleware turns th
     │   ├── PayloadTooLarge         413 body over the configured limit
     │   ├── UnsupportedEncoding     415 a Content-Encoding the router cannot decode
     │   ├── HeadersTooLarge         431 a header line over the limit, or too many headers
-    │   └── BudgetExceeded          429 a hard budget is spent (names it and its reset time)
-    │       └── LoopDetected        429 the session repeats itself and was halted
+    │   ├── BudgetExceeded          429 a hard budget is spent (names it and its reset time)
+    │   │   └── LoopDetected        429 the session repeats itself and was halted
+    │   └── RateLimited             429 a requests- or tokens-per-minute limit (x-ratelimit-* headers)
     └── ServiceError (5xx)
         ├── NoHealthyWorker         503 model configured but no worker can serve it
         ├── AgentHalted             503 a kill switch covers this request (code agent_halted)
@@ -139,6 +140,21 @@ class BudgetExceeded(RequestError):
 
 class LoopDetected(BudgetExceeded):
     code = "loop_detected"
+
+
+class RateLimited(RequestError):
+    """A rate limit (governance.rate_limits) is reached; ``param`` names it. ``kind``
+    (requests or tokens) is the OpenAI error type; ``headers`` carry Retry-After and the
+    ``x-ratelimit-*`` headers."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, kind: str = "requests",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, param=param)
+        self.type = kind
+        self.headers = headers or None
 
 
 class ServiceError(KvrouteError):

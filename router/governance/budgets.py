@@ -9,6 +9,16 @@ usage leaves the window one sub-bucket at a time and is remembered for between
 oldest usage ages out. A session budget lives as long as the session
 (``session_ttl_s`` after its last request). ``request`` budgets need no state: they cap
 one request's prompt and completion.
+
+Named limits: a budget with ``match`` (or ``tenant``) applies only to requests whose tags
+have the given values, e.g. ``{scope: agent, match: {agent: research}, limit: {usd: 2}}``.
+Every budget that applies is enforced, so the tightest wins; a budget that names others
+in ``overrides`` replaces them for the requests it applies to (a tenant's own session
+limits instead of the defaults).
+
+A session the router derived (no ``x-kvroute-session`` or ``user``; ``identity.py``) has no
+wall-clock limit, since unrelated conversations may share it over time, and its state is
+dropped ``session_id.ttl_s`` after its last request.
 """
 
 from __future__ import annotations
@@ -16,11 +26,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from kvroute.router.config import Price
 from kvroute.router.governance.config import Budget
 from kvroute.router.governance.identity import Attribution
 from kvroute.router.governance.store import Slot
+
+if TYPE_CHECKING:  # router.config imports governance (and telemetry, which imports this module)
+    from kvroute.router.config import Price
 
 
 @dataclass(frozen=True)
@@ -41,10 +54,21 @@ class Rates:
         return (prompt - cached) * self.input + cached * self.cached + completion * self.output
 
 
+def tags_of(attrs: Attribution) -> dict[str, str | None]:
+    return {"tenant": attrs.tenant, "agent": attrs.agent, "task": attrs.task, "feature": attrs.feature,
+            "user": attrs.user}
+
+
+def applicable(budgets: tuple[Budget, ...], attrs: Attribution) -> list[Budget]:
+    """The budgets whose tenant and ``match`` fit the request, less those another one overrides."""
+    tags = tags_of(attrs)
+    hits = [b for b in budgets if b.matches(tags)]
+    dropped = {name for b in hits for name in b.overrides}
+    return [b for b in hits if b.name not in dropped] if dropped else hits
+
+
 def scope_value(budget: Budget, attrs: Attribution) -> str | None:
-    """The counter's identity within the budget, or None when the budget does not apply."""
-    if budget.tenant is not None and budget.tenant != attrs.tenant:
-        return None
+    """The counter's identity within the budget, or None when the budget has none for this request."""
     if budget.scope in ("global", "request"):
         return "*"
     if budget.scope == "tenant":
@@ -53,9 +77,11 @@ def scope_value(budget: Budget, attrs: Attribution) -> str | None:
     return f"{attrs.tenant}/{value}" if value else None
 
 
-def slots_for(budgets: tuple[Budget, ...], attrs: Attribution, now: float,
-              session_ttl_s: float) -> list[tuple[Budget, Slot]]:
+def slots_for(budgets: list[Budget], attrs: Attribution, now: float,
+              session_ttl_s: float, derived_ttl_s: float | None = None) -> list[tuple[Budget, Slot]]:
+    """The budget instances of the (applicable) ``budgets``; a derived session lives ``derived_ttl_s``."""
     out = []
+    derived = attrs.derived_session
     for b in budgets:
         if b.scope == "request":
             continue
@@ -63,7 +89,10 @@ def slots_for(budgets: tuple[Budget, ...], attrs: Attribution, now: float,
         if value is None:
             continue
         lim = b.limits
-        if b.window_s:
+        if derived and b.scope == "session":
+            slot = Slot(f"{b.name}:{value}", b.name, lim.tokens, lim.usd, lim.tool_calls, None, not b.soft,
+                        now + (derived_ttl_s or session_ttl_s))
+        elif b.window_s:
             bucket_s = b.window_s / b.buckets
             slot = Slot(f"{b.name}:{value}:{b.window_s}/{b.buckets}", b.name, lim.tokens, lim.usd, lim.tool_calls,
                         lim.wall_s, not b.soft, now + b.window_s + bucket_s, bucket_s, b.buckets)
@@ -74,7 +103,7 @@ def slots_for(budgets: tuple[Budget, ...], attrs: Attribution, now: float,
     return out
 
 
-def request_cap(budgets: tuple[Budget, ...], attrs: Attribution, prompt: int,
+def request_cap(budgets: list[Budget], attrs: Attribution, prompt: int,
                 rates: Rates) -> tuple[float, Budget | None]:
     """Completion tokens the hard ``request`` budgets leave, and the one that binds."""
     cap, binding = math.inf, None

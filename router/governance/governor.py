@@ -6,8 +6,9 @@
     finally:
         governor.finish(grant, dispatch)
 
-``admit`` authenticates the caller, tags the request, checks the kill switch and the
-session's loop detector, and reserves prompt tokens + the completion tokens it grants in
+``admit`` authenticates the caller, tags the request (deriving a session when it names
+none, ``identity.derive_session``), checks the kill switch, the rate limits
+(``ratelimit.py``) and the session's loop detector, and reserves prompt tokens + the completion tokens it grants in
 every budget the request falls under (atomically, in the store). It may shrink the
 request's ``max_tokens`` to what the budgets leave, move it to a cheaper tier
 (``downgrade``), delay it (``throttle``), or refuse it with a kvroute error (401, 429,
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -49,14 +51,22 @@ from kvroute.router.errors import (
     LoopDetected,
     StoreUnavailable,
 )
-from kvroute.router.governance import loops
+from kvroute.router.governance import loops, ratelimit
 from kvroute.router.governance.alerts import Alerter
-from kvroute.router.governance.budgets import Rates, refusal, request_cap, slots_for
+from kvroute.router.governance.budgets import Rates, applicable, refusal, request_cap, slots_for
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.config import Budget, GovernanceConfig
 from kvroute.router.governance.grant import Grant
 from kvroute.router.governance.guard import GuardedStore
-from kvroute.router.governance.identity import Attribution, Authenticator, attribution, new_traceparent, trace_id
+from kvroute.router.governance.identity import (
+    Attribution,
+    Authenticator,
+    attribution,
+    derive_session,
+    key_id,
+    new_traceparent,
+    trace_id,
+)
 from kvroute.router.governance.killswitch import KillSwitch
 from kvroute.router.governance.ledger import Ledger
 from kvroute.router.governance.store import Ask, Granted, MemoryStore, Store
@@ -75,6 +85,10 @@ def _label(value: str | None, allowed: tuple[str, ...] | None) -> str:
     if not value:
         return "none"
     return value if allowed and value in allowed else "other"
+
+
+async def _nothing() -> None:
+    return None
 
 
 class Governor:
@@ -117,22 +131,31 @@ class Governor:
             self._action("unauthorized")
             raise
         headers = dict(req.headers)
-        if trace_id(headers.get("traceparent")) is None:
+        client_trace = trace_id(headers.get("traceparent"))
+        if client_trace is None:
             headers["traceparent"] = new_traceparent()
-        attrs = attribution(tenant, headers, ctx.session_key)
+        kid = key_id(authorization)
+        session = ctx.session_key
+        source: str | None = "header" if req.headers.get("x-kvroute-session") else "user"
+        if not session:
+            session, source = derive_session(self.cfg.session_id.derive, client_trace, kid, tenant, req.body)
+        attrs = attribution(tenant, headers, session, kid=kid, source=source)
         await self.kill.maybe_refresh()  # a store fault is the kill switch's own business (on_store_error)
         if self.kill.unverified:
             raise GovernanceUnavailable("The kill switch's shared state could not be read since this router "
                                         "started; retry later.")
         self.check_kill(attrs, served.name)
-        body, delay = req.body, 0.0
-        if attrs.session:
-            try:
-                body, delay = await self._loops(attrs, body)
-            except StoreUnavailable:
-                if not self.fail_open:
-                    raise
-                # fail_open: the session's recent requests live in the store; no loop check until it is back
+        # The rate-limit window and the loop detector's recent list are independent store
+        # calls: made at once, they cost one round trip to Redis, not two. A rate-limit
+        # refusal wins; the request still counts in the session's recent list, as every
+        # attempt does.
+        limited, looped = await asyncio.gather(
+            self._rate_limit(attrs, served.name, req, ctx) if self.cfg.rate_limits else _nothing(),
+            self._loops_guarded(attrs, req.body), return_exceptions=True)
+        for outcome in (limited, looped):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        body, delay = looped if isinstance(looped, tuple) else (req.body, 0.0)
         req = replace(req, headers=headers, body=body)
         grant = await self._reserve(req, served, route, ctx, attrs)
         for (budget, _slot), r in zip(grant.budgets, grant.reserved.ratios):
@@ -161,27 +184,69 @@ class Governor:
             key, entry = hit
             raise AgentHalted(f"Halted by the kill switch ({key}): {entry['reason']}", param=key)
 
+    async def _rate_limit(self, attrs: Attribution, model: str, req: ParsedRequest, ctx: RequestContext) -> None:
+        slots = ratelimit.slots_for(self.cfg.rate_limits, attrs, model)
+        if not slots:
+            return
+        tokens = ctx.prompt_tokens + (req.max_tokens or self.cfg.default_max_tokens)
+        now = self.clock.time()
+        try:
+            got = await self.guarded.rate_take(slots, uuid.uuid4().hex, tokens, now)
+        except StoreUnavailable:
+            if not self.fail_open:
+                raise
+            return  # fail_open: no rate limits until the store is back
+        if not got.ok:
+            assert got.failed is not None
+            self._action("rate_limit")
+            raise ratelimit.refusal(slots[got.failed], got, tokens, now)
+
+    async def _loops_guarded(self, attrs: Attribution, body: dict) -> tuple[dict, float]:
+        """The loop check of a session's request; none without a session, or while the store
+        is down with ``on_store_error.budgets: fail_open``."""
+        if not attrs.session:
+            return body, 0.0
+        try:
+            return await self._loops(attrs, body)
+        except StoreUnavailable:
+            if not self.fail_open:
+                raise
+            return body, 0.0  # fail_open: the recent requests live in the store; no check until it is back
+
+    def _session_ttl(self, attrs: Attribution) -> float:
+        return self.cfg.session_id.ttl_s if attrs.derived_session else self.cfg.session_ttl_s
+
+    @staticmethod
+    def _restart_hint(attrs: Attribution) -> str:
+        if attrs.session_source == "trace":
+            return "start a new trace (traceparent) or name a session (x-kvroute-session)"
+        if attrs.session_source == "fingerprint":
+            return "change the conversation's opening or name a session (x-kvroute-session)"
+        return "start a new session"
+
     async def _loops(self, attrs: Attribution, body: dict) -> tuple[dict, float]:
         lc = self.cfg.loops
         who = f"{attrs.tenant}/{attrs.session}"
         halt_flag = f"halt:{who}"
+        ttl = self._session_ttl(attrs)
         entries, halted = await self.guarded.push_recent(f"loop:{who}", loops.signature(body), lc.window,
-                                                          self.cfg.session_ttl_s, self.clock.time(), halt_flag)
+                                                          ttl, self.clock.time(), halt_flag)
         if halted:
             self._action("loop_halt")
-            raise LoopDetected(f"Session '{attrs.session}' was halted because it was looping; start a new "
-                               "session.", param="x-kvroute-session")
+            raise LoopDetected(f"Session '{attrs.session}' was halted because it was looping; "
+                               f"{self._restart_hint(attrs)}.", param="x-kvroute-session")
         why = loops.is_loop(entries, lc.window, lc.ratio)
         if why is None:
             return body, 0.0
-        if await self.alerts.once(f"loopalert:{who}", self.cfg.session_ttl_s):
-            self.alerts.emit("loop_detected", tenant=attrs.tenant, agent=attrs.agent, session=attrs.session,
-                             reason=why, action=lc.action)
+        if await self.alerts.once(f"loopalert:{who}", ttl):
+            self.alerts.emit("loop_detected", tenant=attrs.tenant, agent=attrs.agent, feature=attrs.feature,
+                             session=attrs.session, session_source=attrs.session_source, reason=why,
+                             action=lc.action)
         if lc.action == "halt":
-            await self.guarded.set_flag(halt_flag, self.cfg.session_ttl_s, self.clock.time())
+            await self.guarded.set_flag(halt_flag, ttl, self.clock.time())
             self._action("loop_halt")
             raise LoopDetected(f"Session '{attrs.session}' is looping ({why} in {lc.window} requests in a "
-                               "row) and was halted; start a new session.", param="x-kvroute-session")
+                               f"row) and was halted; {self._restart_hint(attrs)}.", param="x-kvroute-session")
         self._action(f"loop_{lc.action}")
         if lc.action == "inject":
             return loops.inject(body, lc.message), 0.0
@@ -189,15 +254,25 @@ class Governor:
             return body, lc.throttle_delay_s
         return body, 0.0
 
+    def prompt_reserve(self, route: ModelRoute, ctx: RequestContext) -> int:
+        """Prompt tokens to reserve: exact with a tokenizer, else the chars / 4 estimate times
+        ``estimate_factor`` (settlement charges the worker's exact count either way)."""
+        if route.prefixer.exact:
+            return ctx.prompt_tokens
+        return math.ceil(ctx.prompt_tokens * self.cfg.estimate_factor)
+
     async def _reserve(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext,
                        attrs: Attribution) -> Grant:
         requested = req.max_tokens or self.cfg.default_max_tokens
         need = min(self.cfg.min_completion_tokens, requested)
         now = self.clock.time()
+        budgets = applicable(self.cfg.budgets, attrs)
+        pairs = slots_for(budgets, attrs, now, self.cfg.session_ttl_s, self.cfg.session_id.ttl_s)
+        early_done: set[str] = set()  # each budget's downgrade_at moves a request one tier down
         while True:
             rates = Rates.of(route.cfg.price)
-            cap, req_budget = request_cap(self.cfg.budgets, attrs, ctx.prompt_tokens, rates)
-            pairs = slots_for(self.cfg.budgets, attrs, now, self.cfg.session_ttl_s)
+            prompt = self.prompt_reserve(route, ctx)
+            cap, req_budget = request_cap(budgets, attrs, prompt, rates)
             got = None
             refused: Budget
             if cap < need:
@@ -205,7 +280,7 @@ class Governor:
                 refused, reason = req_budget, "tokens" if req_budget.limits.tokens else "usd"
             else:
                 rid = uuid.uuid4().hex
-                ask = Ask(rid, tuple(s for _, s in pairs), ctx.prompt_tokens, int(min(requested, cap)), need,
+                ask = Ask(rid, tuple(s for _, s in pairs), prompt, int(min(requested, cap)), need,
                           rates.input, rates.output, now, self.cfg.reservation_ttl_s)
                 try:
                     got = await self.guarded.reserve(ask)
@@ -215,6 +290,13 @@ class Governor:
                     if not self.fail_open:
                         raise  # 503 governance_unavailable: refuse rather than spend blind
                     return self._unreserved(attrs, served, route, req, ctx, pairs, ask)
+                early = self._early_downgrade(pairs, got, served, route, early_done) if got.ok else None
+                if early is not None:  # a downgrade budget is past its downgrade_at: give this tier's room back
+                    early_done.add(early.name)
+                    await self._give_back(ask)
+                    route = self._switch(early, served, route, "downgrade_at")
+                    ctx = await route.context(req)
+                    continue
                 if got.ok:
                     binding = None
                     if got.completion < requested:
@@ -228,11 +310,33 @@ class Governor:
                 self._action("reject")
                 message, retry_after = refusal(refused, reason, now, got.reset_at if got is not None else None)
                 raise BudgetExceeded(message, param=refused.name, retry_after_s=retry_after)
-            self._action("downgrade")
-            log.info("budget %s: downgrading %s from tier %s to %s", refused.name, served.name, route.cfg.tier,
-                     cheaper.cfg.tier)
-            route = cheaper
+            route = self._switch(refused, served, route, "full")
             ctx = await route.context(req)
+
+    def _early_downgrade(self, pairs, got: Granted, served: ServedModel, route: ModelRoute,
+                         done: set[str]) -> Budget | None:
+        """The downgrade budget whose used share (before this request) reached its ``downgrade_at``,
+        when a cheaper tier exists."""
+        for (budget, _slot), r in zip(pairs, got.ratios):
+            if budget.action == "downgrade" and budget.downgrade_at < 1 and r >= budget.downgrade_at \
+                    and budget.name not in done \
+                    and not budget.soft and self._cheaper(served, route) is not None:
+                return budget
+        return None
+
+    async def _give_back(self, ask: Ask) -> None:
+        try:
+            await self.guarded.release(ask.rid, tuple(s.key for s in ask.slots), ask.now + ask.ttl_s)
+        except StoreUnavailable:
+            self._orphan(ask)  # the background loop takes it back once the store answers
+
+    def _switch(self, budget: Budget, served: ServedModel, route: ModelRoute, why: str) -> ModelRoute:
+        cheaper = self._cheaper(served, route)
+        assert cheaper is not None
+        self._action("downgrade")
+        log.info("budget %s (%s): downgrading %s from tier %s to %s", budget.name, why, served.name,
+                 route.cfg.tier, cheaper.cfg.tier)
+        return cheaper
 
     def _unreserved(self, attrs, served, route, req, ctx, pairs, ask: Ask) -> Grant:
         """on_store_error.budgets fail_open: admitted within the request budgets, nothing reserved."""
@@ -356,11 +460,11 @@ class Governor:
                 used = []
             if tokens:
                 await self.ledger.record(grant.attrs, grant.model, grant.route.cfg.tier, prompt, cached, completion,
-                                         usd, self.clock.time())
+                                         usd, self.clock.time(), self.alerts.spike_series(grant.attrs))
             for (budget, slot), u in zip(grant.budgets, used):
-                await self.alerts.budget_used(slot, budget.scope, u)
+                await self.alerts.budget_used(slot, budget.scope, u, self._key_label(budget, grant.attrs))
             if usd > 0:
-                await self.alerts.check_spike(grant.attrs.tenant)
+                await self.alerts.check_spike(grant.attrs)
         except StoreUnavailable:
             pass  # counted in kvroute_store_errors_total and logged once per outage by the guard
         except Exception as exc:
@@ -382,11 +486,23 @@ class Governor:
         if spend_log.isEnabledFor(logging.INFO):
             spend_log.info("%s", orjson.dumps({
                 "request": grant.rid, "trace_id": a.trace_id, "tenant": a.tenant, "agent": a.agent, "task": a.task,
-                "feature": a.feature, "user": a.user, "session": a.session, "model": grant.model,
+                "feature": a.feature, "user": a.user, "session": a.session,
+                "session_source": a.session_source, "model": grant.model,
                 "tier": grant.route.cfg.tier, "worker": worker, "status": getattr(dispatch, "status", "not_sent"),
                 "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
                 "tool_calls": grant.tool_calls, "cost_usd": round(usd, 9),
                 "cut": grant.cut.code if grant.cut else None}).decode())
+
+    def _key_label(self, budget: Budget, attrs: Attribution) -> str:
+        """The gauge's ``key`` label: the instance's tenant or tag value when the allow-list
+        (``tag_values``, configured tenants) bounds it; ``other`` otherwise (sessions, users)."""
+        if budget.scope in ("global", "request"):
+            return "*"
+        if budget.scope == "tenant":
+            return attrs.tenant if attrs.tenant in self._tenants else "other"
+        if budget.scope == "session":
+            return "other"
+        return _label(attrs.tag(budget.scope), self.cfg.tag_values.get(budget.scope))
 
     def _action(self, action: str) -> None:
         self.metrics.governance_actions.labels(action).inc()
@@ -399,8 +515,8 @@ class Governor:
     async def background(self, session: aiohttp.ClientSession) -> None:
         """Keep the kill switch fresh on an idle replica, and send webhook alerts."""
         tasks = []
-        if self.cfg.alerts.webhook_url:
-            tasks.append(asyncio.create_task(self.alerts.run_webhook(session)))
+        if self.alerts.receivers:
+            tasks.append(asyncio.create_task(self.alerts.run_webhooks(session)))
         try:
             while True:
                 try:

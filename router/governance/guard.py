@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from kvroute.router.errors import StoreUnavailable
 from kvroute.router.governance.clock import Clock
+from kvroute.router.governance.ratelimit import RateResult, RateSlot
 from kvroute.router.governance.store import Ask, Granted, Slot, Store, Used
 from kvroute.router.metrics import RouterMetrics
 
@@ -44,7 +45,7 @@ T = TypeVar("T")
 class GuardedStore:
     """A ``Store`` that fails fast while the store it wraps is down. The ``op`` labels are a
     small fixed set: reserve, settle, release, loops, flags, kill_refresh, kill_admin,
-    ledger, spend_query, alerts, probe."""
+    ledger, spend_query, alerts, rate_limit, probe."""
 
     def __init__(self, store: Store, metrics: RouterMetrics, clock: Clock, probe_every_s: float = PROBE_EVERY_S):
         self.inner = store
@@ -129,15 +130,24 @@ class GuardedStore:
     async def kill_all(self) -> dict[str, str]:
         return await self._call("kill_refresh", self.inner.kill_all)
 
-    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+    async def record_spend(self, hour: int, fields: dict[str, float], series: tuple[str, ...], usd: float,
                            ttl_s: float) -> None:
-        await self._call("ledger", lambda: self.inner.record_spend(hour, fields, tenant, usd, ttl_s))
+        await self._call("ledger", lambda: self.inner.record_spend(hour, fields, series, usd, ttl_s))
 
     async def spend(self, hours: range) -> dict[str, float]:
         return await self._call("spend_query", lambda: self.inner.spend(hours))
 
-    async def hourly(self, tenant: str) -> dict[int, float]:
-        return await self._call("alerts", lambda: self.inner.hourly(tenant))
+    async def hourly(self, series: str) -> dict[int, float]:
+        return await self._call("alerts", lambda: self.inner.hourly(series))
+
+    async def rate_take(self, slots: list[RateSlot], rid: str, tokens: int, now: float) -> RateResult:
+        return await self._call("rate_limit", lambda: self.inner.rate_take(slots, rid, tokens, now))
+
+    async def add_fields(self, key: str, fields: dict[str, float], ttl_s: float, now: float) -> None:
+        await self._call("ledger", lambda: self.inner.add_fields(key, fields, ttl_s, now))
+
+    async def read_fields(self, keys: list[str], now: float) -> list[dict[str, float]]:
+        return await self._call("spend_query", lambda: self.inner.read_fields(keys, now))
 
     async def ping(self) -> None:
         await self._call("probe", self.inner.ping)

@@ -1,7 +1,23 @@
-"""Who is calling and what for: API keys to tenants, attribution tags, W3C trace context.
+"""Who is calling and what for: API keys to tenants, attribution tags, W3C trace context,
+and the session a request belongs to.
 
 Keys are compared by their SHA-256 digest, so the table holds no key in the clear and a
-lookup takes the same time whatever the key. Keys are never logged.
+lookup takes the same time whatever the key. Keys are never logged; rate limits and
+derived sessions use ``key_id``, a prefix of the digest.
+
+A request names its session with ``x-kvroute-session`` or the body's ``user``. When it
+names none, ``derive_session`` makes one from the sources in ``governance.session_id.derive``,
+in order, so that the default session limits and loop detection protect agents that send
+no labels:
+
+- ``trace``: the client's W3C ``traceparent`` trace ID (one agent run is usually one trace):
+  ``trace:<trace id>``.
+- ``fingerprint``: the API key plus a hash of the conversation's opening, its system
+  prompt(s) and first user message (a completion: the prompt's first 4 KiB), which stay
+  the same while an agent's conversation grows: ``fp:<hash>``. Conversations that open
+  with the same words under the same key share it.
+
+The source is in the spend log (``session_source``: header, user, trace, fingerprint).
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from dataclasses import dataclass
 
 from kvroute.router.errors import Forbidden, Unauthorized
 from kvroute.router.governance.config import TAGS, GovernanceConfig
+from kvroute.router.prefix import normalize_content
 
 ANONYMOUS = "anonymous"
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -37,6 +54,12 @@ class Attribution:
     user: str | None = None
     session: str | None = None
     trace_id: str | None = None
+    key_id: str = "none"  # a prefix of the API key's SHA-256, for rate limits (never the key)
+    session_source: str | None = None  # header, user, trace or fingerprint
+
+    @property
+    def derived_session(self) -> bool:
+        return self.session_source in ("trace", "fingerprint")
 
     def tag(self, name: str) -> str | None:
         return getattr(self, name)
@@ -104,10 +127,47 @@ def new_traceparent() -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
-def attribution(tenant: str, headers: Mapping[str, str], session: str | None) -> Attribution:
+def key_id(authorization: str | None) -> str:
+    key = Authenticator.bearer(authorization)
+    return _digest(key).hex()[:16] if key else "none"
+
+
+def _opening(body: dict) -> str:
+    """The part of a conversation that stays the same while it grows."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        system, first_user = [], ""
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            if m.get("role") in ("system", "developer"):
+                system.append(normalize_content(m.get("content")))
+            elif m.get("role") == "user":
+                first_user = normalize_content(m.get("content"))
+                break
+        return "\x1e".join([*system, "\x1f", first_user])
+    prompt = body.get("prompt")
+    return prompt[:4096] if isinstance(prompt, str) else repr(prompt)[:4096]
+
+
+def derive_session(sources: tuple[str, ...], client_trace: str | None, kid: str, tenant: str,
+                   body: dict) -> tuple[str | None, str | None]:
+    """(session, source) for a request that names no session; (None, None) when no source applies."""
+    for source in sources:
+        if source == "trace" and client_trace:
+            return f"trace:{client_trace}", "trace"
+        if source == "fingerprint":
+            h = hashlib.blake2b(f"{tenant}\x1d{kid}\x1d{_opening(body)}".encode(), digest_size=12)
+            return f"fp:{h.hexdigest()}", "fingerprint"
+    return None, None
+
+
+def attribution(tenant: str, headers: Mapping[str, str], session: str | None, *, kid: str = "none",
+                source: str | None = None) -> Attribution:
     tags = {}
     for name in TAGS:
         value = headers.get(f"x-kvroute-{name}")
         tags[name] = value[:_MAX_TAG] if value else None
     return Attribution(tenant=tenant, session=session[:_MAX_TAG] if session else None,
-                       trace_id=trace_id(headers.get("traceparent")), **tags)
+                       trace_id=trace_id(headers.get("traceparent")), key_id=kid,
+                       session_source=source if session else None, **tags)

@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from kvroute.router.governance import ratelimit
+from kvroute.router.governance.ratelimit import RateResult, RateSlot
 from kvroute.router.governance.store import NONE, Ask, Granted, Slot, Used
 
 _PARSE = "local _, _, rt, ru = string.find(m, '^[^|]*|([^|]*)|(.*)$')"
@@ -217,6 +219,7 @@ class RedisStore:
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
         self._release = client.register_script(RELEASE)
+        self._rate = client.register_script(ratelimit.TAKE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "kvroute:gov", password: str | None = None, *,
@@ -298,14 +301,17 @@ class RedisStore:
     async def kill_all(self) -> dict[str, str]:
         return await self.r.hgetall(f"{self.p}:kill")
 
-    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+    async def record_spend(self, hour: int, fields: dict[str, float], series: tuple[str, ...], usd: float,
                            ttl_s: float) -> None:
-        k, hk = f"{self.p}:spend:{hour}", f"{self.p}:hourly:{tenant}"
+        k = f"{self.p}:spend:{hour}"
         ttl = max(1, math.ceil(ttl_s))
         async with self.r.pipeline(transaction=False) as pipe:
             for f, v in fields.items():
                 pipe.hincrbyfloat(k, f, v)
-            pipe.expire(k, ttl).hincrbyfloat(hk, str(hour), usd).expire(hk, ttl)
+            pipe.expire(k, ttl)
+            for name in series:
+                hk = f"{self.p}:hourly:{name}"
+                pipe.hincrbyfloat(hk, str(hour), usd).expire(hk, ttl)
             await pipe.execute()
 
     async def spend(self, hours: range) -> dict[str, float]:
@@ -319,9 +325,30 @@ class RedisStore:
                 out[f] = out.get(f, 0.0) + float(v)
         return out
 
-    async def hourly(self, tenant: str) -> dict[int, float]:
-        raw = await self.r.hgetall(f"{self.p}:hourly:{tenant}")
+    async def hourly(self, series: str) -> dict[int, float]:
+        raw = await self.r.hgetall(f"{self.p}:hourly:{series}")
         return {int(h): float(v) for h, v in raw.items()}
+
+    async def rate_take(self, slots: list[RateSlot], rid: str, tokens: int, now: float) -> RateResult:
+        keys = []
+        for s in slots:
+            keys += [f"{self.p}:rz:{s.key}", f"{self.p}:rs:{s.key}"]
+        return ratelimit.parse_reply(await self._rate(keys=keys, args=ratelimit.redis_args(slots, rid, tokens, now)))
+
+    async def add_fields(self, key: str, fields: dict[str, float], ttl_s: float, now: float) -> None:
+        k = f"{self.p}:h:{key}"
+        async with self.r.pipeline(transaction=False) as pipe:
+            for f, v in fields.items():
+                pipe.hincrbyfloat(k, f, v)
+            pipe.expire(k, max(1, math.ceil(ttl_s)))
+            await pipe.execute()
+
+    async def read_fields(self, keys: list[str], now: float) -> list[dict[str, float]]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(f"{self.p}:h:{key}")
+            raw = await pipe.execute()
+        return [{f: float(v) for f, v in h.items()} for h in raw]
 
     async def ping(self) -> None:
         await self.r.ping()

@@ -24,7 +24,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kvroute.router.governance.ratelimit import RateResult, RateSlot
 
 NONE = -1.0  # "no limit" in the wire form both stores share
 
@@ -115,12 +118,19 @@ class Store(Protocol):
 
     async def kill_all(self) -> dict[str, str]: ...
 
-    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+    async def record_spend(self, hour: int, fields: dict[str, float], series: tuple[str, ...], usd: float,
                            ttl_s: float) -> None: ...
 
     async def spend(self, hours: range) -> dict[str, float]: ...
 
-    async def hourly(self, tenant: str) -> dict[int, float]: ...
+    async def hourly(self, series: str) -> dict[int, float]: ...
+
+    async def rate_take(self, slots: list[RateSlot], rid: str, tokens: int, now: float) -> RateResult: ...
+
+    async def add_fields(self, key: str, fields: dict[str, float], ttl_s: float, now: float) -> None:
+        """Add to a hash of counters that expires ``ttl_s`` after its last write (trace rollups)."""
+
+    async def read_fields(self, keys: list[str], now: float) -> list[dict[str, float]]: ...
 
     async def ping(self) -> None: ...
 
@@ -232,7 +242,11 @@ class MemoryStore:
         self._kills: dict[str, str] = {}
         self._spend: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._hourly: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        self._hashes: dict[str, tuple[defaultdict[str, float], float]] = {}  # add_fields: (counters, expiry)
         self._ops = 0
+        from kvroute.router.governance.ratelimit import MemoryRates  # it imports this module
+
+        self._rates = MemoryRates()
 
     def state(self, key: str) -> _State | None:
         """For tests and the admin view: a budget instance's counters."""
@@ -336,17 +350,19 @@ class MemoryStore:
     async def kill_all(self) -> dict[str, str]:
         return dict(self._kills)
 
-    async def record_spend(self, hour: int, fields: dict[str, float], tenant: str, usd: float,
+    async def record_spend(self, hour: int, fields: dict[str, float], series: tuple[str, ...], usd: float,
                            ttl_s: float) -> None:
+        """Add to the hour's ledger bucket and to each hourly spend ``series`` (spike detection)."""
         bucket = self._spend[hour]
         for f, v in fields.items():
             bucket[f] += v
-        self._hourly[tenant][hour] += usd
         horizon = hour - int(ttl_s // 3600)
         for h in [h for h in self._spend if h < horizon]:
             del self._spend[h]
-        for h in [h for h in self._hourly[tenant] if h < horizon]:
-            del self._hourly[tenant][h]
+        for name in series:
+            self._hourly[name][hour] += usd
+            for h in [h for h in self._hourly[name] if h < horizon]:
+                del self._hourly[name][h]
 
     async def spend(self, hours: range) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -355,8 +371,28 @@ class MemoryStore:
                 out[f] += v
         return out
 
-    async def hourly(self, tenant: str) -> dict[int, float]:
-        return dict(self._hourly.get(tenant, {}))
+    async def hourly(self, series: str) -> dict[int, float]:
+        return dict(self._hourly.get(series, {}))
+
+    async def rate_take(self, slots: list[RateSlot], rid: str, tokens: int, now: float) -> RateResult:
+        return self._rates.take(slots, rid, tokens, now)
+
+    async def add_fields(self, key: str, fields: dict[str, float], ttl_s: float, now: float) -> None:
+        counters, _ = self._hashes.get(key, (None, 0.0))
+        if counters is None or self._hashes[key][1] <= now:
+            counters = defaultdict(float)
+        for f, v in fields.items():
+            counters[f] += v
+        self._hashes[key] = (counters, now + ttl_s)
+        if len(self._hashes) % 1024 == 0:  # forget expired hashes now and then
+            self._hashes = {k: e for k, e in self._hashes.items() if e[1] > now}
+
+    async def read_fields(self, keys: list[str], now: float) -> list[dict[str, float]]:
+        out = []
+        for key in keys:
+            counters, expires = self._hashes.get(key, ({}, 0.0))
+            out.append(dict(counters) if expires > now else {})
+        return out
 
     async def ping(self) -> None:
         pass

@@ -24,7 +24,7 @@ async def send(client, n: int = 1, **headers) -> None:
 
 async def test_thresholds_fire_exactly_once_per_window(aiohttp_client, upstream, clock):
     budget = {"name": "daily", "scope": "tenant", "window": "day", "limit": {"tokens": 1000}, "soft": True}
-    client = await make_client(aiohttp_client, upstream, {"budgets": [budget]}, clock)
+    client = await make_client(aiohttp_client, upstream, {"budgets": [budget], "session_id": {"derive": "off"}}, clock)
     await send(client, 2)  # 60%
     assert kinds(client) == []
     await send(client)  # 90%
@@ -38,12 +38,12 @@ async def test_thresholds_fire_exactly_once_per_window(aiohttp_client, upstream,
     assert kinds(client)[3:] == ["threshold_70"]
     metrics = (await (await client.get("/metrics")).read()).decode()
     assert 'kvroute_alerts_total{kind="threshold_70"} 2.0' in metrics
-    assert 'kvroute_budget_used_ratio{scope="daily"} 0.9' in metrics
+    assert 'kvroute_budget_used_ratio{budget="daily",key="anonymous"} 0.9' in metrics
 
 
 async def test_thresholds_fire_once_across_two_replicas(aiohttp_client, upstream, redis_url, prefix):
     clock = FakeClock()
-    governance = {"redis": {"url": redis_url, "prefix": prefix},
+    governance = {"redis": {"url": redis_url, "prefix": prefix}, "session_id": {"derive": "off"},
                   "budgets": [{"name": "daily", "scope": "global", "window": "day", "limit": {"tokens": 1000},
                                "soft": True}]}
     a = await make_client(aiohttp_client, upstream, governance, clock)
@@ -54,7 +54,7 @@ async def test_thresholds_fire_once_across_two_replicas(aiohttp_client, upstream
 
 
 async def test_a_spend_spike_fires_once_per_hour(aiohttp_client, upstream, clock):
-    governance = {"alerts": {"thresholds": [10.0]}}
+    governance = {"alerts": {"thresholds": [10.0]}, "session_id": {"derive": "off"}}
     client = await make_client(aiohttp_client, upstream, governance, clock, price={"output_per_m": 10.0})
     clock.now = 3600 * 500_000 + 10  # the start of an hour
     for _ in range(6):  # six quiet hours, one request each

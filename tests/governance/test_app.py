@@ -108,7 +108,7 @@ async def test_a_stream_past_a_hard_limit_is_cut_cleanly_and_charged_for_what_wa
         aiohttp_client, upstream, clock):
     budgets = [{"name": "per-call", "scope": "request", "limit": {"tokens": 60}},
                {"name": "day", "scope": "tenant", "window": "day", "limit": {"tokens": 100000}}]
-    client = await make_client(aiohttp_client, upstream, {"budgets": budgets}, clock)
+    client = await make_client(aiohttp_client, upstream, {"budgets": budgets, "estimate_factor": 1}, clock)
     body = {**CHAT, "stream": True, "max_tokens": 500, "fake_completion_tokens": 200}  # ignores max_tokens
     prompt = estimate(client, body)
     resp = await client.post("/v1/chat/completions", json=body)
@@ -245,7 +245,7 @@ async def test_fifty_concurrent_requests_over_two_replicas_sharing_redis_stay_wi
         aiohttp_client, upstream, redis_url, prefix):
     clock = FakeClock()
     limit = 3000
-    governance = {"redis": {"url": redis_url, "prefix": prefix},
+    governance = {"redis": {"url": redis_url, "prefix": prefix}, "session_id": {"derive": "off"},
                   "budgets": [{"name": "team", "scope": "tenant", "window": "day", "limit": {"tokens": limit}}]}
     a = await make_client(aiohttp_client, upstream, governance, clock)
     b = await make_client(aiohttp_client, upstream, governance, clock)
@@ -267,7 +267,8 @@ async def test_fifty_concurrent_requests_over_two_replicas_sharing_redis_stay_wi
 
 async def test_fifty_concurrent_requests_in_memory_stay_within_the_budget(aiohttp_client, upstream, clock):
     limit = 3000
-    governance = {"budgets": [{"name": "team", "scope": "global", "window_s": 3600, "limit": {"tokens": limit}}]}
+    governance = {"budgets": [{"name": "team", "scope": "global", "window_s": 3600, "limit": {"tokens": limit}}],
+                  "session_id": {"derive": "off"}}  # fifty identical prompts are not a loop here
     client = await make_client(aiohttp_client, upstream, governance, clock)
     body = {**CHAT, "stream": True, "max_tokens": 100, "fake_completion_tokens": 100, "fake_honor_max_tokens": True}
     body["fake_prompt_tokens"] = estimate(client, body)

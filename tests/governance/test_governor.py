@@ -21,7 +21,8 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}
 
 
 async def setup(governance: dict, n: int = 2, clock: FakeClock | None = None):
-    cfg = router_cfg(["http://127.0.0.1:1"], governance)
+    # the same prompt many times over: without a session of its own it would be a loop
+    cfg = router_cfg(["http://127.0.0.1:1"], {"session_id": {"derive": "off"}, **governance})
     served = ModelRoutes(cfg).get("tiny")
     clock = clock or FakeClock()
     govs = [Governor(cfg.governance, RouterMetrics(), clock) for _ in range(n)]
@@ -56,7 +57,7 @@ async def test_fifty_concurrent_admissions_on_two_governors_never_overspend(redi
         for _ in range(i % 5):  # finish in a mixed order, interleaved with other admissions
             await asyncio.sleep(0)
         gov.finish(grant, dispatch(grant, grant.reserved.completion))  # the worst case: all it reserved
-        return grant.reserved.tokens
+        return grant.prompt_tokens + grant.reserved.completion
 
     charged = await asyncio.gather(*(one(i) for i in range(50)))
     await a.drain()

@@ -50,7 +50,8 @@ async def governor(server, prefix):
     made: list[Governor] = []
 
     def build(clock: FakeClock, **governance) -> tuple[Governor, object]:
-        governance = {"redis": {"url": server.url, "prefix": prefix}, "budgets": [BUDGET], **governance}
+        governance = {"redis": {"url": server.url, "prefix": prefix}, "budgets": [BUDGET],
+                      "session_id": {"derive": "off"}, **governance}  # no loop check: the reserve meets Redis first
         cfg = router_cfg(["http://127.0.0.1:1"], governance)
         made.append(Governor(cfg.governance, RouterMetrics(), clock))
         return made[-1], ModelRoutes(cfg).get("tiny")
@@ -146,7 +147,8 @@ async def test_fail_open_admits_unreserved_and_charges_the_usage_once_redis_is_b
     assert took < NO_ROUND_TRIP_S
     for g in (first, second):
         assert not isinstance(g, KvrouteError) and g.reserved.unreserved and g.reserved.tokens == 0
-        assert g.req.max_tokens == 60 - g.prompt_tokens  # a request budget needs no store: still enforced
+        # a request budget needs no store: still enforced (on the prompt estimate times estimate_factor)
+        assert g.req.max_tokens == 60 - gov.prompt_reserve(g.route, g.ctx)
     assert gov.metrics.governance_actions.labels("fail_open")._value.get() == 2
     assert errors(gov, "reserve") == 2
     lost = await admit(gov, served)
@@ -226,7 +228,8 @@ async def test_a_replica_that_never_read_the_kill_list(server, governor, mode):
 async def test_over_http_a_paused_redis_is_a_quick_503_is_counted_and_recovers(aiohttp_client, upstream, server,
                                                                                  prefix):
     clock = FakeClock()
-    governance = {"admin_keys": [ADMIN], "redis": {"url": server.url, "prefix": prefix}, "budgets": [BUDGET]}
+    governance = {"admin_keys": [ADMIN], "redis": {"url": server.url, "prefix": prefix}, "budgets": [BUDGET],
+                  "session_id": {"derive": "off"}}
     client = await make_client(aiohttp_client, upstream, governance, clock)
     assert (await client.post("/v1/chat/completions", json=BODY)).status == 200
     server.pause()

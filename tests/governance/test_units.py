@@ -7,7 +7,7 @@ import pytest
 from kvroute.router.config import Price
 from kvroute.router.errors import ConfigError, Forbidden, Unauthorized
 from kvroute.router.governance import loops
-from kvroute.router.governance.budgets import Rates, refusal, slots_for
+from kvroute.router.governance.budgets import Rates, applicable, refusal, slots_for
 from kvroute.router.governance.config import parse_governance
 from kvroute.router.governance.identity import Authenticator, attribution
 from kvroute.router.governance.ledger import parse_window
@@ -67,7 +67,7 @@ def test_slots_windows_and_refusals():
         {"name": "acme-only", "scope": "tenant", "tenant": "acme", "limit": {"tokens": 10}, "window_s": 60},
     ]})
     attrs = attribution("anonymous", {"x-kvroute-agent": "bot"}, "s1")
-    slots = slots_for(cfg.budgets, attrs, 86400 * 3 + 5, cfg.session_ttl_s)
+    slots = slots_for(applicable(cfg.budgets, attrs), attrs, 86400 * 3 + 5, cfg.session_ttl_s)
     assert [s.key for _, s in slots] == ["session-default:anonymous/s1", "agent-day:anonymous/bot:86400/24"]
     assert (slots[1][1].bucket_s, slots[1][1].buckets) == (3600.0, 24) and not slots[0][1].rolling
     # without the store's word: the latest the current usage can be remembered (window + one bucket)
@@ -162,3 +162,37 @@ async def test_the_kill_switch_file_is_read_and_parsed_off_the_event_loop(tmp_pa
     kill_file.unlink()
     await ks.refresh()
     assert ks.entries() == []
+
+
+def test_fleet_config_keys_parse_and_errors_name_the_key():
+    cfg = parse_governance({
+        "session_id": {"derive": ["fingerprint"], "ttl_s": 60},
+        "budgets": [{"name": "r", "scope": "agent", "match": {"agent": "research", "tenant": ["a", "b"]},
+                     "limit": {"usd": 2}, "action": "downgrade", "downgrade_at": 0.8,
+                     "overrides": ["session-default"]}],
+        "rate_limits": [{"name": "rpm", "per": "tenant", "requests_per_minute": 600, "window_s": 10}],
+        "alerts": {"spike_by": ["tenant", "feature"], "webhooks": [
+            {"url": "https://hooks.example/x", "kinds": ["threshold", "loop_detected"], "format": "slack"}]},
+        "estimate_factor": 1.5})
+    assert cfg.session_id.derive == ("fingerprint",) and cfg.session_id.ttl_s == 60
+    b = cfg.budgets[1]
+    assert b.match == {"agent": ("research",), "tenant": ("a", "b")} and b.downgrade_at == 0.8
+    assert cfg.rate_limits[0].requests == 100  # 600 a minute is 100 per 10 s window
+    assert cfg.alerts.webhooks[0].wants("threshold_70") and not cfg.alerts.webhooks[0].wants("spend_spike")
+    assert parse_governance({"session_id": {"derive": "off"}}).session_id.derive == ()
+    bad = [({"session_id": {"derive": ["dns"]}}, "governance.session_id.derive"),
+           ({"budgets": [{"name": "x", "scope": "agent", "match": {"colour": "red"}, "limit": {"usd": 1}}]},
+            r"governance.budgets\[0\].match.colour"),
+           ({"budgets": [{"name": "x", "scope": "agent", "overrides": ["nope"], "limit": {"usd": 1}}]},
+            r"governance.budgets\[0\].overrides"),
+           ({"rate_limits": [{"name": "x", "per": "key"}]}, r"governance.rate_limits\[0\]"),
+           ({"rate_limits": [{"name": "x", "per": "planet", "requests_per_minute": 1}]},
+            r"governance.rate_limits\[0\].per"),
+           ({"alerts": {"webhooks": [{"url": "https://h.example", "kinds": ["threshold_x"]}]}},
+            r"governance.alerts.webhooks\[0\].kinds"),
+           ({"alerts": {"webhooks": [{"url": "ftp://h"}]}}, r"governance.alerts.webhooks\[0\].url"),
+           ({"alerts": {"spike_by": ["model"]}}, "governance.alerts.spike_by"),
+           ({"estimate_factor": 0.5}, "governance.estimate_factor")]
+    for raw, key in bad:
+        with pytest.raises(ConfigError, match=key):
+            parse_governance(raw)

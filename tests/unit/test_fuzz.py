@@ -249,7 +249,8 @@ async def test_the_router_still_serves_after_a_fuzz_burst(port):
     junk = [(b"POST", b"/v1/chat/completions", [(b"Authorization", b"Bearer " + KEY.encode())], b)
             for b in RAW_JSONISH]
     good = [(b"POST", b"/v1/chat/completions", [(b"Authorization", b"Bearer " + KEY.encode())],
-             orjson.dumps({**VALID_CHAT, "stream": i % 2 == 0})) for i in range(30)]
+             # 30 users: one client's 30 identical prompts would be a loop (governance.session_id)
+             orjson.dumps({**VALID_CHAT, "stream": i % 2 == 0, "user": f"user-{i}"})) for i in range(30)]
     answers = await asyncio.gather(*(request(port, *c) for c in junk + good))
     assert all(s < 500 for s, _, _ in answers)
     assert [s for s, _, _ in answers[len(junk):]] == [200] * len(good)
