@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,36 @@ def helm() -> str:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
     pytest.fail("helm binary not found: run `python tools/get_helm.py` (or set KVROUTE_HELM)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A real redis-server for the session (the response-cache tests; tests/governance has its own)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: these tests need a real Redis (apt-get install redis-server)")
+    folder = tmp_path_factory.mktemp("redis")
+    for _ in range(5):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            proc.kill()
+            proc.wait(10)
+            continue  # the port was taken between choosing and binding: try another
+        yield f"redis://127.0.0.1:{port}/0"
+        proc.terminate()
+        proc.wait(10)
+        return
+    pytest.fail("could not start redis-server")
