@@ -1,10 +1,10 @@
-"""Command line: ``python -m kvroute.classifier.cli <convert|train|calibrate|eval|refresh|export|bench|answer-train|
-answer-eval|cascade-eval>``.
+"""Command line: ``python -m kvroute.classifier.cli <convert|train|calibrate|eval|loto|refresh|export|bench|
+answer-train|answer-eval|cascade-eval>``.
 
 Data arguments take ``routellm`` / ``routellm:mmlu,gsm8k`` (the shipped RouteLLM files,
 converted on the fly) or a JSONL path in the user format.  Splits are fixed
 (:func:`classifier.data.assign_split`): training uses ``train``, calibration ``calib``,
-evaluation ``heldout`` unless told otherwise.
+evaluation ``heldout`` on RouteLLM data and every row of a user's JSONL, unless told otherwise.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recs = _records(args, args.splits, args.limit)
     if args.variant == "frozen":
         config = EncoderConfig(n_layers=args.n_layers, max_tokens=args.max_tokens,
-                               quantize=args.quantize)
+                               quantize=args.quantize, surface_features=args.surface_features)
         scorer = train_frozen(recs, args.strong, args.weak, config, args.head, args.l2,
                               args.margin, Encoder(config, cache_dir=args.cache), args.data,
                               args.task_balance)
@@ -85,29 +85,75 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_split(args: argparse.Namespace) -> str:
+    """``--split`` if given; else ``heldout`` for RouteLLM data (training saw the rest) and
+    ``all`` for a user's JSONL (the shipped model never trained on it)."""
+    if args.split:
+        return str(args.split)
+    return "heldout" if args.data.startswith("routellm") else "all"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kvroute.classifier.evaluate import evaluate, write_report
+    from kvroute.classifier.evaluate import compare, evaluate, write_report
     from kvroute.classifier.model import load_scorer
 
     scorer = load_scorer(args.model, cache_dir=args.cache)
-    res = evaluate(scorer, _records(args, args.split, args.limit), args.strong, args.weak)
-    res["data"], res["split"] = args.data, args.split
+    split = eval_split(args)
+    recs = _records(args, split, args.limit)
+    res = evaluate(scorer, recs, args.strong, args.weak)
+    res["data"], res["split"] = args.data, split
+    if args.compare:
+        res["compare"] = compare(scorer, load_scorer(args.compare, cache_dir=args.cache), recs,
+                                 args.strong, args.weak)
     write_report(res, args.out)
     print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def cmd_loto(args: argparse.Namespace) -> int:
+    from kvroute.classifier.encoder import Encoder, EncoderConfig
+    from kvroute.classifier.loto import RECIPES, UNITS, loto, unit_of, write
+    from kvroute.classifier.train import embed
+
+    unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"classifier loto: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
+    recs = [r for r in load(args.data) if args.strong in r.scores and args.weak in r.scores]
+    if args.limit:
+        recs = _subsample(recs, args.limit)
+    units = [u for u in UNITS if any(unit_of(r) == u for r in recs)]
+    x = embed(Encoder(EncoderConfig(), cache_dir=args.cache), [r.prompt for r in recs])
+    res = loto(recs, x, [RECIPES[n] for n in args.recipes.split(",")], args.strong, args.weak,
+               units)
+    write(res, args.out)
+    print((Path(args.out) / "loto.md").read_text())
     return 0
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     from kvroute.classifier.refresh import refresh
 
-    new = load(args.new)
+    if (args.new is None) == (args.from_logs is None):
+        raise SystemExit("classifier refresh: give exactly one of --new FILE or --from-logs DIR")
+    if args.feedback and not args.from_logs:
+        raise SystemExit("classifier refresh: --feedback goes with --from-logs")
+    stats = None
+    if args.from_logs:
+        from kvroute.classifier.logs import read_prompt_logs
+
+        labelled = read_prompt_logs(args.from_logs, args.strong, args.weak, args.cheap_tier,
+                                    args.feedback)
+        new, stats = labelled.records, labelled.summary()
+    else:
+        new = load(args.new)
     base = select(load(args.base), SPLITS, args.strong, args.weak) if args.base else []
     if args.limit:
         base = _subsample(base, args.limit)
-    held = load(args.heldout) if args.heldout else None
-    _print(refresh(args.root, new, args.strong, args.weak, base=base, heldout=held,
-                   strong_share=args.strong_share, min_gain=args.min_gain,
-                   cache_dir=args.cache))
+    # from logs: judge the candidate on a held-out slice of the same logs
+    held = load(args.heldout) if args.heldout else (new if args.from_logs else None)
+    decision = refresh(args.root, new, args.strong, args.weak, base=base, heldout=held,
+                       strong_share=args.strong_share, min_gain=args.min_gain, cache_dir=args.cache)
+    _print({**decision, **({"from_logs": stats} if stats else {})})
     return 0
 
 
@@ -211,14 +257,16 @@ def parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train a model and calibrate it on the calib split")
     sp.add_argument("--out", required=True)
     sp.add_argument("--variant", choices=("frozen", "finetuned"), default="frozen")
-    sp.add_argument("--head", choices=HEAD_KINDS, default="gain_knn")
-    sp.add_argument("--task-balance", type=float, default=0.5,
+    sp.add_argument("--head", choices=HEAD_KINDS, default="gain_within")
+    sp.add_argument("--task-balance", type=float, default=0.25,
                     help="0: rows weigh equally; 1: every task weighs the same in total")
     sp.add_argument("--l2", type=float, default=None, help="penalty (default per head)")
     sp.add_argument("--n-layers", type=int, default=0,
                     help="MiniLM transformer layers to run (0: embedding layer only; max 6)")
     sp.add_argument("--max-tokens", type=int, default=256)
     sp.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation")
+    sp.add_argument("--surface-features", action=argparse.BooleanOptionalAction, default=False,
+                    help="add six length/digit surface features to the embedding")
     sp.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs")
     sp.add_argument("--lr", type=float, default=3e-5, help="fine-tuning learning rate")
     sp.add_argument("--margin", type=float, default=1.0, help="strong - weak >= margin")
@@ -230,12 +278,25 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--strong-share", type=float, default=0.3)
     sp = add("eval", cmd_eval, "RouteLLM metrics on held-out data, with report files")
     sp.add_argument("--model", default=None, help="artifact or pointer dir (default: shipped)")
-    sp.add_argument("--split", choices=ALL_SPLITS, default="heldout")
+    sp.add_argument("--split", choices=ALL_SPLITS, default=None,
+                    help="default: heldout for routellm data, all for a JSONL file")
+    sp.add_argument("--compare", default=None, metavar="CANDIDATE",
+                    help="also score a candidate model: its metrics and its agreement with --model")
+    sp.add_argument("--out", required=True)
+    sp = add("loto", cmd_loto, "leave-one-task-out validation of training recipes")
+    sp.add_argument("--recipes", default="old-default,logreg,default",
+                    help="comma list of recipes (classifier/loto.py RECIPES)")
     sp.add_argument("--out", required=True)
     sp = add("refresh", cmd_refresh, "retrain on new logs; swap in only if APGR improves",
              data=False)
     sp.add_argument("--root", required=True, help="pointer dir holding versions + current")
-    sp.add_argument("--new", required=True, help="new labelled logs (JSONL)")
+    sp.add_argument("--new", default=None, help="new labelled data (JSONL with prompt and scores)")
+    sp.add_argument("--from-logs", default=None, metavar="DIR",
+                    help="the router's prompt logs (*.jsonl, rotated *.jsonl.N): labels from cascades")
+    sp.add_argument("--feedback", default=None, metavar="FILE",
+                    help="with --from-logs: judge/user verdicts, JSONL {trace_id|prompt, label}")
+    sp.add_argument("--cheap-tier", default=None,
+                    help="with --from-logs: the cheapest tier's name (default: from cascade rows)")
     sp.add_argument("--base", default=None, help="older data to train on too, e.g. routellm")
     sp.add_argument("--heldout", default=None, help="held-out data (default: from --new/--base)")
     sp.add_argument("--strong", default=ROUTELLM_STRONG)

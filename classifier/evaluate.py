@@ -60,6 +60,35 @@ def evaluate(scorer: object, records: Sequence[Record], strong: str, weak: str) 
     return res
 
 
+def compare(live: object, candidate: object, records: Sequence[Record], strong: str,
+            weak: str) -> dict:
+    """A candidate against the live model on the same records: both models' metrics and
+    how often their routing decisions (each at its own threshold) agree.
+
+    What shadow mode (``classifier.shadow``) measures on live traffic, offline.
+    """
+    prompts = [r.prompt for r in records]
+    a = np.asarray(score_all(live, prompts))
+    b = np.asarray(score_all(candidate, prompts))
+    ta, tb = float(live.threshold), float(candidate.threshold)  # type: ignore[attr-defined]
+    cand = evaluate_scores(b, records, strong, weak, tb)
+    sa, sb = a >= ta, b >= tb
+    return {"candidate_version": getattr(candidate, "version", ""),
+            "candidate": {k: cand[k] for k in KEYS},
+            "candidate_per_task_apgr": {t: r["apgr"] for t, r in cand["per_task"].items()},
+            "agreement": float((sa == sb).mean()),
+            "live_strong_share": float(sa.mean()), "candidate_strong_share": float(sb.mean()),
+            "rank_correlation": _spearman(a, b)}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 2:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    c = np.corrcoef(ra, rb)[0, 1]
+    return None if np.isnan(c) else float(c)
+
+
 def _macro(values: list[float | None]) -> float | None:
     return float(np.mean(values)) if values and None not in values else None
 
@@ -85,6 +114,17 @@ def markdown(results: dict) -> str:
                   "| task | threshold | strong share | quality |", "|---|---|---|---|"]
         lines += [f"| {t} | {o['threshold']:.4f} | {o['strong_share']:.1%} | {o['quality']:.3f} |"
                   for t, o in op]
+    cmp = results.get("compare")
+    if cmp:
+        c = cmp["candidate"]
+        lines += ["", f"Candidate {cmp['candidate_version']} on the same rows:", "",
+                  "| router | APGR | CPT(50%) | strong share at its threshold |", "|---|---|---|---|",
+                  f"| live | {_fmt(results['apgr'])} | {_fmt(results['cpt50'], True)} | "
+                  f"{cmp['live_strong_share']:.1%} |",
+                  f"| candidate | {_fmt(c['apgr'])} | {_fmt(c['cpt50'], True)} | "
+                  f"{cmp['candidate_strong_share']:.1%} |", "",
+                  f"Decisions agree on {cmp['agreement']:.1%} of rows; rank correlation "
+                  f"{_fmt(cmp['rank_correlation'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,24 @@
 """The light head on top of frozen embeddings: gain (+ neighbours), logistic regression, MLP.
 
+``gain_within`` (the default) is the ``gain`` ridge fitted on *within-task* variation:
+embeddings and gains are centred per task before the fit (task fixed effects), so the
+weights learn what makes one prompt harder than another of the same kind, not which task
+is harder on average (a fact that does not carry over to a task never seen). Scores are a
+linear function of the raw embedding, Platt-scaled on the raw training rows. In
+leave-one-task-out validation it was the only head with every unit above random
+(``classifier/loto.py``).
+
 ``gain`` (the default) regresses the expected quality gain of the strong model,
 strong - weak clipped to [-1, 1], with ridge regression, then maps it to P(strong needed)
 with a one-dimensional logistic fit (Platt scaling) folded into the same linear layer.
 Regressing the gain uses the prompts where the weak model beats the strong one, which a
 0/1 "strong needed" label treats like ties; in subject-grouped cross-validation on the
 training split (six-layer features) it ranked better: MMLU APGR 0.578 vs 0.540 for
-logreg.  ``logreg`` and ``mlp`` fit the 0/1 label directly.
+logreg.  ``logreg`` and ``mlp`` fit the 0/1 label directly (``logreg`` in numpy, class-
+balanced, L2-penalised). ``mf`` is RouteLLM's matrix-factorisation router for one model
+pair: with two models its bilinear score sigma(w . (v_strong - v_weak) * (W e)) is a
+linear logit in the embedding ``e``, so it is a logistic regression trained, as RouteLLM
+trains MF, on the decisive pairs only (one model right, the other wrong; ties dropped).
 
 ``gain_knn`` (the default) adds RouteLLM's similarity-weighted idea: the mean gain of the
 ``k`` training prompts most similar to this one, weighted by exp(temp * cosine). A linear
@@ -29,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-HEAD_KINDS = ("gain_knn", "gain", "logreg", "mlp")
-DEFAULT_L2 = {"gain_knn": 0.3, "gain": 0.3, "logreg": 1e-2, "mlp": 1e-2}  # gain: ridge penalty / n
+HEAD_KINDS = ("gain_within", "gain_knn", "gain", "logreg", "mf", "mlp")
+# gain kinds: ridge penalty / n. gain_within: 1.0 chosen by leave-one-task-out validation
+# over 0.3 / 0.6 / 1 / 2 (classifier/loto.py; docs/classifier.md).
+DEFAULT_L2 = {"gain_within": 1.0, "gain_knn": 0.3, "gain": 0.3, "logreg": 1e-2, "mf": 1e-2, "mlp": 1e-2}
 KNN_K, KNN_TEMP = 200, 20.0  # 5-fold CV on the training split; see the module doc
 # The neighbour term's weight against the linear one (both z-scored). 5-fold CV on the
 # training split, 3 seeds: 1.5 beat 1.0 on MMLU in all three (+0.3 to +0.5 APGR points;
@@ -109,24 +123,35 @@ class Head:
             return cls(**{k: z[k] for k in z.files})
 
 
-def _ridge(x: np.ndarray, gain: np.ndarray, l2: float, weight: np.ndarray | None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted ridge of clipped ``gain`` on standardised ``x``: (mean, std, w, fitted)."""
+def _ridge(x: np.ndarray, gain: np.ndarray, l2: float, weight: np.ndarray | None,
+           groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted ridge of clipped ``gain`` on standardised ``x``: (mean, std, w, fitted).
+
+    ``groups`` (one key per row): centre ``x`` and ``gain`` within each group before the
+    fit, so only within-group differences shape the weights. ``fitted`` is on raw ``x``.
+    """
     x = np.asarray(x, dtype=np.float64)
     mean, std = x.mean(0), x.std(0) + 1e-6
     xs = (x - mean) / std
     g = np.clip(np.asarray(gain, dtype=np.float64), -1, 1)
     wt = np.ones(len(x)) if weight is None else np.asarray(weight, dtype=np.float64)
+    keys = np.zeros(len(x)) if groups is None else np.asarray(groups)
+    xc, gc = xs.copy(), g.copy()
+    for k in np.unique(keys):
+        m = keys == k
+        xc[m] -= (wt[m] @ xs[m]) / wt[m].sum()
+        gc[m] -= (wt[m] @ g[m]) / wt[m].sum()
     lam = l2 * len(x)
-    xw = xs * wt[:, None]
-    w = np.linalg.solve(xw.T @ xs + lam * np.eye(x.shape[1]), xw.T @ (g - (wt @ g) / wt.sum()))
+    xw = xc * wt[:, None]
+    w = np.linalg.solve(xw.T @ xc + lam * np.eye(x.shape[1]), xw.T @ gc)
     return mean, std, w, xs @ w
 
 
 def fit_gain(x: np.ndarray, gain: np.ndarray, y: np.ndarray, l2: float = 0.1,
-             weight: np.ndarray | None = None) -> Head:
-    """Ridge regression of ``gain`` on standardised ``x``, Platt-scaled to predict ``y``."""
-    mean, std, w, pred = _ridge(x, gain, l2, weight)
+             weight: np.ndarray | None = None, groups: np.ndarray | None = None) -> Head:
+    """Ridge regression of ``gain`` on standardised ``x``, Platt-scaled to predict ``y``
+    (within ``groups`` when given: see ``gain_within``)."""
+    mean, std, w, pred = _ridge(x, gain, l2, weight, groups)
     a, c = _platt(pred, np.asarray(y, dtype=np.float64))
     return Head(mean.astype(np.float32), std.astype(np.float32),
                 (a * w).reshape(-1, 1).astype(np.float32), np.array([c], dtype=np.float32))
@@ -174,18 +199,32 @@ def _platt(z: np.ndarray, y: np.ndarray, iters: int = 50, lam: float = 1.0
 
 def fit_head(x: np.ndarray, y: np.ndarray, kind: str = "gain_knn", l2: float | None = None,
              gain: np.ndarray | None = None, hidden: int = 64, epochs: int = 200,
-             seed: int = 0, weight: np.ndarray | None = None) -> Head:
+             seed: int = 0, weight: np.ndarray | None = None,
+             groups: np.ndarray | None = None) -> Head:
     """Fit a head to features ``x`` (n, d) and 0/1 labels ``y`` (``gain`` for the gain kinds).
 
-    Classification heads balance the two classes; gain heads take per-row ``weight``.
+    Classification heads balance the two classes; gain heads take per-row ``weight``;
+    ``gain_within`` centres within ``groups`` (each row's task).
     """
     if kind not in HEAD_KINDS:
         raise ValueError(f"head kind must be one of {HEAD_KINDS}")
     l2 = DEFAULT_L2[kind] if l2 is None else l2
     if kind == "gain":
         return fit_gain(x, y if gain is None else gain, y, l2, weight)
+    if kind == "gain_within":
+        return fit_gain(x, y if gain is None else gain, y, l2, weight, groups)
     if kind == "gain_knn":
         return fit_gain_knn(x, y if gain is None else gain, y, l2, weight)
+    if kind == "logreg":
+        return fit_logistic(x, y, l2, weight, balance=True)
+    if kind == "mf":
+        g = np.asarray(y if gain is None else gain, dtype=np.float64)
+        keep = g != 0  # decisive pairs only: which model won
+        wt = np.ones(len(g)) if weight is None else np.asarray(weight, dtype=np.float64)
+        if len(set((g[keep] > 0).tolist())) < 2:
+            raise ValueError("the mf head needs prompts won by each model")
+        return fit_logistic(np.asarray(x)[keep], (g[keep] > 0).astype(np.float64), l2,
+                            wt[keep] * np.minimum(np.abs(g[keep]), 1.0), balance=False)
     import torch
     torch.manual_seed(seed)
     x = np.asarray(x, dtype=np.float32)
@@ -195,9 +234,8 @@ def fit_head(x: np.ndarray, y: np.ndarray, kind: str = "gain_knn", l2: float | N
     pos = float(yt.mean().clamp(1e-3, 1 - 1e-3))
     weight = torch.where(yt > 0, 0.5 / pos, 0.5 / (1 - pos))
     d = x.shape[1]
-    layers = [torch.nn.Linear(d, 1)] if kind == "logreg" else [
-        torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-        torch.nn.Linear(hidden, 1)]
+    layers = [torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+              torch.nn.Linear(hidden, 1)]
     net = torch.nn.Sequential(*layers)
     bce = torch.nn.BCEWithLogitsLoss(weight=weight)
 
@@ -205,26 +243,44 @@ def fit_head(x: np.ndarray, y: np.ndarray, kind: str = "gain_knn", l2: float | N
         reg = sum((m.weight**2).sum() for m in net if isinstance(m, torch.nn.Linear))
         return bce(net(xt).squeeze(-1), yt) + l2 * reg
 
-    if kind == "logreg":
-        opt = torch.optim.LBFGS(net.parameters(), max_iter=epochs, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        net.train()
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss_fn().backward()
-            opt.step()
-        net.eval()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    net.eval()
     lin = [m for m in net if isinstance(m, torch.nn.Linear)]
     arr = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in lin]
-    if kind == "logreg":
-        return Head(mean, std, *arr[0])
     return Head(mean, std, *arr[0], *arr[1])
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, weight: np.ndarray | None = None,
+                 balance: bool = True, iters: int = 30) -> Head:
+    """L2-penalised logistic regression on standardised ``x`` by Newton's method (numpy).
+
+    Minimises the weighted mean cross-entropy + ``l2`` * |w|^2. ``balance`` reweighs the
+    two classes to equal totals, as the 0/1 "strong needed" label is rare (about 1 in 5).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xs = np.c_[(x - mean) / std, np.ones(len(x))]
+    wt = np.ones(len(x)) if weight is None else np.asarray(weight, dtype=np.float64)
+    if balance:
+        pos = float(np.clip((wt * y).sum() / wt.sum(), 1e-3, 1 - 1e-3))
+        wt = wt * np.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    wt = wt / wt.sum()
+    pen = np.full(xs.shape[1], 2 * l2)
+    pen[-1] = 1e-8  # the intercept is not penalised
+    theta = np.zeros(xs.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(xs @ theta)))
+        grad = xs.T @ (wt * (p - y)) + pen * theta
+        hess = xs.T @ (xs * (wt * p * (1 - p))[:, None]) + np.diag(pen)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-7:
+            break
+    return Head(mean.astype(np.float32), std.astype(np.float32),
+                theta[:-1].reshape(-1, 1).astype(np.float32), np.array([theta[-1]], dtype=np.float32))

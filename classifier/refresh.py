@@ -64,7 +64,7 @@ def consider(root: str | Path, candidate: FrozenScorer, heldout: list[Record], s
 
 def refresh(root: str | Path, new: list[Record], strong: str, weak: str,
             base: list[Record] | None = None, heldout: list[Record] | None = None,
-            strong_share: float = 0.3, min_gain: float = 0.0, head_kind: str = "gain_knn",
+            strong_share: float = 0.3, min_gain: float = 0.0, head_kind: str = "gain_within",
             config: EncoderConfig | None = None, cache_dir: str | None = None) -> dict:
     """Train a frozen-encoder candidate on ``base + new`` training splits and consider it.
 
@@ -81,7 +81,7 @@ def refresh(root: str | Path, new: list[Record], strong: str, weak: str,
     live = current_scorer(Path(root), cache_dir)
     if config is None and isinstance(live, FrozenScorer):
         config = live.encoder.config
-    config = config or EncoderConfig()
+    config = config or EncoderConfig(surface_features=False)  # as the shipped default
     candidate = train_frozen(train, strong, weak, config, head_kind=head_kind,
                              encoder=Encoder(config, cache_dir=cache_dir), data_name="refresh")
     calibrate(candidate, [r.prompt for r in calib], strong_share)

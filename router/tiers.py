@@ -10,6 +10,10 @@ Scoring never runs on the event loop: concurrent requests are gathered for up to
 which is several times cheaper per prompt than one at a time. The artifact is re-resolved
 every ``reload_s``; when ``classifier refresh`` has swapped in a new version it is loaded
 in the background and replaces the old scorer without a restart.
+
+With ``classifier.target_strong_share`` the threshold follows live scores
+(``router/calibration.py``). With ``classifier.shadow`` a candidate artifact scores every
+batch after the callers have their tiers; its would-be tiers only feed metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
+from kvroute.router.calibration import DecayedMean, OnlineThreshold
 from kvroute.router.config import ClassifierConfig
 from kvroute.router.errors import ConfigError
 from kvroute.router.metrics import RouterMetrics
@@ -71,12 +76,25 @@ class TierChooser:
         # Batches being scored. The loop keeps only weak references to tasks: one nobody
         # holds can be collected mid-batch, and its callers' futures would never resolve.
         self._scoring: set[asyncio.Task] = set()
+        self.online: OnlineThreshold | None = None  # classifier.target_strong_share
+        self.shadow: Any = None  # classifier.shadow: a candidate scorer that never routes
+        self.shadow_online: OnlineThreshold | None = None
+        self.agreement = DecayedMean(cfg.online.window if cfg.online else 2000)
 
     @property
     def thresholds(self) -> tuple[float, ...]:
         if self.cfg.thresholds is not None:
             return self.cfg.thresholds
+        if self.online is not None:
+            return (self.online.threshold,)
         return (float(self.scorer.threshold),)
+
+    def _calibrate_from(self, scorer: Any) -> None:
+        """(Re)start online calibration from a newly loaded artifact's threshold."""
+        if self.cfg.online is not None:
+            self.online = OnlineThreshold(self.cfg.online, float(scorer.threshold))
+        if self.cfg.thresholds is None:
+            self.metrics.classifier_threshold.labels(self.model).set(self.thresholds[0])
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -86,6 +104,16 @@ class TierChooser:
             raise ConfigError(f"models[{self.model}].classifier.path",
                               f"cannot load the tier classifier: {exc}") from exc
         self.version = self.scorer.version
+        self._calibrate_from(self.scorer)
+        if self.cfg.shadow is not None:
+            try:
+                self.shadow = await loop.run_in_executor(self.executor, _load, self.cfg.shadow)
+            except Exception as exc:
+                raise ConfigError(f"models[{self.model}].classifier.shadow",
+                                  f"cannot load the shadow classifier: {exc}") from exc
+            if self.cfg.online is not None:
+                self.shadow_online = OnlineThreshold(self.cfg.online, float(self.shadow.threshold))
+            log.info("model %s: shadow classifier %s loaded", self.model, self.shadow.version)
         log.info("model %s: tier classifier %s loaded (thresholds %s)", self.model, self.version,
                  self.thresholds)
 
@@ -98,6 +126,7 @@ class TierChooser:
                 if version != self.version:
                     scorer = await loop.run_in_executor(self.executor, _load, self.cfg.path)
                     self.scorer, self.version = scorer, scorer.version
+                    self._calibrate_from(scorer)
                     log.info("model %s: tier classifier reloaded, now %s", self.model, self.version)
             except Exception:  # keep serving with the model we have
                 log.exception("model %s: classifier reload failed", self.model)
@@ -113,8 +142,8 @@ class TierChooser:
             self._flush()
         elif self._flusher is None:
             self._flusher = asyncio.get_running_loop().call_later(self.cfg.batch_window_ms / 1000, self._flush)
-        score = await fut
-        return self.tier_for(score), score
+        tier, score = await fut
+        return tier, score
 
     def _flush(self) -> None:
         if self._flusher is not None:
@@ -141,11 +170,39 @@ class TierChooser:
             return
         try:
             self.metrics.classifier_seconds.labels(self.model).observe(time.perf_counter() - start)
-            for (_, fut), score in zip(batch, scores):
+            # each caller's tier at the threshold the batch is observed at (it moves after)
+            tiers = [self.tier_for(float(s)) for s in scores]
+            for (_, fut), tier, score in zip(batch, tiers, scores):
                 if not fut.done():
-                    fut.set_result(float(score))
+                    fut.set_result((tier, float(score)))
+            live = [t == self.n_tiers - 1 for t in tiers]
         finally:  # a bug above (raised on, and logged by _scored) must not leave a caller waiting
             _fail(batch, RuntimeError(f"model {self.model}: the classifier batch ended without a score"))
+        self._observe(scores, live)
+        if self.shadow is not None:
+            try:
+                shadow = await loop.run_in_executor(self.executor, self.shadow.score, [t for t, _ in batch])
+            except Exception:  # the shadow never affects routing, not even by failing
+                log.exception("model %s: the shadow classifier failed on a batch", self.model)
+                return
+            self._observe_shadow(shadow, live)
+
+    def _observe(self, scores: list[float], strong: list[bool]) -> None:
+        """Feed the online threshold and the live metrics with a routed batch."""
+        self.metrics.would_be_strong.labels(self.model, "live").inc(sum(strong))
+        if self.online is not None:
+            self.online.observe(scores)
+            self.metrics.classifier_threshold.labels(self.model).set(self.online.threshold)
+            self.metrics.classifier_strong_share.labels(self.model).set(self.online.strong_share)
+
+    def _observe_shadow(self, scores: list[float], live: list[bool]) -> None:
+        threshold = self.shadow_online.threshold if self.shadow_online else float(self.shadow.threshold)
+        would = [s >= threshold for s in scores]
+        if self.shadow_online is not None:
+            self.shadow_online.observe(scores)
+        self.agreement.add([a == b for a, b in zip(would, live)])
+        self.metrics.would_be_strong.labels(self.model, "shadow").inc(sum(would))
+        self.metrics.shadow_agreement.labels(self.model).set(self.agreement.value)
 
     async def close(self) -> None:
         """Score what is queued and wait for the batches in flight (before the executor goes)."""

@@ -50,10 +50,49 @@ def test_eval_writes_report(toy_model: Path, toy_jsonl: Path, tmp_path: Path) ->
     res = json.loads((out / "results.json").read_text())
     for key in ("apgr", "cpt50", "cpt80", "strong_share_for_95", "n_prompts", "random"):
         assert key in res
-    assert res["n_prompts"] == 24
+    assert res["n_prompts"] == 120 and res["split"] == "all"  # a user's JSONL: every row
     assert res["apgr"] > res["random"]["apgr"]
     assert (out / "curve.png").stat().st_size > 1000
     assert "| toy | random |" in (out / "results.md").read_text()
+
+
+def test_eval_of_a_jsonl_scores_only_the_split_asked_for(toy_model: Path, toy_jsonl: Path,
+                                                        tmp_path: Path) -> None:
+    assert main(["eval", "--model", str(toy_model), "--data", str(toy_jsonl), *TOY,
+                 "--split", "heldout", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["n_prompts"] == 24 and res["split"] == "heldout"
+
+
+def test_eval_compare_reports_the_candidate_and_agreement(toy_model: Path, toy_jsonl: Path,
+                                                         tmp_path: Path) -> None:
+    cand = tmp_path / "cand"
+    assert main(["train", "--data", str(toy_jsonl), *TOY, "--out", str(cand), "--head", "logreg"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(toy_model), "--data", str(toy_jsonl), *TOY,
+                 "--compare", str(cand), "--out", str(out)]) == 0
+    cmp = json.loads((out / "results.json").read_text())["compare"]
+    assert cmp["candidate_version"] == read_metadata(cand)["version"]
+    assert 0.5 < cmp["agreement"] <= 1.0  # both separate the toy data's two kinds of prompt
+    assert cmp["candidate"]["apgr"] > 0.6 and cmp["rank_correlation"] > 0.3
+    assert "Decisions agree on" in (out / "results.md").read_text()
+
+
+def test_loto_writes_a_table_per_unit(routellm_data: Path, tmp_path: Path) -> None:
+    assert main(["loto", "--data", "routellm", "--limit", "1500", "--recipes", "default,logreg",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "loto.json").read_text())
+    assert set(res["models"]) == {"random", "default", "logreg"}
+    assert set(res["units"]) >= {"mmlu:stem", "mmlu:humanities", "gsm8k"}
+    for m in res["models"].values():
+        assert set(m["per_unit"]) == set(res["units"])
+        assert m["worst"] == min(m["per_unit"].values()) <= m["mean"]
+    assert "| default |" in (tmp_path / "loto.md").read_text()
+
+
+def test_loto_rejects_an_unknown_recipe(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown recipe 'nope'"):
+        main(["loto", "--recipes", "nope", "--out", str(tmp_path)])
 
 
 def test_eval_default_model_on_heldout_split(routellm_data: Path, tmp_path: Path) -> None:
