@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -24,9 +25,9 @@ def _event_loop():
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvroute.router.app import create_app
-    from kvroute.router.config import config_from_dict, load_config
-    from kvroute.router.server import run
+    from dataclasses import replace
+
+    from kvroute.router.config import check_procs, config_from_dict, load_config
 
     if args.config:
         cfg = load_config(args.config)
@@ -41,7 +42,23 @@ def _serve(args: argparse.Namespace) -> int:
         if args.block_size:
             model["block_size"] = args.block_size
         cfg = config_from_dict({"models": [model], "server": {"host": args.host, "port": args.port}})
-    run(create_app(cfg), cfg.server, loop_factory=_event_loop)  # drains on SIGTERM (router/server.py)
+    if args.procs is not None:  # the flag wins over server.procs
+        if args.procs < 1:
+            raise ConfigError("--procs", "expected a number of processes, 1 or more")
+        cfg = replace(cfg, server=replace(cfg.server, procs=args.procs))
+        check_procs(cfg, "--procs")
+    if args.proc_index is None and cfg.server.procs > 1:
+        from kvroute.router.procs import supervise
+
+        return supervise(args.argv, cfg.server.procs)  # starts this command N times, one per slot
+    from kvroute.router.app import create_app
+    from kvroute.router.server import run
+    from kvroute.router.siblings import Slot
+
+    slot = None
+    if args.proc_index is not None:  # one of the supervisor's processes
+        slot = Slot(args.proc_index, cfg.server.procs, Path(args.procs_dir), args.supervisor_fd)
+    run(create_app(cfg), cfg.server, loop_factory=_event_loop, slot=slot)  # drains on SIGTERM (router/server.py)
     return 0
 
 
@@ -111,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", default="prefix")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--procs", type=int,
+                       help="processes serving the port, one core each (default: server.procs, 1)")
+    # Set by the supervisor of --procs N for each of its processes (router/procs.py).
+    serve.add_argument("--proc-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--procs-dir", help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="validate a config file")
@@ -168,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
+        args.argv = argv  # serve --procs N runs this command line again, once per process
+        proc = f" [proc {args.proc_index}]" if getattr(args, "proc_index", None) is not None else ""
         logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                            format=f"%(asctime)s %(levelname)s{proc} %(name)s: %(message)s")
         return args.func(args) or 0
     except ConfigError as exc:
         print(f"kvroute: {exc.message}", file=sys.stderr)

@@ -7,9 +7,11 @@ Only full blocks get a key, because vLLM only caches full blocks.
 
 Rendered text is split at special tokens (which tokenizers never merge across) and each
 piece's ids are cached, so a growing conversation tokenizes only its new messages and a
-long shared system prompt is tokenized once. Long prompts are tokenized in an executor,
-so one tokenizer serves the event loop and the executor's threads at once: its piece cache
-takes a lock, and the tokenizer itself is shared (see ``PromptTokenizer``).
+long shared system prompt is tokenized once. A prompt with much new text (over
+``EXECUTOR_THRESHOLD_CHARS`` of uncached pieces) is tokenized in an executor; the rest
+inline, since encoding holds the GIL and the hop costs more than a short piece. So one
+tokenizer serves the event loop and the executor's threads at once: its piece cache takes
+a lock, and the tokenizer itself is shared (see ``PromptTokenizer``).
 
 A request that cannot be templated or tokenized (a chat template that rejects its
 messages) is routed approximately, counted in ``kvroute_prefix_fallbacks_total`` and logged.
@@ -40,7 +42,7 @@ from kvroute.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
-EXECUTOR_THRESHOLD_CHARS = 4096  # shorter prompts are tokenized inline: an executor hop costs more
+EXECUTOR_THRESHOLD_CHARS = 4096  # less new text is tokenized inline: an executor hop costs more
 PIECE_CACHE_SIZE = 8192
 FALLBACK_LOG_INTERVAL_S = 60.0  # a client that keeps sending what the template rejects logs once a minute
 
@@ -108,6 +110,9 @@ class PromptTokenizer:
         without = self.tok("x", add_special_tokens=False).input_ids
         n = len(with_special) - len(without)
         self._completion_prefix = list(with_special[:n]) if n > 0 and with_special[n:] == without else []
+        # The Rust tokenizer behind the HF wrapper: the same ids for a piece without special
+        # tokens, without the wrapper's per-call Python (a third of a short piece's cost).
+        self._rust = getattr(self.tok, "backend_tokenizer", None)
         self._pieces: OrderedDict[str, list[int]] = OrderedDict()
         self._pieces_lock = threading.Lock()  # held for the cache's bookkeeping, never while tokenizing
 
@@ -145,13 +150,22 @@ class PromptTokenizer:
                 self._pieces.move_to_end(piece)
                 return cached
         # Two threads may tokenize the same new piece at once; both get the same ids.
-        ids = self.tok(piece, add_special_tokens=False).input_ids
+        if self._rust is not None:
+            ids = self._rust.encode(piece, add_special_tokens=False).ids
+        else:
+            ids = self.tok(piece, add_special_tokens=False).input_ids
         with self._pieces_lock:
             self._pieces[piece] = ids
             self._pieces.move_to_end(piece)
             while len(self._pieces) > PIECE_CACHE_SIZE:
                 self._pieces.popitem(last=False)
         return ids
+
+    def uncached_chars(self, text: str) -> int:
+        """Characters of ``text`` whose pieces are not in the cache: what encoding it costs."""
+        pieces = self._split.split(text) if self._split is not None else [text]
+        with self._pieces_lock:
+            return sum(len(p) for p in pieces if p and p not in self._special_ids and p not in self._pieces)
 
     def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
         return self.encode_text(self.render_chat(messages, tools))
@@ -195,6 +209,10 @@ class Prefixer:
             ids = self._token_ids(tok, body, messages)
             if ids is not None:
                 return PromptKeys(tuple(chain_keys(ids, block_size)), len(ids), block_size, True)
+        return self._approximate(body)
+
+    def _approximate(self, body: dict) -> PromptKeys:
+        messages = body.get("messages")
         text = _chat_text_approx(messages) if messages is not None else _prompt_text(body["prompt"])
         tokens_per_chunk = max(1, self.chunk_chars // 4)
         keys = text_chunk_keys(text, self.chunk_chars)
@@ -232,10 +250,35 @@ class Prefixer:
                     f" ({since} more since the last report)" if since else "")
 
     async def keys(self, body: dict, block_size: int) -> PromptKeys:
-        if self.tokenizer is None or _body_chars(body) < EXECUTOR_THRESHOLD_CHARS:
+        tok = self.tokenizer
+        if tok is None or _body_chars(body) < EXECUTOR_THRESHOLD_CHARS:
             return self.keys_sync(body, block_size)
         loop = asyncio.get_running_loop()
+        messages = body.get("messages")
+        if messages is not None:
+            # A long chat whose pieces are mostly cached (a shared system prompt, a growing
+            # conversation) costs less inline than the executor hop: render it here, and go
+            # to the executor only when much of it is new text to tokenize.
+            try:
+                text = tok.render_chat(messages, body.get("tools"))
+            except InvalidRequest:
+                raise
+            except Exception as exc:
+                self._fallback("template", exc)
+                return self._approximate(body)
+            if tok.uncached_chars(text) < EXECUTOR_THRESHOLD_CHARS:
+                return self._from_text(tok, text, body, block_size)
+            return await loop.run_in_executor(self.executor, self._from_text, tok, text, body, block_size)
         return await loop.run_in_executor(self.executor, self.keys_sync, body, block_size)
+
+    def _from_text(self, tok: PromptTokenizer, text: str, body: dict, block_size: int) -> PromptKeys:
+        """Keys of a rendered chat; approximate (counted, logged) if tokenizing fails."""
+        try:
+            ids = tok.encode_text(text)
+        except Exception as exc:
+            self._fallback("tokenizer", exc)
+            return self._approximate(body)
+        return PromptKeys(tuple(chain_keys(ids, block_size)), len(ids), block_size, True)
 
 
 def _completion_ids(tok: PromptTokenizer, prompt: Any) -> list[int]:

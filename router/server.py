@@ -7,6 +7,9 @@
   ``/readyz`` and new requests answer 503 (Retry-After) while in-flight requests get
   ``server.drain_s`` to finish (``Admission.drain``); then the server closes. A second
   signal cuts what still runs.
+* One of ``kvroute serve --procs N``'s processes (``slot``, router/siblings.py) shares the
+  port (SO_REUSEPORT), merges its siblings' metrics into ``/metrics``, and drains too when
+  its supervisor (router/procs.py) goes away.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 
-from kvroute.router import keys
+from kvroute.router import keys, siblings
 from kvroute.router.config import ServerConfig
 from kvroute.router.errors import HeadersTooLarge, InvalidRequest, KvrouteError, UnsupportedEncoding
+from kvroute.router.siblings import Slot
 
 log = logging.getLogger(__name__)
 
@@ -86,48 +90,61 @@ class AppRunner(web.AppRunner):
                        handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)
 
 
-async def serve(app: web.Application, cfg: ServerConfig) -> None:
-    """Serve ``app`` on ``cfg.host:cfg.port`` until a signal, then drain and close."""
+async def serve(app: web.Application, cfg: ServerConfig, slot: Slot | None = None) -> None:
+    """Serve ``app`` on ``cfg.host:cfg.port`` until a signal, then drain and close.
+    ``slot``: this is one of ``--procs N`` processes."""
+    if slot is not None:
+        siblings.install(app, slot)  # before setup freezes the app
     runner = AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S, shutdown_timeout=CLOSE_TIMEOUT_S)
     await runner.setup()
+    private: web.AppRunner | None = None
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port).start()
-        log.info("======== Running on http://%s:%d ========\n(Press CTRL+C to quit)", cfg.host, cfg.port)
-        await _until_signal_then_drain(app)
+        await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=slot is not None).start()
+        if slot is None:
+            log.info("======== Running on http://%s:%d ========\n(Press CTRL+C to quit)", cfg.host, cfg.port)
+        else:
+            private = await siblings.start_private(app, slot)
+            siblings.tell_ready(slot)
+        await _until_signal_then_drain(app, slot)
     finally:
+        if private is not None:
+            await private.cleanup()
         await runner.cleanup()  # stop listening, close connections, then the app's cleanup contexts
 
 
-async def _until_signal_then_drain(app: web.Application) -> None:
+async def _until_signal_then_drain(app: web.Application, slot: Slot | None = None) -> None:
     admission = app[keys.ADMISSION]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_signal(sig: signal.Signals) -> None:
+    def on_signal(why: str) -> None:
         if not stop.is_set():
             log.info("%s: draining: /readyz and new requests answer 503, in-flight ones get up to "
-                     "server.drain_s (%gs)", sig.name, admission.cfg.drain_s)
+                     "server.drain_s (%gs)", why, admission.cfg.drain_s)
             stop.set()
         else:
-            log.warning("%s again: cutting the requests still in flight", sig.name)
+            log.warning("%s again: cutting the requests still in flight", why)
             admission.cut()
 
     sigs = (signal.SIGTERM, signal.SIGINT)
     for sig in sigs:
-        loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    unwatch = siblings.watch_supervisor(slot, lambda: on_signal("supervisor gone")) if slot else None
     try:
         await stop.wait()
         await admission.drain()
     finally:
         for sig in sigs:
             loop.remove_signal_handler(sig)
+        if unwatch is not None:
+            unwatch()
 
 
 def run(app: web.Application, cfg: ServerConfig, *,
-        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None, slot: Slot | None = None) -> None:
     """``kvroute serve``: run ``serve`` on a new loop until it has drained and closed."""
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(app, cfg))
+            runner.run(serve(app, cfg, slot))
     except KeyboardInterrupt:  # Ctrl-C during start-up, before the signal handlers are in place
         pass

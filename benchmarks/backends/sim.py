@@ -127,6 +127,7 @@ class _Flight:
     load_tokens: int
     arrival: float
     prefill_tokens: int = 0
+    replica: int = 0
 
 
 def simulate(
@@ -138,28 +139,35 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     policy: str | None = None,
     exact: bool = False,
+    replicas: int = 1,
 ) -> RouterRun:
     """Run ``records`` through ``cfg.workers`` simulated workers.
 
     ``router`` names the run; ``policy`` (default: ``router``) is the kvroute policy used,
-    or "oracle"; ``exact``: the policy's index follows the workers' KV events."""
+    or "oracle"; ``exact``: the policy's index follows the workers' KV events.
+    ``replicas``: that many routers (or ``--procs`` processes), each with its own index and
+    its own in-flight counts, taking arrivals in turn; vLLM's scraped load and (exact) the
+    KV events reach all of them."""
     now = 0.0
-    chooser = _Chooser(policy or router, cfg, options, exact, clock=lambda: now)
+    choosers = [_Chooser(policy or router, cfg, options, exact, clock=lambda: now) for _ in range(replicas)]
+    chooser = choosers[0]
     listener = None
     if exact:
-        index = chooser.index
-
         def listener(url: str, kind: str, keys: list[int]) -> None:
-            (index.stored if kind == "stored" else index.removed)(url, keys)
+            for c in choosers:
+                (c.index.stored if kind == "stored" else c.index.removed)(url, keys)
 
     sims = [
         SimWorker(f"http://sim-{i}", cfg.capacity_blocks, cfg.block_size, cfg.timing, listener)
         for i in range(cfg.workers)
     ]
-    workers = tuple(Worker(url=s.url, model=cfg.model, block_size=cfg.block_size) for s in sims)
+    views = [tuple(Worker(url=s.url, model=cfg.model, block_size=cfg.block_size) for s in sims) for _ in choosers]
+    workers = views[0]
     by_url = {w.url: i for i, w in enumerate(workers)}
-    if chooser.policy is not None:
-        chooser.policy.on_workers_changed(workers)
+    for c, view in zip(choosers, views):
+        if c.policy is not None:
+            c.policy.on_workers_changed(view)
+    turns = itertools.count()
 
     events: list[tuple[float, int, int, Any]] = []  # (time, seq, kind, payload)
     seq = itertools.count()
@@ -219,19 +227,20 @@ def simulate(
                 max_tokens=max_tokens,
                 session_key=rec.session,
             )
+            r = next(turns) % len(choosers)
             t0 = time.perf_counter_ns()
-            w = chooser.select(workers, ctx, rec.group)
+            w = choosers[r].select(views[r], ctx, rec.group)
             decide_ns.append(time.perf_counter_ns() - t0)
             load = (
-                max(0, n_tokens - chooser.predicted_cached(w, ctx)) + max_tokens
+                max(0, n_tokens - choosers[r].predicted_cached(w, ctx)) + max_tokens
             )  # as router.proxy
-            chooser.dispatched(w, ctx)
+            choosers[r].dispatched(w, ctx)
             w.in_flight_requests += 1
             w.in_flight_tokens += load
             i = by_url[w.url]
             per_worker[i] += 1
             rid = next(rids)
-            flights[rid] = _Flight(i, ctx, load, now, load - max_tokens)
+            flights[rid] = _Flight(i, ctx, load, now, load - max_tokens, r)
             sims[i].submit(SimRequest(rid, block_keys, n_tokens, max_tokens, now))
             if sims[i].busy_until is None:
                 start_step(i, now)
@@ -241,14 +250,14 @@ def simulate(
             if cfg.release_prefill:
                 for r in started:
                     f = flights[r.rid]
-                    workers[f.worker].in_flight_tokens -= f.prefill_tokens
+                    views[f.replica][f.worker].in_flight_tokens -= f.prefill_tokens
                     f.load_tokens -= f.prefill_tokens
             for r in finished:
                 f = flights.pop(r.rid)
-                w = workers[f.worker]
+                w = views[f.replica][f.worker]
                 w.in_flight_requests -= 1
                 w.in_flight_tokens -= f.load_tokens
-                chooser.completed(w, f.ctx)
+                choosers[f.replica].completed(w, f.ctx)
                 ttft.append(r.first_token_at - r.arrival)
                 latency.append(r.done_at - r.arrival)
                 done_count += 1
@@ -259,10 +268,11 @@ def simulate(
                 progress(len(finished))
             start_step(i, now)
         elif kind == SCRAPE:
-            for w, s in zip(workers, sims):
-                w.vllm_running = s.num_running
-                w.vllm_waiting = s.num_waiting
-                w.kv_usage = s.kv_usage()
+            for view in views:
+                for w, s in zip(view, sims):
+                    w.vllm_running = s.num_running
+                    w.vllm_waiting = s.num_waiting
+                    w.kv_usage = s.kv_usage()
             if len(events) > 0:
                 heapq.heappush(events, (now + cfg.scrape_s, next(seq), SCRAPE, None))
 

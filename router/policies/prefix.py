@@ -11,15 +11,21 @@ Algorithm, per request:
    which is then copied to an unsaturated worker instead.
 2. Match the request's block keys against the prefix index: the longest cached prefix
    on each eligible worker that holds at least its first block.
-3. Hot prefixes are replicated in proportion to their traffic. The router counts the
-   route keys (first blocks) of its last ``hot_window`` requests; a prefix with share s
-   of them is hot once s * n >= 1.5 and is then served by ``ceil(s * n * hot_replicas)``
-   workers. For a hot prefix, while no holder has more of the prompt than the others (as
-   a holder of a chat's or an agent's history behind a shared system prompt would), the
-   request goes to the holder that served the fewest recent requests, or, while the
-   prefix has fewer holders than it should, to the eligible worker that served the
-   fewest (which makes a new copy). One hot system prompt thus spreads evenly over a
-   few workers instead of piling onto one or being copied everywhere.
+3. Hot prefixes are copied to more workers, by their share of traffic and by the load
+   they put on their holders (``router.policies.hot``). The router counts the route keys
+   (first blocks) of its last ``hot_window`` requests; a prefix with share s of them is
+   hot once s * n >= 1.5 and is then served by ``ceil(s * n * hot_replicas)`` workers.
+   Below that share, a prefix is copied when even its least-loaded holder served more
+   than ``hot_load`` fair shares of the last ``occupancy_window`` requests and most of
+   them were this prefix's (it is the cause, not one of many), and the request carries
+   no more than the part the prefix's requests share while those requests are mostly
+   that part (a system prompt and a question, not chats' or agents' histories). For a
+   hot prefix, while no holder has more of the prompt than the others (as a holder of a
+   chat's or an agent's history behind a shared system prompt would), the request goes
+   to the holder that served the fewest recent requests, or, when a copy is due, to the
+   eligible worker that served the fewest (which makes a new copy). One hot system
+   prompt thus spreads evenly over a few workers instead of piling onto one or being
+   copied everywhere, whatever its share.
 4. If no eligible worker holds even the first block (a miss), fall back to bounded-load
    consistent hashing on the first block, so that router replicas with the same config
    place new prefixes alike. The bound here is on the cache's working set as well as on
@@ -39,12 +45,16 @@ Algorithm, per request:
        score = (prompt_tokens - cached_tokens) + load_weight * load_tokens
        load_tokens = in-flight tokens + external_requests * external_request_tokens
 
-Cost: O(blocks matched x holders + sample) per request, plus a short ring walk on a miss.
+Cost: O(blocks matched x holders + sample) per request, plus a short ring walk on a miss
+and O(log blocks) per dispatch for the hot-prefix counts.
 The candidate workers' map by URL is rebuilt only when the router's healthy set changes.
 Knobs (``policy_options``): ``load_weight`` (0.1), ``balance_factor`` (2),
 ``balance_slack`` (4), ``external_request_tokens`` (512), ``prefix_balance_factor`` (1.0),
 ``cache_balance_factor`` (1.5), ``occupancy_window`` (256), ``kv_saturation`` (0.95),
-``sample`` (16), ``hot_window`` (64), ``hot_replicas`` (1.5) and the ring's ``vnodes`` (64).
+``sample`` (16), ``hot_window`` (64), ``hot_replicas`` (1.5), ``hot_load`` (1.2; 0 turns
+the load rule off) and the ring's ``vnodes`` (64).
+Fallback: with no workers, None; a prompt under one block (no route key) is scored (5.);
+when no worker is eligible, the whole sample is scored.
 """
 
 from __future__ import annotations
@@ -57,12 +67,8 @@ from typing import Any
 from kvroute.router.errors import ConfigError
 from kvroute.router.policies.base import PerCandidates, Policy, PolicyDeps, RequestContext, pick_random_min
 from kvroute.router.policies.consistent_hash import HashRing, route_key
+from kvroute.router.policies.hot import HotPrefixes
 from kvroute.router.upstream.workers import Worker
-
-# A prefix is hot once it carries this many workers' fair share of recent traffic. A
-# lower mark copied agents' shared tool schemas about (each ~1.2 fair shares in the
-# agent benchmark) at a cost of 2 points of hit rate in the simulator.
-HOT_FAIR_SHARES = 1.5
 
 _DEFAULTS = {
     # Cache reuse saves work for everyone while a queue is transient, so load weighs
@@ -93,6 +99,13 @@ _DEFAULTS = {
     # 1.21-1.29x, for 1-2 points of hit rate.
     "hot_window": 64,
     "hot_replicas": 1.5,
+    # Below that share a prefix is copied when it overloads its holders: their recent
+    # requests over 1.2 fair shares, most of them this prefix's. Swept from 10% to 80% on
+    # 4 simulated workers (5 seeds), the busiest worker took 1.15-1.20x fair on average
+    # up to a 40% share, where the share rule alone let it take up to 1.58x (1.77x in the
+    # worst seed; 1.42x with this rule); 1.1 and 1.05 did no better
+    # (docs/benchmarks.md#hot-prefixes-at-every-share).
+    "hot_load": 1.2,
 }
 
 
@@ -170,12 +183,9 @@ class PrefixPolicy(Policy):
         self.prefix_balance_factor = float(opts["prefix_balance_factor"])
         self.kv_saturation = float(opts["kv_saturation"])
         self.sample = max(1, int(opts["sample"]))
-        self.hot_window = max(1, int(opts["hot_window"]))
-        self.hot_replicas = float(opts["hot_replicas"])
-        self._recent: deque[tuple[int | None, str]] = deque()  # (route key, worker)
-        self._key_count: Counter[int | None] = Counter()
-        self._worker_count: Counter[str] = Counter()
         self.working_set = WorkingSet(max(1, int(opts["occupancy_window"])))
+        self.hot = HotPrefixes(int(opts["hot_window"]), float(opts["hot_replicas"]),
+                               float(opts["hot_load"]), self.working_set.window)
         self._by_url = PerCandidates(lambda workers: {w.url: w for w in workers})
 
     @classmethod
@@ -242,32 +252,6 @@ class PrefixPolicy(Policy):
         # moved at turn 2 against 0-1 in four earlier runs).
         return balanced or busy or free or first  # type: ignore[return-value]  # the walk sees every worker
 
-    def fair_shares(self, key: int | None, n: int) -> float:
-        """How many workers' fair share of recent traffic this prefix carries.
-
-        Over the requests seen so far while the window fills (but at least a quarter of
-        it): measured over the whole window, a hot prefix had to send 1.5 windows' fair
-        share to one worker before it counted as hot (24 requests in a row on 4 workers).
-        """
-        count = self._key_count[key]
-        if count < 2:  # one request says nothing of a share (in a large fleet it would be hot)
-            return 0.0
-        return count / max(len(self._recent), self.hot_window // 4) * n
-
-    def spread_hot(self, key: int | None, n: int, holders: list[Worker],
-                   others: list[Worker]) -> Worker | None:
-        """For a hot prefix: its least-used holder, or a new copy while it has too few."""
-        if key is None:
-            return None
-        fair_shares = self.fair_shares(key, n)
-        if fair_shares < HOT_FAIR_SHARES:
-            return None
-        want = math.ceil(fair_shares * self.hot_replicas)
-        pool = holders if len(holders) >= want or not others else others
-        if not pool:
-            return None
-        return pick_random_min(pool, [self._worker_count[w.url] for w in pool], self.deps.rng)
-
     def on_workers_changed(self, workers: Sequence[Worker]) -> None:
         super().on_workers_changed(workers)
         self.ring.forget(w.url for w in workers)
@@ -276,15 +260,7 @@ class PrefixPolicy(Policy):
     def on_dispatch(self, worker: Worker, ctx: RequestContext) -> None:
         super().on_dispatch(worker, ctx)
         key = route_key(ctx)
-        self._recent.append((key, worker.url))
-        self._key_count[key] += 1
-        self._worker_count[worker.url] += 1
-        if len(self._recent) > self.hot_window:
-            old_key, old_url = self._recent.popleft()
-            self._key_count[old_key] -= 1
-            self._worker_count[old_url] -= 1
-            if not self._key_count[old_key]:
-                del self._key_count[old_key]
+        self.hot.record(key, worker.url, ctx.block_keys)
         if key is not None:  # a prompt under one block, with no session, leaves nothing to reuse
             self.working_set.add(worker.url, key, len(ctx.block_keys))
 
@@ -297,7 +273,7 @@ class PrefixPolicy(Policy):
         ring_bound, bound = self.queue_bounds(workers, sample)
 
         key = route_key(ctx)
-        hot_key = self.fair_shares(key, len(workers)) >= HOT_FAIR_SHARES
+        hot_key = self.hot.is_hot(key, len(workers))
         # a worker holding a quarter of this prompt or more keeps it while its KV cache is
         # saturated (vLLM queues it): elsewhere that part is recomputed and evicts others'.
         # With half, agents near the context limit, whose shared tool schema is half the
@@ -313,8 +289,9 @@ class PrefixPolicy(Policy):
         holders = [by_url[u] for u in matched]
         others = [w for w in sample if w.url not in matched and eligible(w)]
         # only while no holder has more of this prompt than the others (a chat history)
-        spreadable = matched and len(set(matched.values())) == 1
-        hot = self.spread_hot(key, len(workers), holders, others) if spreadable else None
+        depths = set(matched.values())
+        spreadable = len(depths) == 1
+        hot = self.hot.choose(key, len(workers), holders, others, depths.pop(), rng) if spreadable else None
         if hot is not None:
             return hot
         if not matched and key is not None:

@@ -40,6 +40,15 @@ def test_chat_ids_equal_the_template_rendered_and_tokenized_whole(tok):
     assert tok.chat_ids(messages) == whole
 
 
+def test_pieces_encode_as_the_hf_tokenizer_does(tok):
+    """Pieces go straight to the Rust tokenizer; the ids must be the HF wrapper's."""
+    assert tok._rust is not None
+    texts = ["plain words", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "numbers 12345 3.14 -7",
+             "unicode: café naïve 東京 🚀", "symbols {\"json\": [1, 2]} <tag/> a+b=c", "", " ", "x" * 3000]
+    for text in texts:
+        assert tok._encode_piece(text) == tok.tok(text, add_special_tokens=False).input_ids, text
+
+
 def test_growing_conversation_reuses_cached_pieces(tok):
     system = {"role": "system", "content": "Shared instructions. " * 50}
     tok.chat_ids([system, {"role": "user", "content": "first"}])
@@ -156,3 +165,28 @@ async def test_every_fallback_is_counted_and_logged_at_most_once_a_minute(caplog
     assert "chat template failed: ValueError: Conversation roles must alternate" in logged[0]
     assert "(2 more since the last report)" in logged[1]
     assert "tokenization failed: RuntimeError: tokenizer exploded" in logged[2]
+
+
+async def test_a_long_prompt_goes_to_the_executor_only_when_much_of_it_is_new(tok):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvroute.router.prefix import EXECUTOR_THRESHOLD_CHARS, Prefixer
+
+    class Counting(ThreadPoolExecutor):
+        calls = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            Counting.calls += 1
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(1) as ex:
+        p = Prefixer(tok, 256, ex)
+        system = {"role": "system", "content": "Long shared instructions, word by word. " * 300}
+        assert len(system["content"]) > 2 * EXECUTOR_THRESHOLD_CHARS
+        body = {"messages": [system, {"role": "user", "content": "first question"}]}
+        first = await p.keys(body, 32)
+        assert Counting.calls == 1  # all of it new: tokenized off the loop
+        again = await p.keys({"messages": [system, {"role": "user", "content": "second question"}]}, 32)
+        assert Counting.calls == 1  # only the short new turn: inline
+        assert first.exact and again.exact and first.block_keys[:10] == again.block_keys[:10]
+        assert again == p.keys_sync({"messages": [system, {"role": "user", "content": "second question"}]}, 32)
