@@ -6,12 +6,14 @@
         --policies prefix,round_robin,vllm-router:cache_aware,smg:cache_aware --out DIR
     kvroute bench --fleet urls --worker-url http://h:8000 --worker-url ... --policies ...
     kvroute bench overhead --out DIR
+    kvroute bench cache --requests 2000 --out DIR
     kvroute bench reliability --streams 1000 --rounds 3 --restart-streams 200 --out DIR
     kvroute bench reliability --parts faults --fleet local --out DIR
     kvroute bench trace --workload agent --requests 200 --out trace.jsonl
     kvroute bench fleet --workers 4 --kv-blocks 320 --worker-port 8260 --events-port 18260
     kvroute bench agreement --worker-url ... --events-port-offset 10000 --out DIR
     kvroute bench ceiling --workers 4 --kv-blocks 160 --workload shared-prefix --out DIR
+    kvroute bench hot-sweep --policies 'before=prefix?hot_load=0,prefix' --out DIR
 
 Without a command (no arguments, or an option first) the routing benchmark ``run`` is
 meant: ``kvroute bench --fleet sim ...`` is ``kvroute bench run --fleet sim ...``; see
@@ -35,7 +37,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from kvroute.benchmarks import agreement, ceiling, overhead, reliability
+from kvroute.benchmarks import agreement, cache_bench, ceiling, hot_sweep, overhead, reliability
 from kvroute.benchmarks.runner import progress_bar
 from kvroute.benchmarks.workloads import add_workload_args, iter_records, workload_from_args, write_trace
 
@@ -164,6 +166,7 @@ def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
                 bar.update,
                 policy=policy,
                 exact=rspec.kv_events,
+                replicas=max(rspec.replicas, rspec.procs),  # --procs N: N independent views
             )
             run.extra["fleet_workers"] = n
             run.extra["requests"] = sized.requests
@@ -341,6 +344,8 @@ COMMANDS: dict[str, Command] = {
                         overhead.add_arguments, overhead.run),
     "reliability": Command("load, faults, restarts: does the router hold up?", reliability.__doc__,
                            reliability.add_arguments, reliability.run),
+    "cache": Command("what the response cache saves an agent workload, and costs", cache_bench.__doc__,
+                     cache_bench.add_arguments, cache_bench.run),
     "trace": Command("write a workload as JSONL", "write a workload as JSONL", add_trace_arguments, run_trace),
     "fleet": Command("start a local fleet and hold it for several runs", run_fleet.__doc__,
                      add_fleet_arguments, run_fleet),
@@ -348,6 +353,8 @@ COMMANDS: dict[str, Command] = {
                          agreement.add_arguments, agreement.run),
     "ceiling": Command("the most prefix-cache hits any router could get", ceiling.__doc__,
                        ceiling.add_arguments, ceiling.run),
+    "hot-sweep": Command("one hot prefix at shares from 10%% to 80%% (simulator)", hot_sweep.__doc__,
+                         hot_sweep.add_arguments, hot_sweep.run),
 }
 
 

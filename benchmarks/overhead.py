@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -100,11 +101,16 @@ def fake_upstream_app(model: str = "tiny") -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text=_METRICS, content_type="text/plain")
 
+    async def traces(request: web.Request) -> web.Response:
+        await request.read()  # an OTLP/HTTP receiver that keeps nothing (routers' ?trace=R)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/traces", traces)
     return app
 
 
@@ -150,17 +156,40 @@ async def _load(
         return latencies, errors, time.perf_counter() - start
 
 
-def _measure(url: str, bodies: list[dict], warmup: list[dict], concurrency: int) -> dict[str, Any]:
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) a process and its children (``kvroute serve
+    --procs N``'s processes) have used; None where /proc is not."""
+    stats = {}
+    for entry in os.listdir("/proc") if pid is not None and os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+    if pid not in stats:
+        return None
+    tree = {pid} | {p for p, fields in stats.items() if int(fields[1]) == pid}
+    return sum(int(stats[p][11]) + int(stats[p][12]) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(url: str, bodies: list[dict], warmup: list[dict], concurrency: int,
+             pid: int | None = None) -> dict[str, Any]:
+    """Latency and throughput per mode; with ``pid``, the router's CPU time per request too,
+    which other load on the machine disturbs less than latency."""
     out: dict[str, Any] = {}
     for stream in (False, True):
         asyncio.run(_load(url, warmup, concurrency, stream))
+        cpu0 = _cpu_seconds(pid)
         lat, errors, elapsed = asyncio.run(_load(url, bodies, concurrency, stream))
+        cpu1 = _cpu_seconds(pid)
         mode = "stream" if stream else "plain"
         out[mode] = {
             "p50_ms": _ms(percentile(lat, 50)),
             "p99_ms": _ms(percentile(lat, 99)),
             "rps": round(len(lat) / elapsed, 1),
             "errors": errors,
+            "cpu_us_per_request": round((cpu1 - cpu0) / len(bodies) * 1e6)
+            if cpu0 is not None and cpu1 is not None else None,
         }
     return out
 
@@ -241,13 +270,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             spec_r = parse_router(name)
             port = args.base_port + args.upstreams + i
             proc = RouterProcess(
-                router_command(spec_r, port, urls, "tiny", tokenizer, 32, out / "logs"),
+                router_command(spec_r, port, urls, "tiny", tokenizer, 32, out / "logs", otlp_endpoint=urls[0]),
                 port,
                 out / "logs" / f"router-{''.join(c if c.isalnum() else '-' for c in name)}.log",
             )
             try:
                 proc.wait_ready()
-                results[name] = _measure(proc.url, bodies, warmup, args.concurrency)
+                results[name] = _measure(proc.url, bodies, warmup, args.concurrency, pid=proc.proc.pid)
             except (RuntimeError, TimeoutError) as exc:
                 results[name] = {"failure": str(exc)[:300]}
             finally:
@@ -295,17 +324,17 @@ def render_overhead(doc: dict[str, Any]) -> str:
         "",
         f"command: `{doc['command']}`",
         "",
-        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | router CPU µs/req | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in doc["routers"].items():
         if "failure" in r:
-            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | |")
+            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | | |")
             continue
         for mode, m in r.items():
             lines.append(
                 f"| {name} | {mode} | {m['p50_ms']} | {m['p99_ms']} | {m.get('added_p50_ms', '–')} "
-                f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m['errors']} |"
+                f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m.get('cpu_us_per_request') or '–'} | {m['errors']} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -15,12 +15,14 @@ from aiohttp import web
 
 from kvroute.router import keys
 from kvroute.router.admission import Admission
+from kvroute.router.cache import stage as response_cache
 from kvroute.router.config import RouterConfig
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import Executors, ModelRoute, ModelRoutes
+from kvroute.router.telemetry import Telemetry
 from kvroute.router.upstream.health import HealthChecker
 from kvroute.router.upstream.scraper import Scraper
 
@@ -28,12 +30,20 @@ log = logging.getLogger(__name__)
 
 
 def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
-               clock: Clock | None = None) -> web.Application:
+               clock: Clock | None = None, span_exporter: object = None) -> web.Application:
+    """``span_exporter``: an OpenTelemetry span exporter to send traces to instead of OTLP's."""
     app = web.Application(middlewares=[error_middleware], client_max_size=cfg.server.max_body_bytes)
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = metrics or RouterMetrics()
+    gov = cfg.governance
+    app[keys.TELEMETRY] = Telemetry(cfg.telemetry, app[keys.METRICS], span_exporter=span_exporter,
+                                    tag_values=dict(gov.tag_values) if gov is not None else None,
+                                    governed=gov is not None)
     if cfg.governance is not None:
         app[keys.GOVERNOR] = Governor(cfg.governance, app[keys.METRICS], clock)
+    if any(m.cache is not None and m.cache.on for m in cfg.models):
+        app[keys.CACHE] = response_cache.ResponseCache(cfg, app[keys.METRICS], app.get(keys.GOVERNOR), clock)
+        app.on_response_prepare.append(response_cache.on_response_prepare)  # x-kvroute-cache: miss | bypass
     executors = app[keys.EXECUTORS] = _executors()
     routes = ModelRoutes(cfg, executors, app[keys.METRICS], clock=clock)  # breakers, retries
     app[keys.ROUTES] = routes
@@ -55,7 +65,8 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     app[keys.HEALTH] = HealthChecker(on_worker_state)
     add_routes(app)
     app.cleanup_ctx.extend([_client_session, _tokenizer_executor, _classifiers, _discovery, _kv_events, _scraper,
-                            _health_loop, _governor, _freeze_startup_objects])
+                            _health_loop, _governor, _response_cache, _telemetry,
+                            _freeze_startup_objects])
     return app
 
 
@@ -199,6 +210,26 @@ async def _governor(app: web.Application) -> AsyncIterator[None]:
     async for _ in _run_background(governor.background(app[keys.SESSION])):
         yield
     await governor.close()  # settles what is in flight, then closes the Redis client
+
+
+async def _response_cache(app: web.Application) -> AsyncIterator[None]:
+    """The response cache: the semantic cache's encoder loads and its Redis sync starts; at
+    shutdown its Redis client closes (an in-process store is dropped)."""
+    cache = app.get(keys.CACHE)
+    if cache is not None:
+        await cache.start()
+    yield
+    if cache is not None:
+        await cache.close()
+
+
+async def _telemetry(app: web.Application) -> AsyncIterator[None]:
+    """Traces and prompt logs: opened at start-up; what is still queued is written out at
+    shutdown (off the loop)."""
+    telemetry = app[keys.TELEMETRY]
+    await asyncio.get_running_loop().run_in_executor(None, telemetry.start)  # opens a file, starts threads
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, app[keys.TELEMETRY].close)
 
 
 async def _health_loop(app: web.Application) -> AsyncIterator[None]:

@@ -58,13 +58,22 @@ async def run(request: web.Request, req: ParsedRequest, served: ServedModel) -> 
     judge = served.judge
     assert judge is not None  # handlers send only cascade models here
     walk = Walk(judge, request, served)
+    record = walk.record
     if served.chooser is not None:
         _, score = await served.chooser.choose(prompt_text(req.body))
         lo, hi = judge.cfg.band
         if score >= hi:  # the classifier is sure the strong tier is needed: no cheap try
+            if record is not None:
+                record.on_tier(served.tiers[-1].cfg.tier, score, "band")
+                record.on_cascade(False, None, None, None)
             return await walk.final(served.tiers[-1], req)
         if score < lo:  # sure the cheap tier will do: no check either
+            if record is not None:
+                record.on_tier(served.tiers[0].cfg.tier, score, "band")
+                record.on_cascade(False, None, None, None)
             return await walk.final(served.tiers[0], req)
+        if record is not None:
+            record.on_tier(served.tiers[0].cfg.tier, score, "cascade")
     return await walk.cascade(req)
 
 
@@ -74,6 +83,7 @@ class Walk:
     def __init__(self, judge: AnswerJudge, request: web.Request, served: ServedModel):
         self.judge, self.request, self.served = judge, request, served
         self.metrics = request.app[keys.METRICS]
+        self.record = request.get(keys.RECORD)  # telemetry: escalations and the cheap answer's confidence
         self.first: Grant | None = None
         self.spent: dict | None = None  # usage of earlier tries, added to the final response's
 
@@ -114,6 +124,9 @@ class Walk:
             resp, usage, answer = await self._cheap(route, req, probe)
             verdict = await self.judge.confidence(question, answer, probe)
             kept = verdict.confidence >= self.judge.cfg.threshold
+            if self.record is not None:
+                self.record.on_cascade(not kept, None if kept else route.cfg.tier,
+                                       None if kept else tiers[i + 1].cfg.tier, verdict.confidence)
             if kept and not probe and resp is not None:
                 return await self._emit(resp, req)
             if kept:  # the probe said yes: the cheap tier streams the original request

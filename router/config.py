@@ -13,16 +13,19 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kvroute.router import validate as v
+from kvroute.router.cache.config import CacheConfig, ModelCache, model_cache, parse_cache
 from kvroute.router.errors import ConfigError
 from kvroute.router.governance.config import GovernanceConfig, parse_governance
+from kvroute.router.routing_table import RoutingTable, parse_routes
 from kvroute.router.secrets import Local
+from kvroute.router.telemetry.config import TelemetryConfig, parse_telemetry
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCOVERY_SOURCES = ("static", "dns", "k8s")
@@ -45,6 +48,8 @@ class ServerConfig:
     queue_timeout_s: float = 30.0  # overload queue: the longest wait (then 503)
     # Graceful drain on SIGTERM (router/server.py): in-flight requests get this long to finish.
     drain_s: float = 30.0
+    # Processes serving the port (router/procs.py); each has its own loop, bounds and views.
+    procs: int = 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,20 @@ class ClassifierConfig:
     reload_s: float = 10.0  # how often to look for a refreshed artifact
     batch_window_ms: float = 2.0  # wait this long to batch concurrent requests
     max_batch: int = 32
+    online: OnlineCalibrationConfig | None = None  # target_strong_share set: hold it live (router/calibration.py)
+    shadow: str | None = None  # a candidate artifact scored beside the live one, never routing
+
+
+@dataclass(frozen=True)
+class OnlineCalibrationConfig:
+    """``classifier.target_strong_share`` + ``classifier.online``: the threshold follows live
+    scores to hold the strong tier's share (``router/calibration.py``)."""
+
+    target_strong_share: float
+    step: float = 0.05  # logit units per routed prompt: logit(t) += step * (strong - target)
+    window: int = 1000  # memory of the live strong-share metric, in prompts
+    floor: float = 0.001  # the threshold never goes below ...
+    ceiling: float = 0.999  # ... or above these
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,7 @@ class ModelConfig:
     cascade: CascadeConfig | None = None  # set when mode is cascade
     api_key: str | None = field(default=None, repr=False)  # sent to workers as Authorization: Bearer
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    cache: ModelCache | None = None  # the response cache for this model (router/cache); None: off
 
     @property
     def served_name(self) -> str:
@@ -208,20 +228,24 @@ class RouterConfig:
     governance: GovernanceConfig | None = None  # None: no budgets, keys or kill switch
     retries: RetriesConfig = RetriesConfig()
     breaker: BreakerConfig = BreakerConfig()
+    cache: CacheConfig | None = None  # the response cache's store and defaults (router/cache)
+    telemetry: TelemetryConfig = TelemetryConfig()  # traces and prompt logs; off by default
+    routes: RoutingTable = RoutingTable()  # tier or model per tag or model name (router/routing_table.py)
 
 
 # ---- parsing (the checks themselves are router/validate.py) ----------------------------
 
-_ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker")
+_ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker", "cache",
+              "telemetry", "routes")
 _POOL_KEYS = ("workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
              "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts")
-_TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade")
+_TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
 
 def _parse_server(raw: Any, key: str) -> ServerConfig:
     raw = v.section(raw, ("host", "port", "max_body_bytes", "request_timeout_s", "connect_timeout_s",
                           "max_in_flight", "max_in_flight_per_worker", "overload", "max_queued",
-                          "queue_timeout_s", "drain_s"), key)
+                          "queue_timeout_s", "drain_s", "procs"), key)
     d = ServerConfig()
     return ServerConfig(
         host=v.get(raw, "host", str, key, d.host),
@@ -236,7 +260,22 @@ def _parse_server(raw: Any, key: str) -> ServerConfig:
         max_queued=v.get(raw, "max_queued", int, key, d.max_queued, positive=True),
         queue_timeout_s=v.get(raw, "queue_timeout_s", float, key, d.queue_timeout_s, positive=True),
         drain_s=v.get(raw, "drain_s", float, key, d.drain_s, positive=True),
+        procs=v.get(raw, "procs", int, key, d.procs, positive=True),
     )
+
+
+def check_procs(cfg: RouterConfig, key: str = "server.procs") -> None:
+    """State that lives in one process cannot be shared by several (``server.procs`` > 1):
+    governance needs its Redis store, and a prompt-log file would be rotated by each."""
+    if cfg.server.procs == 1:
+        return
+    if cfg.governance is not None and cfg.governance.redis is None:
+        raise ConfigError("governance.redis", f"required with {key} > 1: budgets, rate limits and the kill "
+                          "switch must be shared by the processes (the in-memory store is per process)")
+    sink = cfg.telemetry.prompt_logs.file
+    if sink is not None:
+        raise ConfigError("telemetry.prompt_logs.file", f"not with {key} > 1: each process would write and "
+                          "rotate the same file; log prompts on spans (span: true) or serve with one process")
 
 
 def _parse_interval(cls: type[HealthConfig] | type[ScrapeConfig], raw: Any, key: str) -> Any:
@@ -331,11 +370,16 @@ def _parse_price(raw: Any, key: str) -> Price:
 
 
 def _parse_classifier(raw: Any, key: str, n_tiers: int, local: Local) -> ClassifierConfig:
-    raw = v.section(raw, ("path", "thresholds", "reload_s", "batch_window_ms", "max_batch"), key)
+    raw = v.section(raw, ("path", "thresholds", "reload_s", "batch_window_ms", "max_batch",
+                          "target_strong_share", "online", "shadow"), key)
     d = ClassifierConfig()
     path = v.get(raw, "path", str, key)
     if path is not None:
         local.path(path, f"{key}.path", "no such classifier artifact")
+    shadow = v.get(raw, "shadow", str, key)
+    if shadow is not None:
+        local.path(shadow, f"{key}.shadow", "no such classifier artifact")
+    online = _parse_online(raw, key, n_tiers)
     thresholds = None
     if raw.get("thresholds") is not None:
         thresholds = v.number_list(
@@ -350,7 +394,36 @@ def _parse_classifier(raw: Any, key: str, n_tiers: int, local: Local) -> Classif
         reload_s=v.get(raw, "reload_s", float, key, d.reload_s, positive=True),
         batch_window_ms=v.get(raw, "batch_window_ms", float, key, d.batch_window_ms, non_negative=True),
         max_batch=v.get(raw, "max_batch", int, key, d.max_batch, positive=True),
+        online=online,
+        shadow=shadow,
     )
+
+
+def _parse_online(raw: Mapping[str, Any], key: str, n_tiers: int) -> OnlineCalibrationConfig | None:
+    """``target_strong_share`` turns online calibration on; ``online`` tunes it."""
+    share = v.get(raw, "target_strong_share", float, key)
+    okey = v.join(key, "online")
+    if share is None:
+        if raw.get("online") is not None:
+            raise ConfigError(okey, "set classifier.target_strong_share to use it")
+        return None
+    if not 0.0 < share < 1.0:
+        raise ConfigError(v.join(key, "target_strong_share"), f"expected a share in (0, 1), got {share}")
+    if n_tiers != 2 or raw.get("thresholds") is not None:
+        raise ConfigError(v.join(key, "target_strong_share"),
+                          "needs exactly two tiers and no classifier.thresholds (it sets the one threshold)")
+    o = v.section(raw.get("online"), ("step", "window", "floor", "ceiling"), okey)
+    d = OnlineCalibrationConfig(share)
+    cfg = OnlineCalibrationConfig(
+        target_strong_share=share,
+        step=v.get(o, "step", float, okey, d.step, positive=True),
+        window=v.get(o, "window", int, okey, d.window, positive=True),
+        floor=v.get(o, "floor", float, okey, d.floor, positive=True),
+        ceiling=v.get(o, "ceiling", float, okey, d.ceiling, positive=True),
+    )
+    if not cfg.floor < cfg.ceiling < 1.0:
+        raise ConfigError(okey, f"expected 0 < floor < ceiling < 1, got floor {cfg.floor}, ceiling {cfg.ceiling}")
+    return cfg
 
 
 def _parse_cascade(raw: Any, key: str, local: Local) -> CascadeConfig:
@@ -519,9 +592,19 @@ def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
                     raise ConfigError(where, "required with discovery.source static")
     _check_timeouts(models_raw, models, server)
     governance = parse_governance(raw["governance"], local=local) if "governance" in raw else None
-    return RouterConfig(models=models, server=server, health=health, scrape=scrape, discovery=discovery,
-                        governance=governance, retries=_parse_retries(raw.get("retries"), "retries"),
-                        breaker=_parse_breaker(raw.get("breaker"), "breaker"))
+    cache = None  # the store is set up when the top level or any model asks for a cache
+    if raw.get("cache") is not None or any(isinstance(r, Mapping) and r.get("cache") for r in models_raw):
+        cache = parse_cache(raw.get("cache"), "cache", local, governance.redis if governance else None)
+    models = tuple(replace(m, cache=model_cache(r.get("cache"), f"models[{i}].cache", cache))
+                   for i, (r, m) in enumerate(zip(models_raw, models)))
+    cfg = RouterConfig(models=models, cache=cache, server=server, health=health, scrape=scrape, discovery=discovery,
+                       governance=governance, retries=_parse_retries(raw.get("retries"), "retries"),
+                       breaker=_parse_breaker(raw.get("breaker"), "breaker"),
+                       telemetry=parse_telemetry(raw.get("telemetry"), local=local),
+                       routes=parse_routes(raw.get("routes"), "routes",
+                                           {m.name: tuple(t.tier for t in m.tiers if t.tier) for m in models}))
+    check_procs(cfg)
+    return cfg
 
 
 def load_config(path: str | Path, *, local: Local = Local()) -> RouterConfig:

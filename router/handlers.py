@@ -10,7 +10,8 @@ from aiohttp import web
 from kvroute.router import cascade, keys, pipeline
 from kvroute.router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
 from kvroute.router.governance.api import add_governance_routes
-from kvroute.router.requests import CHAT, COMPLETION, check_headers, parse_request, read_body
+from kvroute.router.requests import CHAT, COMPLETION, ParsedRequest, check_headers, parse_request, read_body
+from kvroute.router.routes import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,29 @@ async def _admitted_completion(request: web.Request, kind: str) -> web.StreamRes
     raw = await read_body(request, cfg.server.max_body_bytes)
     req = parse_request(kind, raw, request.headers)
     served = request.app[keys.ROUTES].get(req.model)
+    telemetry = request.app[keys.TELEMETRY]
+    record = request[keys.RECORD] = telemetry.begin(req)  # the server span; the stages report into it
+    status, error = 500, None  # type: int, BaseException | None
+    try:
+        cache = request.app.get(keys.CACHE)
+        if cache is not None:  # the response cache answers or passes on, before tier and worker choice
+            response = await cache.serve(request, req, served, lambda: _route(request, req, served))
+        else:
+            response = await _route(request, req, served)
+        status = response.status
+        record.cache_hit = response.headers.get("x-kvroute-cache-kind")  # exact or semantic, on a hit
+        return response
+    except KvrouteError as exc:
+        status, error = exc.status, exc
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        telemetry.end(record, status, error)  # span attributes, histograms, prompt log
+
+
+async def _route(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
     if served.judge is not None and not req.headers.get("x-kvroute-tier"):
         return await cascade.run(request, req, served)  # cheap tier first, escalate when unsure
     return await pipeline.run_request(request, req, served)

@@ -6,10 +6,12 @@ import aiohttp
 from aiohttp import web
 
 from kvroute.router.admission import Admission
+from kvroute.router.cache.stage import ResponseCache
 from kvroute.router.config import RouterConfig
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import Executors, ModelRoutes
+from kvroute.router.telemetry import RequestRecord, Telemetry
 from kvroute.router.upstream.health import HealthChecker
 
 CONFIG = web.AppKey("config", RouterConfig)
@@ -20,3 +22,7 @@ HEALTH = web.AppKey("health", HealthChecker)
 ROUTES = web.AppKey("routes", ModelRoutes)
 GOVERNOR = web.AppKey("governor", Governor)  # absent without a governance config
 ADMISSION = web.AppKey("admission", Admission)  # in-flight bounds, the overload queue, drain
+CACHE = web.AppKey("cache", ResponseCache)  # absent unless a model has a response cache
+TELEMETRY = web.AppKey("telemetry", Telemetry)  # spans, prompt logs, per-request histograms
+# Per request: what its stages decided, for its span and prompt-log line (router/telemetry).
+RECORD = web.RequestKey("record", RequestRecord)

@@ -16,7 +16,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+_USD_BUCKETS = (1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5)
 _DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05)
+
+# ``kvroute serve --procs N`` (router/siblings.py): /metrics merges every process's page.
+# Counters and histograms are summed; gauges are summed (in flight, queued, cache sizes)
+# unless listed here: health and breaker state take the worst process's view, the
+# classifier's online figures the mean of the processes' (each calibrates on its share).
+GAUGES_ACROSS_PROCS = {
+    "kvroute_worker_healthy": "min", "kvroute_worker_breaker_state": "max", "kvroute_draining": "max",
+    "kvroute_classifier_threshold": "mean", "kvroute_classifier_strong_share": "mean",
+    "kvroute_classifier_shadow_agreement": "mean", "kvroute_budget_used_ratio": "max",
+}
+PROCS_MERGED = "kvroute_procs_merged"  # gauge on a merged page: the processes it covers
 
 
 class RouterMetrics:
@@ -54,6 +67,18 @@ class RouterMetrics:
                                             "Time to score one batch with the tier classifier",
                                             ["model"], buckets=_DECISION_BUCKETS + (0.1, 0.25, 1.0),
                                             registry=r)
+        # Online calibration and shadow mode of the tier classifier (router/calibration.py, tiers.py).
+        self.classifier_threshold = Gauge("kvroute_classifier_threshold", "The tier classifier's live "
+                                          "threshold (score at or above it: strong tier)", ["model"], registry=r)
+        self.classifier_strong_share = Gauge("kvroute_classifier_strong_share", "Share of recent prompts the "
+                                             "classifier sent to the strong tier (decayed over "
+                                             "classifier.online.window)", ["model"], registry=r)
+        self.shadow_agreement = Gauge("kvroute_classifier_shadow_agreement", "Share of recent prompts on "
+                                      "which the shadow classifier's would-be tier matches the live one",
+                                      ["model"], registry=r)
+        self.would_be_strong = Counter("kvroute_classifier_would_be_strong", "Prompts each classifier "
+                                       "sends (live) or would send (shadow) to the strong tier",
+                                       ["model", "scorer"], registry=r)
         self.cascade_escalations = Counter("kvroute_cascade_escalations", "Cascade tries escalated to a "
                                            "stronger tier", ["model", "from", "to"], registry=r)
         self.cascade_wasted_tokens = Counter("kvroute_cascade_wasted_tokens", "Tokens (prompt + completion) "
@@ -92,10 +117,13 @@ class RouterMetrics:
         self.spend_usd = Counter("kvroute_spend_usd", "Dollars spent (settled)", spend, registry=r)
         self.spend_tokens = Counter("kvroute_spend_tokens", "Tokens spent (settled), by kind",
                                     spend + ["kind"], registry=r)
-        self.budget_used_ratio = Gauge("kvroute_budget_used_ratio", "Used share of the budget instance "
-                                       "settled last, per budget", ["scope"], registry=r)
+        self.budget_used_ratio = Gauge("kvroute_budget_used_ratio", "Used share of a budget instance at its "
+                                       "last settlement; key is its tenant or tag value (through "
+                                       "governance.tag_values), else other", ["budget", "key"], registry=r)
         self.alerts = Counter("kvroute_alerts", "Governance alerts raised", ["kind"], registry=r)
         self.webhooks = Counter("kvroute_alert_webhooks", "Alert webhook posts", ["outcome"], registry=r)
+        self.webhook_dead_letters = Counter("kvroute_alert_dead_letters", "Alerts a webhook receiver never "
+                                            "took (retries spent, or its queue full)", ["receiver"], registry=r)
         self.governance_actions = Counter("kvroute_governance_actions", "Governance decisions: reject, "
                                           "downgrade, throttle, kill_switch, loop_*, stream_cut, ...",
                                           ["action"], registry=r)
@@ -108,6 +136,36 @@ class RouterMetrics:
         self.prefix_fallbacks = Counter("kvroute_prefix_fallbacks", "Requests of a model with a tokenizer "
                                         "routed approximately because templating or tokenizing failed",
                                         ["model", "reason"], registry=r)
+        # The response cache (router/cache). kind: exact, semantic; result: hit, miss, bypass.
+        self.cache_requests = Counter("kvroute_cache_requests", "Completion requests of a cached model, by what "
+                                      "the response cache did: hit, miss, bypass", ["model", "kind", "result"],
+                                      registry=r)
+        self.cache_saved_tokens = Counter("kvroute_cache_saved_tokens", "Tokens (prompt + completion) of the "
+                                          "answers replayed from the response cache", ["model", "kind"], registry=r)
+        self.cache_saved_usd = Counter("kvroute_cache_saved_usd", "What the answers replayed from the response "
+                                       "cache cost when a worker generated them", ["model", "kind"], registry=r)
+        self.cache_entries = Gauge("kvroute_cache_entries", "Entries in this replica's in-process response cache",
+                                   ["store"], registry=r)
+        self.cache_bytes = Gauge("kvroute_cache_bytes", "Bytes held by this replica's in-process response cache",
+                                 ["store"], registry=r)
+        self.cache_errors = Counter("kvroute_cache_store_errors", "Response-cache store (Redis) calls that failed "
+                                    "or were skipped while it was down, by operation", ["op"], registry=r)
+        # The semantic cache: near misses the near-opposite check refused (reason: negation,
+        # antonym, number, entity), and the entries in this replica's index.
+        self.cache_semantic_vetoes = Counter("kvroute_cache_semantic_vetoes", "Semantic-cache candidates above "
+                                             "the threshold that the near-opposite check refused",
+                                             ["model", "reason"], registry=r)
+        self.cache_semantic_entries = Gauge("kvroute_cache_semantic_entries", "Entries in this replica's "
+                                            "semantic-cache index", ["model"], registry=r)
+        # Per client request (router/telemetry): its tokens and cost, summed over its upstream
+        # tries. agent and feature pass governance's tag allow-list; others read "other".
+        per_request = ["model", "tier", "agent", "feature"]
+        self.request_prompt_tokens = Histogram("kvroute_request_prompt_tokens", "Prompt tokens per request",
+                                               per_request, buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_completion_tokens = Histogram("kvroute_request_completion_tokens", "Completion tokens per "
+                                                   "request", per_request, buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_cost_usd = Histogram("kvroute_request_cost_usd", "Cost per request in USD", per_request,
+                                          buckets=_USD_BUCKETS, registry=r)
         # Every metric labelled with a worker, with its label names, for forget_worker.
         self._by_model_worker: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
             (self.requests, (*mw, "status"))] + [(m, tuple(mw)) for m in (

@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from kvroute.router import keys
+from kvroute.router.cache import tap as cache_tap
 from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorker, UpstreamError
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
 from kvroute.router.requests import ParsedRequest
 from kvroute.router.routes import ModelRoute, ServedModel
+from kvroute.router.routing_table import ROUTE_RULE, RouteRule
+from kvroute.router.telemetry import RequestRecord
 from kvroute.router.tiers import prompt_text
 from kvroute.router.upstream.workers import Worker
 
@@ -37,8 +40,25 @@ log = logging.getLogger(__name__)
 
 async def run_request(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
     """A plain or tiered model: choose the tier, then one attempt."""
-    route = await choose_tier(served, req)
+    rule = None
+    if not req.headers.get("x-kvroute-tier"):  # a forced tier wins over the routing table
+        rule = route_rule(request, req, served)
+        if rule is not None:
+            request[ROUTE_RULE] = rule.name  # for traces and logs
+            if rule.to_model:
+                served = request.app[keys.ROUTES].get(rule.to_model)
+    route = await choose_tier(served, req, record=request.get(keys.RECORD), rule=rule)
     return (await attempt(request, served, route, req)).response
+
+
+def route_rule(request: web.Request, req: ParsedRequest, served: ServedModel) -> RouteRule | None:
+    """The routing table's rule for this request (``router/routing_table.py``), if one matches."""
+    table = request.app[keys.CONFIG].routes
+    if not table.rules:
+        return None
+    models = request.app[keys.ROUTES].by_name
+    tiers_of = {name: tuple(t.cfg.tier for t in m.tiers if t.cfg.tier) for name, m in models.items()}
+    return table.match(served.name, req.headers, tiers_of)
 
 
 @dataclass
@@ -74,6 +94,8 @@ async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, 
         if grant.route is not route and not may_downgrade:
             governor.finish(grant, None)
             raise BudgetExceeded(f"A budget refused tier '{route.cfg.tier}'.")
+        if (record := request.get(keys.RECORD)) is not None:
+            record.on_grant(grant, downgraded=grant.route is not route)
         route, ctx, req = grant.route, grant.ctx, grant.req
     if route.cfg.tier:
         app[keys.METRICS].tier_requests.labels(served.name, route.cfg.tier).inc()
@@ -89,8 +111,11 @@ async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, 
             governor.finish(grant, tries[-1] if tries else None)  # settle to real usage, in the background
 
 
-async def choose_tier(served: ServedModel, req: ParsedRequest) -> ModelRoute:
-    """The tier a client forced (``x-kvroute-tier``), else the classifier's, else the only one."""
+async def choose_tier(served: ServedModel, req: ParsedRequest, *,
+                      record: RequestRecord | None = None, rule: RouteRule | None = None) -> ModelRoute:
+    """The tier a client forced (``x-kvroute-tier``), else the routing table's (``rule``), else
+    the classifier's, else the first. ``record``: the request's telemetry, told the tier, the
+    classifier's score and why."""
     forced = req.headers.get("x-kvroute-tier")
     if forced:
         route = served.tier(forced) if served.tiers[0].cfg.tier else None
@@ -98,9 +123,19 @@ async def choose_tier(served: ServedModel, req: ParsedRequest) -> ModelRoute:
             valid = ", ".join(t.cfg.tier for t in served.tiers if t.cfg.tier) or "none"
             raise InvalidRequest(f"Unknown tier '{forced}' for model '{served.name}'; valid: {valid}",
                                  param="x-kvroute-tier")
+        if record is not None:
+            record.on_tier(route.cfg.tier, None, "header")
         return route
+    if rule is not None and rule.tier is not None:
+        route = served.tier(rule.tier)
+        if route is not None:
+            if record is not None:
+                record.on_tier(route.cfg.tier, None, "routes")
+            return route
     if served.chooser is not None:
-        index, _score = await served.chooser.choose(prompt_text(req.body))
+        index, score = await served.chooser.choose(prompt_text(req.body))
+        if record is not None:
+            record.on_tier(served.tiers[index].cfg.tier, score, "classifier")
         return served.tiers[index]
     return served.tiers[0]
 
@@ -115,6 +150,17 @@ def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext, 
     start = time.perf_counter()
     worker = route.policy.select(candidates, ctx) or candidates[0]
     app[keys.METRICS].decision.labels(route.cfg.name).observe(time.perf_counter() - start)
+    return worker
+
+
+def _choose_worker_traced(app: web.Application, route: ModelRoute, ctx: RequestContext, exclude: set[str],
+                          record: RequestRecord | None) -> Worker:
+    if record is None:
+        return choose_worker(app, route, ctx, exclude)
+    with record.choosing_worker(route.cfg.name, route.cfg.policy, route.index_kind) as out:
+        start = time.perf_counter()
+        worker = choose_worker(app, route, ctx, exclude)
+        out.update(worker=worker.url, decision_s=time.perf_counter() - start, candidates=len(route.pool.healthy()))
     return worker
 
 
@@ -133,14 +179,19 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
     tried: set[str] = set()
     worker: Worker | None = None
     lost_before = False
+    record = request.get(keys.RECORD)
     while True:
         if worker is None:
-            worker = choose_worker(app, route, ctx, tried)
+            worker = _choose_worker_traced(app, route, ctx, tried, record)
             tried.add(worker.url)
         dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, meter=grant, deadline=deadline, **options)
         tries.append(dispatch)
+        cache_tap.watch(dispatch)  # a cacheable miss: the response cache copies the answer (router/cache)
         try:
-            return await forward(request, dispatch)  # proxy + account
+            if record is None:
+                return await forward(request, dispatch)  # proxy + account
+            with record.upstream(dispatch):  # a client span per try; its context goes to the worker
+                return await forward(request, dispatch)
         except UpstreamError as exc:
             decision = retry.decide(
                 exc, client_started=dispatch.client_started, tries=len(tries), lost_before=lost_before,

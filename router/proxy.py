@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 import orjson
@@ -53,6 +53,9 @@ from kvroute.router.retry import classify
 from kvroute.router.routes import ModelRoute
 from kvroute.router.upstream.breaker import Outcome
 from kvroute.router.upstream.workers import Worker
+
+if TYPE_CHECKING:
+    from kvroute.router.telemetry.record import Capture
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,8 @@ class Dispatch:
     deadline: float | None = None  # loop time when server.request_timeout_s is spent; None: from now
     probe: bool = False  # this call is the worker's half-open breaker probe
     failed: UpstreamError | None = None  # why the stream failed after its first byte
+    capture: Capture | None = None  # telemetry: gathers the answer's text and finish reasons
+    trace_headers: dict[str, str] | None = None  # traceparent/tracestate of this try's span; None: pass through
 
 
 def upstream_body(d: Dispatch) -> bytes:
@@ -220,7 +225,7 @@ async def _open(request: web.Request, stack: contextlib.AsyncExitStack,
             resp = await stack.enter_async_context(request.app[keys.SESSION].post(
                 d.worker.url + d.req.path,
                 data=upstream_body(d),
-                headers={"content-type": "application/json", **_trace_headers(d.req), **d.worker.upstream_headers},
+                headers={"content-type": "application/json", **_trace_headers(d), **d.worker.upstream_headers},
                 timeout=client_timeout,
             ))
     except TimeoutError as exc:
@@ -245,6 +250,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         parsed = orjson.loads(raw)
         if d.meter is not None:
             d.meter.on_response(parsed)
+        if d.capture is not None:
+            d.capture.whole(parsed)
         d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
                         headers=response_headers(d))
@@ -318,6 +325,8 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
     try:
         while (data := await events.next(deadline, first=first)) is not None:
             first = False
+            if d.capture is not None:
+                d.capture.event(data)
             if _keep_event(data, d):
                 if d.usage_add and b'"usage"' in data:
                     data = _with_usage_added(data, d.usage_add)
@@ -434,9 +443,16 @@ def _keep_event(data: bytes, d: Dispatch) -> bool:
     return True
 
 
-def _trace_headers(req: ParsedRequest) -> dict[str, str]:
-    tp = req.headers.get("traceparent")
-    return {"traceparent": tp} if tp else {}
+def _trace_headers(d: Dispatch) -> dict[str, str]:
+    """The W3C trace context for the worker: this try's span when tracing, else the caller's."""
+    if d.trace_headers is not None:
+        return d.trace_headers
+    headers = d.req.headers
+    tp = headers.get("traceparent")
+    if not tp:
+        return {}
+    ts = headers.get("tracestate")
+    return {"traceparent": tp, "tracestate": ts} if ts else {"traceparent": tp}
 
 
 def account(app: web.Application, d: Dispatch) -> None:

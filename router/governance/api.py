@@ -12,6 +12,8 @@ down, halting or resuming through the API is 503: the entry could not be shared.
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from aiohttp import web
 
@@ -25,8 +27,9 @@ from kvroute.router.errors import (
 )
 from kvroute.router.governance.governor import Governor
 from kvroute.router.governance.killswitch import entry_key
-from kvroute.router.governance.ledger import DIMENSIONS, parse_window
+from kvroute.router.governance.ledger import DETAIL_DIMENSIONS, DETAIL_RETENTION_S, DIMENSIONS, parse_window
 
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _STORE_DOWN = ("The kill switch's store (Redis) did not answer, so the change may not have been made or "
                "shared; while it is down, use kill_switch.file or kill_switch.url.")
 
@@ -38,34 +41,63 @@ def _governor(request: web.Request, key: web.AppKey) -> Governor:
     return governor
 
 
+def _spend_tenant(request: web.Request, gov: Governor) -> str | None:
+    """The tenant whose spend the caller may see: its own, or (an admin, an open router) the
+    one it names, None for all."""
+    caller = gov.auth.caller(request.headers.get("Authorization"))
+    asked = request.query.get("tenant") or None
+    if caller is None:
+        if not gov.auth.open or gov.cfg.admin_keys:
+            raise Unauthorized("The spend API needs an API key (Authorization: Bearer <key>).")
+        return asked
+    if caller.admin:
+        return asked
+    if asked is not None and asked != caller.tenant:
+        raise Forbidden("A tenant key may only see its own tenant's spend.", param="tenant")
+    return caller.tenant
+
+
 def spend_handler(key: web.AppKey):
     async def spend(request: web.Request) -> web.Response:
         gov = _governor(request, key)
-        caller = gov.auth.caller(request.headers.get("Authorization"))
-        asked = request.query.get("tenant") or None
-        if caller is None:
-            if not gov.auth.open or gov.cfg.admin_keys:
-                raise Unauthorized("The spend API needs an API key (Authorization: Bearer <key>).")
-            tenant = asked
-        elif caller.admin:
-            tenant = asked
-        else:
-            if asked is not None and asked != caller.tenant:
-                raise Forbidden("A tenant key may only see its own tenant's spend.", param="tenant")
-            tenant = caller.tenant
+        tenant = _spend_tenant(request, gov)
         group_by = tuple(g for g in (request.query.get("group_by") or "").split(",") if g)
+        valid = DIMENSIONS + DETAIL_DIMENSIONS
         for g in group_by:
-            if g not in DIMENSIONS:
-                raise InvalidRequest(f"Unknown group_by '{g}'; valid: {', '.join(DIMENSIONS)}", param="group_by")
+            if g not in valid:
+                raise InvalidRequest(f"Unknown group_by '{g}'; valid: {', '.join(valid)}", param="group_by")
         try:
             window_s = parse_window(request.query.get("window"))
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="window") from None
-        rows = await gov.spend(tenant, group_by, window_s)
+        try:
+            rows = await gov.spend(tenant, group_by, window_s)
+        except ValueError as exc:  # a window longer than the session and trace buckets are kept
+            raise InvalidRequest(str(exc), param="window") from None
         return web.json_response({"object": "list", "tenant": tenant, "group_by": list(group_by),
                                   "window_s": window_s, "data": rows})
 
     return spend
+
+
+def trace_spend_handler(key: web.AppKey):
+    """``GET /v1/kvroute/spend/traces/{trace_id}``: one trace's cost across agents and models.
+    A tenant key sees its own tenant's part; a trace it has no part in is 404, as is an
+    unknown one. An admin key sees every tenant's."""
+
+    async def trace_spend(request: web.Request) -> web.Response:
+        gov = _governor(request, key)
+        tenant = _spend_tenant(request, gov)
+        trace_id = request.match_info["trace_id"].lower()
+        if not _TRACE_ID.fullmatch(trace_id):
+            raise InvalidRequest("A trace ID is 32 hex digits, as in traceparent.", param="trace_id")
+        found = await gov.ledger.trace(trace_id, tenant, gov.clock.time())
+        if found is None:
+            raise NotFound(f"No spend recorded for trace {trace_id} in the last "
+                           f"{DETAIL_RETENTION_S // 3600} hours.")
+        return web.json_response(found)
+
+    return trace_spend
 
 
 async def _kill_args(request: web.Request) -> tuple[str, str | None, str]:
@@ -133,6 +165,7 @@ def admin_handlers(key: web.AppKey) -> dict:
 def add_governance_routes(app: web.Application, key: web.AppKey) -> None:
     h = admin_handlers(key)
     app.router.add_get("/v1/kvroute/spend", spend_handler(key))
+    app.router.add_get("/v1/kvroute/spend/traces/{trace_id}", trace_spend_handler(key))
     app.router.add_post("/v1/kvroute/admin/kill", h["kill"])
     app.router.add_delete("/v1/kvroute/admin/kill", h["resume"])
     app.router.add_get("/v1/kvroute/admin/kill", h["list_kills"])

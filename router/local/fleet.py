@@ -52,6 +52,8 @@ class LocalFleet:
     workers: list[LocalWorker] = field(default_factory=list)
     # Workers require it (vLLM reads VLLM_API_KEY, kept off the command line); never recorded.
     api_key: str | None = field(default=None, repr=False)
+    # vLLM's own OpenTelemetry spans go here (OTLP/HTTP base URL); they join the router's traces.
+    otlp_endpoint: str | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -116,7 +118,7 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 served_names: list[str] | None = None, block_size: int = 32,
                 max_model_len: int = 2048, log_dir: Path | None = None,
                 wait: bool = True, progress=print, record_state: bool = True,
-                api_key: str | None = None) -> LocalFleet:
+                api_key: str | None = None, otlp_endpoint: str | None = None) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy."""
     running = load_state(base_port)
     if record_state and running and any(_alive(w.pid) for w in running[0].workers):
@@ -128,7 +130,8 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
         raise ValueError(f"kv_blocks * block_size must be at least max_model_len ({max_model_len})")
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key)
+    fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key,
+                       otlp_endpoint=otlp_endpoint)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
@@ -160,6 +163,9 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
                          fleet.kv_blocks, fleet.max_model_len)
+    if fleet.otlp_endpoint:  # vLLM's request spans (llm_request), continuing the router's traceparent
+        cmd += ["--otlp-traces-endpoint", fleet.otlp_endpoint.rstrip("/") + "/v1/traces"]
+        env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME=f"vllm-{port}")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return LocalWorker(f"http://127.0.0.1:{port}", port, events_port, proc.pid, str(log_path), proc)
@@ -180,7 +186,7 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
 
 def _only(fleet: LocalFleet, i: int) -> LocalFleet:
     return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
-                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key)
+                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key, fleet.otlp_endpoint)
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

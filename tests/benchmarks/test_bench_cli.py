@@ -232,7 +232,7 @@ async def test_drive_against_fake_upstream(aiohttp_server, tmp_path) -> None:
 def test_overhead_table() -> None:
     results = {
         "direct": {"plain": {"p50_ms": 1.0, "p99_ms": 2.0, "rps": 900.0, "errors": 0}},
-        "prefix": {"plain": {"p50_ms": 1.5, "p99_ms": 4.0, "rps": 600.0, "errors": 0}},
+        "prefix": {"plain": {"p50_ms": 1.5, "p99_ms": 4.0, "rps": 600.0, "errors": 0, "cpu_us_per_request": 410}},
         "smg:cache_aware": {"failure": "boom"},
     }
     add_overhead(results)
@@ -240,4 +240,16 @@ def test_overhead_table() -> None:
     md = render_overhead(
         {"requests": 1, "concurrency": 1, "prompt_tokens": 1, "command": "c", "routers": results}
     )
-    assert "| prefix | plain | 1.5 | 4.0 | 0.5 | 2.0 | 600.0 | 0 |" in md and "failed: boom" in md
+    assert "| prefix | plain | 1.5 | 4.0 | 0.5 | 2.0 | 600.0 | 410 | 0 |" in md and "failed: boom" in md
+
+
+def test_router_cpu_time_is_read_from_proc() -> None:
+    import os
+
+    from kvroute.benchmarks.overhead import _cpu_seconds
+
+    before = _cpu_seconds(os.getpid())
+    sum(i * i for i in range(2_000_000))  # burn some CPU
+    after = _cpu_seconds(os.getpid())
+    assert before is not None and after is not None and after > before
+    assert _cpu_seconds(None) is None and _cpu_seconds(2**31 - 1) is None

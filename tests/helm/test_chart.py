@@ -686,6 +686,8 @@ def _secret_refs(cfg: dict) -> list[tuple[str, object]]:
         out += [(f"governance.tenants[{i}].keys[{j}]", k) for j, k in enumerate(t["keys"])]
     if "webhook_url" in (gov.get("alerts") or {}):
         out.append(("governance.alerts.webhook_url", gov["alerts"]["webhook_url"]))
+    out += [(f"governance.alerts.webhooks[{i}].url", h["url"])
+            for i, h in enumerate((gov.get("alerts") or {}).get("webhooks") or [])]
     if "password" in (gov.get("redis") or {}):
         out.append(("governance.redis.password", gov["redis"]["password"]))
     return out
@@ -697,7 +699,7 @@ def test_production_secrets_are_mounted_files(helm) -> None:
     mounts = secret_mounts(one(objs, "Deployment", "router"))
     refs = _secret_refs(cfg)
     assert {k.split("[")[0].split(".")[0] for k, _ in refs} == {"models", "governance"}
-    assert len(refs) == 2 + 1 + 3 + 1 + 1  # tier api keys, admin, tenant keys, webhook, redis password
+    assert len(refs) == 2 + 1 + 3 + 2 + 1  # tier api keys, admin, tenant keys, webhooks, redis password
     for key, value in refs:
         assert set(value) == {"file"}, f"{key} is not a file reference: {value}"
         assert value["file"].startswith(SECRETS_DIR + "/")
@@ -850,7 +852,8 @@ def test_two_tiers_is_one_tiered_model(helm) -> None:
     cfg = router_config(render(helm, ci("two-tiers")))
     (model,) = cfg.models
     assert model.name == "auto" and [t.tier for t in model.tiers] == ["small", "large"]
-    assert model.classifier is not None and model.classifier.thresholds == (0.55,)
+    assert model.classifier is not None and model.classifier.online is not None
+    assert model.classifier.online.target_strong_share == 0.3
     assert [t.served_name for t in model.tiers] == ["auto", "auto"]
 
 

@@ -72,13 +72,13 @@ def schema_at(path: Path_, config: dict) -> dict:
 
 def mappings(tree: Any, path: Path_ = ()) -> Iterator[Path_]:
     """Paths of the mappings a user writes keys into (not secret references, not the
-    free-form ones: kv_events.endpoints, cascade verifiers)."""
+    free-form ones: kv_events.endpoints, cascade verifiers, telemetry.traces.headers)."""
     if isinstance(tree, dict):
         if len(tree) == 1 and set(tree) <= SECRET_FORMS:
             return
         yield path
         for k, v in tree.items():
-            if k not in ("endpoints", "verifiers"):
+            if k not in ("endpoints", "verifiers", "headers"):
                 yield from mappings(v, (*path, k))
     elif isinstance(tree, list):
         for i, v in enumerate(tree):

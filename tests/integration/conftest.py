@@ -26,6 +26,7 @@ import yaml
 
 from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
 from kvroute.router.upstream.scraper import VllmStats, parse_vllm_metrics
+from tests.otlp_receiver import OtlpReceiver
 
 KV_BLOCKS = 128
 BLOCK_SIZE = 32
@@ -39,12 +40,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def fleet(tmp_path_factory) -> Iterator[LocalFleet]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver for the session: the workers' own spans (vLLM's
+    ``--otlp-traces-endpoint``) and the traces of routers pointed at it."""
+    receiver = OtlpReceiver().start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory, otlp) -> Iterator[LocalFleet]:
     base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101"))
     fleet = start_fleet(workers=2, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
                         events_port=base - 12000, served_names=SERVED_NAMES,
                         log_dir=tmp_path_factory.mktemp("fleet-logs"), progress=lambda s: None,
-                        record_state=False)
+                        record_state=False, otlp_endpoint=otlp.endpoint)
     try:
         yield fleet
     finally:
@@ -79,8 +91,9 @@ class Router:
 
 
 @contextmanager
-def run_router(config: dict, tmp_path: Path) -> Iterator[Router]:
-    """Start ``kvroute serve`` with ``config`` and wait until it answers /health."""
+def run_router(config: dict, tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Router]:
+    """Start ``kvroute serve`` with ``config`` (and ``env`` added to this process's) and wait
+    until it answers /health."""
     port = free_port()
     config = {**config, "server": {"host": "127.0.0.1", "port": port, **config.get("server", {})},
               "health": {"interval_s": 0.5, "timeout_s": 2}}
@@ -89,7 +102,7 @@ def run_router(config: dict, tmp_path: Path) -> Iterator[Router]:
     log_path = tmp_path / f"router-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", "serve", "--config", str(cfg_path)],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     router = Router(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.monotonic() + 60

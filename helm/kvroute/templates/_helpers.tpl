@@ -360,6 +360,10 @@ secretKeyRef references into mounted files. */}}
 {{- include "kvroute.resolveSecret" (dict "root" $ "value" .webhook_url "where" "governance.alerts.webhook_url" "mounts" $mounts "out" $out) }}
 {{- $_ := set . "webhook_url" $out.value }}
 {{- end }}
+{{- range $i, $h := (.webhooks | default list) }}
+{{- include "kvroute.resolveSecret" (dict "root" $ "value" $h.url "where" (printf "governance.alerts.webhooks[%d].url" $i) "mounts" $mounts "out" $out) }}
+{{- $_ := set $h "url" $out.value }}
+{{- end }}
 {{- end }}
 {{- if $.Values.redis.enabled }}
 {{- $rd := $g.redis | default dict }}
@@ -386,6 +390,16 @@ secretKeyRef references into mounted files. */}}
 {{- $_ := set $cfg "governance" $g }}
 {{- else if .Values.redis.enabled }}
 {{- fail "redis.enabled: the in-chart Redis holds governance state; set router.config.governance (governance: {} turns it on with defaults) or disable redis" }}
+{{- end }}
+{{- /* telemetry: the OTLP exporter's headers may be secret references (a collector token) */}}
+{{- with (($cfg.telemetry | default dict).traces | default dict).headers }}
+{{- $headers := dict }}
+{{- range $name, $v := . }}
+{{- $out := dict }}
+{{- include "kvroute.resolveSecret" (dict "root" $ "value" $v "where" (printf "telemetry.traces.headers.%s" $name) "mounts" $mounts "out" $out) }}
+{{- $_ := set $headers $name $out.value }}
+{{- end }}
+{{- $_ := set $cfg.telemetry.traces "headers" $headers }}
 {{- end }}
 {{- toJson (dict "config" $cfg "mounts" $mounts) }}
 {{- end }}
