@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import xxhash
@@ -51,9 +52,10 @@ def chain_keys(token_ids: Sequence[int], block_size: int, parent: int = 0) -> li
     """Chained xxh3-64 keys of each full ``block_size`` block of ``token_ids``."""
     keys: list[int] = []
     full = len(token_ids) - len(token_ids) % block_size
-    for start in range(0, full, block_size):
-        block = array("I", token_ids[start : start + block_size]).tobytes()
-        parent = xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + block)
+    data = array("I", token_ids[:full]).tobytes()  # one conversion; each block is a slice of it
+    step = 4 * block_size
+    for start in range(0, len(data), step):
+        parent = xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + data[start : start + step])
         keys.append(parent)
     return keys
 
@@ -100,9 +102,7 @@ class PromptTokenizer:
     many threads at once)."""
 
     def __init__(self, path: str):
-        from transformers import AutoTokenizer  # heavy import; only when configured
-
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tok = _load_tokenizer(path)
         specials = sorted(set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab()), key=len, reverse=True)
         self._special_ids: dict[str, int] = {s: self._token_id(s) for s in specials}
         self._split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")") if specials else None
@@ -172,6 +172,19 @@ class PromptTokenizer:
 
     def completion_ids(self, prompt: str) -> list[int]:
         return self._completion_prefix + self.encode_text(prompt)
+
+
+def _load_tokenizer(path: str) -> Any:
+    """The model's fast tokenizer. With a ``tokenizer.json`` (every current model ships one)
+    it is loaded as ``PreTrainedTokenizerFast``: importing ``AutoTokenizer`` imports torch,
+    about 400 MB of a router's memory, for nothing the router uses."""
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    from transformers import AutoTokenizer  # a slow-only tokenizer: converted by transformers
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _chat_text_approx(messages: list[dict]) -> str:

@@ -86,4 +86,5 @@ def test_refresh_from_logs_promotes_a_model_the_router_then_routes_with(fleet, t
             raw = c.chat.completions.with_raw_response.create(
                 model="auto", max_tokens=2, messages=[{"role": "user", "content": template.format(99, "week")}])
             tiers[kind] = raw.headers["x-kvroute-tier"]
+        c.close()
         assert tiers == {"hard": "large", "easy": "small"}

@@ -101,6 +101,7 @@ def test_spans_of_plain_streamed_cascade_and_retried_requests(fleet, otlp, tmp_p
                     and sum(s.service.startswith("vllm") and s.trace_id == traces["plain"] for s in spans) >= 1)
 
         spans = otlp.wait_for(complete)
+        c.close()
 
     # -- plain: server span, worker choice, one client span; vLLM's span is the client span's child
     server = next(s for s in mine(spans, traces["plain"]) if s.kind == "SERVER")

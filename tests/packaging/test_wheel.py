@@ -10,6 +10,7 @@ extra must fail at start-up and say which extra to install."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import socket
@@ -31,7 +32,13 @@ from tests.packaging.conftest import BuiltVenv, bare_env
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 90  # the first start compiles nothing, but loads the classifier and tokenizer
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+_asked = itertools.count()
+
+
+def question() -> list[dict]:
+    """A new question each time: the same prompt five times in a row from one key is a loop
+    that governance halts (sessions are derived for unlabelled requests)."""
+    return [{"role": "user", "content": f"What is the capital of France? ({next(_asked)})"}]
 API_KEY = "sk-packaging-tenant"  # governance on: a key the client sends must be a tenant's
 
 
@@ -173,7 +180,8 @@ def served(image_venv, fleet, redis_url, tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(served):
     _, url, _ = served
-    return openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    with openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c  # closed after the test: a dropped client's sockets warn later, in another test
 
 
 def test_health_reports_the_shipped_classifier(served):
@@ -185,7 +193,7 @@ def test_health_reports_the_shipped_classifier(served):
 
 
 def test_tiered_model(client):
-    raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION, max_tokens=8)
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=question(), max_tokens=8)
     tier = raw.headers.get("x-kvroute-tier")
     assert tier in ("small", "large")
     chat = raw.parse()
@@ -195,7 +203,7 @@ def test_tiered_model(client):
 
 def test_tiered_model_streamed(client):
     raw = client.chat.completions.with_raw_response.create(
-        model="auto", messages=QUESTION, max_tokens=8, stream=True, stream_options={"include_usage": True})
+        model="auto", messages=question(), max_tokens=8, stream=True, stream_options={"include_usage": True})
     tier = raw.headers.get("x-kvroute-tier")
     assert tier in ("small", "large")
     chunks = list(raw.parse())
@@ -206,7 +214,7 @@ def test_tiered_model_streamed(client):
 
 
 def test_cascade_model(client):
-    raw = client.chat.completions.with_raw_response.create(model="cascade", messages=QUESTION, max_tokens=8)
+    raw = client.chat.completions.with_raw_response.create(model="cascade", messages=question(), max_tokens=8)
     tier = raw.headers.get("x-kvroute-tier")
     assert tier in ("small", "large")
     chat = raw.parse()
@@ -215,10 +223,10 @@ def test_cascade_model(client):
 
 
 def test_exact_mode_model(client, fleet):
-    chat = client.chat.completions.create(model="exact", messages=QUESTION, max_tokens=8)
+    chat = client.chat.completions.create(model="exact", messages=question(), max_tokens=8)
     assert chat.choices[0].message.content == "hi from exact"
     assert chat.usage.total_tokens == 14
-    stream = client.chat.completions.create(model="exact", messages=QUESTION, max_tokens=8, stream=True,
+    stream = client.chat.completions.create(model="exact", messages=question(), max_tokens=8, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi from exact"
@@ -227,7 +235,7 @@ def test_exact_mode_model(client, fleet):
 
 
 def test_governance_keeps_its_state_in_redis(client, served, redis_url):
-    client.chat.completions.create(model="exact", messages=QUESTION, max_tokens=8, user="packaging-session")
+    client.chat.completions.create(model="exact", messages=question(), max_tokens=8, user="packaging-session")
     router, _, _ = served
     prefix = yaml.safe_load(router.config_path.read_text())["governance"]["redis"]["prefix"]
     r = redis.Redis.from_url(redis_url)
@@ -238,7 +246,7 @@ def test_governance_keeps_its_state_in_redis(client, served, redis_url):
 
 
 def test_no_traceback_in_the_router_log(served, client):
-    client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=8)
+    client.chat.completions.create(model="auto", messages=question(), max_tokens=8)
     router, _, _ = served
     assert router.proc.poll() is None, router.output[-5000:]
     assert "Traceback" not in router.stderr, router.stderr[-5000:]

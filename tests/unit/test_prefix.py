@@ -190,3 +190,38 @@ async def test_a_long_prompt_goes_to_the_executor_only_when_much_of_it_is_new(to
         assert Counting.calls == 1  # only the short new turn: inline
         assert first.exact and again.exact and first.block_keys[:10] == again.block_keys[:10]
         assert again == p.keys_sync({"messages": [system, {"role": "user", "content": "second question"}]}, 32)
+
+
+def test_the_tokenizer_loads_without_torch(tiny_model_dir):
+    """AutoTokenizer's import pulls in torch (~400 MB); a router without the classifier
+    must not carry it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kvroute.router.app import create_app; from kvroute.router.prefix import "
+            f"PromptTokenizer; t = PromptTokenizer({str(tiny_model_dir)!r}); "
+            "t.chat_ids([{'role': 'user', 'content': 'hi'}]); t.completion_ids('hi'); "
+            "print(sorted(m for m in ('torch', 'sentence_transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_chain_keys_match_a_block_by_block_reference():
+    import random
+    from array import array
+
+    import xxhash
+
+    def reference(ids, block_size, parent=0):
+        keys = []
+        for start in range(0, len(ids) - len(ids) % block_size, block_size):
+            block = array("I", ids[start:start + block_size]).tobytes()
+            parent = xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + block)
+            keys.append(parent)
+        return keys
+
+    rng = random.Random(0)
+    for n in (0, 5, 31, 32, 33, 1083):
+        for block_size in (16, 32, 128):
+            ids = [rng.randrange(2**31) for _ in range(n)]
+            assert chain_keys(ids, block_size, 7) == reference(ids, block_size, 7)

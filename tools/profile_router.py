@@ -1,0 +1,117 @@
+"""Where one kvroute process spends its CPU under load: py-spy samples, grouped by stage.
+
+    python tools/profile_router.py [--requests 4000] [--stream] [--seconds 15] [--out DIR]
+
+Starts the overhead benchmark's fake upstream and ``kvroute serve --policy prefix`` with the
+tiny model's tokenizer, drives it at 32 concurrent requests (the overhead benchmark's
+prompts: 16 groups sharing a ~1,000-token system prompt), records the router with
+``py-spy record --format raw`` and prints each stage's share of the samples (the innermost
+frame that names a stage decides). Needs ``pip install py-spy`` (the bench extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+# (stage, substring of a frame): the innermost frame that matches decides the sample's stage
+STAGES = [
+    ("metrics (prometheus_client)", "prometheus_client"),
+    ("tokenize + chat template", "tokenizers"), ("tokenize + chat template", "transformers/"),
+    ("tokenize + chat template", "jinja2"), ("tokenize + chat template", "router/prefix.py"),
+    ("json (orjson)", "orjson"),
+    ("logging", "logging/"),
+    ("telemetry", "router/telemetry"),
+    ("governance", "router/governance"),
+    ("decide (policy, index)", "router/policies"), ("decide (policy, index)", "router/index.py"),
+    ("parse (requests.py)", "router/requests.py"),
+    ("proxy (proxy.py)", "router/proxy.py"),
+    ("aiohttp client", "aiohttp/client"), ("aiohttp client", "aiohttp/connector"),
+    ("aiohttp server", "aiohttp/web"), ("aiohttp server", "aiohttp/http_"), ("aiohttp server", "aiohttp/_http"),
+    ("aiohttp other", "aiohttp/"),
+    ("kvroute other", "router/"),
+    ("event loop", "asyncio/"), ("event loop", "uvloop"),
+]
+
+
+def breakdown(raw: Path) -> list[tuple[str, float]]:
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        total += int(n)
+        stage = "other"
+        for frame in reversed(stack.split(";")):
+            stage = next((s for s, sub in STAGES if sub in frame), "")
+            if stage:
+                break
+        counts[stage or "other"] += int(n)
+    return [(s, 100 * n / max(1, total)) for s, n in counts.most_common()]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--seconds", type=int, default=15)
+    p.add_argument("--base-port", type=int, default=9580)
+    p.add_argument("--out", default="bench-out/profile")
+    args = p.parse_args()
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    from kvroute.benchmarks.overhead import _load
+    from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
+    from kvroute.router.local.tinymodel import build_tiny_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    up_port, port = args.base_port, args.base_port + 10
+    upstream = subprocess.Popen([sys.executable, "-m", "kvroute.benchmarks.overhead", "--fake", "--base-port",
+                                 str(up_port), "--upstreams", "1"], start_new_session=True)
+    router = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", "--log-level", "WARNING", "serve",
+                               "--model", "tiny", "--policy", "prefix", "--host", "127.0.0.1", "--port", str(port),
+                               "--worker", f"http://127.0.0.1:{up_port}", "--tokenizer", str(build_tiny_model())],
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the router did not start") from None
+                time.sleep(0.5)
+        bodies = [r.body for r in iter_records(WorkloadSpec(requests=args.requests, groups=16, prefix_tokens=1000,
+                                                            max_tokens=1))]
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_load(url, bodies[:200], 32, args.stream))  # warm the piece cache and connections
+        raw = out / ("stream.txt" if args.stream else "plain.txt")
+        spy = subprocess.Popen([pyspy, "record", "-p", str(router.pid), "-d", str(args.seconds), "-r", "200",
+                                "-f", "raw", "-o", str(raw), "--gil"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lat, errors, elapsed = asyncio.run(_load(url, bodies, 32, args.stream))
+        spy.wait(args.seconds + 30)
+    finally:
+        for proc in (router, upstream):
+            proc.terminate()
+            proc.wait(30)
+    print(f"{len(lat) / elapsed:.0f} req/s, {errors} errors; py-spy samples in {raw}")
+    print("| stage | share of router samples |\n|---|---|")
+    for stage, share in breakdown(raw):
+        print(f"| {stage} | {share:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
