@@ -73,7 +73,10 @@ async def _admitted_completion(request: web.Request, kind: str) -> web.StreamRes
         error = exc
         raise
     finally:
-        telemetry.end(record, status, error)  # span attributes, histograms, prompt log
+        try:
+            telemetry.end(record, status, error)  # span attributes, histograms, prompt log
+        except Exception:  # observability never costs a request its answer
+            log.exception("telemetry failed for a %s request", req.model)
 
 
 async def _route(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:

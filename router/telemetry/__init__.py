@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvroute.router.governance.budgets import Rates
+from kvroute.router.governance.identity import trace_id as w3c_trace_id
 from kvroute.router.requests import CHAT, ParsedRequest
 from kvroute.router.telemetry.config import TelemetryConfig
 from kvroute.router.telemetry.promptlog import SCHEMA, PromptLog
@@ -156,7 +157,8 @@ class Telemetry:
         assert prompts is not None
         prompt, cached, completion, usd = totals
         ctx = rec.span.get_span_context() if rec.span is not None else None
-        trace_id = format(ctx.trace_id, "032x") if ctx is not None and ctx.is_valid else _trace_id(rec.req)
+        trace_id = format(ctx.trace_id, "032x") if ctx is not None and ctx.is_valid else \
+            w3c_trace_id(rec.req.headers.get("traceparent"))
         answer = final.capture if final is not None else None
         return {
             "schema": SCHEMA, "time": time.time(), "trace_id": trace_id,
@@ -204,12 +206,6 @@ def _tags(rec: RequestRecord) -> dict[str, str]:
         pairs = {t: h.get(f"x-kvroute-{t}") for t in TAGS}
         pairs["session"] = h.get("x-kvroute-session")
     return {k: v[:128] for k, v in pairs.items() if v}
-
-
-def _trace_id(req: ParsedRequest) -> str | None:
-    tp = req.headers.get("traceparent") or ""
-    parts = tp.split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
 def _error_type(error: BaseException | None, final: Any) -> str | None:

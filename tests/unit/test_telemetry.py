@@ -286,3 +286,16 @@ async def test_a_cache_hit_shows_on_the_span(aiohttp_client, worker):
     servers = [s for s in spans_of(client, exporter) if s.kind.name == "SERVER"]
     assert [s.attributes.get("kvroute.cache.hit") for s in servers] == [None, "exact"]
     assert servers[1].attributes["kvroute.tries"] == 0
+
+
+async def test_a_telemetry_fault_never_costs_the_request(aiohttp_client, worker, monkeypatch, caplog):
+    from kvroute.router.telemetry import Telemetry
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(Telemetry, "end", broken)
+    client = await router(aiohttp_client, [url(worker)])
+    resp = await client.post("/v1/chat/completions", json=BODY)
+    assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "hi from w1"
+    assert "telemetry failed" in caplog.text
