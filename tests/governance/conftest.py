@@ -20,6 +20,10 @@ ADMIN = "admin-key-0"
 KEY_A = "sk-tenant-a"
 KEY_B = "sk-tenant-b"
 TENANTS = [{"name": "acme", "keys": [KEY_A]}, {"name": "globex", "keys": [KEY_B]}]
+# Redis timeouts for tests about concurrency and sharing, not faults: on a loaded test
+# machine 50 requests in one event loop can keep a reply waiting past the 0.5 s default,
+# which the router rightly reads as an outage.
+PATIENT = {"connect_timeout_s": 5, "timeout_s": 5}
 
 
 def _free_port() -> int:

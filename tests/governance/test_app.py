@@ -13,7 +13,7 @@ from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.governance.store import MemoryStore
 from tests.clock import FakeClock, until
-from tests.governance.conftest import ADMIN, KEY_A, KEY_B, TENANTS, bearer, make_client, router_cfg, worker_url
+from tests.governance.conftest import ADMIN, KEY_A, KEY_B, PATIENT, TENANTS, bearer, make_client, router_cfg, worker_url
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
 PRICE = {"input_per_m": 30.0, "output_per_m": 60.0}
@@ -156,7 +156,8 @@ async def test_a_client_that_leaves_mid_stream_is_charged_for_what_was_generated
 async def test_kill_switch_set_on_one_replica_halts_the_other_within_its_ttl(aiohttp_client, upstream, redis_url,
                                                                               prefix):
     clock = FakeClock()
-    governance = {"admin_keys": [ADMIN], "redis": {"url": redis_url, "prefix": prefix}, "kill_switch": {"ttl_s": 1}}
+    governance = {"admin_keys": [ADMIN], "redis": {"url": redis_url, "prefix": prefix, **PATIENT},
+                  "kill_switch": {"ttl_s": 1}}
     a = await make_client(aiohttp_client, upstream, governance, clock)
     b = await make_client(aiohttp_client, upstream, governance, clock)
     crawler = {"x-kvroute-agent": "crawler"}
@@ -245,7 +246,7 @@ async def test_fifty_concurrent_requests_over_two_replicas_sharing_redis_stay_wi
         aiohttp_client, upstream, redis_url, prefix):
     clock = FakeClock()
     limit = 3000
-    governance = {"redis": {"url": redis_url, "prefix": prefix}, "session_id": {"derive": "off"},
+    governance = {"redis": {"url": redis_url, "prefix": prefix, **PATIENT}, "session_id": {"derive": "off"},
                   "budgets": [{"name": "team", "scope": "tenant", "window": "day", "limit": {"tokens": limit}}]}
     a = await make_client(aiohttp_client, upstream, governance, clock)
     b = await make_client(aiohttp_client, upstream, governance, clock)

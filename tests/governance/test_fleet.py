@@ -12,7 +12,7 @@ import orjson
 
 from kvroute.router import keys
 from tests.clock import FakeClock
-from tests.governance.conftest import KEY_A, KEY_B, TENANTS, bearer, make_client
+from tests.governance.conftest import KEY_A, KEY_B, PATIENT, TENANTS, bearer, make_client
 
 PRICE = {"input_per_m": 1.0, "output_per_m": 100.0}  # $0.0001 per completion token
 
@@ -87,7 +87,7 @@ async def test_a_trace_id_is_a_session_and_derivation_can_be_turned_off(aiohttp_
 async def test_an_unlabelled_looping_agent_is_halted_across_two_replicas(aiohttp_client, upstream, redis_url,
                                                                          prefix):
     clock = FakeClock()
-    governance = {"tenants": TENANTS, "redis": {"url": redis_url, "prefix": prefix}}
+    governance = {"tenants": TENANTS, "redis": {"url": redis_url, "prefix": prefix, **PATIENT}}
     a = await make_client(aiohttp_client, upstream, governance, clock)
     b = await make_client(aiohttp_client, upstream, governance, clock)
     statuses = []
@@ -109,7 +109,7 @@ NAMED = [{"name": "research", "scope": "agent", "match": {"agent": "research"}, 
 async def test_named_agent_limits_hold_exactly_under_fifty_concurrent_requests_on_two_replicas(
         aiohttp_client, upstream, redis_url, prefix):
     clock = FakeClock()
-    governance = {"redis": {"url": redis_url, "prefix": prefix}, "budgets": NAMED}
+    governance = {"redis": {"url": redis_url, "prefix": prefix, **PATIENT}, "budgets": NAMED}
     a = await make_client(aiohttp_client, upstream, governance, clock, price=PRICE)
     b = await make_client(aiohttp_client, upstream, governance, clock, price=PRICE)
     # 1000 completion tokens: $0.10 a request (plus its prompt)
@@ -159,7 +159,7 @@ async def test_a_tenant_override_replaces_the_default_session_limits(aiohttp_cli
 async def test_rate_limits_hold_across_two_replicas_with_openai_headers(aiohttp_client, upstream, redis_url,
                                                                          prefix):
     clock = FakeClock()
-    governance = {"tenants": TENANTS, "redis": {"url": redis_url, "prefix": prefix},
+    governance = {"tenants": TENANTS, "redis": {"url": redis_url, "prefix": prefix, **PATIENT},
                   "rate_limits": [{"name": "per-key", "per": "key", "requests_per_minute": 20}]}
     a = await make_client(aiohttp_client, upstream, governance, clock)
     b = await make_client(aiohttp_client, upstream, governance, clock)

@@ -7,7 +7,7 @@ import pytest
 
 from kvroute.router import keys
 from kvroute.router.app import create_app
-from tests.governance.conftest import ADMIN, KEY_A, KEY_B, TENANTS, bearer, router_cfg, worker_url
+from tests.governance.conftest import ADMIN, KEY_A, KEY_B, PATIENT, TENANTS, bearer, router_cfg, worker_url
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50}
@@ -23,7 +23,7 @@ def traceparent(span: str) -> str:
 def governance(request, prefix) -> dict:
     gov = {"tenants": TENANTS, "admin_keys": [ADMIN]}
     if request.param == "redis":
-        gov["redis"] = {"url": request.getfixturevalue("redis_url"), "prefix": prefix}
+        gov["redis"] = {"url": request.getfixturevalue("redis_url"), "prefix": prefix, **PATIENT}
     return gov
 
 

@@ -96,7 +96,7 @@ def run_router(config: dict, tmp_path: Path, env: dict[str, str] | None = None) 
     until it answers /health."""
     port = free_port()
     config = {**config, "server": {"host": "127.0.0.1", "port": port, **config.get("server", {})},
-              "health": {"interval_s": 0.5, "timeout_s": 2}}
+              "health": {"interval_s": 0.5, "timeout_s": 5}}  # a busy test machine is not a dead worker
     cfg_path = tmp_path / f"router-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / f"router-{port}.log"
