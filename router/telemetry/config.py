@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvroute.router import validate as v
@@ -160,6 +161,7 @@ def _parse_prompt_logs(raw: Any, key: str, local: Local) -> PromptLogConfig:
         fkey = v.join(key, "file")
         f = v.section(raw["file"], ("path", "max_bytes", "backups"), fkey)
         path = v.required(f, "path", str, fkey, "the JSONL file to write")
+        local.path(str(Path(path).parent), v.join(fkey, "path"), "no such folder for the prompt log", folder=True)
         sink = FileSink(path=path, max_bytes=v.get(f, "max_bytes", int, fkey, FileSink.max_bytes, positive=True),
                         backups=v.get(f, "backups", int, fkey, FileSink.backups, non_negative=True))
     cfg = PromptLogConfig(

@@ -299,3 +299,13 @@ async def test_a_telemetry_fault_never_costs_the_request(aiohttp_client, worker,
     resp = await client.post("/v1/chat/completions", json=BODY)
     assert resp.status == 200 and (await resp.json())["choices"][0]["message"]["content"] == "hi from w1"
     assert "telemetry failed" in caplog.text
+
+
+def test_a_prompt_log_in_a_missing_folder_is_a_config_error(tmp_path):
+    from kvroute.router.secrets import Local
+
+    raw = {"prompt_logs": {"enabled": True, "file": {"path": str(tmp_path / "nowhere" / "p.jsonl")}}}
+    with pytest.raises(ConfigError) as err:
+        parse_telemetry(raw)
+    assert err.value.key == "telemetry.prompt_logs.file.path" and "no such folder" in str(err.value)
+    assert parse_telemetry(raw, local=Local(check=False)).prompt_logs.file is not None  # config check --skip-local-checks
