@@ -156,6 +156,51 @@ async def _load(
         return latencies, errors, time.perf_counter() - start
 
 
+async def _open_loop(url: str, bodies: Sequence[dict], rate: float) -> tuple[list[float], int, float]:
+    """``bodies`` sent at ``rate`` a second whatever the answers (an open loop: the added
+    latency users feel at that offered load, not a closed loop's peak)."""
+    latencies: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(body: dict) -> None:
+            nonlocal errors
+            start = time.perf_counter()
+            try:
+                async with session.post(f"{url}/v1/chat/completions", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors += 1
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tasks = []
+        for i, body in enumerate(bodies):
+            delay = t0 + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(body)))
+        await asyncio.gather(*tasks)
+        return latencies, errors, loop.time() - t0
+
+
+def _load_curve(url: str, bodies: list[dict], rates: list[float], seconds: float) -> list[dict[str, Any]]:
+    """Latency at each offered rate, non-streaming, ``seconds`` of load each."""
+    points = []
+    for rate in rates:
+        n = max(20, int(rate * seconds))
+        lat, errors, elapsed = asyncio.run(_open_loop(url, [bodies[i % len(bodies)] for i in range(n)], rate))
+        points.append({"rate": rate, "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
+                       "achieved_rps": round(len(lat) / elapsed, 1), "errors": errors})
+    return points
+
+
 def _cpu_seconds(pid: int | None) -> float | None:
     """CPU time (user + system, all threads) a process and its children (``kvroute serve
     --procs N``'s processes) have used; None where /proc is not."""
@@ -212,6 +257,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-port", type=int, default=8280, help="upstreams here, routers after")
     p.add_argument("--tokenizer", help="tokenizer folder for kvroute (default: the tiny model)")
     p.add_argument("--out", default="bench-out/overhead")
+    p.add_argument("--rates", default="",
+                   help="also an open-loop load curve: comma list of offered req/s, non-streaming "
+                        "(e.g. 100,300,600,1200); plotted as added latency against offered load")
+    p.add_argument("--rate-seconds", type=float, default=5.0, help="seconds of load per rate")
     p.add_argument(
         "--fake", action="store_true", help=argparse.SUPPRESS
     )  # internal: be the upstream
@@ -256,6 +305,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     results: dict[str, Any] = {}
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    curves: dict[str, list[dict[str, Any]]] = {}
     try:
         deadline = time.monotonic() + 30
         while not all(http_ok(f"{u}/health") for u in urls):
@@ -266,6 +317,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for i, name in enumerate(tqdm(names, desc="overhead", file=sys.stderr)):
             if name == "direct":
                 results[name] = _measure(urls[0], bodies, warmup, args.concurrency)
+                if rates:
+                    curves[name] = _load_curve(urls[0], bodies, rates, args.rate_seconds)
                 continue
             spec_r = parse_router(name)
             port = args.base_port + args.upstreams + i
@@ -277,6 +330,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             try:
                 proc.wait_ready()
                 results[name] = _measure(proc.url, bodies, warmup, args.concurrency, pid=proc.proc.pid)
+                if rates:
+                    curves[name] = _load_curve(proc.url, bodies, rates, args.rate_seconds)
             except (RuntimeError, TimeoutError) as exc:
                 results[name] = {"failure": str(exc)[:300]}
             finally:
@@ -293,11 +348,50 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "prompt_tokens": args.prompt_tokens,
         "routers": results,
     }
+    if curves:
+        add_curve_overhead(curves)
+        doc["load_curve"] = curves
+        plot_load_curve(curves, out / "overhead_load.png")
     (out / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = render_overhead(doc)
     (out / "overhead.md").write_text(md)
     print(md)
     return 0
+
+
+def add_curve_overhead(curves: dict[str, list[dict[str, Any]]]) -> None:
+    """Each point's latency over ``direct`` at the same offered rate."""
+    direct = {p["rate"]: p for p in curves.get("direct", [])}
+    for points in curves.values():
+        for p in points:
+            base = direct.get(p["rate"])
+            if base and p["p50_ms"] is not None and base["p50_ms"] is not None:
+                p["added_p50_ms"] = round(p["p50_ms"] - base["p50_ms"], 3)
+                p["added_p99_ms"] = round(p["p99_ms"] - base["p99_ms"], 3)
+
+
+def plot_load_curve(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "added_p50_ms", "added latency p50"), (axes[1], "added_p99_ms", "added p99")):
+        for name, points in curves.items():
+            pts = [(p["rate"], p[key]) for p in points if p.get(key) is not None and not p["errors"]]
+            if name != "direct" and pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xlabel("offered load (req/s, open loop)")
+        ax.set_ylabel("ms over calling the upstream directly")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def add_overhead(results: dict[str, Any]) -> None:
@@ -336,6 +430,16 @@ def render_overhead(doc: dict[str, Any]) -> str:
                 f"| {name} | {mode} | {m['p50_ms']} | {m['p99_ms']} | {m.get('added_p50_ms', '–')} "
                 f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m.get('cpu_us_per_request') or '–'} | {m['errors']} |"
             )
+    curves = doc.get("load_curve")
+    if curves:
+        lines += ["", "Open loop, non-streaming: added latency p50 / p99 (ms) at each offered load (req/s); "
+                  "errors in brackets", "",
+                  "| router | " + " | ".join(f"{p['rate']:g}" for p in next(iter(curves.values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(curves.values())))]
+        for name, points in curves.items():
+            cells = [f"{p.get('added_p50_ms', p['p50_ms'])} / {p.get('added_p99_ms', p['p99_ms'])}"
+                     + (f" [{p['errors']}]" if p["errors"] else "") for p in points]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

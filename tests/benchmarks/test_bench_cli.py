@@ -253,3 +253,26 @@ def test_router_cpu_time_is_read_from_proc() -> None:
     after = _cpu_seconds(os.getpid())
     assert before is not None and after is not None and after > before
     assert _cpu_seconds(None) is None and _cpu_seconds(2**31 - 1) is None
+
+
+async def test_open_loop_load_keeps_its_rate_and_the_curve_is_tabled_and_plotted(aiohttp_server, tmp_path) -> None:
+    import time
+
+    from kvroute.benchmarks.overhead import _open_loop, add_curve_overhead, plot_load_curve
+
+    server = await aiohttp_server(fake_upstream_app())
+    url = str(server.make_url("")).rstrip("/")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    start = time.perf_counter()
+    lat, errors, elapsed = await _open_loop(url, [body] * 20, rate=40.0)
+    assert errors == 0 and len(lat) == 20
+    assert time.perf_counter() - start >= 19 / 40  # sent on schedule, not as fast as answered
+    curves = {"direct": [{"rate": 40.0, "p50_ms": 1.0, "p99_ms": 2.0, "achieved_rps": 40.0, "errors": 0}],
+              "prefix": [{"rate": 40.0, "p50_ms": 3.5, "p99_ms": 9.0, "achieved_rps": 40.0, "errors": 0}]}
+    add_curve_overhead(curves)
+    assert curves["prefix"][0]["added_p50_ms"] == 2.5 and curves["prefix"][0]["added_p99_ms"] == 7.0
+    md = render_overhead({"requests": 1, "concurrency": 1, "prompt_tokens": 1, "command": "c",
+                          "routers": {}, "load_curve": curves})
+    assert "| prefix | 2.5 / 7.0 |" in md
+    plot_load_curve(curves, tmp_path / "load.png")
+    assert (tmp_path / "load.png").stat().st_size > 1000
