@@ -111,10 +111,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_loto(args: argparse.Namespace) -> int:
-    from kvroute.classifier.encoder import Encoder, EncoderConfig
-    from kvroute.classifier.loto import RECIPES, UNITS, loto, unit_of, write
-    from kvroute.classifier.train import embed
+    from kvroute.classifier.loto import RECIPES, UNITS, layer_features, loto, unit_of, write
 
+    try:
+        layers = [int(n) for n in args.layers.split(",")]
+    except ValueError:
+        layers = [-1]
+    if any(not 0 <= n <= 6 for n in layers) or len(set(layers)) < len(layers):
+        raise SystemExit(f"classifier loto: --layers must be distinct MiniLM layers 0-6, "
+                         f"comma-separated; got {args.layers!r}")
     unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
     if unknown:
         raise SystemExit(f"classifier loto: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
@@ -122,9 +127,9 @@ def cmd_loto(args: argparse.Namespace) -> int:
     if args.limit:
         recs = _subsample(recs, args.limit)
     units = [u for u in UNITS if any(unit_of(r) == u for r in recs)]
-    x = embed(Encoder(EncoderConfig(), cache_dir=args.cache), [r.prompt for r in recs])
+    x = layer_features([r.prompt for r in recs], layers, args.cache)
     res = loto(recs, x, [RECIPES[n] for n in args.recipes.split(",")], args.strong, args.weak,
-               units)
+               units, layers)
     write(res, args.out)
     print((Path(args.out) / "loto.md").read_text())
     return 0
@@ -286,6 +291,9 @@ def parser() -> argparse.ArgumentParser:
     sp = add("loto", cmd_loto, "leave-one-task-out validation of training recipes")
     sp.add_argument("--recipes", default="old-default,logreg,default",
                     help="comma list of recipes (classifier/loto.py RECIPES)")
+    sp.add_argument("--layers", default="0",
+                    help="MiniLM layers whose pooled outputs are the features, side by side "
+                         "(0: the embedding layer, as shipped; deeper layers need torch)")
     sp.add_argument("--out", required=True)
     sp = add("refresh", cmd_refresh, "retrain on new logs; swap in only if APGR improves",
              data=False)

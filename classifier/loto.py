@@ -10,6 +10,8 @@ repeats a few questions across subjects).
 
 Prompts are embedded once (with the optional embedding cache), so a recipe costs a few
 head fits. Recipes are named in :data:`RECIPES`; ``kvroute classifier loto`` runs them.
+``--layers`` compares encoders on the same units: the features are the mean-pooled output
+of the given MiniLM layers (0: the embedding layer the shipped models use), side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kvroute.classifier.data import Record
+from kvroute.classifier.encoder import N_SURFACE
 from kvroute.classifier.head import Head, fit_head
 from kvroute.classifier.metrics import random_baseline, summarize
 
@@ -65,12 +68,12 @@ class Recipe:
     name: str
     head: str = "gain_knn"
     task_balance: float = 0.5
-    surface: bool = True  # the six surface features beside the embedding
+    surface: bool = True  # the six surface features after the embedding(s)
     l2: float | None = None
     note: str = ""
 
     def features(self, x: np.ndarray) -> np.ndarray:
-        return x if self.surface else x[:, :384]
+        return x if self.surface else x[:, :-N_SURFACE]
 
 
 RECIPES = {r.name: r for r in (
@@ -92,6 +95,21 @@ RECIPES = {r.name: r for r in (
 )}
 
 
+def layer_features(prompts: Sequence[str], layers: Sequence[int],
+                   cache_dir: str | Path | None = None) -> np.ndarray:
+    """Features for LOTO: each layer's pooled embedding (384 columns, L2-normalised, in the
+    order given; 0 is the numpy embedding layer, deeper ones need torch), then the six
+    surface features. ``layers=[0]`` is what the shipped models read."""
+    from kvroute.classifier.encoder import Encoder, EncoderConfig
+    from kvroute.classifier.train import embed
+
+    blocks = []
+    for i, n in enumerate(layers):
+        cfg = EncoderConfig(n_layers=n, surface_features=i == len(layers) - 1)
+        blocks.append(embed(Encoder(cfg, cache_dir=cache_dir), list(prompts), f"layer {n}"))
+    return np.concatenate(blocks, axis=1)
+
+
 def task_weights(records: Sequence[Record], power: float) -> np.ndarray:
     """The training code's task weights (imported late: train.py pulls in tqdm bars)."""
     from kvroute.classifier.train import task_weights as tw
@@ -101,7 +119,7 @@ def task_weights(records: Sequence[Record], power: float) -> np.ndarray:
 
 def fit_recipe(recipe: Recipe, x: np.ndarray, records: Sequence[Record], strong: str,
                weak: str, margin: float = 1.0) -> Head:
-    """Fit ``recipe``'s head on features ``x`` (n, 390: embedding + surface) of ``records``."""
+    """Fit ``recipe``'s head on features ``x`` (embedding(s) + surface) of ``records``."""
     from kvroute.classifier.train import gains, labels
 
     return fit_head(recipe.features(x), labels(list(records), strong, weak, margin),
@@ -111,12 +129,15 @@ def fit_recipe(recipe: Recipe, x: np.ndarray, records: Sequence[Record], strong:
 
 
 def loto(records: Sequence[Record], x: np.ndarray, recipes: Sequence[Recipe], strong: str,
-         weak: str, units: Sequence[str] = UNITS) -> dict:
-    """Per-unit APGR of each recipe, trained on the other units; plus the random router."""
+         weak: str, units: Sequence[str] = UNITS, layers: Sequence[int] = (0,)) -> dict:
+    """Per-unit APGR of each recipe, trained on the other units; plus the random router.
+
+    ``x``: the features of :func:`layer_features` for ``layers`` (recorded in the result).
+    """
     unit = np.array([unit_of(r) for r in records])
     prompts = [r.prompt for r in records]
     out: dict = {"units": list(units), "n_prompts": {u: int((unit == u).sum()) for u in units},
-                 "models": {}}
+                 "layers": list(layers), "models": {}}
     rand: dict[str, float] = {}
     for u in units:
         test = np.nonzero(unit == u)[0]

@@ -95,6 +95,20 @@ def test_loto_rejects_an_unknown_recipe(tmp_path: Path) -> None:
         main(["loto", "--recipes", "nope", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("layers", ["7", "0,0", "one"])
+def test_loto_rejects_bad_layers(tmp_path: Path, layers: str) -> None:
+    with pytest.raises(SystemExit, match="--layers must be distinct MiniLM layers 0-6"):
+        main(["loto", "--layers", layers, "--out", str(tmp_path)])
+
+
+def test_loto_compares_deeper_layers(routellm_data: Path, tmp_path: Path) -> None:
+    assert main(["loto", "--data", "routellm", "--limit", "600", "--recipes", "default",
+                 "--layers", "0,2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "loto.json").read_text())
+    assert res["layers"] == [0, 2]
+    assert 0.0 <= res["models"]["default"]["worst"] <= res["models"]["default"]["mean"] <= 1.0
+
+
 def test_eval_default_model_on_heldout_split(routellm_data: Path, tmp_path: Path) -> None:
     assert main(["eval", "--out", str(tmp_path), "--limit", "60"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())

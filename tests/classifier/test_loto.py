@@ -6,7 +6,7 @@ import numpy as np
 
 from kvroute.classifier.data import Record, load_routellm
 from kvroute.classifier.head import fit_head, fit_logistic
-from kvroute.classifier.loto import MMLU_GROUPS, RECIPES, UNITS, Recipe, loto, unit_of
+from kvroute.classifier.loto import MMLU_GROUPS, RECIPES, UNITS, Recipe, layer_features, loto, unit_of
 from kvroute.classifier.metrics import summarize
 
 
@@ -87,4 +87,16 @@ def test_a_recipe_can_drop_the_surface_features() -> None:
     x = np.ones((2, 390))
     assert Recipe("r", surface=False).features(x).shape == (2, 384)
     assert Recipe("r", surface=True).features(x).shape == (2, 390)
+    assert Recipe("r", surface=False).features(np.ones((2, 774))).shape == (2, 768)
     assert UNITS[-1] == "mt_bench"
+
+
+def test_layer_features_put_each_layer_beside_the_embedding_layer() -> None:
+    prompts = ["What is 17 * 23?", "Which organ makes insulin?", "Write a poem about the sea."]
+    shipped = layer_features(prompts, [0])
+    both = layer_features(prompts, [0, 1])
+    assert shipped.shape == (3, 390) and both.shape == (3, 774)
+    np.testing.assert_allclose(both[:, :384], shipped[:, :384])  # the numpy embedding layer
+    np.testing.assert_allclose(both[:, -6:], shipped[:, -6:])  # surface features last, once
+    np.testing.assert_allclose(np.linalg.norm(both[:, 384:768], axis=1), 1.0, rtol=1e-5)
+    assert np.abs(both[:, 384:768] - both[:, :384]).max() > 0.05  # layer 1 is another view
