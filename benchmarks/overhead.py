@@ -384,6 +384,7 @@ def plot_load_curve(curves: dict[str, list[dict[str, Any]]], path: Path) -> None
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=-1.0)  # below direct is noise (direct itself overloaded)
         ax.set_xlabel("offered load (req/s, open loop)")
         ax.set_ylabel("ms over calling the upstream directly")
         ax.set_title(title)
