@@ -26,7 +26,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -136,6 +136,10 @@ class Dispatch:
     failed: UpstreamError | None = None  # why the stream failed after its first byte
     capture: Capture | None = None  # telemetry: gathers the answer's text and finish reasons
     trace_headers: dict[str, str] | None = None  # traceparent/tracestate of this try's span; None: pass through
+    # Awaited once a stream has all its events, before the client sees its end ([DONE], or
+    # the end of the response): the response cache stores the answer there, so a client that
+    # asks again at once finds it. Never raises.
+    before_end: Callable[[], Awaitable[None]] | None = None
 
 
 def upstream_body(d: Dispatch) -> bytes:
@@ -336,17 +340,27 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
                     out = await _start_stream(request, d)
                 if d.first_token_at is None:
                     d.first_token_at = time.perf_counter()
+                if d.before_end is not None and data.startswith(b"data: [DONE]"):
+                    await _before_end(d)  # the client stops reading at [DONE]
                 if not await _send(out, d, data + b"\n"):
                     return out  # the client left; stop reading the worker
             deadline = loop.time() + idle_s  # from here: the worker's gap, not a slow client's
         if out is None:  # an empty stream: still answer well-formed SSE
             out = await _start_stream(request, d)
+        if d.before_end is not None:
+            await _before_end(d)
         await _send(out, d, None)
     except Exception as exc:
         if out is None:
             raise  # nothing sent yet: the retry table decides (router/retry.py)
         await _fail_stream(out, d, exc)
     return out
+
+
+async def _before_end(d: Dispatch) -> None:
+    hook, d.before_end = d.before_end, None
+    if hook is not None:
+        await hook()
 
 
 async def _send(out: web.StreamResponse, d: Dispatch, data: bytes | None) -> bool:

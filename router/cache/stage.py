@@ -110,17 +110,25 @@ class ResponseCache:
             request[STATUS] = "bypass"
             return await call_next()
         request[STATUS] = "miss"
-        capture = Capture(max(c.max_entry_bytes for c in (exact, semantic) if c is not None))
+        async def store_stream() -> bool:  # a stream's answer, before its client sees the end
+            raw = self._answer(req, served, None, capture)
+            if raw is None:
+                return False
+            await self._store(served.name, key, probe, raw)
+            return True
+
+        capture = Capture(max(c.max_entry_bytes for c in (exact, semantic) if c is not None), store_stream)
         token = CAPTURE.set(capture)
         try:
             response = await call_next()
         finally:
             CAPTURE.reset(token)
         # Stored before the answer is returned: a client that asks again once it has the
-        # answer gets a hit, on any replica. A stream has reached its client by now already.
-        raw = self._answer(req, served, response, capture)
-        if raw is not None:
-            await self._store(served.name, key, probe, raw)
+        # answer gets a hit, on any replica. A stream was stored before its last bytes.
+        if not capture.stored:
+            raw = self._answer(req, served, response, capture)
+            if raw is not None:
+                await self._store(served.name, key, probe, raw)
         return response
 
     def _namespace(self, request: web.Request) -> str:
@@ -171,11 +179,15 @@ class ResponseCache:
             await out.write_eof()
         return out
 
-    def _answer(self, req: ParsedRequest, served: ServedModel, response: web.StreamResponse,
+    def _answer(self, req: ParsedRequest, served: ServedModel, response: web.StreamResponse | None,
                 capture: Capture) -> bytes | None:
-        """The encoded entry of a miss's answer, or None when it must not be stored."""
+        """The encoded entry of a miss's answer, or None when it must not be stored.
+        ``response`` None: a stream that has all its events and has not ended yet."""
         d = capture.dispatch
-        if d is None or d.status != "ok" or d.failed is not None or response.status != 200:
+        if response is None:
+            if d is None or d.failed is not None or not d.client_started:
+                return None
+        elif d is None or d.status != "ok" or d.failed is not None or response.status != 200:
             return None
         if d.meter is not None and d.meter.cut is not None:
             return None  # governance cut the answer

@@ -8,24 +8,41 @@ the client is copied here too. Outside a cacheable request ``watch`` does nothin
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CAPTURE: ContextVar[Capture | None] = ContextVar("kvroute_cache_capture", default=None)
 
 
 class Capture:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, on_end: Callable[[], Awaitable[bool]] | None = None):
         self.max_bytes = max_bytes
         self.dispatch: Any = None  # router.proxy.Dispatch of the last upstream call
         self.events: list[bytes] = []
         self.size = 0
         self.overflow = False  # over max_bytes: not stored
+        self.on_end = on_end  # stores a finished stream's answer; True when it did
+        self.stored = False
 
     def watch(self, dispatch: Any) -> None:
         self.dispatch = dispatch
         self.events, self.size, self.overflow = [], 0, False
         dispatch.meter = _Tap(dispatch.meter, self)
+        dispatch.before_end = self._before_end
+
+    async def _before_end(self) -> None:
+        """A stream has all its events and its client has not seen the end yet: store now,
+        so a client that asks again the moment it has the answer gets a hit."""
+        if self.on_end is None:
+            return
+        try:
+            self.stored = await self.on_end()
+        except Exception:  # the cache must never cost the stream its end
+            log.exception("storing a streamed answer in the response cache failed")
 
     def add(self, data: bytes) -> None:
         self.size += len(data)

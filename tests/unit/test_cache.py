@@ -330,3 +330,19 @@ async def test_an_answer_over_max_entry_bytes_is_not_stored(aiohttp_client, work
     for stream in (False, True):
         await post(client, chat(stream=stream))
         assert (await post(client, chat()))[0].headers["x-kvroute-cache"] == "miss"
+
+
+async def test_a_stream_is_stored_before_its_client_sees_the_end(aiohttp_client, worker):
+    """A client that asks again the moment its stream ends must find the answer, on any
+    replica: the entry is written before [DONE] is relayed, not after the response."""
+    client = await router(aiohttp_client, config(worker, {"exact": {}}))
+    cache = client.app[keys.CACHE]
+    stored_before_done = []
+    resp = await client.post("/v1/chat/completions", json=chat("stream me", stream=True))
+    async for line in resp.content:
+        if line.startswith(b"data: [DONE]"):
+            stored_before_done.append(metric(client, 'kvroute_cache_entries{store="memory"}'))
+    assert resp.headers["x-kvroute-cache"] == "miss" and cache is not None
+    assert stored_before_done == [1.0]
+    again, _ = await post(client, chat("stream me"))
+    assert again.headers["x-kvroute-cache"] == "hit" and len(worker.app[CALLS]) == 1
