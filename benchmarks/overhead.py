@@ -124,60 +124,50 @@ async def _serve_fake(ports: Sequence[int]) -> None:
     await asyncio.Event().wait()
 
 
+class _Tally:
+    """Latencies of the answered requests and a count of the rest."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def send(self, session: aiohttp.ClientSession, url: str, body: dict) -> None:
+        start = time.perf_counter()
+        try:
+            async with session.post(f"{url}/v1/chat/completions", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                await resp.read()
+                ok = resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            ok = False
+        if ok:
+            self.latencies.append(time.perf_counter() - start)
+        else:
+            self.errors += 1
+
+
 async def _load(
     url: str, bodies: Sequence[dict], concurrency: int, stream: bool
 ) -> tuple[list[float], int, float]:
-    latencies: list[float] = []
-    errors = 0
+    """``bodies`` with ``concurrency`` in flight (a closed loop: the router's peak)."""
+    tally = _Tally()
     it = iter(bodies)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def worker() -> None:
-            nonlocal errors
             for body in it:
-                start = time.perf_counter()
-                try:
-                    async with session.post(
-                        f"{url}/v1/chat/completions",
-                        json={**body, "stream": stream},
-                        timeout=aiohttp.ClientTimeout(total=30),
-                    ) as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                except (TimeoutError, aiohttp.ClientError):
-                    ok = False
-                if ok:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors += 1
+                await tally.send(session, url, {**body, "stream": stream})
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, errors, time.perf_counter() - start
+        return tally.latencies, tally.errors, time.perf_counter() - start
 
 
 async def _open_loop(url: str, bodies: Sequence[dict], rate: float) -> tuple[list[float], int, float]:
     """``bodies`` sent at ``rate`` a second whatever the answers (an open loop: the added
     latency users feel at that offered load, not a closed loop's peak)."""
-    latencies: list[float] = []
-    errors = 0
+    tally = _Tally()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-
-        async def one(body: dict) -> None:
-            nonlocal errors
-            start = time.perf_counter()
-            try:
-                async with session.post(f"{url}/v1/chat/completions", json=body,
-                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except (TimeoutError, aiohttp.ClientError):
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - start)
-            else:
-                errors += 1
-
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         tasks = []
@@ -185,9 +175,9 @@ async def _open_loop(url: str, bodies: Sequence[dict], rate: float) -> tuple[lis
             delay = t0 + i / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(body)))
+            tasks.append(asyncio.create_task(tally.send(session, url, body)))
         await asyncio.gather(*tasks)
-        return latencies, errors, loop.time() - t0
+        return tally.latencies, tally.errors, loop.time() - t0
 
 
 def _load_curve(url: str, bodies: list[dict], rates: list[float], seconds: float) -> list[dict[str, Any]]:

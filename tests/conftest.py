@@ -34,7 +34,7 @@ def helm() -> str:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> str:
-    """A real redis-server for the session (the response-cache tests; tests/governance has its own)."""
+    """A real redis-server for the session: governance, the response cache, packaging."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed: these tests need a real Redis (apt-get install redis-server)")

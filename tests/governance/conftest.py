@@ -3,10 +3,6 @@ to build routers (create_app) and Governors with an injected clock."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 
 import pytest
@@ -24,42 +20,6 @@ TENANTS = [{"name": "acme", "keys": [KEY_A]}, {"name": "globex", "keys": [KEY_B]
 # machine 50 requests in one event loop can keep a reply waiting past the 0.5 s default,
 # which the router rightly reads as an outage.
 PATIENT = {"connect_timeout_s": 5, "timeout_s": 5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory) -> str:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: the governance tests need a real Redis "
-                    "(apt-get install redis-server)")
-    folder = tmp_path_factory.mktemp("redis")
-    for _ in range(5):
-        port = _free_port()
-        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                 "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            proc.kill()
-            continue  # the port was taken between choosing and binding: try another
-        yield f"redis://127.0.0.1:{port}/0"
-        proc.terminate()
-        proc.wait(10)
-        return
-    pytest.fail("could not start redis-server")
 
 
 @pytest.fixture
