@@ -24,8 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.governance.conftest import redis_url  # noqa: F401  (a real redis-server for the session)
-
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
