@@ -129,10 +129,11 @@ def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streamin
         try:
             if stream:
                 parts = []
-                for ch in c.chat.completions.create(model="tiny", messages=messages, max_tokens=48,
-                                                    stream=True, extra_body=extra):
-                    with lock:
-                        started_streams.add(n)
+                chunks = c.chat.completions.create(model="tiny", messages=messages, max_tokens=48,
+                                                   stream=True, extra_body=extra)
+                with lock:  # the router answered 200: its response began, so no retry from here on
+                    started_streams.add(n)
+                for ch in chunks:
                     if ch.choices:
                         parts.append(ch.choices[0].delta.content or "")
                 ok = bool(parts)
