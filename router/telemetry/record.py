@@ -45,15 +45,7 @@ class Capture:
 
     def whole(self, body: Any) -> None:
         for choice in _choices(body):
-            if isinstance(choice.get("finish_reason"), str):
-                self.finish_reasons.append(choice["finish_reason"])
-            if self.text:
-                msg = choice.get("message")
-                content = msg.get("content") if isinstance(msg, dict) else choice.get("text")
-                if isinstance(content, str):
-                    self.parts.append(content)
-                if isinstance(msg, dict) and msg.get("tool_calls"):
-                    self.tool_calls.extend(msg["tool_calls"])
+            self._take(choice, "message")
 
     def event(self, data: bytes) -> None:
         """One SSE event (``data: {...}``)."""
@@ -66,15 +58,21 @@ class Capture:
         except orjson.JSONDecodeError:
             return
         for choice in _choices(chunk):
-            if isinstance(choice.get("finish_reason"), str):
-                self.finish_reasons.append(choice["finish_reason"])
-            if self.text:
-                delta = choice.get("delta")
-                content = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if isinstance(content, str):
-                    self.parts.append(content)
-                if isinstance(delta, dict) and delta.get("tool_calls"):
-                    self.tool_calls.extend(delta["tool_calls"])
+            self._take(choice, "delta")
+
+    def _take(self, choice: dict, part: str) -> None:
+        """One choice: ``part`` is ``message`` (a whole chat answer) or ``delta`` (a chat
+        chunk); a completion's choice carries ``text`` instead."""
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish_reasons.append(choice["finish_reason"])
+        if not self.text:
+            return
+        msg = choice.get(part)
+        content = msg.get("content") if isinstance(msg, dict) else choice.get("text")
+        if isinstance(content, str):
+            self.parts.append(content)
+        if isinstance(msg, dict) and msg.get("tool_calls"):
+            self.tool_calls.extend(msg["tool_calls"])
 
     @property
     def answer(self) -> str:
