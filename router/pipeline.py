@@ -194,7 +194,9 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
                 return await forward(request, dispatch)
         except UpstreamError as exc:
             decision = retry.decide(
-                exc, client_started=dispatch.client_started, tries=len(tries), lost_before=lost_before,
+                # an ejected worker (another request found it refusing) gets no same-worker retry
+                exc, client_started=dispatch.client_started, tries=len(tries),
+                lost_before=lost_before or not worker.healthy,
                 has_other=any(w.url not in tried for w in route.pool.healthy()),
                 remaining_s=deadline - loop.time())
             if not decision.again:

@@ -8,10 +8,13 @@ same table, and a test keeps the two equal.
 Nothing is retried once a byte has reached the client. A retry the table allows is still
 refused when the request has had ``max_attempts`` tries, when no other worker is left,
 when the wait (backoff, or the worker's ``Retry-After``) would outlast
-``server.request_timeout_s``, or when the pool's retry budget is spent. The budget is
-Finagle's (and Envoy's ``retry_budget``): over the last ten seconds retries may add
-``budget_ratio`` of the pool's requests plus ``min_retries_per_s`` a second, so when a
-whole pool fails, retries cannot multiply its load.
+``server.request_timeout_s``, or, for a worker that answered badly or too slowly, when the
+pool's retry budget is spent. The budget is Finagle's (and Envoy's ``retry_budget``): over
+the last ten seconds retries may add ``budget_ratio`` of the pool's requests plus
+``min_retries_per_s`` a second, so when a whole pool fails, retries cannot multiply its
+load. A worker that is gone (refused, or dropped the connection) is not charged: when one
+dies it loses its whole batch at once, and the budget would turn one crash into lost
+requests; those retries go to the live workers, bounded by ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Rule:
     retry: Again
     breaker: Outcome  # what the failure tells the worker's breaker
     waits_retry_after: bool = False  # a short Retry-After is the least wait before the retry
+    budgeted: bool = True  # the retry spends the pool's retry budget
 
 
 SAME, OTHER, NEVER = Again.SAME_WORKER, Again.OTHER_WORKER, Again.NEVER
@@ -58,11 +62,11 @@ FAILURE, SUCCESS, IGNORED = Outcome.FAILURE, Outcome.SUCCESS, Outcome.IGNORED
 
 RULES: dict[str, Rule] = {r.failure: r for r in (
     # Before the first byte reached the client:
-    Rule("connect_failed", OTHER, FAILURE),  # refused, unreachable: also ejected (health.py)
+    Rule("connect_failed", OTHER, FAILURE, budgeted=False),  # refused, unreachable: also ejected (health.py)
     Rule("connect_timeout", OTHER, FAILURE),  # no connection within timeouts.connect_s
     # A keep-alive connection the worker closed as we reused it: the worker is up and holds
     # the prompt's cache, so the same worker once; losing it again goes to another worker.
-    Rule("connection_lost", SAME, IGNORED),
+    Rule("connection_lost", SAME, IGNORED, budgeted=False),
     Rule("stalled", OTHER, FAILURE),  # timeouts.first_byte_s (or idle_s before a byte was relayed)
     Rule("http_429", OTHER, SUCCESS, waits_retry_after=True),  # busy, but answering: not broken
     Rule("http_503", OTHER, FAILURE, waits_retry_after=True),
@@ -231,6 +235,6 @@ class Retrier:
                 delay = max(delay, wait)
         if delay >= remaining_s:
             return Decision(rule, refused="deadline")
-        if not self.budget.try_spend():
+        if rule.budgeted and not self.budget.try_spend():
             return Decision(rule, refused="budget")
         return Decision(rule, again=True, same_worker=same, delay_s=delay)

@@ -177,6 +177,19 @@ async def test_the_retry_budget_refuses_retries_and_counts_them(aiohttp_client, 
     assert metric(client, "kvroute_retries_refused_total", model="tiny", reason="budget") == 1
 
 
+async def test_a_spent_retry_budget_still_moves_requests_off_a_worker_that_is_gone(aiohttp_client, pair):
+    client = await router(aiohttp_client, pair, retries={"budget_ratio": 0, "min_retries_per_s": 0})
+    for server in pair:  # round robin: one each, so the next request goes to the first
+        assert (await client.post("/v1/chat/completions", json=CHAT)).headers["x-kvroute-worker"] == url_of(server)
+    gone = url_of(pair[0])
+    await pair[0].close()  # drops its connections and refuses new ones, as a crashed worker does
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200 and resp.headers["x-kvroute-worker"] == url_of(pair[1])
+    assert metric(client, "kvroute_retries_total", model="tiny") >= 1
+    assert metric(client, "kvroute_retries_refused_total", model="tiny", reason="budget") == 0
+    assert gone not in {w.url for w in pool_of(client).healthy()}  # ejected: later requests go straight to the live one
+
+
 async def test_max_attempts_bounds_the_tries(aiohttp_client, aiohttp_server):
     servers = [await aiohttp_server(fake_worker(n)) for n in ("a", "b", "c")]
     for s in servers:

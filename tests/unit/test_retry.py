@@ -37,8 +37,9 @@ def test_the_docs_print_the_same_table():
     table = text.split("<!-- retry-table -->")[1].split("<!-- /retry-table -->")[0]
     rows = [[c.strip().strip("`") for c in line.strip().strip("|").split("|")]
             for line in table.strip().splitlines() if line.startswith("| `")]
-    documented = {r[0]: (r[2], r[3] == "yes", r[4]) for r in rows}
-    in_code = {r.failure: (r.retry.value, r.waits_retry_after, r.breaker.value) for r in RULES.values()}
+    documented = {r[0]: (r[2], r[3] == "yes", {"yes": True, "no": False}.get(r[4]), r[5]) for r in rows}
+    in_code = {r.failure: (r.retry.value, r.waits_retry_after, r.budgeted if r.retry is not Again.NEVER else None,
+                           r.breaker.value) for r in RULES.values()}
     assert documented == in_code
 
 
@@ -155,8 +156,17 @@ def test_retry_after_is_a_minimum_wait_when_short_and_ends_the_tries_when_long()
     ({}, {"budget_ratio": 0.0, "min_retries_per_s": 0.0}, "budget"),
 ])
 def test_each_bound_refuses_a_retry_and_names_itself(kw, cfg, reason):
-    d = decide(retrier(**cfg), UpstreamConnectError("refused"), **kw)
+    d = decide(retrier(**cfg), status(502), **kw)
     assert not d.again and d.refused == reason
+
+
+@pytest.mark.parametrize("exc", [UpstreamConnectError("refused"), UpstreamConnectionLost("reset")])
+def test_a_spent_budget_still_retries_off_a_worker_that_is_gone(exc):
+    r = retrier(budget_ratio=0.0, min_retries_per_s=0.0)
+    assert decide(r, exc).again
+    assert decide(r, exc, lost_before=True).again  # the lost connection's second try: another worker
+    assert decide(r, exc, tries=3).refused == "attempts"
+    assert decide(r, exc, lost_before=True, has_other=False).refused == "no_worker"
 
 
 def test_a_wait_longer_than_the_deadline_is_refused():
