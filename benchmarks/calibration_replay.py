@@ -10,6 +10,10 @@ the online threshold of ``router/calibration.py`` at the target share. The repor
 the strong share in consecutive blocks of ``--block`` requests, the worst block's
 distance from the target (after the first block, which holds the warm-up), the quality
 each router reaches on the 0/1-scored requests, and writes ``replay.json`` plus a plot.
+
+It also replays a scale-out: ``--replicas`` replicas share the stream, the last one
+starting as the second GSM8K run begins, with thresholds held per replica and with one
+shared threshold (``classifier.online.shared``).
 """
 
 from __future__ import annotations
@@ -87,6 +91,52 @@ def replay(scores: np.ndarray, static_threshold: float, cfg: OnlineCalibrationCo
             "static_strong": scores >= static_threshold}
 
 
+def replay_fleet(scores: np.ndarray, static_threshold: float, cfg: OnlineCalibrationConfig, *, replicas: int,
+                 join_at: int, shared: bool, sync_every: int = 1, batch: int = 8) -> dict:
+    """Requests spread round-robin over ``replicas - 1`` replicas, and over all of them from
+    request ``join_at`` on, when one more starts at the artifact's threshold (a scale-out).
+    ``shared``: every ``sync_every`` batches a replica adds its moves to one shared logit
+    and routes at it, as ``SharedThreshold`` does through Redis (the same arithmetic, kept
+    in memory here)."""
+    online = [OnlineThreshold(cfg, static_threshold) for _ in range(replicas)]
+    lo, hi = online[0].bounds
+    common: float | None = None
+    strong = np.zeros(len(scores), dtype=bool)
+    served_by = np.zeros(len(scores), dtype=int)
+    batches = [0] * replicas
+    # each replica routes whole batches: batch b of the stream goes to one replica
+    for b, start in enumerate(range(0, len(scores), batch)):
+        live = replicas if start >= join_at else replicas - 1
+        r = b % live
+        o = online[r]
+        if shared and batches[r] % sync_every == 0:
+            common = min(max((o.initial_logit if common is None else common) + o.take_pending(), lo), hi)
+            o.adopt(common)
+        chunk = scores[start : start + batch]
+        strong[start : start + len(chunk)] = chunk >= o.threshold
+        served_by[start : start + len(chunk)] = r
+        o.observe(chunk.tolist())
+        batches[r] += 1
+    return {"strong": strong, "served_by": served_by}
+
+
+def scale_out(scores: np.ndarray, static_threshold: float, cfg: OnlineCalibrationConfig, replicas: int,
+              join_at: int, batch: int, first: int = 200) -> dict:
+    """The strong share of the fleet after ``join_at``, and of the new replica's first
+    ``first`` requests, with each replica alone and with the shared threshold."""
+    out = {}
+    for name, shared in (("alone", False), ("shared", True)):
+        res = replay_fleet(scores, static_threshold, cfg, replicas=replicas, join_at=join_at, shared=shared,
+                           batch=batch)
+        new = np.flatnonzero(res["served_by"] == replicas - 1)[:first]
+        after = res["strong"][join_at : join_at + 4 * first]
+        out[name] = {"new_replica_first_requests_share": float(res["strong"][new].mean()),
+                     "fleet_share_after_join": float(after.mean()),
+                     "overall_share": float(res["strong"].mean())}
+    out.update(replicas=replicas, join_at=join_at, first=first)
+    return out
+
+
 def blocks(strong: np.ndarray, size: int) -> list[float]:
     return [float(strong[i : i + size].mean()) for i in range(0, len(strong) - size + 1, size)]
 
@@ -145,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="embedding cache dir (offline runs)")
     p.add_argument("--out", required=True)
     p.add_argument("--plot", default=None, help="also write the plot here (e.g. docs/...png)")
+    p.add_argument("--replicas", type=int, default=4,
+                   help="scale-out check: this many replicas, the last one joining at the second GSM8K run")
     args = p.parse_args(argv)
 
     from kvroute.classifier.evaluate import score_all
@@ -161,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                "config": vars(cfg), **summarise(res, args.target, args.block),
                "quality_binary_tasks": quality({"static": res["static_strong"], "online": res["online_strong"]},
                                                records, starts, scores, args.target)}
+    join_at = starts[-1][1]  # the new replica joins as the (hard) GSM8K traffic returns
+    summary["scale_out"] = scale_out(scores, float(scorer.threshold), cfg, args.replicas, join_at, args.batch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replay.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -173,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['max_block_deviation']:.3f} from target, {s['blocks_within_3_points']}/{s['blocks']} "
               "blocks within 3 points")
     print("quality (MMLU + GSM8K requests):", json.dumps(summary["quality_binary_tasks"]))
+    so = summary["scale_out"]
+    for name in ("alone", "shared"):
+        print(f"scale-out to {so['replicas']} replicas, thresholds {name}: the new replica's first {so['first']} "
+              f"requests {so[name]['new_replica_first_requests_share']:.3f} strong, the fleet's next "
+              f"{4 * so['first']} {so[name]['fleet_share_after_join']:.3f}")
     return 0
 
 

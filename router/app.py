@@ -129,7 +129,7 @@ async def _classifiers(app: web.Application) -> AsyncIterator[None]:
         await chooser.load()
     for judge in app[keys.ROUTES].judges():  # a cascade's answer scorer (router/confidence.py)
         await judge.load()
-    tasks = [asyncio.create_task(c.reload_loop()) for c in choosers]
+    tasks = [asyncio.create_task(loop) for c in choosers for loop in (c.reload_loop(), c.sync_loop())]
     yield
     for task in tasks:
         task.cancel()

@@ -13,12 +13,16 @@ replay benchmark read quantiles from it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from kvroute.router.config import OnlineCalibrationConfig
+from kvroute.router.governance.config import RedisConfig
+
+log = logging.getLogger(__name__)
 
 _BINS, _LO, _HI = 512, -12.0, 12.0
 
@@ -91,8 +95,8 @@ class OnlineThreshold:
     (threshold change in logits) / (step * n): a stream whose scores shift needs its
     threshold moved, and the move is what it costs in share, spread over the prompts. The
     threshold moves at most ``step * max(target, 1 - target)`` per prompt and stays within
-    [``floor``, ``ceiling``]. Each replica holds the share on its own traffic, so a fleet
-    holds it without sharing state.
+    [``floor``, ``ceiling``]. Each replica holds the share on its own traffic; with
+    ``online.shared`` the replicas also move one threshold together (:class:`SharedThreshold`).
     """
 
     def __init__(self, cfg: OnlineCalibrationConfig, initial: float) -> None:
@@ -101,9 +105,17 @@ class OnlineThreshold:
 
     def reset(self, initial: float) -> None:
         """Start over from ``initial`` (a new artifact: its scores are on a new scale)."""
-        self._logit = float(_logit(np.array([self._clamp(initial)]))[0])
+        self.initial_logit = float(_logit(np.array([self._clamp(initial)]))[0])
+        self._logit = self.initial_logit
+        self._pending = 0.0  # moves not yet added to the shared threshold
         self.seen = 0
         self._share = DecayedMean(self.cfg.window)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """[floor, ceiling] in logits."""
+        lo, hi = _logit(np.array([self.cfg.floor, self.cfg.ceiling]))
+        return float(lo), float(hi)
 
     @property
     def threshold(self) -> float:
@@ -121,9 +133,24 @@ class OnlineThreshold:
         strong = np.asarray(scores, dtype=float) >= self.threshold
         self._share.add(strong.tolist())
         self.seen += len(scores)
-        self._logit += self.cfg.step * float((strong - self.cfg.target_strong_share).sum())
-        lo, hi = (float(_logit(np.array([b]))[0]) for b in (self.cfg.floor, self.cfg.ceiling))
-        self._logit = min(max(self._logit, lo), hi)  # no wind-up beyond the bounds
+        move = self.cfg.step * float((strong - self.cfg.target_strong_share).sum())
+        self._pending += move
+        lo, hi = self.bounds
+        self._logit = min(max(self._logit + move, lo), hi)  # no wind-up beyond the bounds
+
+    def take_pending(self) -> float:
+        """The moves made since the last call, for the shared threshold."""
+        moves, self._pending = self._pending, 0.0
+        return moves
+
+    def give_back(self, moves: float) -> None:
+        """``take_pending``'s moves, not delivered: they go with the next sync."""
+        self._pending += moves
+
+    def adopt(self, shared_logit: float) -> None:
+        """Route at the shared threshold, plus the moves made while it was being fetched."""
+        lo, hi = self.bounds
+        self._logit = min(max(shared_logit + self._pending, lo), hi)
 
     def _clamp(self, t: float) -> float:
         return min(max(float(t), self.cfg.floor), self.cfg.ceiling)
@@ -148,3 +175,66 @@ class DecayedMean:
     @property
     def value(self) -> float:
         return self._hits / self._total if self._total > 0 else 0.0
+
+
+# The shared threshold, in logits: created at the artifact's own, moved by every replica's
+# moves, kept within [floor, ceiling], and forgotten a week after its last move.
+_SYNC = """
+local v = redis.call('GET', KEYS[1])
+v = (v and tonumber(v) or tonumber(ARGV[1])) + tonumber(ARGV[2])
+v = math.min(math.max(v, tonumber(ARGV[3])), tonumber(ARGV[4]))
+local out = string.format('%.17g', v)
+redis.call('SET', KEYS[1], out, 'EX', ARGV[5])
+return out
+"""
+
+
+class SharedThreshold:
+    """One online threshold for every replica of a model (``classifier.online.shared``).
+
+    Every ``sync_s`` a replica adds the moves its own prompts made since its last sync to
+    the threshold in Redis (one script call, atomic) and routes at the sum. The replicas
+    then run one Robbins-Monro tracker over the whole fleet's traffic: a replica that has
+    just started, or that sees little traffic, routes at the threshold the fleet has found
+    instead of the artifact's. The key holds the artifact's version, so a new artifact
+    starts its own threshold. When Redis fails, each replica goes on tracking alone and
+    delivers its moves once Redis answers again.
+    """
+
+    TTL_S = 7 * 86400
+
+    def __init__(self, redis: RedisConfig, model: str) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.client = aioredis.Redis.from_url(
+            redis.url, password=redis.password, socket_timeout=redis.timeout_s,
+            socket_connect_timeout=redis.connect_timeout_s, retry=Retry(NoBackoff(), 0))
+        self._sync = self.client.register_script(_SYNC)
+        self.prefix = f"{redis.prefix}:cal:{model}"
+        self.failing = False
+
+    async def sync(self, online: OnlineThreshold, version: str) -> bool:
+        """Deliver ``online``'s moves and adopt the shared threshold; False when Redis failed."""
+        from redis.exceptions import RedisError
+
+        moves = online.take_pending()
+        lo, hi = online.bounds
+        try:
+            shared = await self._sync(keys=[f"{self.prefix}:{version}"],
+                                      args=[repr(online.initial_logit), repr(moves), repr(lo), repr(hi), self.TTL_S])
+        except (RedisError, OSError, TimeoutError) as exc:
+            online.give_back(moves)
+            if not self.failing:
+                log.warning("shared classifier threshold: Redis failed (%s); tracking on this replica alone", exc)
+            self.failing = True
+            return False
+        if self.failing:
+            log.warning("shared classifier threshold: Redis answers again")
+        self.failing = False
+        online.adopt(float(shared))
+        return True
+
+    async def close(self) -> None:
+        await self.client.aclose()

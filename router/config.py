@@ -22,7 +22,7 @@ import yaml
 from kvroute.router import validate as v
 from kvroute.router.cache.config import CacheConfig, ModelCache, model_cache, parse_cache
 from kvroute.router.errors import ConfigError
-from kvroute.router.governance.config import GovernanceConfig, parse_governance
+from kvroute.router.governance.config import GovernanceConfig, RedisConfig, parse_governance
 from kvroute.router.routing_table import RoutingTable, parse_routes
 from kvroute.router.secrets import Local
 from kvroute.router.telemetry.config import TelemetryConfig, parse_telemetry
@@ -113,6 +113,9 @@ class OnlineCalibrationConfig:
     window: int = 1000  # memory of the live strong-share metric, in prompts
     floor: float = 0.001  # the threshold never goes below ...
     ceiling: float = 0.999  # ... or above these
+    shared: bool = False  # every replica moves one threshold in governance.redis
+    sync_s: float = 1.0  # shared: how often a replica sends its moves and takes the fleet's threshold
+    redis: RedisConfig | None = field(default=None, repr=False, compare=False)  # shared: resolved governance.redis
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,16 @@ def _parse_server(raw: Any, key: str) -> ServerConfig:
     )
 
 
+def _share_calibration(m: ModelConfig, key: str, governance: GovernanceConfig | None) -> ModelConfig:
+    """``online.shared``: the threshold lives in governance's Redis, under its prefix."""
+    if m.classifier is None or m.classifier.online is None or not m.classifier.online.shared:
+        return m
+    online = m.classifier.online
+    if governance is None or governance.redis is None:
+        raise ConfigError(key, "needs governance.redis: the replicas share the threshold there")
+    return replace(m, classifier=replace(m.classifier, online=replace(online, redis=governance.redis)))
+
+
 def check_procs(cfg: RouterConfig, key: str = "server.procs") -> None:
     """State that lives in one process cannot be shared by several (``server.procs`` > 1):
     governance needs its Redis store, and a prompt-log file would be rotated by each."""
@@ -412,7 +425,7 @@ def _parse_online(raw: Mapping[str, Any], key: str, n_tiers: int) -> OnlineCalib
     if n_tiers != 2 or raw.get("thresholds") is not None:
         raise ConfigError(v.join(key, "target_strong_share"),
                           "needs exactly two tiers and no classifier.thresholds (it sets the one threshold)")
-    o = v.section(raw.get("online"), ("step", "window", "floor", "ceiling"), okey)
+    o = v.section(raw.get("online"), ("step", "window", "floor", "ceiling", "shared", "sync_s"), okey)
     d = OnlineCalibrationConfig(share)
     cfg = OnlineCalibrationConfig(
         target_strong_share=share,
@@ -420,6 +433,8 @@ def _parse_online(raw: Mapping[str, Any], key: str, n_tiers: int) -> OnlineCalib
         window=v.get(o, "window", int, okey, d.window, positive=True),
         floor=v.get(o, "floor", float, okey, d.floor, positive=True),
         ceiling=v.get(o, "ceiling", float, okey, d.ceiling, positive=True),
+        shared=v.get(o, "shared", bool, okey, d.shared),
+        sync_s=v.get(o, "sync_s", float, okey, d.sync_s, positive=True),
     )
     if not cfg.floor < cfg.ceiling < 1.0:
         raise ConfigError(okey, f"expected 0 < floor < ceiling < 1, got floor {cfg.floor}, ceiling {cfg.ceiling}")
@@ -597,6 +612,8 @@ def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
         cache = parse_cache(raw.get("cache"), "cache", local, governance.redis if governance else None)
     models = tuple(replace(m, cache=model_cache(r.get("cache"), f"models[{i}].cache", cache))
                    for i, (r, m) in enumerate(zip(models_raw, models)))
+    models = tuple(_share_calibration(m, f"models[{i}].classifier.online.shared", governance)
+                   for i, m in enumerate(models))
     cfg = RouterConfig(models=models, cache=cache, server=server, health=health, scrape=scrape, discovery=discovery,
                        governance=governance, retries=_parse_retries(raw.get("retries"), "retries"),
                        breaker=_parse_breaker(raw.get("breaker"), "breaker"),

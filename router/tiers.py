@@ -12,8 +12,9 @@ every ``reload_s``; when ``classifier refresh`` has swapped in a new version it 
 in the background and replaces the old scorer without a restart.
 
 With ``classifier.target_strong_share`` the threshold follows live scores
-(``router/calibration.py``). With ``classifier.shadow`` a candidate artifact scores every
-batch after the callers have their tiers; its would-be tiers only feed metrics.
+(``router/calibration.py``), one threshold for every replica with ``online.shared``. With
+``classifier.shadow`` a candidate artifact scores every batch after the callers have their
+tiers; its would-be tiers only feed metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
-from kvroute.router.calibration import DecayedMean, OnlineThreshold
+from kvroute.router.calibration import DecayedMean, OnlineThreshold, SharedThreshold
 from kvroute.router.config import ClassifierConfig
 from kvroute.router.errors import ConfigError
 from kvroute.router.metrics import RouterMetrics
@@ -80,6 +81,8 @@ class TierChooser:
         self.shadow: Any = None  # classifier.shadow: a candidate scorer that never routes
         self.shadow_online: OnlineThreshold | None = None
         self.agreement = DecayedMean(cfg.online.window if cfg.online else 2000)
+        online = cfg.online
+        self.shared = SharedThreshold(online.redis, model) if online and online.redis else None
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -116,6 +119,23 @@ class TierChooser:
             log.info("model %s: shadow classifier %s loaded", self.model, self.shadow.version)
         log.info("model %s: tier classifier %s loaded (thresholds %s)", self.model, self.version,
                  self.thresholds)
+
+    async def sync_once(self) -> bool:
+        """``online.shared``: send this replica's moves, route at the fleet's threshold."""
+        if self.shared is None or self.online is None or self.version is None:
+            return False
+        ok = await self.shared.sync(self.online, self.version)
+        if ok:
+            self.metrics.classifier_threshold.labels(self.model).set(self.online.threshold)
+        return ok
+
+    async def sync_loop(self) -> None:
+        """Every ``online.sync_s``; the first at once, so a new replica starts at the fleet's."""
+        if self.shared is None or self.cfg.online is None:
+            return
+        while True:
+            await self.sync_once()
+            await asyncio.sleep(self.cfg.online.sync_s)
 
     async def reload_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -211,6 +231,8 @@ class TierChooser:
         with contextlib.suppress(Exception):
             self._flush()
         await asyncio.gather(*self._scoring, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()
 
 
 def _fail(batch: list[tuple[str, asyncio.Future]], exc: BaseException) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvroute.benchmarks.calibration_replay import main, replay, summarise
+from kvroute.benchmarks.calibration_replay import main, replay, scale_out, summarise
 from kvroute.router.config import OnlineCalibrationConfig
 
 
@@ -20,6 +20,16 @@ def test_replay_counts_decisions_at_the_threshold_in_force() -> None:
     assert summary["online"]["max_block_deviation"] == 0.0 and summary["static"]["blocks"] == 4
 
 
+def test_a_replica_that_joins_starts_at_the_fleets_threshold_only_when_shared() -> None:
+    # harder traffic than the artifact was calibrated on: its threshold (0.5) sends 71% strong
+    scores = np.random.default_rng(0).uniform(0.3, 1.0, 6000)
+    res = scale_out(scores, 0.5, OnlineCalibrationConfig(0.3), replicas=4, join_at=3000, batch=8)
+    alone, shared = res["alone"], res["shared"]
+    assert alone["new_replica_first_requests_share"] > 0.38  # starts at 0.5 and catches up alone
+    assert abs(shared["new_replica_first_requests_share"] - 0.3) <= 0.05  # starts where the fleet is
+    assert abs(shared["fleet_share_after_join"] - 0.3) < abs(alone["fleet_share_after_join"] - 0.3)
+
+
 def test_replay_of_the_shipped_classifier_writes_the_report_and_plot(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path), "--plot", str(tmp_path / "copy.png")]) == 0
     res = json.loads((tmp_path / "replay.json").read_text())
@@ -27,4 +37,6 @@ def test_replay_of_the_shipped_classifier_writes_the_report_and_plot(tmp_path: P
     assert res["online"]["max_block_deviation"] <= 0.03 < res["static"]["max_block_deviation"]
     q = res["quality_binary_tasks"]
     assert q["random"] < q["static"] <= q["online"] <= q["per_family_quantile"] + 0.005
+    so = res["scale_out"]
+    assert so["replicas"] == 4 and set(so) >= {"alone", "shared"}
     assert (tmp_path / "replay.png").stat().st_size > 10_000 and (tmp_path / "copy.png").is_file()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from kvroute.router.calibration import DecayedMean, OnlineThreshold, ScoreSketch
+from kvroute.router.calibration import DecayedMean, OnlineThreshold, ScoreSketch, SharedThreshold, _logit
 from kvroute.router.config import ClassifierConfig, OnlineCalibrationConfig, config_from_dict
 from kvroute.router.errors import ConfigError
 from kvroute.router.metrics import RouterMetrics
@@ -182,3 +184,97 @@ async def test_a_missing_shadow_is_a_config_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         await c.load()
     assert err.value.key == "models[auto].classifier.shadow"
+
+
+def shared_config(redis_url: str, **online) -> dict:
+    return {"models": [{"name": "auto", "tiers": TWO_TIERS, "classifier": {
+        "target_strong_share": 0.3, "online": {"shared": True, **online}}}],
+        "governance": {"redis": {"url": redis_url, "prefix": f"test-{uuid.uuid4().hex[:8]}"}}}
+
+
+def test_a_shared_threshold_needs_governance_redis_and_uses_it(redis_url):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"models": [{"name": "auto", "tiers": TWO_TIERS, "classifier": {
+            "target_strong_share": 0.3, "online": {"shared": True}}}]})
+    assert err.value.key == "models[0].classifier.online.shared"
+    online = config_from_dict(shared_config(redis_url, sync_s=0.5)).models[0].classifier.online
+    assert online.shared and online.sync_s == 0.5 and online.redis.url == redis_url
+
+
+def replica(redis_url_or_cfg, threshold: float = 0.5) -> tuple[OnlineThreshold, SharedThreshold]:
+    online = config_from_dict(redis_url_or_cfg).models[0].classifier.online
+    return OnlineThreshold(online, threshold), SharedThreshold(online.redis, "auto")
+
+
+async def test_replicas_move_one_shared_threshold(redis_url):
+    cfg = shared_config(redis_url)
+    (a, sa), (b, sb) = replica(cfg), replica(cfg)
+    try:
+        assert await sa.sync(a, "v1") and await sb.sync(b, "v1")
+        assert a.threshold == b.threshold == 0.5  # created at the artifact's own
+        rng = np.random.default_rng(3)
+        _replay(a, rng.beta(2, 8, 400))  # only replica a sees traffic; mostly below 0.5
+        moved = a.threshold
+        assert moved < 0.5
+        assert await sa.sync(a, "v1") and await sb.sync(b, "v1")
+        assert b.threshold == pytest.approx(moved)  # b routes where the fleet's traffic put it
+        # both move it: the shared logit is the sum of both replicas' moves
+        before = float(_logit(np.array([b.threshold]))[0])
+        _replay(a, np.full(10, 0.99))
+        _replay(b, np.full(10, 0.99))
+        await sa.sync(a, "v1")
+        await sb.sync(b, "v1")
+        expected = before + 2 * 10 * a.cfg.step * (1 - a.cfg.target_strong_share)
+        assert float(_logit(np.array([b.threshold]))[0]) == pytest.approx(expected)
+        assert a.threshold < b.threshold  # a has not yet seen b's moves ...
+        await sa.sync(a, "v1")
+        assert a.threshold == pytest.approx(b.threshold)  # ... until its next sync
+        late, sl = replica(cfg, threshold=0.9)  # a replica started later starts at the fleet's
+        assert await sl.sync(late, "v1") and late.threshold == pytest.approx(b.threshold)
+        other, so = replica(cfg)  # a new artifact version starts its own threshold
+        assert await so.sync(other, "v2") and other.threshold == 0.5
+        await sl.close()
+        await so.close()
+    finally:
+        await sa.close()
+        await sb.close()
+
+
+async def test_without_redis_a_replica_tracks_alone_and_delivers_its_moves_later(redis_url):
+    cfg = shared_config(redis_url)
+    down = {**cfg, "governance": {"redis": {"url": "redis://127.0.0.1:1", "connect_timeout_s": 0.2}}}
+    online, broken = replica(down)
+    _replay(online, np.full(20, 0.99))
+    alone = online.threshold
+    assert alone > 0.5 and not await broken.sync(online, "v1") and broken.failing
+    assert online.threshold == alone  # still routing at its own
+    _, working = replica(cfg)
+    assert await working.sync(online, "v1")  # Redis back: the moves made meanwhile arrive
+    assert online.threshold == pytest.approx(alone)
+    await broken.close()
+    await working.close()
+
+
+async def test_a_chooser_syncs_the_shared_threshold_and_exports_it(redis_url):
+    cfg = config_from_dict(shared_config(redis_url, sync_s=0.05)).models[0].classifier
+    metrics = [RouterMetrics(), RouterMetrics()]
+    busy, quiet = (TierChooser("auto", replace(cfg, batch_window_ms=0), 2, ThreadPoolExecutor(1), m)
+                   for m in metrics)
+    for c in (busy, quiet):
+        c.scorer = ScoreOf(0.5)
+        c.version = "score-of"
+        c._calibrate_from(c.scorer)
+    loops = [asyncio.create_task(c.sync_loop()) for c in (busy, quiet)]
+    try:
+        for s in np.random.default_rng(4).beta(2, 8, 300):
+            await busy.choose(f"{s:.4f}")
+        await asyncio.sleep(0.3)  # a few syncs
+        assert busy.thresholds[0] < 0.5
+        assert quiet.thresholds[0] == pytest.approx(busy.thresholds[0], abs=1e-9)
+        assert metrics[1].classifier_threshold.labels("auto")._value.get() == pytest.approx(quiet.thresholds[0])
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        for c in (busy, quiet):
+            await c.close()
