@@ -96,13 +96,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--worker-port", type=int, default=8201, help="first worker port (local)")
     g.add_argument(
-        "--worker-nice",
-        type=int,
-        default=0,
-        help="local: run the workers at this nice value, below the routers and the client "
-        "(they share the machine's cores)",
-    )
-    g.add_argument(
         "--events-port",
         type=int,
         default=5701,
@@ -268,7 +261,6 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
             base_port=args.worker_port,
             events_port=args.events_port,
             model=args.model,
-            nice=args.worker_nice,
         ) as fleet:
             runs = compare_routers(
                 fleet, routers, spec, args.concurrency, log_dir, args.router_port, bar.update

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 420.0
 
 
-def _start_worker(cmd: list[str], index: int, log_path: Path, ncpu: int, nice: int = 0) -> subprocess.Popen:
+def _start_worker(cmd: list[str], index: int, log_path: Path, ncpu: int) -> subprocess.Popen:
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -37,8 +37,6 @@ def _start_worker(cmd: list[str], index: int, log_path: Path, ncpu: int, nice: i
         # one core per worker in turn; vLLM's "auto" binding would stack them all on one
         "VLLM_CPU_OMP_THREADS_BIND": str(index % ncpu),
     }
-    if nice:  # below the router's CPU priority, as on a node where the router has its own cores
-        cmd = ["nice", "-n", str(nice), *cmd]
     with open(log_path, "wb") as out:
         return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -70,7 +68,6 @@ def local_fleet(
     events_port: int = 5701,
     model: str = "tiny",
     max_model_len: int = 2048,
-    nice: int = 0,
 ) -> Iterator[RealFleet]:
     from kvroute.router.local.fleet import REPLAY_PORT_OFFSET, worker_command
     from kvroute.router.local.tinymodel import build_tiny_model
@@ -91,7 +88,7 @@ def local_fleet(
                 kv_blocks,
                 max_model_len,
             )
-            procs.append(_start_worker(cmd, i, log_dir / f"worker-{base_port + i}.log", ncpu, nice))
+            procs.append(_start_worker(cmd, i, log_dir / f"worker-{base_port + i}.log", ncpu))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         pending = set(range(workers))
         while pending:
