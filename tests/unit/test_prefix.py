@@ -225,3 +225,54 @@ def test_chain_keys_match_a_block_by_block_reference():
         for block_size in (16, 32, 128):
             ids = [rng.randrange(2**31) for _ in range(n)]
             assert chain_keys(ids, block_size, 7) == reference(ids, block_size, 7)
+
+
+# A template that reads what transformers passes it: special tokens, tools, and
+# raise_exception; plus a tool_use template, which transformers picks when tools are given.
+RICH_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}TOOLS{{ tools | tojson }}{% endif %}"
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def rich_tok(tiny_model_dir, tmp_path_factory):
+    import shutil
+
+    folder = tmp_path_factory.mktemp("rich-template")
+    for f in tiny_model_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    tok = PromptTokenizer(str(folder))
+    tok.tok.chat_template = {"default": RICH_TEMPLATE, "tool_use": "TOOL-USE " + RICH_TEMPLATE}
+    return tok
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "a"}]},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "call it"}, {"role": "tool", "content": "{\"x\": 1}", "tool_call_id": "t1"}],
+]
+TOOLS = [None, [], [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("tools", TOOLS)
+def test_the_chat_template_renders_as_transformers_renders_it(tok, rich_tok, messages, tools):
+    for t in (tok, rich_tok):
+        expected = t.tok.apply_chat_template(
+            [{**m, "content": m["content"] if isinstance(m["content"], str) else "a"} for m in messages],
+            tokenize=False, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+        assert t.render_chat(messages, tools) == expected
+        assert t._templates[bool(tools)] is not None  # rendered by the compiled template, not the fallback
+    assert ("TOOL-USE" in rich_tok.render_chat(messages, tools)) == bool(tools)
+
+
+def test_a_template_error_is_the_one_transformers_raises(rich_tok):
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match="unknown role"):
+        rich_tok.render_chat([{"role": "wizard", "content": "x"}], None)
