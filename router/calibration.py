@@ -204,13 +204,9 @@ class SharedThreshold:
     TTL_S = 7 * 86400
 
     def __init__(self, redis: RedisConfig, model: str) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from kvroute.router.governance.redis_store import redis_client
 
-        self.client = aioredis.Redis.from_url(
-            redis.url, password=redis.password, socket_timeout=redis.timeout_s,
-            socket_connect_timeout=redis.connect_timeout_s, retry=Retry(NoBackoff(), 0))
+        self.client = redis_client(redis)
         self._sync = self.client.register_script(_SYNC)
         self.prefix = f"{redis.prefix}:cal:{model}"
         self.failing = False

@@ -134,7 +134,10 @@ class TierChooser:
         if self.shared is None or self.cfg.online is None:
             return
         while True:
-            await self.sync_once()
+            try:
+                await self.sync_once()
+            except Exception:  # never let the loop die; Redis failures are handled inside
+                log.exception("model %s: syncing the shared classifier threshold failed", self.model)
             await asyncio.sleep(self.cfg.online.sync_s)
 
     async def reload_loop(self) -> None:

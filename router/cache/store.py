@@ -13,13 +13,11 @@ import collections
 import logging
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.config import RedisConfig
+from kvroute.router.governance.redis_store import redis_client
 
 DOWN_FOR_S = 5.0
 _OVERHEAD = 64  # bytes an in-process entry costs beyond its key and value (a rough bound)
@@ -94,8 +92,7 @@ class RedisStore:
     def __init__(self, cfg: RedisConfig, clock: Clock | None = None):
         self.prefix = cfg.prefix
         self.clock = clock or Clock()
-        self.client = aioredis.from_url(cfg.url, password=cfg.password, socket_timeout=cfg.timeout_s,
-                                        socket_connect_timeout=cfg.connect_timeout_s, retry=Retry(NoBackoff(), 0))
+        self.client = redis_client(cfg)
         self._down_until = 0.0
 
     def _key(self, key: str) -> str:

@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from kvroute.router.governance import ratelimit
+from kvroute.router.governance.config import RedisConfig
 from kvroute.router.governance.ratelimit import RateResult, RateSlot
 from kvroute.router.governance.store import NONE, Ask, Granted, Slot, Used
 
@@ -209,6 +210,13 @@ return n
 def _n(value: float | None) -> str:
     return repr(NONE if value is None else value)
 
+
+
+def redis_client(cfg: RedisConfig) -> aioredis.Redis:
+    """A client that fails fast: ``cfg``'s short timeouts and no retries of its own (the
+    callers decide what a failure means: refuse, skip, or carry on alone)."""
+    return aioredis.Redis.from_url(cfg.url, password=cfg.password, socket_timeout=cfg.timeout_s,
+                                   socket_connect_timeout=cfg.connect_timeout_s, retry=Retry(NoBackoff(), 0))
 
 class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "kvroute:gov", settle_ttl_s: float = 86400.0):

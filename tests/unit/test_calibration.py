@@ -268,8 +268,11 @@ async def test_a_chooser_syncs_the_shared_threshold_and_exports_it(redis_url):
     try:
         for s in np.random.default_rng(4).beta(2, 8, 300):
             await busy.choose(f"{s:.4f}")
-        await asyncio.sleep(0.3)  # a few syncs
         assert busy.thresholds[0] < 0.5
+        for _ in range(200):  # the loops sync every 0.05 s: busy sends its moves, quiet takes them
+            if quiet.thresholds[0] == pytest.approx(busy.thresholds[0], abs=1e-9):
+                break
+            await asyncio.sleep(0.05)
         assert quiet.thresholds[0] == pytest.approx(busy.thresholds[0], abs=1e-9)
         assert metrics[1].classifier_threshold.labels("auto")._value.get() == pytest.approx(quiet.thresholds[0])
     finally:
