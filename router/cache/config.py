@@ -85,12 +85,8 @@ def parse_cache(raw: Any, key: str, local: Local, governance_redis: RedisConfig 
         redis = replace(governance_redis, prefix=DEFAULT_PREFIX)
     if store == "redis" and redis is None:
         raise ConfigError(f"{key}.store", "redis needs cache.redis (or governance.redis)")
-    exact = None
-    if "exact" in raw and raw["exact"] is not False:
-        exact = _parse_exact(raw["exact"], v.join(key, "exact"), ExactCacheConfig())
-    semantic = None
-    if "semantic" in raw and raw["semantic"] is not False:
-        semantic = _parse_semantic(raw["semantic"], v.join(key, "semantic"), SemanticCacheConfig())
+    exact = _over(raw, "exact", key, None, _parse_exact, ExactCacheConfig())
+    semantic = _over(raw, "semantic", key, None, _parse_semantic, SemanticCacheConfig())
     return CacheConfig(store=store, max_bytes=v.get(raw, "max_bytes", int, key, d.max_bytes, positive=True),
                        redis=None if store == "memory" else redis, exact=exact, semantic=semantic)
 
@@ -98,19 +94,19 @@ def parse_cache(raw: Any, key: str, local: Local, governance_redis: RedisConfig 
 def model_cache(raw: Any, key: str, top: CacheConfig | None) -> ModelCache:
     """A model's cache: the top-level ``cache`` with the model's ``cache`` over it."""
     raw = v.section(raw, ("exact", "semantic"), key)
-    exact = top.exact if top is not None else None
-    if "exact" in raw:
-        if raw["exact"] is False:
-            exact = None
-        else:
-            exact = _parse_exact(raw["exact"], v.join(key, "exact"), exact or ExactCacheConfig())
-    semantic = top.semantic if top is not None else None
-    if "semantic" in raw:
-        if raw["semantic"] is False:
-            semantic = None
-        else:
-            semantic = _parse_semantic(raw["semantic"], v.join(key, "semantic"), semantic or SemanticCacheConfig())
-    return ModelCache(exact=exact, semantic=semantic)
+    return ModelCache(
+        exact=_over(raw, "exact", key, top.exact if top else None, _parse_exact, ExactCacheConfig()),
+        semantic=_over(raw, "semantic", key, top.semantic if top else None, _parse_semantic, SemanticCacheConfig()))
+
+
+def _over(raw: dict, name: str, key: str, inherited: Any, parse: Any, default: Any) -> Any:
+    """A model's ``exact`` or ``semantic``: absent inherits, ``false`` turns it off, a
+    mapping (or ``true``) is parsed over what it inherits."""
+    if name not in raw:
+        return inherited
+    if raw[name] is False:
+        return None
+    return parse(raw[name], v.join(key, name), inherited or default)
 
 
 def _parse_exact(raw: Any, key: str, base: ExactCacheConfig) -> ExactCacheConfig:
