@@ -115,10 +115,16 @@ def test_router_prompt_tokens_equal_each_workers_own_counter(router_for, fleet):
     assert sum(cached.values()) > 0 and sum(predicted.values()) > 0
 
 
+def _in_flight(router, worker_url: str) -> int:
+    pattern = rf'^kvroute_worker_in_flight_requests\{{[^}}]*worker="{re.escape(worker_url)}"[^}}]*\}} ([0-9.]+)$'
+    found = re.search(pattern, router.metrics_text(), re.M)
+    return int(float(found.group(1))) if found else 0
+
+
 def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streaming(router_for, fleet):
     router = router_for("round_robin")
     c = client(router)
-    outcomes: list[tuple[bool, bool, str]] = []  # (stream, ok, detail)
+    outcomes: list[tuple[int, bool, bool, str]] = []  # (n, stream, ok, detail)
     lock = threading.Lock()
     started_streams: set[int] = set()
 
@@ -131,7 +137,7 @@ def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streamin
         try:
             if stream:
                 parts = []
-                chunks = c.chat.completions.create(model="tiny", messages=messages, max_tokens=48,
+                chunks = c.chat.completions.create(model="tiny", messages=messages, max_tokens=160,
                                                    stream=True, extra_body=extra)
                 with lock:  # the router answered 200: its response began, so no retry from here on
                     started_streams.add(n)
@@ -140,8 +146,8 @@ def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streamin
                         parts.append(ch.choices[0].delta.content or "")
                 ok = bool(parts)
             else:
-                r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=48, extra_body=extra)
-                ok = r.usage.completion_tokens == 48
+                r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=160, extra_body=extra)
+                ok = r.usage.completion_tokens == 160
             detail = ""
         except Exception as exc:  # recorded and judged below
             ok, detail = False, f"{type(exc).__name__}: {exc}"
@@ -149,18 +155,33 @@ def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streamin
             outcomes.append((n, stream, ok, detail))
 
     victim = fleet.workers[1]
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(40)]
+    threads: list[threading.Thread] = []
+
+    def launch() -> None:
+        threads.append(threading.Thread(target=one, args=(len(threads),)))
+        threads[-1].start()
+        time.sleep(0.03)
+
+    # Kill once the router has consecutive requests (so both kinds) in flight on the victim;
+    # a fixed moment can find every request there finished, or not yet sent, and prove nothing.
+    killed_with, seen = None, []
     try:
-        for i, t in enumerate(threads):
-            t.start()
-            if i == 12:
-                kill_worker(victim)
-            time.sleep(0.03)
+        deadline = time.monotonic() + 60
+        while killed_with is None and time.monotonic() < deadline and len(threads) < 300:
+            launch()
+            if len(threads) >= 8:
+                seen.append(_in_flight(router, victim.url))
+                if seen[-1] >= 3:
+                    kill_worker(victim)
+                    killed_with = seen[-1]
+        for _ in range(12):  # sent while the router may not yet know the victim is gone
+            launch()
         for t in threads:
             t.join(120)
     finally:
         restart_worker(fleet, 1)
-    assert len(outcomes) == 40
+    assert killed_with is not None, f"the victim never had 3 requests in flight: {seen}"
+    assert len(outcomes) == len(threads)
     failed = [(n, s, d) for n, s, ok, d in outcomes if not ok]
     warnings = [line for line in router.log_path.read_text().splitlines() if "WARNING" in line]
     # Only streams that had already sent bytes to the client may fail.
