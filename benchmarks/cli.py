@@ -248,7 +248,8 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
         runs = compare_routers(
             fleet, routers, spec, args.concurrency, log_dir, args.router_port, bar.update
         )
-        header["fleet"] = {"kind": "urls", "workers": len(fleet.urls), "urls": list(fleet.urls)}
+        header["fleet"] = {"kind": "urls", "workers": len(fleet.urls), "urls": list(fleet.urls),
+                           "loop": _loop(args.concurrency, spec.rate)}
     else:
         from kvroute.benchmarks.backends.local import local_fleet
 
@@ -271,9 +272,17 @@ def run_real(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
             "kv_blocks": args.kv_blocks,
             "block_size": args.block_size,
             "concurrency": args.concurrency,
+            "loop": _loop(args.concurrency, spec.rate),
         }
     bar.close()
     return write_report(args.out, header, runs)
+
+
+def _loop(concurrency: int, rate: float) -> str:
+    """How a real-fleet run sent its requests (``drive``: concurrency 0 sends each at its time)."""
+    if concurrency > 0:
+        return f"closed, concurrency {concurrency}"
+    return f"open, {rate:g} req/s" if rate > 0 else "open, all at once"
 
 
 def router_code_digest() -> dict[str, str]:

@@ -77,6 +77,9 @@ DOCUMENTED = [
      "--requests 288 --groups 24", cli.run_routing,
      {"fleet": "local", "policies": "prefix,prefix?kv_events=1,smg:cache_aware,vllm-router:cache_aware",
       "workload": "agent", "requests": 288, "groups": 24}),
+    ("--fleet local --workers 3 --kv-blocks 240 --workload shared-prefix --requests 108 --groups 9 "
+     "--prefix-tokens 1800 --concurrency 0 --rate 2 --policies prefix,round_robin --out DIR", cli.run_routing,
+     {"workers": "3", "kv_blocks": 240, "concurrency": 0, "rate": 2.0, "groups": 9}),
     ("--fleet sim --workers 8,64,512 --per-worker --requests 100 --groups 4 --concurrency 2 "
      "--policies round_robin,prefix --out SWEEP", cli.run_routing,
      {"fleet": "sim", "workers": "8,64,512", "per_worker": True, "requests": 100, "concurrency": 2}),
@@ -127,8 +130,22 @@ def test_demo_runs_the_routing_benchmark_on_a_local_fleet(monkeypatch) -> None:
     assert demo.main(["--workers", "2", "--out", "D"]) == 0
     args = seen["args"]
     assert (args.fleet, args.workers, args.kv_blocks, args.requests, args.groups) == ("local", "2", 240, 108, 9)
-    assert (args.concurrency, args.policies, args.out, args.no_oracle) == (6, "prefix,round_robin", "D", False)
+    # Open loop: the same arrival times for every router, so their latencies compare.
+    assert (args.concurrency, args.rate, args.policies, args.out, args.no_oracle) == (
+        0, 2.0, "prefix,round_robin", "D", False)
     assert seen["argv"][:2] == ["--fleet", "local"]  # recorded as "kvroute bench --fleet local ..."
+
+    assert demo.main(["--rate", "0", "--concurrency", "4"]) == 0
+    assert (seen["args"].concurrency, seen["args"].rate) == (4, 0.0)
+    for bad in (["--rate", "-1"], ["--rate", "0", "--concurrency", "0"]):
+        with pytest.raises(SystemExit):
+            demo.main(bad)
+
+
+def test_a_real_fleet_run_records_how_it_sent_requests() -> None:
+    assert cli._loop(6, 0.0) == "closed, concurrency 6"
+    assert cli._loop(0, 3.0) == "open, 3 req/s"
+    assert cli._loop(0, 0.0) == "open, all at once"
 
 
 @pytest.mark.parametrize("command", ["run", "trace", "agreement", "ceiling"])
