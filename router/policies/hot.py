@@ -18,9 +18,11 @@ rules decide how many workers serve it:
   agents behind a shared prompt carry histories that a move would recompute. A prefix
   copied for load keeps being spread over its holders while it stays in the window.
 
-A prefix being spread goes to its holder that served the fewest recent requests, or to
-the eligible worker that served the fewest when a copy is due (for the load rule, only
-if it served fewer than the holder: a copy must relieve, not move the load about).
+A prefix being spread goes to its holder that served the fewest recent requests (for a
+prefix copied for load, the fewest in the load window, so that a holder that also carries
+other prefixes takes fewer of this one), or to the eligible worker that served the fewest
+when a copy is due (for the load rule, only if it served fewer than the holder: a copy
+must relieve, not move the load about).
 
 Cost: O(1) per dispatch plus an O(log blocks) comparison of block keys; O(holders +
 sample) per decision. Memory: the two windows, and per prefix in the long window the
@@ -162,9 +164,15 @@ class HotPrefixes:
             if load[target.url] < min(load[w.url] for w in holders):  # relieve, not move load about
                 self._spread.add(key)
                 return target
-        if shares >= HOT_FAIR_SHARES or key in self._spread:
-            return pick_random_min(holders, [used[w.url] for w in holders], rng)
-        return None
+        if key in self._spread:
+            # copied for load: even out the holders' load in the window that measured it, so
+            # a holder that also carries other prefixes takes fewer of this one
+            counts = self.long.workers
+        elif shares >= HOT_FAIR_SHARES:
+            counts = used
+        else:
+            return None
+        return pick_random_min(holders, [counts[w.url] for w in holders], rng)
 
     def _overloads(self, key: int, holders: Sequence[Worker], n: int) -> bool:
         """Whether even the least-loaded holder is over the load bound, and because of this

@@ -22,7 +22,8 @@ Algorithm, per request:
    that part (a system prompt and a question, not chats' or agents' histories). For a
    hot prefix, while no holder has more of the prompt than the others (as a holder of a
    chat's or an agent's history behind a shared system prompt would), the request goes
-   to the holder that served the fewest recent requests, or, when a copy is due, to the
+   to the holder that served the fewest recent requests (of the last
+   ``occupancy_window`` for a prefix copied for load), or, when a copy is due, to the
    eligible worker that served the fewest (which makes a new copy). One hot system
    prompt thus spreads evenly over a few workers instead of piling onto one or being
    copied everywhere, whatever its share.

@@ -93,6 +93,29 @@ def test_load_copy_goes_only_to_a_less_used_worker_and_spreads_over_the_holders(
     assert busy.choose(7, 2, [ws[0]], [ws[1]], 4, rng) is ws[1]
 
 
+def test_a_prefix_copied_for_load_goes_to_the_holder_with_the_least_load_overall():
+    # two holders of a prefix spread for load; ws[1] also serves other prefixes, so it takes
+    # fewer of this one, though it served more of the last few requests
+    hot, ws = HotPrefixes(window=16, replicas=1.5, load_bound=1.2, load_window=64), workers(4)
+    for _ in range(20):
+        hot.record(7, ws[0].url, FOUR)
+    for g in range(12):  # the prefix's share of the last 16 is under the share rule's mark
+        hot.record(200 + g, ws[2 + g % 2].url, FOUR)
+    assert hot.fair_shares(7, 4) < 1.5
+    assert hot.choose(7, 4, [ws[0]], [ws[1], ws[2]], 4, random.Random(0)) is ws[1]  # copied for load
+    for _ in range(5):
+        hot.record(7, ws[0].url, FOUR)
+    for g in range(14):  # ws[1]: other prefixes, the last few requests
+        hot.record(300 + g, ws[1].url, FOUR)
+    assert hot.short.workers[ws[1].url] > hot.short.workers[ws[0].url]
+    assert hot.long.workers[ws[1].url] < hot.long.workers[ws[0].url]
+    assert hot.choose(7, 4, [ws[0], ws[1]], [ws[2], ws[3]], 4, random.Random(0)) is ws[1]
+    for g in range(12):
+        hot.record(400 + g, ws[1].url, FOUR)  # now ws[1] carries more overall
+    assert hot.long.workers[ws[1].url] > hot.long.workers[ws[0].url]
+    assert hot.choose(7, 4, [ws[0], ws[1]], [], 4, random.Random(0)) is ws[0]
+
+
 def test_a_request_with_a_history_on_its_holder_is_not_moved_for_load():
     # an agent's later step: its holder has more of the prompt than the prefix's shortest
     # request (the shared schema alone), so it stays with its history however busy
