@@ -287,7 +287,9 @@ class PrefixPolicy(Policy):
 
         matched = {u: n for u, n in self.deps.index.holders(ctx.block_keys, by_url).items()
                    if eligible(by_url[u], n)}
-        holders = [by_url[u] for u in matched]
+        # in URL order: the index's sets iterate in an order that changes with Python's
+        # string hashing, and ties would break differently in every run of the simulator
+        holders = [by_url[u] for u in sorted(matched)]
         others = [w for w in sample if w.url not in matched and eligible(w)]
         # only while no holder has more of this prompt than the others (a chat history)
         depths = set(matched.values())
