@@ -20,8 +20,9 @@ Algorithm, per request:
    them were this prefix's (it is the cause, not one of many), and the request carries
    no more than the part the prefix's requests share while those requests are mostly
    that part (a system prompt and a question, not chats' or agents' histories). For a
-   hot prefix, while no holder has more of the prompt than the others (as a holder of a
-   chat's or an agent's history behind a shared system prompt would), the request goes
+   hot prefix, while no holder has more than one block more of the prompt than the others
+   (as a holder of a chat's or an agent's history behind a shared system prompt would),
+   the request goes
    to the holder that served the fewest recent requests (of the last
    ``occupancy_window`` for a prefix copied for load), or, when a copy is due, to the
    eligible worker that served the fewest (which makes a new copy). One hot system
@@ -291,10 +292,11 @@ class PrefixPolicy(Policy):
         # string hashing, and ties would break differently in every run of the simulator
         holders = [by_url[u] for u in sorted(matched)]
         others = [w for w in sample if w.url not in matched and eligible(w)]
-        # only while no holder has more of this prompt than the others (a chat history)
-        depths = set(matched.values())
-        spreadable = len(depths) == 1
-        hot = self.hot.choose(key, len(workers), holders, others, depths.pop(), rng) if spreadable else None
+        # only while no holder has more of this prompt than the others (a chat history); one
+        # block more is two questions that begin alike, not a history worth pinning to
+        depths = matched.values()
+        spreadable = bool(depths) and max(depths) - min(depths) <= 1
+        hot = self.hot.choose(key, len(workers), holders, others, min(depths), rng) if spreadable else None
         if hot is not None:
             return hot
         if not matched and key is not None:

@@ -215,6 +215,22 @@ def test_prefix_keeps_an_agent_on_its_history_when_its_shared_schema_is_hot():
         assert p.select(ws, ctx(schema + [5000 + a] * 64 + [7] * 32)) is homes[a]
 
 
+def test_prefix_spreads_a_hot_prompt_whose_holders_differ_by_one_block():
+    # the same question again behind a hot system prompt: its last holder has one block
+    # more of it than the other holders, which is not a history worth pinning it to
+    p, ws = make("prefix", {"hot_window": 20}), workers(4)
+    schema = list(range(1024))
+    again = ctx(schema + [6000] * 16)
+    served: Counter[str] = Counter()
+    for n in range(40):
+        c = again if n % 2 else ctx(schema + [7000 + n] * 16)
+        w = p.select(ws, c)
+        p.on_dispatch(w, c)
+        if n % 2:
+            served[w.url] += 1
+    assert len(served) > 1 and max(served.values()) < 20
+
+
 def test_prefix_keeps_a_chat_session_on_its_holder_while_others_are_idle():
     p, ws = make("prefix"), workers(4)
     session = ctx(list(range(1024)))
