@@ -212,11 +212,12 @@ def _n(value: float | None) -> str:
 
 
 
-def redis_client(cfg: RedisConfig) -> aioredis.Redis:
+def redis_client(cfg: RedisConfig, *, decode_responses: bool = False) -> aioredis.Redis:
     """A client that fails fast: ``cfg``'s short timeouts and no retries of its own (the
     callers decide what a failure means: refuse, skip, or carry on alone)."""
     return aioredis.Redis.from_url(cfg.url, password=cfg.password, socket_timeout=cfg.timeout_s,
-                                   socket_connect_timeout=cfg.connect_timeout_s, retry=Retry(NoBackoff(), 0))
+                                   socket_connect_timeout=cfg.connect_timeout_s, retry=Retry(NoBackoff(), 0),
+                                   decode_responses=decode_responses)
 
 class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "kvroute:gov", settle_ttl_s: float = 86400.0):
@@ -232,11 +233,8 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, prefix: str = "kvroute:gov", password: str | None = None, *,
                  connect_timeout_s: float = 0.5, timeout_s: float = 0.5) -> RedisStore:
-        kw: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": connect_timeout_s,
-                              "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
-        if password:  # given apart from the URL (a mounted Secret), it wins over one inside it
-            kw["password"] = password
-        return cls(aioredis.Redis.from_url(url, **kw), prefix)
+        cfg = RedisConfig(url, prefix, password, connect_timeout_s, timeout_s)
+        return cls(redis_client(cfg, decode_responses=True), prefix)
 
     def _keys(self, keys) -> list[str]:
         out = []
