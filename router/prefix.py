@@ -7,11 +7,13 @@ Only full blocks get a key, because vLLM only caches full blocks.
 
 Rendered text is split at special tokens (which tokenizers never merge across) and each
 piece's ids are cached, so a growing conversation tokenizes only its new messages and a
-long shared system prompt is tokenized once. A prompt with much new text (over
-``EXECUTOR_THRESHOLD_CHARS`` of uncached pieces) is tokenized in an executor; the rest
-inline, since encoding holds the GIL and the hop costs more than a short piece. So one
-tokenizer serves the event loop and the executor's threads at once: its piece cache takes
-a lock, and the tokenizer itself is shared (see ``PromptTokenizer``).
+long shared system prompt is tokenized once. Ids are kept as ``array("I")``, the bytes
+the block hashes read, so a cached piece is copied, not converted. A prompt with much new
+text (over ``EXECUTOR_THRESHOLD_CHARS`` of uncached pieces) is tokenized in an executor,
+where the Rust tokenizer runs beside the loop without the GIL; the rest inline, since the
+hop costs more than a short piece. So one tokenizer serves the event loop and the
+executor's threads at once: its piece cache takes a lock, and the tokenizer itself is
+shared (see ``PromptTokenizer``).
 
 A request that cannot be templated or tokenized (a chat template that rejects its
 messages) is routed approximately, counted in ``kvroute_prefix_fallbacks_total`` and logged.
@@ -48,13 +50,14 @@ PIECE_CACHE_SIZE = 8192
 FALLBACK_LOG_INTERVAL_S = 60.0  # a client that keeps sending what the template rejects logs once a minute
 
 
-def chain_keys(token_ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:
+def chain_keys(token_ids: Sequence[int] | array, block_size: int, parent: int = 0) -> list[int]:
     """Chained xxh3-64 keys of each full ``block_size`` block of ``token_ids``."""
     keys: list[int] = []
-    full = len(token_ids) - len(token_ids) % block_size
-    data = array("I", token_ids[:full]).tobytes()  # one conversion; each block is a slice of it
+    if not (isinstance(token_ids, array) and token_ids.typecode == "I"):
+        token_ids = array("I", token_ids)  # one conversion; each block is a slice of its bytes
+    data = token_ids.tobytes()
     step = 4 * block_size
-    for start in range(0, len(data), step):
+    for start in range(0, len(data) - len(data) % step, step):
         parent = xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + data[start : start + step])
         keys.append(parent)
     return keys
@@ -113,7 +116,7 @@ class PromptTokenizer:
         # The Rust tokenizer behind the HF wrapper: the same ids for a piece without special
         # tokens, without the wrapper's per-call Python (a third of a short piece's cost).
         self._rust = getattr(self.tok, "backend_tokenizer", None)
-        self._pieces: OrderedDict[str, list[int]] = OrderedDict()
+        self._pieces: OrderedDict[str, array] = OrderedDict()
         self._pieces_lock = threading.Lock()  # held for the cache's bookkeeping, never while tokenizing
 
     def render_chat(self, messages: list[dict], tools: list | None) -> str:
@@ -130,20 +133,24 @@ class PromptTokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of rendered text, as vLLM gets them (no extra special tokens)."""
-        if self._split is None:
-            return self._encode_piece(text)
-        ids: list[int] = []
-        for piece in self._split.split(text):
-            if not piece:
-                continue
+        return self.encode_pieces(self.pieces(text)).tolist()
+
+    def pieces(self, text: str) -> list[str]:
+        """Rendered text cut at special tokens: what the piece cache holds."""
+        return self._split.split(text) if self._split is not None else [text]
+
+    def encode_pieces(self, pieces: list[str]) -> array:
+        """Token ids of ``pieces`` (from ``pieces``), as ``array("I")``."""
+        ids = array("I")
+        for piece in pieces:
             special = self._special_ids.get(piece)
             if special is not None:
                 ids.append(special)
-            else:
+            elif piece:
                 ids.extend(self._encode_piece(piece))
         return ids
 
-    def _encode_piece(self, piece: str) -> list[int]:
+    def _encode_piece(self, piece: str) -> array:
         with self._pieces_lock:
             cached = self._pieces.get(piece)
             if cached is not None:
@@ -151,9 +158,10 @@ class PromptTokenizer:
                 return cached
         # Two threads may tokenize the same new piece at once; both get the same ids.
         if self._rust is not None:
-            ids = self._rust.encode(piece, add_special_tokens=False).ids
+            # encode_batch_fast skips the offsets and releases the GIL while it works
+            ids = array("I", self._rust.encode_batch_fast([piece], add_special_tokens=False)[0].ids)
         else:
-            ids = self.tok(piece, add_special_tokens=False).input_ids
+            ids = array("I", self.tok(piece, add_special_tokens=False).input_ids)
         with self._pieces_lock:
             self._pieces[piece] = ids
             self._pieces.move_to_end(piece)
@@ -161,9 +169,8 @@ class PromptTokenizer:
                 self._pieces.popitem(last=False)
         return ids
 
-    def uncached_chars(self, text: str) -> int:
-        """Characters of ``text`` whose pieces are not in the cache: what encoding it costs."""
-        pieces = self._split.split(text) if self._split is not None else [text]
+    def uncached_chars(self, pieces: list[str]) -> int:
+        """Characters of ``pieces`` not in the cache: what encoding them costs."""
         with self._pieces_lock:
             return sum(len(p) for p in pieces if p and p not in self._special_ids and p not in self._pieces)
 
@@ -231,14 +238,15 @@ class Prefixer:
         keys = text_chunk_keys(text, self.chunk_chars)
         return PromptKeys(tuple(keys), max(1, len(text) // 4), tokens_per_chunk, False)
 
-    def _token_ids(self, tok: PromptTokenizer, body: dict, messages: list[dict] | None) -> list[int] | None:
+    def _token_ids(self, tok: PromptTokenizer, body: dict,
+                   messages: list[dict] | None) -> list[int] | array | None:
         """The prompt's token ids; None (counted and logged) when templating or tokenizing fails."""
         reason = "template"
         try:
             if messages is not None:
                 text = tok.render_chat(messages, body.get("tools"))
                 reason = "tokenizer"
-                return tok.encode_text(text)
+                return tok.encode_pieces(tok.pieces(text))
             reason = "tokenizer"
             return _completion_ids(tok, body["prompt"])
         except InvalidRequest:
@@ -264,10 +272,10 @@ class Prefixer:
 
     async def keys(self, body: dict, block_size: int) -> PromptKeys:
         tok = self.tokenizer
-        if tok is None or _body_chars(body) < EXECUTOR_THRESHOLD_CHARS:
+        messages = body.get("messages")
+        if tok is None or (messages is None and _prompt_chars(body) < EXECUTOR_THRESHOLD_CHARS):
             return self.keys_sync(body, block_size)
         loop = asyncio.get_running_loop()
-        messages = body.get("messages")
         if messages is not None:
             # A long chat whose pieces are mostly cached (a shared system prompt, a growing
             # conversation) costs less inline than the executor hop: render it here, and go
@@ -279,15 +287,16 @@ class Prefixer:
             except Exception as exc:
                 self._fallback("template", exc)
                 return self._approximate(body)
-            if tok.uncached_chars(text) < EXECUTOR_THRESHOLD_CHARS:
-                return self._from_text(tok, text, body, block_size)
-            return await loop.run_in_executor(self.executor, self._from_text, tok, text, body, block_size)
+            pieces = tok.pieces(text)
+            if tok.uncached_chars(pieces) < EXECUTOR_THRESHOLD_CHARS:
+                return self._from_pieces(tok, pieces, body, block_size)
+            return await loop.run_in_executor(self.executor, self._from_pieces, tok, pieces, body, block_size)
         return await loop.run_in_executor(self.executor, self.keys_sync, body, block_size)
 
-    def _from_text(self, tok: PromptTokenizer, text: str, body: dict, block_size: int) -> PromptKeys:
+    def _from_pieces(self, tok: PromptTokenizer, pieces: list[str], body: dict, block_size: int) -> PromptKeys:
         """Keys of a rendered chat; approximate (counted, logged) if tokenizing fails."""
         try:
-            ids = tok.encode_text(text)
+            ids = tok.encode_pieces(pieces)
         except Exception as exc:
             self._fallback("tokenizer", exc)
             return self._approximate(body)
@@ -322,9 +331,6 @@ def _prompt_text(prompt: Any) -> str:
     return ""
 
 
-def _body_chars(body: dict) -> int:
-    messages = body.get("messages")
-    if messages is not None:
-        return sum(len(normalize_content(m.get("content"))) for m in messages if isinstance(m, dict))
+def _prompt_chars(body: dict) -> int:
     prompt = body.get("prompt")
     return len(prompt) if isinstance(prompt, str) else 0

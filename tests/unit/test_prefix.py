@@ -46,7 +46,7 @@ def test_pieces_encode_as_the_hf_tokenizer_does(tok):
     texts = ["plain words", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "numbers 12345 3.14 -7",
              "unicode: café naïve 東京 🚀", "symbols {\"json\": [1, 2]} <tag/> a+b=c", "", " ", "x" * 3000]
     for text in texts:
-        assert tok._encode_piece(text) == tok.tok(text, add_special_tokens=False).input_ids, text
+        assert tok._encode_piece(text).tolist() == tok.tok(text, add_special_tokens=False).input_ids, text
 
 
 def test_growing_conversation_reuses_cached_pieces(tok):
@@ -106,7 +106,7 @@ def test_the_piece_cache_is_safe_across_threads(tiny_model_dir, monkeypatch):
 
     def work(seed: int) -> int:
         rnd = random.Random(seed)
-        return sum(tok._encode_piece(p) != expected[p] for p in (rnd.choice(pieces) for _ in range(60)))
+        return sum(tok._encode_piece(p).tolist() != expected[p] for p in (rnd.choice(pieces) for _ in range(60)))
 
     with ThreadPoolExecutor(6) as ex:
         assert sum(ex.map(work, range(6))) == 0  # and nothing raised
