@@ -126,7 +126,15 @@ def cmd_loto(args: argparse.Namespace) -> int:
     recs = [r for r in load(args.data) if args.strong in r.scores and args.weak in r.scores]
     if args.limit:
         recs = _subsample(recs, args.limit)
-    units = [u for u in UNITS if any(unit_of(r) == u for r in recs)]
+    present = {unit_of(r) for r in recs}
+    if args.units:
+        units = args.units.split(",")
+        missing = [u for u in units if u not in present]
+        if missing:
+            raise SystemExit(f"classifier loto: --units: no record of unit {missing[0]!r} in the data; "
+                             f"it has {', '.join(sorted(present))}")
+    else:
+        units = [u for u in UNITS if u in present]
     x = layer_features([r.prompt for r in recs], layers, args.cache)
     res = loto(recs, x, [RECIPES[n] for n in args.recipes.split(",")], args.strong, args.weak,
                units, layers)
@@ -294,6 +302,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", default="0",
                     help="MiniLM layers whose pooled outputs are the features, side by side "
                          "(0: the embedding layer, as shipped; deeper layers need torch)")
+    sp.add_argument("--units", default=None,
+                    help="comma list of units to leave out in turn (default: the six RouteLLM units); "
+                         "a unit is mmlu:<group> or a task name, and rows of other units always train")
     sp.add_argument("--out", required=True)
     sp = add("refresh", cmd_refresh, "retrain on new logs; swap in only if APGR improves",
              data=False)

@@ -157,3 +157,26 @@ def test_bench_writes_json_and_md(toy_model: Path, tmp_path: Path) -> None:
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["tokens"] == 64 and res["threads"] == 1 and res["latency_ms_p50"] > 0
     assert "p50 ms" in (tmp_path / "bench.md").read_text()
+
+
+def test_loto_leaves_out_the_units_asked_for(tmp_path: Path) -> None:
+    """A task outside the six RouteLLM units is scored when --units names it, and trains the
+    named units' folds otherwise."""
+    rows = []
+    for task, n in (("alpha", 60), ("beta", 60), ("gamma", 40)):
+        for i in range(n):
+            hard = i % 2 == 0
+            rows.append({"prompt": f"{task} question {i} " + ("prove the theorem " * 3 if hard else "say hi"),
+                         "scores": {"big": 1.0, "small": 0.0 if hard else 1.0}, "task": task})
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "loto"
+    assert main(["loto", "--data", str(data), "--strong", "big", "--weak", "small", "--recipes", "default",
+                 "--units", "alpha,beta", "--out", str(out)]) == 0
+    res = json.loads((out / "loto.json").read_text())
+    assert res["units"] == ["alpha", "beta"]
+    assert res["n_prompts"] == {"alpha": 60, "beta": 60}
+    assert res["models"]["default"]["per_unit"]["alpha"] > 0.6  # the hard prompts rank first
+    with pytest.raises(SystemExit, match="--units: no record of unit 'delta'"):
+        main(["loto", "--data", str(data), "--strong", "big", "--weak", "small", "--units", "alpha,delta",
+              "--out", str(out)])
