@@ -152,6 +152,9 @@ def run_sim(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]:
             rspec = parse_router(name)
             if rspec.kind not in ("kvroute", "oracle"):
                 raise SystemExit(f"{name}: the simulator runs kvroute policies and the oracle only")
+            if not rspec.tokenizer:
+                raise SystemExit(f"{name}: the simulator's token ids come from --tokenization; "
+                                 "tokenizer=0 is for real routers")
             policy = rspec.policy or name
             opts = {**options.get(policy, {}), **rspec.policy_options}
             index_blocks = rspec.model_options.get("kv_capacity_blocks", args.index_blocks)

@@ -10,6 +10,8 @@ Router names on the command line:
   alternates between them, request by request.
   ``prefix?procs=2``: one kvroute serving with ``--procs 2`` (``server.procs``): the kernel
   spreads connections over its processes
+  ``prefix?tokenizer=0``: approximate mode, without the model's tokenizer (prompt text is
+  hashed in character chunks)
 - ``vllm-router:POLICY``: the vLLM project's Rust router (``vllm-router --policy POLICY``)
 - ``smg:POLICY``: SGLang's model gateway (``smg launch --policy POLICY``)
 - ``oracle``: no router; the client pins each workload group to a worker by hand
@@ -37,8 +39,8 @@ from pathlib import Path
 CLIENT_SIDE = ("oracle", "direct")
 MODEL_OPTIONS = ("kv_capacity_blocks",)
 # How the benchmark runs kvroute, not the policy. trace=R: OpenTelemetry traces sampled at
-# ratio R (0 to 1), exported over OTLP/HTTP to the bench's receiver.
-ROUTER_OPTIONS = ("kv_events", "replicas", "trace", "procs")
+# ratio R (0 to 1), exported over OTLP/HTTP to the bench's receiver. tokenizer=0: approximate mode.
+ROUTER_OPTIONS = ("kv_events", "replicas", "trace", "procs", "tokenizer")
 
 KVROUTE_SERVE = [sys.executable, "-m", "kvroute.router.cli", "--log-level", "WARNING", "serve"]
 
@@ -69,6 +71,11 @@ class RouterSpec:
     @property
     def procs(self) -> int:
         return max(1, int(dict(self.options).get("procs", 1)))
+
+    @property
+    def tokenizer(self) -> bool:
+        """False with ``?tokenizer=0``: kvroute runs without the model's tokenizer."""
+        return bool(dict(self.options).get("tokenizer", 1))
 
     @property
     def trace_ratio(self) -> float | None:
@@ -141,6 +148,8 @@ def router_command(
     as ``kv_events:`` in a kvroute config takes it; required by ``?kv_events=1``.
     ``otlp_endpoint``: where ``?trace=R`` sends its spans (an OTLP/HTTP base URL).
     """
+    if spec.kind == "kvroute" and not spec.tokenizer:
+        tokenizer = None
     if spec.kind == "kvroute" and spec.options:
         if config_dir is None:
             raise ValueError(f"{spec.name}: options need a folder for the config file")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -293,3 +294,14 @@ async def test_open_loop_load_keeps_its_rate_and_the_curve_is_tabled_and_plotted
     assert "| prefix | 2.5 / 7.0 |" in md
     plot_load_curve(curves, tmp_path / "load.png")
     assert (tmp_path / "load.png").stat().st_size > 1000
+
+
+def test_tokenizer_0_runs_kvroute_in_approximate_mode(tmp_path) -> None:
+    plain = router_command(parse_router("prefix?tokenizer=0"), 8250, ["http://a"], "tiny", "/tok", 32, tmp_path)
+    cfg = json.loads(Path(plain[-1]).read_text())
+    assert "tokenizer" not in cfg["models"][0] and cfg["models"][0]["policy_options"] == {}
+    with_tok = router_command(parse_router("prefix?procs=2"), 8251, ["http://a"], "tiny", "/tok", 32, tmp_path)
+    assert json.loads(Path(with_tok[-1]).read_text())["models"][0]["tokenizer"] == "/tok"
+    with pytest.raises(SystemExit, match="tokenizer=0 is for real routers"):
+        main(["run", "--fleet", "sim", "--policies", "prefix?tokenizer=0", "--requests", "8",
+              "--out", str(tmp_path / "sim")])
