@@ -6,6 +6,10 @@ and ``/metrics`` that routers probe. Each router (kvroute per policy, vllm-route
 runs in front of it in turn, and the same client load goes to it and straight to the
 upstream ("direct"): ``--requests`` requests at ``--concurrency`` in flight, per mode.
 
+``aiohttp-floor`` is a router too: a pass-through proxy on aiohttp with kvroute's server
+and client settings that does nothing else (``floor_proxy_app``), the part of kvroute's
+cost that is Python's HTTP stack.
+
 Reported per router and mode: latency p50/p99, added latency over direct (p50 and p99
 differences), and req/s at that concurrency (the peak a closed loop reaches). Client,
 upstream and router share this machine's cores, so absolute figures are pessimistic;
@@ -16,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,8 @@ from kvroute.benchmarks.backends.routers import RouterProcess, http_ok, parse_ro
 from kvroute.benchmarks.results import percentile
 from kvroute.benchmarks.runner import run_standalone
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
+
+FLOOR = "aiohttp-floor"
 
 _METRICS = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="tiny"} 0.0
@@ -112,6 +119,53 @@ def fake_upstream_app(model: str = "tiny") -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/traces", traces)
     return app
+
+
+def floor_proxy_app(upstream: str) -> web.Application:
+    """The ``aiohttp-floor`` row: the least a Python proxy on aiohttp does, with kvroute's
+    server and client settings (uvloop, no access log, one pooled session without
+    decompression). It relays each chat completion to ``upstream`` byte for byte, streamed
+    or whole, and routes, parses, counts and checks nothing: the HTTP stack's share of a
+    kvroute request."""
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            app[_SESSION] = session
+            yield
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with request.app[_SESSION].post(f"{upstream}/v1/chat/completions", data=body,
+                                              headers={"content-type": "application/json"}) as resp:
+            if resp.content_type != "text/event-stream":
+                return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+            out = web.StreamResponse(status=resp.status, headers={"content-type": "text/event-stream"})
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    return app
+
+
+_SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def _serve_floor(port: int, upstream: str) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    web.run_app(floor_proxy_app(upstream), host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 async def _serve_fake(ports: Sequence[int]) -> None:
@@ -254,6 +308,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fake", action="store_true", help=argparse.SUPPRESS
     )  # internal: be the upstream
+    p.add_argument("--floor", metavar="UPSTREAM", help=argparse.SUPPRESS)  # internal: be aiohttp-floor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,6 +322,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     ports = [args.base_port + i for i in range(args.upstreams)]
     if args.fake:
         asyncio.run(_serve_fake(ports))
+        return 0
+    if args.floor:
+        _serve_floor(args.base_port, args.floor)
         return 0
     from tqdm import tqdm
 
@@ -310,10 +368,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 if rates:
                     curves[name] = _load_curve(urls[0], bodies, rates, args.rate_seconds)
                 continue
-            spec_r = parse_router(name)
             port = args.base_port + args.upstreams + i
+            if name == FLOOR:
+                cmd = [sys.executable, "-m", "kvroute.benchmarks.overhead", "--floor", urls[0],
+                       "--base-port", str(port)]
+            else:
+                cmd = router_command(parse_router(name), port, urls, "tiny", tokenizer, 32, out / "logs",
+                                     otlp_endpoint=urls[0])
             proc = RouterProcess(
-                router_command(spec_r, port, urls, "tiny", tokenizer, 32, out / "logs", otlp_endpoint=urls[0]),
+                cmd,
                 port,
                 out / "logs" / f"router-{''.join(c if c.isalnum() else '-' for c in name)}.log",
             )

@@ -14,7 +14,7 @@ import pytest
 from kvroute.benchmarks import agreement, ceiling, cli, overhead
 from kvroute.benchmarks.backends.routers import parse_router, router_command
 from kvroute.benchmarks.cli import build_parser, command_argv, main
-from kvroute.benchmarks.overhead import add_overhead, fake_upstream_app, render_overhead
+from kvroute.benchmarks.overhead import add_overhead, fake_upstream_app, floor_proxy_app, render_overhead
 from kvroute.benchmarks.runner import drive, write_request_log
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace, workload_from_args
 
@@ -245,6 +245,26 @@ async def test_drive_against_fake_upstream(aiohttp_server, tmp_path) -> None:
     lines = [orjson.loads(line) for line in (tmp_path / "requests.jsonl").read_bytes().splitlines()]
     assert [line["group"] for line in lines] == [r.group for r in recs]
     assert lines[0]["ok"] and lines[0]["cached_tokens"] == 0
+
+
+async def test_the_aiohttp_floor_relays_answers_and_streams_byte_for_byte(aiohttp_server, aiohttp_client) -> None:
+    upstream = await aiohttp_server(fake_upstream_app())
+    up_url = str(upstream.make_url("")).rstrip("/")
+    floor = await aiohttp_client(floor_proxy_app(up_url))
+    direct = await aiohttp_client(upstream)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for b in (body, {**body, "stream": True}):
+        via = await floor.post("/v1/chat/completions", json=b)
+        straight = await direct.post("/v1/chat/completions", json=b)
+        assert via.status == straight.status == 200
+        assert via.content_type == straight.content_type
+        assert _no_ids(await via.read()) == _no_ids(await straight.read())
+    assert (await floor.get("/health")).status == 200
+
+
+def _no_ids(raw: bytes) -> bytes:
+    """The fake's answers differ only in their creation time."""
+    return re.sub(rb'"created":\s*\d+', b'"created":0', raw)
 
 
 def test_overhead_table() -> None:
