@@ -6,11 +6,15 @@ A worker's series live as long as it is a member of a pool: ``join_worker`` crea
 ``healthy`` and breaker series when it joins (a worker healthy from the start would
 otherwise have none), ``forget_worker`` removes every series that names it when it leaves,
 so pods that discovery dropped neither keep reporting ``healthy`` nor accumulate series.
+
+The series a proxied request updates are bound once per worker (``worker_series``):
+prometheus-client's ``labels()`` costs more than the update it finds the series for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
@@ -173,6 +177,14 @@ class RouterMetrics:
                 self.in_flight, self.healthy, self.ttft, self.latency, self.breaker_state, self.scrape_errors)]
         self._by_worker: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [
             (self.kv_events, ("worker", "type")), (self.kv_event_gaps, ("worker",))]
+        self._series: dict[tuple[str, str], WorkerSeries] = {}
+
+    def worker_series(self, model: str, url: str) -> WorkerSeries:
+        """The per-request series of worker ``url`` in pool ``model``, bound on first use."""
+        series = self._series.get((model, url))
+        if series is None:
+            series = self._series[(model, url)] = WorkerSeries(self, model, url)
+        return series
 
     def join_worker(self, model: str, url: str, *, healthy: bool, breaker: int) -> None:
         """A worker joined a pool: its health and breaker series exist from now on."""
@@ -185,6 +197,8 @@ class RouterMetrics:
         ``everywhere``: no pool has the URL any more, so its KV-event series (labelled by
         worker alone) go too."""
         names = set(models)
+        for key in [k for k in self._series if k[1] == url and k[0] in names]:
+            del self._series[key]  # bound to series removed below: the next request binds anew
         for metric, labelnames in self._by_model_worker:
             _remove(metric, labelnames, lambda labels: labels["worker"] == url and labels["model"] in names)
         if everywhere:
@@ -199,6 +213,29 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerSeries:
+    """One worker's series in one pool, as a proxied request updates them."""
+
+    def __init__(self, m: RouterMetrics, model: str, url: str):
+        labels = (model, url)
+        self._requests, self._labels = m.requests, labels
+        self._by_status: dict[str, Any] = {}
+        self.in_flight = m.in_flight.labels(*labels)
+        self.predicted_cached_tokens = m.predicted_cached_tokens.labels(*labels)
+        self.ttft = m.ttft.labels(*labels)
+        self.latency = m.latency.labels(*labels)
+        self.prompt_tokens = m.prompt_tokens.labels(*labels)
+        self.completion_tokens = m.completion_tokens.labels(*labels)
+        self.cached_tokens = m.cached_tokens.labels(*labels)
+
+    def requests(self, status: str) -> Any:
+        """``kvroute_worker_requests`` for one outcome (``ok``, ``error``, an HTTP status)."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self._requests.labels(*self._labels, status)
+        return child
 
 
 def _remove(metric: MetricWrapperBase, labelnames: tuple[str, ...],

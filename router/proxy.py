@@ -163,8 +163,8 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
     worker.in_flight_requests += 1
     worker.in_flight_tokens += load_tokens
     metrics = app[keys.METRICS]
-    labels = (d.route.cfg.name, worker.url)
-    metrics.in_flight.labels(*labels).inc()
+    series = metrics.worker_series(d.route.cfg.name, worker.url)
+    series.in_flight.inc()
     outcome = Outcome.IGNORED  # for the breaker; e.g. the client left before the answer began
     try:
         with map_client_errors(worker):
@@ -185,7 +185,7 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
             outcome = _breaker_outcome(d.failed, client_started=True)
         elif d.status == "ok":
             outcome = Outcome.SUCCESS
-        metrics.predicted_cached_tokens.labels(*labels).inc(predicted)
+        series.predicted_cached_tokens.inc(predicted)
         return response
     except UpstreamError as exc:
         outcome = _breaker_outcome(exc, client_started=d.client_started)
@@ -198,7 +198,7 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
     finally:
         worker.in_flight_requests -= 1
         worker.in_flight_tokens -= load_tokens
-        metrics.in_flight.labels(*labels).dec()
+        series.in_flight.dec()  # a worker's series outlive its last request (request_accounted)
         policy.on_complete(worker, d.ctx, d.status == "ok")
         worker.breaker.record(outcome, probe=d.probe)
         account(app, d)
@@ -471,22 +471,21 @@ def _trace_headers(d: Dispatch) -> dict[str, str]:
 
 def account(app: web.Application, d: Dispatch) -> None:
     """Per-worker token and latency metrics from the response's own usage."""
-    m = app[keys.METRICS]
-    labels = (d.route.cfg.name, d.worker.url)
-    m.requests.labels(*labels, d.status).inc()
+    m = app[keys.METRICS].worker_series(d.route.cfg.name, d.worker.url)
+    m.requests(d.status).inc()
     now = time.perf_counter()
     if d.first_token_at is not None:
-        m.ttft.labels(*labels).observe(d.first_token_at - d.started_at)
+        m.ttft.observe(d.first_token_at - d.started_at)
     if d.status == "ok":
-        m.latency.labels(*labels).observe(now - d.started_at)
+        m.latency.observe(now - d.started_at)
     usage = d.usage or {}
     if not isinstance(usage, dict):
         return
-    m.prompt_tokens.labels(*labels).inc(_int(usage.get("prompt_tokens")))
-    m.completion_tokens.labels(*labels).inc(_int(usage.get("completion_tokens")))
+    m.prompt_tokens.inc(_int(usage.get("prompt_tokens")))
+    m.completion_tokens.inc(_int(usage.get("completion_tokens")))
     details = usage.get("prompt_tokens_details") or {}
     if isinstance(details, dict):
-        m.cached_tokens.labels(*labels).inc(_int(details.get("cached_tokens")))
+        m.cached_tokens.inc(_int(details.get("cached_tokens")))
 
 
 def _int(value: object) -> int:

@@ -39,6 +39,9 @@ class Telemetry:
         self._span_exporter = span_exporter
         self.tracing: Tracing | None = None
         self.prompts: PromptLog | None = None
+        # (model, tier, agent, feature) -> the three per-request histograms' series, bound
+        # once (labels() costs more than observe); bounded by the models and the tag allow-list
+        self._per_request: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
 
     def start(self) -> None:
         """Open the exporter and the prompt-log file (the app's start-up)."""
@@ -85,10 +88,15 @@ class Telemetry:
         if final is not None:
             labels = (rec.req.model, tier or "", self._label("agent", tags.get("agent")),
                       self._label("feature", tags.get("feature")))
-            m = self.metrics
-            m.request_prompt_tokens.labels(*labels).observe(prompt)
-            m.request_completion_tokens.labels(*labels).observe(completion)
-            m.request_cost_usd.labels(*labels).observe(usd)
+            bound = self._per_request.get(labels)
+            if bound is None:
+                m = self.metrics
+                bound = self._per_request[labels] = (m.request_prompt_tokens.labels(*labels),
+                                                     m.request_completion_tokens.labels(*labels),
+                                                     m.request_cost_usd.labels(*labels))
+            bound[0].observe(prompt)
+            bound[1].observe(completion)
+            bound[2].observe(usd)
         if rec.span is not None:
             self._end_span(rec, status, error_type, final, tags, (prompt, cached, completion, usd))
         if rec.capture and self.prompts is not None and self.prompts.wanted(rec.req.model, tags.get("tenant")):

@@ -177,3 +177,20 @@ def test_a_tiers_workers_lose_the_series_labelled_with_the_model_and_with_the_ti
     assert series(metrics, "http://c:1") == {}
     assert metrics.registry.get_sample_value("kvroute_worker_requests_total",
                                              {"model": "auto", "worker": "http://d:1", "status": "ok"}) == 1
+
+
+def test_bound_series_are_the_labelled_ones_and_rebound_after_a_worker_leaves():
+    metrics = RouterMetrics()
+    bound = metrics.worker_series("tiny", "http://a:1")
+    assert metrics.worker_series("tiny", "http://a:1") is bound  # bound once
+    bound.requests("ok").inc()
+    bound.prompt_tokens.inc(7)
+    assert metrics.registry.get_sample_value("kvroute_worker_requests_total",
+                                             {"model": "tiny", "worker": "http://a:1", "status": "ok"}) == 1
+    assert value(metrics, "kvroute_worker_prompt_tokens_total", "tiny", "http://a:1") == 7
+    metrics.forget_worker(["tiny"], "http://a:1")
+    assert series(metrics, "http://a:1") == {}
+    again = metrics.worker_series("tiny", "http://a:1")
+    assert again is not bound  # a rejoined worker's updates reach /metrics, not the removed series
+    again.prompt_tokens.inc(2)
+    assert value(metrics, "kvroute_worker_prompt_tokens_total", "tiny", "http://a:1") == 2
