@@ -89,7 +89,7 @@ class RequestRecord:
     req: ParsedRequest
     operation: str  # gen_ai.operation.name: chat or text_completion
     tracing: Tracing | None
-    span: Span | None  # the server span; None when tracing is off or the request not sampled
+    span: Span | None  # the server span; None when tracing is off
     capture: bool  # gather each try's answer text (prompt logs)
     started: float = field(default_factory=time.perf_counter)
     score: float | None = None  # the tier classifier's score
@@ -103,13 +103,14 @@ class RequestRecord:
     confidence: float | None = None  # the answer scorer's confidence in the cheap answer
     decision_s: float = 0.0  # the policies' time choosing workers
     cache_hit: str | None = None  # the response cache answered: exact or semantic
+    _unsampled_headers: dict[str, str] | None = None  # traceparent naming an unsampled server span
 
     # ---- what the stages report --------------------------------------------------------
 
     def on_tier(self, tier: str | None, score: float | None, source: str) -> None:
         self.score = score if score is not None else self.score
         self.tier_source = source
-        if self.span is not None and self.tracing is not None:
+        if self.span is not None and self.tracing is not None and self.span.is_recording():
             attrs: dict[str, Any] = {"kvroute.tier": tier or "", "kvroute.tier.source": source}
             if score is not None:
                 attrs["kvroute.classifier.score"] = score
@@ -128,7 +129,7 @@ class RequestRecord:
         start = time.time_ns()
         yield out
         self.decision_s += out.get("decision_s", 0.0)
-        if self.span is not None and self.tracing is not None:
+        if self.span is not None and self.tracing is not None and self.span.is_recording():
             self.tracing.start("kvroute.choose_worker", self.span, start_time=start, attributes={
                 "kvroute.model": model, "kvroute.policy": policy, "kvroute.index_mode": index,
                 "kvroute.worker": out.get("worker", ""), "kvroute.candidates": out.get("candidates", 0),
@@ -141,6 +142,15 @@ class RequestRecord:
         if self.capture or self.span is not None:
             d.capture = Capture(text=self.capture)
         if self.span is None or self.tracing is None:
+            yield
+            return
+        if not self.span.is_recording():
+            # An unsampled server span's children would be unsampled too (every sampler
+            # kvroute offers decides alike within a trace), so none is made: the worker
+            # continues the trace, unsampled, under the server span.
+            if self._unsampled_headers is None:
+                self._unsampled_headers = self.tracing.inject(self.span)
+            d.trace_headers = self._unsampled_headers
             yield
             return
         from opentelemetry.trace import StatusCode

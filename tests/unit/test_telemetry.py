@@ -78,6 +78,24 @@ async def test_spans_follow_the_genai_conventions_and_continue_the_callers_trace
     assert seen["tracestate"] == "vendor=abc"
 
 
+async def test_an_unsampled_request_makes_no_spans_and_the_worker_continues_its_trace(aiohttp_client, worker):
+    exporter = InMemorySpanExporter()
+    client = await router(aiohttp_client, [url(worker)], exporter=exporter,
+                          telemetry={"traces": {"sampler": "parentbased_traceidratio", "sample_ratio": 0}})
+    unsampled = f"00-{PARENT_TRACE}-00f067aa0ba902b7-00"
+    for headers in ({}, {"traceparent": unsampled}, {"traceparent": TRACEPARENT}):
+        assert (await client.post("/v1/chat/completions", json=BODY, headers=headers)).status == 200
+    seen = [h.get("traceparent", "") for h in worker.app[SEEN_HEADERS][-3:]]
+    for tp in seen[:2]:  # a trace context with the sampled flag clear (0x02: a random trace id)
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", tp) and int(tp[-2:], 16) & 1 == 0, tp
+    assert seen[1].startswith(f"00-{PARENT_TRACE}-") and seen[1] != unsampled  # the router's span id
+    spans = spans_of(client, exporter)
+    # Only the sampled caller's request is traced, all of it: server, worker choice, upstream try.
+    assert {s.context.trace_id for s in spans} == {int(PARENT_TRACE, 16)}
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "INTERNAL", "SERVER"]
+    assert seen[2] == f"00-{PARENT_TRACE}-{next(s for s in spans if s.kind.name == 'CLIENT').context.span_id:016x}-01"
+
+
 async def test_without_tracing_the_trace_context_passes_through_untouched(aiohttp_client, worker):
     client = await router(aiohttp_client, [url(worker)])
     assert client.app[keys.TELEMETRY].tracing is None
