@@ -15,8 +15,11 @@ rules decide how many workers serve it:
   cause (one of many groups) stays put, so noise in the counts does not copy it about.
   Only a request whose holders have no more of it than the prefix's recent requests
   share is moved, and only while those requests are mostly that shared part: chats and
-  agents behind a shared prompt carry histories that a move would recompute. A prefix
-  copied for load keeps being spread over its holders while it stays in the window.
+  agents behind a shared prompt carry histories that a move would recompute.
+
+A prefix copied by either rule keeps being spread over its holders while it stays in the
+load window, also when its share dips under the mark again (one near the mark is copied
+during a burst; left to the usual scoring afterwards, one holder took most of it).
 
 A prefix being spread goes to its holder that served the fewest recent requests (for a
 prefix copied for load, the fewest in the load window, so that a holder that also carries
@@ -94,7 +97,7 @@ class HotPrefixes:
         self.load_bound = load_bound  # 0: the load rule is off
         self.short = Tally(window)  # shares, and which holder served the fewest
         self.long = Tally(load_window)  # load: steadier counts, so noise does not copy
-        self._spread: set[int] = set()  # copied for load; spread while in the long window
+        self._spread: set[int] = set()  # copied; spread while in the long window
         # per prefix, the block keys its requests in the long window have in common: a
         # holder that has more of a prompt than that has its history (a chat's, an agent's)
         self._shared: dict[int | None, tuple[int, ...]] = {}
@@ -153,6 +156,7 @@ class HotPrefixes:
         used = self.short.workers
         shares = self.fair_shares(key, n)
         if shares >= HOT_FAIR_SHARES and others and len(holders) < math.ceil(shares * self.replicas):
+            self._spread.add(key)
             return pick_random_min(others, [used[w.url] for w in others], rng)
         # only a request whose holders have no more of it than the prefix's requests share
         # is moved for load: an agent behind a shared schema moved off its history
@@ -165,8 +169,8 @@ class HotPrefixes:
                 self._spread.add(key)
                 return target
         if key in self._spread:
-            # copied for load: even out the holders' load in the window that measured it, so
-            # a holder that also carries other prefixes takes fewer of this one
+            # copied: even out the holders' load in the load window, so a holder that also
+            # carries other prefixes takes fewer of this one
             counts = self.long.workers
         elif shares >= HOT_FAIR_SHARES:
             counts = used

@@ -163,6 +163,24 @@ def test_a_prefix_spread_for_load_stops_spreading_once_it_leaves_the_window():
     assert not hot.is_hot(7, 2)
 
 
+def test_a_prefix_copied_for_its_share_stays_spread_when_its_share_dips_under_the_mark():
+    # A prefix near the mark (35% on 4 workers: 1.4 fair shares) is copied while a burst puts
+    # it over; left to the usual scoring when it dipped back, one of its holders took most
+    # of it (in the simulator: 95 of 160 hot requests on one of three holders, 1.33x fair)
+    hot, ws = HotPrefixes(window=16, replicas=1.5, load_bound=1.2, load_window=64), workers(4)
+    for _ in range(12):
+        hot.record(7, ws[0].url, FOUR)
+    assert hot.fair_shares(7, 4) >= 1.5
+    copy = hot.choose(7, 4, [ws[0]], [ws[1], ws[2], ws[3]], 4, random.Random(0))
+    assert copy is not None and copy is not ws[0]
+    hot.record(7, copy.url, FOUR)
+    for g in range(16):  # other prefixes, on the other two workers: the share dips under the mark
+        hot.record(100 + g, ws[2 + g % 2].url if copy is ws[1] else ws[1 + 2 * (g % 2)].url, FOUR)
+    assert hot.fair_shares(7, 4) < 1.5 and hot.is_hot(7, 4)
+    # spread over its holders by the load window: the copy served fewer
+    assert hot.choose(7, 4, [ws[0], copy], [], 4, random.Random(0)) is copy
+
+
 def test_one_request_is_not_a_load_in_a_fleet_larger_than_the_window():
     hot, ws = HotPrefixes(window=64, replicas=1.5, load_bound=1.2, load_window=64), workers(64)
     hot.record(7, ws[0].url, FOUR)  # one request: 4x the fair 0.25 of 16 requests over 64 workers
