@@ -166,7 +166,7 @@ def test_a_prefix_spread_for_load_stops_spreading_once_it_leaves_the_window():
 def test_a_prefix_copied_for_its_share_stays_spread_when_its_share_dips_under_the_mark():
     # A prefix near the mark (35% on 4 workers: 1.4 fair shares) is copied while a burst puts
     # it over; left to the usual scoring when it dipped back, one of its holders took most
-    # of it (in the simulator: 95 of 160 hot requests on one of three holders, 1.33x fair)
+    # of it (1.33x fair in a simulated seed)
     hot, ws = HotPrefixes(window=16, replicas=1.5, load_bound=1.2, load_window=64), workers(4)
     for _ in range(12):
         hot.record(7, ws[0].url, FOUR)
