@@ -140,7 +140,7 @@ class PromptTokenizer:
         return self._split.split(text) if self._split is not None else [text]
 
     def encode_pieces(self, pieces: list[str]) -> array:
-        """Token ids of ``pieces`` (from ``pieces``), as ``array("I")``."""
+        """Token ids of text cut by ``pieces``, as ``array("I")``."""
         ids = array("I")
         for piece in pieces:
             special = self._special_ids.get(piece)
