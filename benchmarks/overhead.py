@@ -185,17 +185,23 @@ class _Tally:
         self.latencies: list[float] = []
         self.errors = 0
 
-    async def send(self, session: aiohttp.ClientSession, url: str, body: dict) -> None:
+    async def send(self, session: aiohttp.ClientSession, url: str, body: dict, first_event: bool = False) -> None:
+        """``first_event``: the latency is the time to the answer's first bytes (a stream's
+        first event: its time to first token), not to its end."""
         start = time.perf_counter()
+        end = None
         try:
             async with session.post(f"{url}/v1/chat/completions", json=body,
                                     timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                if first_event:
+                    await resp.content.readany()
+                    end = time.perf_counter()
                 await resp.read()
                 ok = resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             ok = False
         if ok:
-            self.latencies.append(time.perf_counter() - start)
+            self.latencies.append((end or time.perf_counter()) - start)
         else:
             self.errors += 1
 
@@ -217,9 +223,11 @@ async def _load(
         return tally.latencies, tally.errors, time.perf_counter() - start
 
 
-async def _open_loop(url: str, bodies: Sequence[dict], rate: float) -> tuple[list[float], int, float]:
+async def _open_loop(url: str, bodies: Sequence[dict], rate: float,
+                     stream: bool = False) -> tuple[list[float], int, float]:
     """``bodies`` sent at ``rate`` a second whatever the answers (an open loop: the added
-    latency users feel at that offered load, not a closed loop's peak)."""
+    latency users feel at that offered load, not a closed loop's peak). ``stream``: as
+    streams, timed to their first event."""
     tally = _Tally()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         loop = asyncio.get_running_loop()
@@ -229,17 +237,20 @@ async def _open_loop(url: str, bodies: Sequence[dict], rate: float) -> tuple[lis
             delay = t0 + i / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(tally.send(session, url, body)))
+            tasks.append(asyncio.create_task(tally.send(session, url, {**body, "stream": stream}, stream)))
         await asyncio.gather(*tasks)
         return tally.latencies, tally.errors, loop.time() - t0
 
 
-def _load_curve(url: str, bodies: list[dict], rates: list[float], seconds: float) -> list[dict[str, Any]]:
-    """Latency at each offered rate, non-streaming, ``seconds`` of load each."""
+def _load_curve(url: str, bodies: list[dict], rates: list[float], seconds: float,
+                stream: bool = False) -> list[dict[str, Any]]:
+    """Latency at each offered rate (``stream``: time to the first event), ``seconds`` of
+    load each."""
     points = []
     for rate in rates:
         n = max(20, int(rate * seconds))
-        lat, errors, elapsed = asyncio.run(_open_loop(url, [bodies[i % len(bodies)] for i in range(n)], rate))
+        lat, errors, elapsed = asyncio.run(_open_loop(url, [bodies[i % len(bodies)] for i in range(n)], rate,
+                                                      stream))
         points.append({"rate": rate, "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
                        "achieved_rps": round(len(lat) / elapsed, 1), "errors": errors})
     return points
@@ -305,6 +316,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also an open-loop load curve: comma list of offered req/s, non-streaming "
                         "(e.g. 100,300,600,1200); plotted as added latency against offered load")
     p.add_argument("--rate-seconds", type=float, default=5.0, help="seconds of load per rate")
+    p.add_argument("--rate-stream", action="store_true",
+                   help="the load curve's requests stream, timed to their first event (time to first token)")
     p.add_argument(
         "--fake", action="store_true", help=argparse.SUPPRESS
     )  # internal: be the upstream
@@ -366,7 +379,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             if name == "direct":
                 results[name] = _measure(urls[0], bodies, warmup, args.concurrency)
                 if rates:
-                    curves[name] = _load_curve(urls[0], bodies, rates, args.rate_seconds)
+                    curves[name] = _load_curve(urls[0], bodies, rates, args.rate_seconds, args.rate_stream)
                 continue
             port = args.base_port + args.upstreams + i
             if name == FLOOR:
@@ -384,7 +397,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 proc.wait_ready()
                 results[name] = _measure(proc.url, bodies, warmup, args.concurrency, pid=proc.proc.pid)
                 if rates:
-                    curves[name] = _load_curve(proc.url, bodies, rates, args.rate_seconds)
+                    curves[name] = _load_curve(proc.url, bodies, rates, args.rate_seconds, args.rate_stream)
             except (RuntimeError, TimeoutError) as exc:
                 results[name] = {"failure": str(exc)[:300]}
             finally:
@@ -404,7 +417,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if curves:
         add_curve_overhead(curves)
         doc["load_curve"] = curves
-        plot_load_curve(curves, out / "overhead_load.png")
+        doc["load_curve_stream"] = args.rate_stream
+        plot_load_curve(curves, out / "overhead_load.png", args.rate_stream)
     (out / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = render_overhead(doc)
     (out / "overhead.md").write_text(md)
@@ -423,14 +437,15 @@ def add_curve_overhead(curves: dict[str, list[dict[str, Any]]]) -> None:
                 p["added_p99_ms"] = round(p["p99_ms"] - base["p99_ms"], 3)
 
 
-def plot_load_curve(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_load_curve(curves: dict[str, list[dict[str, Any]]], path: Path, stream: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in ((axes[0], "added_p50_ms", "added latency p50"), (axes[1], "added_p99_ms", "added p99")):
+    what = "time to first event added" if stream else "added latency"
+    for ax, key, title in ((axes[0], "added_p50_ms", f"{what}, p50"), (axes[1], "added_p99_ms", f"{what}, p99")):
         for name, points in curves.items():
             pts = [(p["rate"], p[key]) for p in points if p.get(key) is not None and not p["errors"]]
             if name != "direct" and pts:
@@ -486,7 +501,9 @@ def render_overhead(doc: dict[str, Any]) -> str:
             )
     curves = doc.get("load_curve")
     if curves:
-        lines += ["", "Open loop, non-streaming: added latency p50 / p99 (ms) at each offered load (req/s); "
+        what = ("streaming: time to first event added" if doc.get("load_curve_stream")
+                else "non-streaming: added latency")
+        lines += ["", f"Open loop, {what}, p50 / p99 (ms) at each offered load (req/s); "
                   "errors in brackets", "",
                   "| router | " + " | ".join(f"{p['rate']:g}" for p in next(iter(curves.values()))) + " |",
                   "|---|" + "---|" * len(next(iter(curves.values())))]

@@ -316,6 +316,36 @@ async def test_open_loop_load_keeps_its_rate_and_the_curve_is_tabled_and_plotted
     assert (tmp_path / "load.png").stat().st_size > 1000
 
 
+async def test_a_streaming_load_curve_times_the_first_event(aiohttp_server, tmp_path) -> None:
+    """--rate-stream: the latency is the time to the stream's first event, not to its end."""
+    import asyncio
+
+    from aiohttp import web
+
+    from kvroute.benchmarks.overhead import _open_loop
+
+    async def slow_tail(request: web.Request) -> web.StreamResponse:
+        assert (await request.json())["stream"] is True
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n')
+        await asyncio.sleep(0.3)  # the rest of the answer
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow_tail)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    first, errors, _ = await _open_loop(url, [body] * 4, rate=20.0, stream=True)
+    assert errors == 0 and len(first) == 4 and max(first) < 0.2
+    md = render_overhead({"requests": 1, "concurrency": 1, "prompt_tokens": 1, "command": "c", "routers": {},
+                          "load_curve": {"direct": [{"rate": 20.0, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}]},
+                          "load_curve_stream": True})
+    assert "streaming: time to first event added" in md
+
+
 def test_tokenizer_0_runs_kvroute_in_approximate_mode(tmp_path) -> None:
     plain = router_command(parse_router("prefix?tokenizer=0"), 8250, ["http://a"], "tiny", "/tok", 32, tmp_path)
     cfg = json.loads(Path(plain[-1]).read_text())
