@@ -273,25 +273,32 @@ def _cpu_seconds(pid: int | None) -> float | None:
 
 
 def _measure(url: str, bodies: list[dict], warmup: list[dict], concurrency: int,
-             pid: int | None = None) -> dict[str, Any]:
+             pid: int | None = None, upstream_pid: int | None = None) -> dict[str, Any]:
     """Latency and throughput per mode; with ``pid``, the router's CPU time per request too,
-    which other load on the machine disturbs less than latency."""
+    which other load on the machine disturbs less than latency. The client's (this
+    process's) and, with ``upstream_pid``, the fake upstream's CPU per request show how
+    much of the machine was left to the router."""
     out: dict[str, Any] = {}
     for stream in (False, True):
         asyncio.run(_load(url, warmup, concurrency, stream))
-        cpu0 = _cpu_seconds(pid)
+        cpu0, client0, up0 = _cpu_seconds(pid), time.process_time(), _cpu_seconds(upstream_pid)
         lat, errors, elapsed = asyncio.run(_load(url, bodies, concurrency, stream))
-        cpu1 = _cpu_seconds(pid)
+        cpu1, client1, up1 = _cpu_seconds(pid), time.process_time(), _cpu_seconds(upstream_pid)
         mode = "stream" if stream else "plain"
         out[mode] = {
             "p50_ms": _ms(percentile(lat, 50)),
             "p99_ms": _ms(percentile(lat, 99)),
             "rps": round(len(lat) / elapsed, 1),
             "errors": errors,
-            "cpu_us_per_request": round((cpu1 - cpu0) / len(bodies) * 1e6)
-            if cpu0 is not None and cpu1 is not None else None,
+            "cpu_us_per_request": _per_request(cpu0, cpu1, len(bodies)),
+            "client_cpu_us_per_request": _per_request(client0, client1, len(bodies)),
+            "upstream_cpu_us_per_request": _per_request(up0, up1, len(bodies)),
         }
     return out
+
+
+def _per_request(before: float | None, after: float | None, n: int) -> int | None:
+    return round((after - before) / n * 1e6) if before is not None and after is not None else None
 
 
 def _ms(x: float | None) -> float | None:
@@ -377,7 +384,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         names = ["direct", *[n.strip() for n in args.routers.split(",") if n.strip()]]
         for i, name in enumerate(tqdm(names, desc="overhead", file=sys.stderr)):
             if name == "direct":
-                results[name] = _measure(urls[0], bodies, warmup, args.concurrency)
+                results[name] = _measure(urls[0], bodies, warmup, args.concurrency, upstream_pid=upstream.pid)
                 if rates:
                     curves[name] = _load_curve(urls[0], bodies, rates, args.rate_seconds, args.rate_stream)
                 continue
@@ -395,7 +402,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             )
             try:
                 proc.wait_ready()
-                results[name] = _measure(proc.url, bodies, warmup, args.concurrency, pid=proc.proc.pid)
+                results[name] = _measure(proc.url, bodies, warmup, args.concurrency, pid=proc.proc.pid,
+                                         upstream_pid=upstream.pid)
                 if rates:
                     curves[name] = _load_curve(proc.url, bodies, rates, args.rate_seconds, args.rate_stream)
             except (RuntimeError, TimeoutError) as exc:
@@ -487,17 +495,19 @@ def render_overhead(doc: dict[str, Any]) -> str:
         "",
         f"command: `{doc['command']}`",
         "",
-        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | router CPU µs/req | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | router CPU µs/req | errors "
+        "| client CPU µs/req | upstream CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in doc["routers"].items():
         if "failure" in r:
-            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | | |")
+            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | | | | |")
             continue
         for mode, m in r.items():
             lines.append(
                 f"| {name} | {mode} | {m['p50_ms']} | {m['p99_ms']} | {m.get('added_p50_ms', '–')} "
-                f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m.get('cpu_us_per_request') or '–'} | {m['errors']} |"
+                f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m.get('cpu_us_per_request') or '–'} | {m['errors']} "
+                f"| {m.get('client_cpu_us_per_request') or '–'} | {m.get('upstream_cpu_us_per_request') or '–'} |"
             )
     curves = doc.get("load_curve")
     if curves:

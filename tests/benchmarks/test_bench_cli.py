@@ -270,7 +270,8 @@ def _no_ids(raw: bytes) -> bytes:
 def test_overhead_table() -> None:
     results = {
         "direct": {"plain": {"p50_ms": 1.0, "p99_ms": 2.0, "rps": 900.0, "errors": 0}},
-        "prefix": {"plain": {"p50_ms": 1.5, "p99_ms": 4.0, "rps": 600.0, "errors": 0, "cpu_us_per_request": 410}},
+        "prefix": {"plain": {"p50_ms": 1.5, "p99_ms": 4.0, "rps": 600.0, "errors": 0, "cpu_us_per_request": 410,
+                             "client_cpu_us_per_request": 250, "upstream_cpu_us_per_request": 90}},
         "smg:cache_aware": {"failure": "boom"},
     }
     add_overhead(results)
@@ -278,7 +279,38 @@ def test_overhead_table() -> None:
     md = render_overhead(
         {"requests": 1, "concurrency": 1, "prompt_tokens": 1, "command": "c", "routers": results}
     )
-    assert "| prefix | plain | 1.5 | 4.0 | 0.5 | 2.0 | 600.0 | 410 | 0 |" in md and "failed: boom" in md
+    assert "| prefix | plain | 1.5 | 4.0 | 0.5 | 2.0 | 600.0 | 410 | 0 | 250 | 90 |" in md and "failed: boom" in md
+
+
+def test_the_client_and_the_upstream_cpu_are_measured_beside_the_routers() -> None:
+    """_measure reads its own process's CPU (the client) and the fake upstream's from /proc."""
+    import socket
+    import subprocess
+    import time
+
+    from kvroute.benchmarks.backends.routers import http_ok
+    from kvroute.benchmarks.overhead import _measure
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    upstream = subprocess.Popen([sys.executable, "-m", "kvroute.benchmarks.overhead", "--fake", "--base-port",
+                                 str(port), "--upstreams", "1"], start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not http_ok(f"{url}/health"):
+            assert time.monotonic() < deadline and upstream.poll() is None, "fake upstream did not start"
+            time.sleep(0.2)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        out = _measure(url, [body] * 1000, [body] * 5, 4, upstream_pid=upstream.pid)  # CPU ticks are 10 ms
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    for mode in ("plain", "stream"):
+        m = out[mode]
+        assert m["errors"] == 0 and m["client_cpu_us_per_request"] > 0 and m["upstream_cpu_us_per_request"] > 0
+        assert m["cpu_us_per_request"] is None  # no router here
 
 
 def test_router_cpu_time_is_read_from_proc() -> None:
