@@ -16,12 +16,12 @@ under other names, so the rows train beside RouteLLM's pair (``classifier loto -
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
-import random
 import zipfile
 from pathlib import Path
+
+from routing_data_cli import run  # tools/, beside this script
 
 
 def answers(repo: Path, model: str) -> dict[str, dict]:
@@ -53,24 +53,7 @@ def rows(repo: Path, strong: str, weak: str, strong_key: str, weak_key: str) -> 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", required=True, type=Path, help="a checkout of TIGER-AI-Lab/MMLU-Pro")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--strong", default="gemini-1.5-pro-002")
-    p.add_argument("--weak", default="Mixtral-8x7B-Instruct-v0.1")
-    p.add_argument("--strong-key", help="name to store the strong model's scores under (default: --strong)")
-    p.add_argument("--weak-key", help="name to store the weak model's scores under (default: --weak)")
-    p.add_argument("--limit", type=int, default=0, help="a seeded sample of this many rows (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    out = rows(args.repo, args.strong, args.weak, args.strong_key or args.strong, args.weak_key or args.weak)
-    if args.limit:
-        out = random.Random(args.seed).sample(out, min(args.limit, len(out)))
-    with args.out.open("w") as fh:
-        for row in out:
-            fh.write(json.dumps(row) + "\n")
-    print(f"{len(out)} rows -> {args.out}")
-    return 0
+    return run(__doc__, "a checkout of TIGER-AI-Lab/MMLU-Pro", "gemini-1.5-pro-002", "Mixtral-8x7B-Instruct-v0.1", rows)
 
 
 if __name__ == "__main__":

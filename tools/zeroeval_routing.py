@@ -2,7 +2,7 @@
 
     python tools/zeroeval_routing.py --repo PATH/TO/ZeroEval --out crux.jsonl
         [--strong gpt-4-turbo-2024-04-09] [--weak Mixtral-8x7B-Instruct-v0.1]
-        [--strong-key NAME] [--weak-key NAME]
+        [--strong-key NAME] [--weak-key NAME] [--limit N] [--seed 0]
 
 Reads ``result_dirs/crux/<model>.json`` of a checkout of WildEval/ZeroEval (Apache-2.0):
 800 CRUXEval questions (predict a Python function's output) with each model's answer.
@@ -15,10 +15,11 @@ so the rows train beside RouteLLM's pair (``classifier loto --data``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from routing_data_cli import run  # tools/, beside this script
 
 
 def correct(item: dict, model: str, utils) -> float:
@@ -54,20 +55,7 @@ def rows(repo: Path, strong: str, weak: str, strong_key: str, weak_key: str) -> 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", required=True, type=Path, help="a checkout of WildEval/ZeroEval")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--strong", default="gpt-4-turbo-2024-04-09")
-    p.add_argument("--weak", default="Mixtral-8x7B-Instruct-v0.1")
-    p.add_argument("--strong-key", help="name to store the strong model's scores under (default: --strong)")
-    p.add_argument("--weak-key", help="name to store the weak model's scores under (default: --weak)")
-    args = p.parse_args()
-    out = rows(args.repo, args.strong, args.weak, args.strong_key or args.strong, args.weak_key or args.weak)
-    with args.out.open("w") as fh:
-        for row in out:
-            fh.write(json.dumps(row) + "\n")
-    print(f"{len(out)} rows -> {args.out}")
-    return 0
+    return run(__doc__, "a checkout of WildEval/ZeroEval", "gpt-4-turbo-2024-04-09", "Mixtral-8x7B-Instruct-v0.1", rows)
 
 
 if __name__ == "__main__":
