@@ -22,8 +22,8 @@ load window, also when its share dips under the mark again (one near the mark is
 during a burst; left to the usual scoring afterwards, one holder took most of it).
 
 A prefix being spread goes to its holder that served the fewest recent requests (for a
-prefix copied for load, the fewest in the load window, so that a holder that also carries
-other prefixes takes fewer of this one), or to the eligible worker that served the fewest
+copied prefix, the fewest in the load window, so that a holder that also carries other
+prefixes takes fewer of this one), or to the eligible worker that served the fewest
 when a copy is due (for the load rule, only if it served fewer than the holder: a copy
 must relieve, not move the load about).
 

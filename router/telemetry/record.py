@@ -103,7 +103,6 @@ class RequestRecord:
     confidence: float | None = None  # the answer scorer's confidence in the cheap answer
     decision_s: float = 0.0  # the policies' time choosing workers
     cache_hit: str | None = None  # the response cache answered: exact or semantic
-    _unsampled_headers: dict[str, str] | None = None  # traceparent naming an unsampled server span
 
     # ---- what the stages report --------------------------------------------------------
 
@@ -147,10 +146,8 @@ class RequestRecord:
         if not self.span.is_recording():
             # An unsampled server span's children would be unsampled too (every sampler
             # kvroute offers decides alike within a trace), so none is made: the worker
-            # continues the trace, unsampled, under the server span.
-            if self._unsampled_headers is None:
-                self._unsampled_headers = self.tracing.inject(self.span)
-            d.trace_headers = self._unsampled_headers
+            # continues the trace, unsampled, under the server span, whose context
+            # Telemetry.begin put in the request's headers (passed on as they are).
             yield
             return
         from opentelemetry.trace import StatusCode
