@@ -81,8 +81,13 @@ def _cell(value: Any, fmt: str | None, key: str) -> str:
     return fmt.format(value) if fmt else str(value)
 
 
+_ADDED_COLUMN = ("router_added_ms_p50", "in kvroute p50 (ms)", "{:.2f}")
+
+
 def _table(entries: dict[str, dict[str, Any]]) -> list[str]:
     cols = list(_COLUMNS)
+    if any(e.get("router_added_ms_p50") is not None for e in entries.values()):
+        cols.insert(cols.index(("ttft_p99_s", "TTFT p99 (s)", "{:.3f}")) + 1, _ADDED_COLUMN)
     if any("decision_us_p50" in e for e in entries.values()):
         cols += _SIM_COLUMNS
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
@@ -111,10 +116,19 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += [
         "Hit rate: vLLM prefix-cache hit tokens / query tokens over all workers. "
         "vs oracle: hit rate / the hand-pinned oracle's. max share / fair: busiest worker's "
-        "request share × workers.",
+        "request share × workers."
+        + (" in kvroute: the time a request spent in kvroute itself, from its arrival to the "
+           "call to the worker plus from the worker's first event to the client's (its "
+           "kvroute_router_added_seconds metric); the rest of the TTFT is the worker's and the "
+           "network's." if _has_added(doc) else ""),
         "",
     ]
     return "\n".join(lines)
+
+
+def _has_added(doc: dict[str, Any]) -> bool:
+    parts = [p["routers"] for p in doc.get("sweep") or ()] or [doc["routers"]]
+    return any(e.get("router_added_ms_p50") is not None for entries in parts for e in entries.values())
 
 
 def write_plots(out: Path, doc: dict[str, Any], runs: Sequence[RouterRun]) -> list[Path]:

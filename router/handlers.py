@@ -45,6 +45,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def _completion(request: web.Request, kind: str) -> web.StreamResponse:
+    request[keys.ARRIVED] = time.perf_counter()  # kvroute_router_added_seconds starts here
     # Admitted (or 503) before the body is read: at most server.max_in_flight bodies in memory.
     return await request.app[keys.ADMISSION].serve(request, lambda: _admitted_completion(request, kind))
 

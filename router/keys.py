@@ -26,3 +26,5 @@ CACHE = web.AppKey("cache", ResponseCache)  # absent unless a model has a respon
 TELEMETRY = web.AppKey("telemetry", Telemetry)  # spans, prompt logs, per-request histograms
 # Per request: what its stages decided, for its span and prompt-log line (router/telemetry).
 RECORD = web.RequestKey("record", RequestRecord)
+# Per request: when it reached the handler (perf_counter), taken by its first upstream try.
+ARRIVED = web.RequestKey("arrived", float)

@@ -22,6 +22,8 @@ from prometheus_client.metrics import MetricWrapperBase
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 _USD_BUCKETS = (1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5)
+_ADDED_BUCKETS = (1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.025, 0.05,
+                  0.1, 0.25, 1, 5)
 _DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05)
 
 # ``kvroute serve --procs N`` (router/siblings.py): /metrics merges every process's page.
@@ -62,6 +64,12 @@ class RouterMetrics:
                               registry=r)
         self.latency = Histogram("kvroute_request_seconds", "End-to-end request time", mw,
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.router_added = Histogram(
+            "kvroute_router_added_seconds", "Time an answered request spent in kvroute itself: from "
+            "its arrival to the call to the worker (queueing included), plus from the worker's "
+            "first bytes to the client's (a stream's first event; a whole answer until it is "
+            "handed to the HTTP server). First tries only", ["model"],
+            buckets=_ADDED_BUCKETS, registry=r)
         self.decision = Histogram("kvroute_route_decision_seconds",
                                   "Time to choose a worker (policy select)", ["model"],
                                   buckets=_DECISION_BUCKETS, registry=r)
@@ -229,6 +237,7 @@ class WorkerSeries:
         self.prompt_tokens = m.prompt_tokens.labels(*labels)
         self.completion_tokens = m.completion_tokens.labels(*labels)
         self.cached_tokens = m.cached_tokens.labels(*labels)
+        self.router_added = m.router_added.labels(model)
 
     def requests(self, status: str) -> Any:
         """``kvroute_worker_requests`` for one outcome (``ok``, ``error``, an HTTP status)."""

@@ -184,7 +184,8 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
         if worker is None:
             worker = _choose_worker_traced(app, route, ctx, tried, record)
             tried.add(worker.url)
-        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, meter=grant, deadline=deadline, **options)
+        dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, meter=grant, deadline=deadline,
+                            arrived_at=request.pop(keys.ARRIVED, None), **options)  # the first try's only
         tries.append(dispatch)
         cache_tap.watch(dispatch)  # a cacheable miss: the response cache copies the answer (router/cache)
         try:

@@ -136,6 +136,12 @@ class Dispatch:
     failed: UpstreamError | None = None  # why the stream failed after its first byte
     capture: Capture | None = None  # telemetry: gathers the answer's text and finish reasons
     trace_headers: dict[str, str] | None = None  # traceparent/tracestate of this try's span; None: pass through
+    # The request's first try only: when the request reached the router (None on later tries
+    # and escalations, whose time before the call includes earlier tries). With ``sent_at`` and
+    # ``relay_s`` it gives the time the request spent in kvroute itself (account()).
+    arrived_at: float | None = None
+    sent_at: float | None = None  # when the call to the worker began
+    relay_s: float = 0.0  # from the worker's first bytes (a stream's first event, or the whole answer) to the client's
     # Awaited once a stream has all its events, before the client sees its end ([DONE], or
     # the end of the response): the response cache stores the answer there, so a client that
     # asks again at once finds it. Never raises.
@@ -224,14 +230,13 @@ async def _open(request: web.Request, stack: contextlib.AsyncExitStack,
     client_timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=timeouts.connect_s or server.connect_timeout_s)
     first_byte_at = now + timeouts.first_byte_s if d.req.stream else None
     timer = asyncio.timeout_at(first_byte_at)
+    body = upstream_body(d)
+    headers = {"content-type": "application/json", **_trace_headers(d), **d.worker.upstream_headers}
+    d.sent_at = time.perf_counter()
     try:
         async with timer:
             resp = await stack.enter_async_context(request.app[keys.SESSION].post(
-                d.worker.url + d.req.path,
-                data=upstream_body(d),
-                headers={"content-type": "application/json", **_trace_headers(d), **d.worker.upstream_headers},
-                timeout=client_timeout,
-            ))
+                d.worker.url + d.req.path, data=body, headers=headers, timeout=client_timeout))
     except TimeoutError as exc:
         if timer.expired():
             raise _stalled(d, first=True) from exc
@@ -249,7 +254,7 @@ def _stalled(d: Dispatch, *, first: bool) -> UpstreamTimeout:
 
 async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
     raw = await resp.read()
-    d.first_token_at = time.perf_counter()
+    d.first_token_at = received = time.perf_counter()
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
         parsed = orjson.loads(raw)
         if d.meter is not None:
@@ -257,8 +262,10 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         if d.capture is not None:
             d.capture.whole(parsed)
         d.usage = parsed.get("usage")
-    return web.Response(body=raw, status=resp.status, content_type="application/json",
-                        headers=response_headers(d))
+    response = web.Response(body=raw, status=resp.status, content_type="application/json",
+                            headers=response_headers(d))
+    d.relay_s = time.perf_counter() - received
+    return response
 
 
 class _SseEvents:
@@ -326,8 +333,11 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
     events = _SseEvents(resp.content, d)
     out: web.StreamResponse | None = None
     deadline, first = first_byte_at, True
+    received: float | None = None
     try:
         while (data := await events.next(deadline, first=first)) is not None:
+            if first:
+                received = time.perf_counter()
             first = False
             if d.capture is not None:
                 d.capture.event(data)
@@ -344,6 +354,8 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
                     await _before_end(d)  # the client stops reading at [DONE]
                 if not await _send(out, d, data + b"\n"):
                     return out  # the client left; stop reading the worker
+                if received is not None:  # the client's first event is out
+                    d.relay_s, received = time.perf_counter() - received, None
             deadline = loop.time() + idle_s  # from here: the worker's gap, not a slow client's
         if out is None:  # an empty stream: still answer well-formed SSE
             out = await _start_stream(request, d)
@@ -478,6 +490,8 @@ def account(app: web.Application, d: Dispatch) -> None:
         m.ttft.observe(d.first_token_at - d.started_at)
     if d.status == "ok":
         m.latency.observe(now - d.started_at)
+        if d.arrived_at is not None and d.sent_at is not None:
+            m.router_added.observe(d.sent_at - d.arrived_at + d.relay_s)
     usage = d.usage or {}
     if not isinstance(usage, dict):
         return

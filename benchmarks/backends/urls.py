@@ -111,15 +111,38 @@ def parse_router_state(health: dict, metrics_text: str) -> dict:
         "kvroute_worker_predicted_cached_tokens_total": "predicted_cached_tokens",
         "kvroute_worker_cached_prompt_tokens_total": "cached_tokens",
     }
+    added: dict[float, float] = {}  # kvroute_router_added_seconds: upper bound -> cumulative count
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
-            if s.name == "kvroute_kv_events_total":
+            if s.name == "kvroute_router_added_seconds_bucket":
+                le = float(s.labels["le"])
+                added[le] = added.get(le, 0.0) + s.value
+            elif s.name == "kvroute_kv_events_total":
                 kind = s.labels.get("type", "?")
                 events[kind] = events.get(kind, 0.0) + s.value
             elif s.name in sums:
                 totals[sums[s.name]] += s.value
+    p50 = histogram_quantile(added, 0.5)
     return {"mode": ",".join(modes), "kv_events": {k: int(v) for k, v in sorted(events.items())},
-            **{k: int(v) for k, v in totals.items()}}
+            **{k: int(v) for k, v in totals.items()},
+            "added_ms_p50": None if p50 is None else round(p50 * 1e3, 3)}
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Quantile ``q`` of a Prometheus histogram (upper bound -> cumulative count), linear
+    within the bucket it falls in, as PromQL's histogram_quantile; None when it is empty."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower  # past the last finite bound: its value is all that is known
+            return lower + (le - lower) * (rank - below) / max(buckets[le] - below, 1e-12)
+        lower, below = le, buckets[le]
+    return lower
 
 
 def router_state(url: str) -> dict | None:

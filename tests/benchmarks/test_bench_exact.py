@@ -154,4 +154,4 @@ def test_parse_router_state() -> None:
     )
     state = parse_router_state(health, metrics)
     assert state == {"mode": "kv_events", "kv_events": {"BlockRemoved": 3, "BlockStored": 15}, "gaps": 1,
-                     "predicted_cached_tokens": 704, "cached_tokens": 608}
+                     "predicted_cached_tokens": 704, "cached_tokens": 608, "added_ms_p50": None}

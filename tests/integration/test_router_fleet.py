@@ -115,6 +115,32 @@ def test_router_prompt_tokens_equal_each_workers_own_counter(router_for, fleet):
     assert sum(cached.values()) > 0 and sum(predicted.values()) > 0
 
 
+def _model_sample(text: str, name: str) -> float:
+    found = re.search(rf'^{name}\{{model="tiny"\}} ([0-9.e+-]+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_the_routers_own_time_is_a_small_part_of_vllms_time_to_first_token(router_for):
+    """kvroute_router_added_seconds counts each answered request once, and holds kvroute's
+    own time, well under what the workers took to their first token."""
+    router = router_for("prefix")
+    c = client(router)
+    before = router.metrics_text()
+    system = system_prompt(random.Random(11), 300)
+    for q in range(4):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {q}?"}]
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=3, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        c.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    after = router.metrics_text()
+    delta = {n: _model_sample(after, n) - _model_sample(before, n)
+             for n in ("kvroute_router_added_seconds_count", "kvroute_router_added_seconds_sum")}
+    ttft = sum(worker_counter(after, "kvroute_ttft_seconds_sum").values()) - sum(
+        worker_counter(before, "kvroute_ttft_seconds_sum").values())
+    assert delta["kvroute_router_added_seconds_count"] == 8
+    assert 0 < delta["kvroute_router_added_seconds_sum"] < ttft / 2
+
+
 def _in_flight(router, worker_url: str) -> int:
     pattern = rf'^kvroute_worker_in_flight_requests\{{[^}}]*worker="{re.escape(worker_url)}"[^}}]*\}} ([0-9.]+)$'
     found = re.search(pattern, router.metrics_text(), re.M)
