@@ -1,13 +1,15 @@
 """Where one kvroute process spends its CPU under load: py-spy samples, grouped by stage.
 
-    python tools/profile_router.py [--requests 4000] [--stream] [--seconds 15] [--out DIR]
+    python tools/profile_router.py [--requests 4000] [--stream] [--approximate] [--seconds 15] [--out DIR]
     python tools/profile_router.py --keys [--requests 4000]
 
 Starts the overhead benchmark's fake upstream and ``kvroute serve --policy prefix`` with the
 tiny model's tokenizer, drives it at 32 concurrent requests (the overhead benchmark's
-prompts: 16 groups sharing a ~1,000-token system prompt), records the router with
+prompts: 16 groups sharing a ~1,000-token system prompt; ``--approximate``: no tokenizer,
+so the router runs in approximate mode), records the router with
 ``py-spy record --format raw`` and prints each stage's share of the samples (the innermost
-frame that names a stage decides). Needs ``pip install py-spy`` (the bench extra).
+frame that names a stage decides), then the ``--top`` functions the samples were in.
+Needs ``pip install py-spy`` (the bench extra).
 
 ``--keys`` times exact mode's prompt -> block keys instead, stage by stage, with the CPU
 time of the thread that runs them (``time.thread_time``): the router runs in this script
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +65,17 @@ def breakdown(raw: Path) -> list[tuple[str, float]]:
                 break
         counts[stage or "other"] += int(n)
     return [(s, 100 * n / max(1, total)) for s, n in counts.most_common()]
+
+
+def innermost(raw: Path, top: int) -> list[tuple[str, float]]:
+    """The ``top`` functions that samples were in (the innermost frame, line numbers dropped)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            counts[re.sub(r":\d+\)$", ")", stack.split(";")[-1])] += int(n)
+    total = max(1, sum(counts.values()))
+    return [(f, 100 * n / total) for f, n in counts.most_common(top)]
 
 
 def serve_timed(argv: list[str]) -> int:
@@ -118,8 +132,12 @@ def main() -> int:
     p.add_argument("--base-port", type=int, default=9580)
     p.add_argument("--out", default="bench-out/profile")
     p.add_argument("--keys", action="store_true", help="time the prompt -> keys stages instead of py-spy")
+    p.add_argument("--approximate", action="store_true", help="no tokenizer: profile approximate mode")
+    p.add_argument("--top", type=int, default=15, help="innermost functions to list")
     args = p.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if args.keys and args.approximate:
+        raise SystemExit("--keys times exact mode's prompt -> keys stages; it needs the tokenizer")
     if not args.keys and not Path(pyspy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
     from kvroute.benchmarks.overhead import _load
@@ -134,7 +152,8 @@ def main() -> int:
     serve = [__file__, "--serve-timed"] if args.keys else ["-m", "kvroute.router.cli"]
     router = subprocess.Popen([sys.executable, *serve, "--log-level", "WARNING", "serve",
                                "--model", "tiny", "--policy", "prefix", "--host", "127.0.0.1", "--port", str(port),
-                               "--worker", f"http://127.0.0.1:{up_port}", "--tokenizer", str(build_tiny_model())],
+                               "--worker", f"http://127.0.0.1:{up_port}",
+                               *([] if args.approximate else ["--tokenizer", str(build_tiny_model())])],
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -168,6 +187,9 @@ def main() -> int:
     print("| stage | share of router samples |\n|---|---|")
     for stage, share in breakdown(raw):
         print(f"| {stage} | {share:.1f}% |")
+    print("\n| innermost function | share of router samples |\n|---|---|")
+    for frame, share in innermost(raw, args.top):
+        print(f"| `{frame}` | {share:.1f}% |")
     return 0
 
 

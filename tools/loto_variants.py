@@ -1,0 +1,92 @@
+"""Leave-one-task-out APGR of two variants of the default recipe that were not shipped.
+
+    python tools/loto_variants.py [--cache DIR]
+
+- ``ensemble``: the default head's and another recipe's logits, each z-scored on its
+  training rows, summed.
+- ``pca K``: the embedding projected on its top K principal components (fitted on each
+  fold's training rows) before the default ``gain_within`` fit; ``pca nested`` picks K per
+  fold by an inner leave-one-task-out over that fold's training units, so the unit left
+  out never chooses it.
+
+Same units, data and scoring as ``kvroute classifier loto`` (classifier/loto.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load
+from kvroute.classifier.head import fit_gain
+from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, task_weights, unit_of
+from kvroute.classifier.metrics import random_baseline, summarize
+from kvroute.classifier.train import gains, labels
+
+KS = (64, 96, 128, 160, 192, 256)
+ENSEMBLES = ("logreg", "gain", "mf", "old-default")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", help="embedding cache dir (as classifier loto --cache)")
+    args = p.parse_args()
+    recs = [r for r in load("routellm") if ROUTELLM_STRONG in r.scores and ROUTELLM_WEAK in r.scores]
+    x = layer_features([r.prompt for r in recs], [0], args.cache)
+    emb = x[:, :384]
+    unit = np.array([unit_of(r) for r in recs])
+    prompts = np.array([r.prompt for r in recs], dtype=object)
+    task = np.array([r.task for r in recs])
+    gain = np.asarray(gains(recs, ROUTELLM_STRONG, ROUTELLM_WEAK, 1.0))
+    y = np.asarray(labels(recs, ROUTELLM_STRONG, ROUTELLM_WEAK, 1.0))
+    sq = np.array([r.scores[ROUTELLM_STRONG] for r in recs])
+    wq = np.array([r.scores[ROUTELLM_WEAK] for r in recs])
+
+    def split(pool: np.ndarray, u: str) -> tuple[np.ndarray, np.ndarray]:
+        test = pool[unit[pool] == u]
+        held = set(prompts[test])
+        return np.array([i for i in pool[unit[pool] != u] if prompts[i] not in held]), test
+
+    def pca_apgr(train: np.ndarray, test: np.ndarray, k: int | None) -> float:
+        a, b = emb[train], emb[test]
+        if k is not None:
+            mean = a.mean(0)
+            proj = np.linalg.svd(a - mean, full_matrices=False)[2][:k].T
+            a, b = (a - mean) @ proj, (b - mean) @ proj
+        head = fit_gain(a, gain[train], y[train], 1.0, task_weights([recs[i] for i in train], 0.25), task[train])
+        return float(summarize(head.logits(b).ravel(), sq[test], wq[test])["apgr"])
+
+    def z_logits(name: str, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        recipe = RECIPES[name]
+        head = fit_recipe(recipe, x[train], [recs[i] for i in train], ROUTELLM_STRONG, ROUTELLM_WEAK)
+        fit, out = head.logits(recipe.features(x[train])), head.logits(recipe.features(x[test]))
+        return ((out - fit.mean()) / fit.std()).ravel()
+
+    rows: dict[str, dict[str, float]] = {}
+    everything = np.arange(len(recs))
+    for u in UNITS:
+        train, test = split(everything, u)
+        rows.setdefault("random", {})[u] = float(random_baseline(list(sq[test]), list(wq[test]))["apgr"])
+        base = z_logits("default", train, test)
+        rows.setdefault("default", {})[u] = float(summarize(base, sq[test], wq[test])["apgr"])
+        for other in ENSEMBLES:
+            s = base + z_logits(other, train, test)
+            rows.setdefault(f"ensemble: default + {other}", {})[u] = float(summarize(s, sq[test], wq[test])["apgr"])
+        for k in KS:
+            rows.setdefault(f"pca {k}", {})[u] = pca_apgr(train, test, k)
+        inner = {k: np.mean([pca_apgr(*split(train, v), k) for v in UNITS if v != u]) for k in KS}
+        best = max(KS, key=lambda k: inner[k])
+        rows.setdefault("pca nested (K chosen per fold)", {})[u] = pca_apgr(train, test, best)
+        print(f"{u}: nested LOTO chose K={best}", flush=True)
+    print("\n| variant | " + " | ".join(UNITS) + " | mean | worst |\n|---" * 1 + "|---" * (len(UNITS) + 2) + "|")
+    for name, per in rows.items():
+        cells = " | ".join(f"{per[u]:.3f}" for u in UNITS)
+        below = [u for u in UNITS if name != "random" and per[u] < rows["random"][u]]
+        note = f" (below random: {', '.join(below)})" if below else ""
+        print(f"| {name} | {cells} | {np.mean(list(per.values())):.3f} | {min(per.values()):.3f}{note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
