@@ -134,11 +134,20 @@ def test_the_routers_own_time_is_a_small_part_of_vllms_time_to_first_token(route
         c.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
     after = router.metrics_text()
     delta = {n: _model_sample(after, n) - _model_sample(before, n)
-             for n in ("kvroute_router_added_seconds_count", "kvroute_router_added_seconds_sum")}
+             for n in ("kvroute_router_added_seconds_count", "kvroute_router_added_seconds_sum",
+                       "kvroute_retries_total")}
     ttft = sum(worker_counter(after, "kvroute_ttft_seconds_sum").values()) - sum(
         worker_counter(before, "kvroute_ttft_seconds_sum").values())
-    assert delta["kvroute_router_added_seconds_count"] == 8
+    answered = _ok_requests(after) - _ok_requests(before)
+    # A request answered on a retry (say, over a pooled connection the worker had closed) is left out.
+    counted = delta["kvroute_router_added_seconds_count"]
+    assert counted == answered - delta["kvroute_retries_total"] >= 4, (counted, answered, delta)
     assert 0 < delta["kvroute_router_added_seconds_sum"] < ttft / 2
+
+
+def _ok_requests(text: str) -> float:
+    return sum(float(v) for v in re.findall(
+        r'^kvroute_worker_requests_total\{model="tiny",status="ok",worker="[^"]+"\} ([0-9.e+]+)$', text, re.M))
 
 
 def _in_flight(router, worker_url: str) -> int:
