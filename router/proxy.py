@@ -376,14 +376,18 @@ async def _before_end(d: Dispatch) -> None:
 
 
 async def _send(out: web.StreamResponse, d: Dispatch, data: bytes | None) -> bool:
-    """Write to the client (None: end the response); False when the client has left."""
+    """Write to the client (None: end the response); False when the client has left.
+
+    A client that leaves while the response ends had every event: the openai client closes
+    the connection at ``[DONE]``, before the chunked body's last bytes."""
     try:
         if data is None:
             await out.write_eof()
         else:
             await out.write(data)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        d.status = "client_disconnected"
+        if data is not None:
+            d.status = "client_disconnected"
         return False
     return True
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from kvroute.benchmarks.backends.mock import SEEN, fake_worker
 from kvroute.router import keys
@@ -72,6 +75,43 @@ async def test_stream_strips_the_usage_chunk_unless_asked_and_counts_it(client, 
     resp = await client.post("/v1/chat/completions",
                              json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert '"usage"' in (await resp.read()).decode()
+
+
+@pytest.mark.parametrize("leaves_at", ["end", "event"])
+async def test_a_client_that_hangs_up_at_the_end_of_a_stream_had_its_answer(client, monkeypatch, leaves_at):
+    """The openai client closes the connection at [DONE], before the chunked body's last
+    bytes; ending the response can then fail. The answer was delivered: it counts as ok.
+    A client gone before an event did not get its answer."""
+    registry = client.server.app[keys.METRICS].registry
+    url = next(iter(client.server.app[keys.ROUTES].get("tiny").tiers[0].pool.all())).url
+    sent = []
+    write_, write_eof_ = web.StreamResponse.write, web.StreamResponse.write_eof
+    router = client.server.app
+
+    async def write(self, data):
+        if self._req.app is not router:  # the mock worker's own response
+            return await write_(self, data)
+        sent.append(data)
+        if leaves_at == "event" and len(sent) == 2:
+            raise ConnectionResetError("client gone")
+        return await write_(self, data)
+
+    async def write_eof(self, data=b""):
+        if self._req.app is not router:
+            return await write_eof_(self, data)
+        raise ConnectionResetError("client gone")
+
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    monkeypatch.setattr(web.StreamResponse, "write_eof", write_eof)
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # the body never ends: the "client" left
+        await resp.read()
+    status = "ok" if leaves_at == "end" else "client_disconnected"
+    await until(lambda: registry.get_sample_value("kvroute_worker_requests_total",
+                                                  {"model": "tiny", "worker": url, "status": status}) == 1)
+    if leaves_at == "end":
+        assert sent[-1] == b"data: [DONE]\n\n"
+        assert registry.get_sample_value("kvroute_router_added_seconds_count", {"model": "tiny"}) == 1
 
 
 async def test_cached_tokens_and_completions_are_accounted(client):
