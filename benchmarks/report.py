@@ -119,8 +119,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "request share × workers."
         + (" in kvroute: the time a request spent in kvroute itself, from its arrival to the "
            "call to the worker plus from the worker's first event to the client's (its "
-           "kvroute_router_added_seconds metric); the rest of the TTFT is the worker's and the "
-           "network's." if _has_added(doc) else ""),
+           "kvroute_router_added_seconds metric); the rest of the TTFT is the worker's, the "
+           "network's and the wait for a core." if _has_added(doc) else ""),
         "",
     ]
     return "\n".join(lines)
