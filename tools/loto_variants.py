@@ -15,14 +15,13 @@ Same units, data and scoring as ``kvroute classifier loto`` (classifier/loto.py)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 
 from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load
-from kvroute.classifier.head import fit_gain
-from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, task_weights, unit_of
+from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, unit_of
 from kvroute.classifier.metrics import random_baseline, summarize
-from kvroute.classifier.train import gains, labels
 
 KS = (64, 96, 128, 160, 192, 256)
 ENSEMBLES = ("logreg", "gain", "mf", "old-default")
@@ -37,9 +36,7 @@ def main() -> int:
     emb = x[:, :384]
     unit = np.array([unit_of(r) for r in recs])
     prompts = np.array([r.prompt for r in recs], dtype=object)
-    task = np.array([r.task for r in recs])
-    gain = np.asarray(gains(recs, ROUTELLM_STRONG, ROUTELLM_WEAK, 1.0))
-    y = np.asarray(labels(recs, ROUTELLM_STRONG, ROUTELLM_WEAK, 1.0))
+    on_projection = dataclasses.replace(RECIPES["default"], surface=True)  # its features: all columns given
     sq = np.array([r.scores[ROUTELLM_STRONG] for r in recs])
     wq = np.array([r.scores[ROUTELLM_WEAK] for r in recs])
 
@@ -48,13 +45,11 @@ def main() -> int:
         held = set(prompts[test])
         return np.array([i for i in pool[unit[pool] != u] if prompts[i] not in held]), test
 
-    def pca_apgr(train: np.ndarray, test: np.ndarray, k: int | None) -> float:
-        a, b = emb[train], emb[test]
-        if k is not None:
-            mean = a.mean(0)
-            proj = np.linalg.svd(a - mean, full_matrices=False)[2][:k].T
-            a, b = (a - mean) @ proj, (b - mean) @ proj
-        head = fit_gain(a, gain[train], y[train], 1.0, task_weights([recs[i] for i in train], 0.25), task[train])
+    def pca_apgr(train: np.ndarray, test: np.ndarray, k: int) -> float:
+        mean = emb[train].mean(0)
+        proj = np.linalg.svd(emb[train] - mean, full_matrices=False)[2][:k].T
+        a, b = (emb[train] - mean) @ proj, (emb[test] - mean) @ proj
+        head = fit_recipe(on_projection, a, [recs[i] for i in train], ROUTELLM_STRONG, ROUTELLM_WEAK)
         return float(summarize(head.logits(b).ravel(), sq[test], wq[test])["apgr"])
 
     def z_logits(name: str, train: np.ndarray, test: np.ndarray) -> np.ndarray:
