@@ -6,7 +6,7 @@ from aiohttp import web
 
 from kvroute.router import keys
 from tests.clock import FakeClock, until
-from tests.governance.conftest import make_client
+from tests.governance.conftest import PATIENT, make_client
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 300,
         "fake_completion_tokens": 289, "fake_honor_max_tokens": True}  # 11 + 289 = 300 tokens a request
@@ -43,7 +43,7 @@ async def test_thresholds_fire_exactly_once_per_window(aiohttp_client, upstream,
 
 async def test_thresholds_fire_once_across_two_replicas(aiohttp_client, upstream, redis_url, prefix):
     clock = FakeClock()
-    governance = {"redis": {"url": redis_url, "prefix": prefix}, "session_id": {"derive": "off"},
+    governance = {"redis": {"url": redis_url, "prefix": prefix, **PATIENT}, "session_id": {"derive": "off"},
                   "budgets": [{"name": "daily", "scope": "global", "window": "day", "limit": {"tokens": 1000},
                                "soft": True}]}
     a = await make_client(aiohttp_client, upstream, governance, clock)

@@ -15,7 +15,7 @@ from kvroute.router.metrics import RouterMetrics
 from kvroute.router.requests import CHAT, parse_request
 from kvroute.router.routes import ModelRoutes
 from tests.clock import FakeClock
-from tests.governance.conftest import router_cfg
+from tests.governance.conftest import PATIENT, router_cfg
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 100}
 
@@ -46,7 +46,7 @@ def dispatch(grant, completion: int | None = None):
 async def test_fifty_concurrent_admissions_on_two_governors_never_overspend(redis_url, prefix):
     limit = 2000
     budget = {"name": "team", "scope": "global", "window": "day", "limit": {"tokens": limit}}
-    (a, b), served, clock = await setup({"redis": {"url": redis_url, "prefix": prefix}, "budgets": [budget]})
+    (a, b), served, clock = await setup({"redis": {"url": redis_url, "prefix": prefix, **PATIENT}, "budgets": [budget]})
 
     async def one(i: int) -> int:
         gov = a if i % 2 else b
@@ -72,7 +72,8 @@ async def test_fifty_concurrent_admissions_on_two_governors_never_overspend(redi
 
 async def test_a_cut_or_abandoned_stream_is_charged_for_its_tokens_and_frees_its_reservation(redis_url, prefix):
     budget = {"name": "team", "scope": "global", "window": "day", "limit": {"tokens": 10_000}}
-    (gov,), served, clock = await setup({"redis": {"url": redis_url, "prefix": prefix}, "budgets": [budget]}, n=1)
+    redis = {"url": redis_url, "prefix": prefix, **PATIENT}
+    (gov,), served, clock = await setup({"redis": redis, "budgets": [budget]}, n=1)
     grant = await admit(gov, served, {**BODY, "max_tokens": 40, "stream": True})
     assert all(grant.on_stream_tokens(1) for _ in range(40))
     assert not grant.on_stream_tokens(1)  # the 41st token crosses what was reserved
@@ -88,7 +89,7 @@ async def test_a_cut_or_abandoned_stream_is_charged_for_its_tokens_and_frees_its
 
 
 async def test_kill_switch_reaches_the_other_governor_after_its_ttl_and_cuts_streams(redis_url, prefix):
-    governance = {"redis": {"url": redis_url, "prefix": prefix}, "kill_switch": {"ttl_s": 0.5}}
+    governance = {"redis": {"url": redis_url, "prefix": prefix, **PATIENT}, "kill_switch": {"ttl_s": 0.5}}
     (a, b), served, clock = await setup(governance)
     grant = await admit(b, served, headers={"x-kvroute-agent": "bot"})
     await a.kill.set("agent", "bot", "spent too much")

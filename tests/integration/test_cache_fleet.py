@@ -31,8 +31,10 @@ def client(router, key: str = "sk-a") -> openai.OpenAI:
 
 
 def test_repeats_are_served_once_by_the_fleet_across_two_replicas(fleet, redis_url, tmp_path):
+    # patient timeouts: on a loaded CI machine a local Redis can take over the 0.5 s default to answer
+    redis = {"url": redis_url, "prefix": f"it:{uuid.uuid4().hex[:8]}", "connect_timeout_s": 5, "timeout_s": 5}
     cfg = {"models": [{"name": "tiny", "workers": fleet.urls, "tokenizer": fleet.model_dir, "policy": "prefix"}],
-           "cache": {"exact": {"ttl_s": 600}, "redis": {"url": redis_url, "prefix": f"it:{uuid.uuid4().hex[:8]}"}}}
+           "cache": {"exact": {"ttl_s": 600}, "redis": redis}}
     messages = [{"role": "user", "content": f"Name a colour. ({uuid.uuid4().hex})"}]
     ask = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
     with run_router(cfg, tmp_path) as one, run_router(cfg, tmp_path) as two:

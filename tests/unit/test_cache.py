@@ -14,6 +14,7 @@ from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
 from tests.clock import FakeClock
+from tests.governance.conftest import PATIENT
 
 CALLS = web.AppKey("calls", list)
 PRICE = {"input_per_m": 1.0, "output_per_m": 2.0}
@@ -240,7 +241,7 @@ TENANTS = [{"name": "acme", "keys": ["sk-a", "sk-a2"]}, {"name": "globex", "keys
 
 
 async def test_tenant_b_never_gets_tenant_a_entry_memory_and_redis(aiohttp_client, worker, redis_url):
-    for cache in ({"exact": {}}, {"exact": {}, "redis": {"url": redis_url, "prefix": "t:iso"}}):
+    for cache in ({"exact": {}}, {"exact": {}, "redis": {"url": redis_url, "prefix": "t:iso", **PATIENT}}):
         client = await router(aiohttp_client, config(worker, cache, {"tenants": TENANTS}))
         a, b, a2 = ({"Authorization": f"Bearer {k}"} for k in ("sk-a", "sk-b", "sk-a2"))
         first, raw_a = await post(client, chat(stream=True), a)
@@ -255,7 +256,7 @@ async def test_tenant_b_never_gets_tenant_a_entry_memory_and_redis(aiohttp_clien
 
 
 async def test_two_replicas_share_entries_through_redis(aiohttp_client, worker, redis_url):
-    cache = {"exact": {"ttl_s": 60}, "redis": {"url": redis_url, "prefix": "t:share"}}
+    cache = {"exact": {"ttl_s": 60}, "redis": {"url": redis_url, "prefix": "t:share", **PATIENT}}
     one = await router(aiohttp_client, config(worker, cache))
     two = await router(aiohttp_client, config(worker, cache))
     await post(one, chat(stream=True))
@@ -269,13 +270,13 @@ async def test_two_replicas_share_entries_through_redis(aiohttp_client, worker, 
 
 
 async def test_governance_reuses_its_redis_for_the_cache(aiohttp_client, worker, redis_url):
-    gov = {"tenants": TENANTS, "redis": {"url": redis_url, "prefix": "t:gov"}}
+    gov = {"tenants": TENANTS, "redis": {"url": redis_url, "prefix": "t:gov", **PATIENT}}
     cfg = config(worker, {"exact": {}}, gov)
     assert cfg.cache.redis.url == redis_url and cfg.cache.redis.prefix == "kvroute:cache"
     one = await router(aiohttp_client, cfg)
     two = await router(aiohttp_client, cfg)
     key = {"Authorization": "Bearer sk-a"}
-    await post(one, chat(content="shared via governance redis"), key)
+    assert (await post(one, chat(content="shared via governance redis"), key))[0].status == 200
     assert (await post(two, chat(content="shared via governance redis"), key))[0].headers["x-kvroute-cache"] == "hit"
     await two.app[keys.CACHE].store.client.delete(*await two.app[keys.CACHE].store.client.keys("kvroute:cache:e:*"))
 

@@ -24,6 +24,7 @@ from kvroute.router.cache.semantic_index import SemanticIndex, Stored
 from kvroute.router.config import config_from_dict
 from kvroute.router.errors import ConfigError
 from tests.clock import FakeClock, ManualClock
+from tests.governance.conftest import PATIENT
 
 PAIRS = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "semantic" / "near_opposites.jsonl"
 
@@ -248,7 +249,7 @@ TENANTS = [{"name": "acme", "keys": ["sk-a"]},
 
 
 async def test_tenant_b_never_gets_tenant_a_semantic_entry_and_hits_cost_zero(aiohttp_client, worker, redis_url):
-    for cache in ({"semantic": {}}, {"semantic": {}, "redis": {"url": redis_url, "prefix": "t:sem-iso"}}):
+    for cache in ({"semantic": {}}, {"semantic": {}, "redis": {"url": redis_url, "prefix": "t:sem-iso", **PATIENT}}):
         cfg = config_from_dict(model_config(url(worker), cache, {"tenants": TENANTS}))
         client = await aiohttp_client(create_app(cfg, clock=ManualClock()))
         a, b, c = ({"Authorization": f"Bearer {k}"} for k in ("sk-a", "sk-b", "sk-c"))
@@ -266,7 +267,7 @@ async def test_tenant_b_never_gets_tenant_a_semantic_entry_and_hits_cost_zero(ai
 
 
 async def test_two_replicas_share_semantic_entries_through_redis(aiohttp_client, worker, redis_url):
-    cache = {"semantic": {"sync_interval_s": 0.25}, "redis": {"url": redis_url, "prefix": "t:sem-share"}}
+    cache = {"semantic": {"sync_interval_s": 0.25}, "redis": {"url": redis_url, "prefix": "t:sem-share", **PATIENT}}
     clock_one, clock_two = ManualClock(), ManualClock()
     one = await aiohttp_client(create_app(config_from_dict(model_config(url(worker), cache)), clock=clock_one))
     two = await aiohttp_client(create_app(config_from_dict(model_config(url(worker), cache)), clock=clock_two))

@@ -15,6 +15,7 @@ from kvroute.router.config import ClassifierConfig, OnlineCalibrationConfig, con
 from kvroute.router.errors import ConfigError
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.tiers import TierChooser
+from tests.governance.conftest import PATIENT
 
 TWO_TIERS = [{"name": "s", "workers": ["http://a:1"]}, {"name": "l", "workers": ["http://b:1"]}]
 
@@ -189,7 +190,7 @@ async def test_a_missing_shadow_is_a_config_error_naming_the_key(tmp_path):
 def shared_config(redis_url: str, **online) -> dict:
     return {"models": [{"name": "auto", "tiers": TWO_TIERS, "classifier": {
         "target_strong_share": 0.3, "online": {"shared": True, **online}}}],
-        "governance": {"redis": {"url": redis_url, "prefix": f"test-{uuid.uuid4().hex[:8]}"}}}
+        "governance": {"redis": {"url": redis_url, "prefix": f"test-{uuid.uuid4().hex[:8]}", **PATIENT}}}
 
 
 def test_a_shared_threshold_needs_governance_redis_and_uses_it(redis_url):
