@@ -11,7 +11,10 @@ and client settings that does nothing else (``floor_proxy_app``), the part of kv
 cost that is Python's HTTP stack.
 
 Reported per router and mode: latency p50/p99, added latency over direct (p50 and p99
-differences), and req/s at that concurrency (the peak a closed loop reaches). Client,
+differences), and req/s at that concurrency (the peak a closed loop reaches). For kvroute
+also the time each request spent in kvroute itself (``kvroute_router_added_seconds``,
+read from its ``/metrics`` before and after the load): the rest of the added latency is
+the extra hop and waiting for the CPU. Client,
 upstream and router share this machine's cores, so absolute figures are pessimistic;
 compare routers within one run.
 """
@@ -27,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ import aiohttp
 from aiohttp import web
 
 from kvroute.benchmarks.backends.routers import RouterProcess, http_ok, parse_router, router_command
+from kvroute.benchmarks.backends.urls import added_buckets, histogram_quantile
 from kvroute.benchmarks.results import percentile
 from kvroute.benchmarks.runner import run_standalone
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records
@@ -249,11 +254,35 @@ def _load_curve(url: str, bodies: list[dict], rates: list[float], seconds: float
     points = []
     for rate in rates:
         n = max(20, int(rate * seconds))
+        before = _added_snapshot(url)
         lat, errors, elapsed = asyncio.run(_open_loop(url, [bodies[i % len(bodies)] for i in range(n)], rate,
                                                       stream))
         points.append({"rate": rate, "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
-                       "achieved_rps": round(len(lat) / elapsed, 1), "errors": errors})
+                       "achieved_rps": round(len(lat) / elapsed, 1), "errors": errors,
+                       **_in_kvroute(before, _added_snapshot(url))})
     return points
+
+
+def _added_snapshot(url: str) -> dict[float, float] | None:
+    """A kvroute router's ``kvroute_router_added_seconds`` buckets now; None for a router
+    (or the upstream) without them."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    return added_buckets(text) or None
+
+
+def _in_kvroute(before: dict[float, float] | None, after: dict[float, float] | None) -> dict[str, float | None]:
+    """p50 and p99 of the time in kvroute itself over the requests between two snapshots,
+    interpolated within the histogram's buckets (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5 ms...)."""
+    if before is None or after is None:
+        return {}
+    delta = {le: count - before.get(le, 0.0) for le, count in after.items()}
+    return {"in_kvroute_p50_ms": _ms(histogram_quantile(delta, 0.5)),
+            "in_kvroute_p99_ms": _ms(histogram_quantile(delta, 0.99)),
+            "in_kvroute_requests": round(delta.get(float("inf"), 0.0))}
 
 
 def _cpu_seconds(pid: int | None) -> float | None:
@@ -281,9 +310,11 @@ def _measure(url: str, bodies: list[dict], warmup: list[dict], concurrency: int,
     out: dict[str, Any] = {}
     for stream in (False, True):
         asyncio.run(_load(url, warmup, concurrency, stream))
+        added0 = _added_snapshot(url)
         cpu0, client0, up0 = _cpu_seconds(pid), time.process_time(), _cpu_seconds(upstream_pid)
         lat, errors, elapsed = asyncio.run(_load(url, bodies, concurrency, stream))
         cpu1, client1, up1 = _cpu_seconds(pid), time.process_time(), _cpu_seconds(upstream_pid)
+        added = _in_kvroute(added0, _added_snapshot(url))
         mode = "stream" if stream else "plain"
         out[mode] = {
             "p50_ms": _ms(percentile(lat, 50)),
@@ -293,6 +324,7 @@ def _measure(url: str, bodies: list[dict], warmup: list[dict], concurrency: int,
             "cpu_us_per_request": _per_request(cpu0, cpu1, len(bodies)),
             "client_cpu_us_per_request": _per_request(client0, client1, len(bodies)),
             "upstream_cpu_us_per_request": _per_request(up0, up1, len(bodies)),
+            **added,
         }
     return out
 
@@ -495,18 +527,19 @@ def render_overhead(doc: dict[str, Any]) -> str:
         "",
         f"command: `{doc['command']}`",
         "",
-        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | router CPU µs/req | errors "
-        "| client CPU µs/req | upstream CPU µs/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| router | mode | p50 ms | p99 ms | added p50 ms | added p99 ms | in kvroute p50 / p99 ms | req/s "
+        "| router CPU µs/req | errors | client CPU µs/req | upstream CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in doc["routers"].items():
         if "failure" in r:
-            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | | | | |")
+            lines.append(f"| {name} | – | failed: {r['failure'][:80]} | | | | | | | | | |")
             continue
         for mode, m in r.items():
             lines.append(
                 f"| {name} | {mode} | {m['p50_ms']} | {m['p99_ms']} | {m.get('added_p50_ms', '–')} "
-                f"| {m.get('added_p99_ms', '–')} | {m['rps']} | {m.get('cpu_us_per_request') or '–'} | {m['errors']} "
+                f"| {m.get('added_p99_ms', '–')} | {_in_kvroute_cell(m)} | {m['rps']} "
+                f"| {m.get('cpu_us_per_request') or '–'} | {m['errors']} "
                 f"| {m.get('client_cpu_us_per_request') or '–'} | {m.get('upstream_cpu_us_per_request') or '–'} |"
             )
     curves = doc.get("load_curve")
@@ -521,7 +554,24 @@ def render_overhead(doc: dict[str, Any]) -> str:
             cells = [f"{p.get('added_p50_ms', p['p50_ms'])} / {p.get('added_p99_ms', p['p99_ms'])}"
                      + (f" [{p['errors']}]" if p["errors"] else "") for p in points]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        own = {name: points for name, points in curves.items() if any("in_kvroute_p50_ms" in p for p in points)}
+        if own:
+            lines += ["", "Time in kvroute itself at each offered load (`kvroute_router_added_seconds`: "
+                      "arrival to the worker call, and the worker's first bytes to the client's), "
+                      "p50 / p99 (ms)", "",
+                      "| router | " + " | ".join(f"{p['rate']:g}" for p in next(iter(own.values()))) + " |",
+                      "|---|" + "---|" * len(next(iter(own.values())))]
+            for name, points in own.items():
+                lines.append(f"| {name} | " + " | ".join(_in_kvroute_cell(p) for p in points) + " |")
+    lines += ["", "in kvroute: from the router's `kvroute_router_added_seconds` histogram, interpolated "
+              "within its buckets; the rest of the added latency is the extra hop and waiting for a core."]
     return "\n".join(lines) + "\n"
+
+
+def _in_kvroute_cell(m: dict[str, Any]) -> str:
+    if m.get("in_kvroute_p50_ms") is None:
+        return "–"
+    return f"{m['in_kvroute_p50_ms']} / {m['in_kvroute_p99_ms']}"
 
 
 if __name__ == "__main__":

@@ -111,21 +111,31 @@ def parse_router_state(health: dict, metrics_text: str) -> dict:
         "kvroute_worker_predicted_cached_tokens_total": "predicted_cached_tokens",
         "kvroute_worker_cached_prompt_tokens_total": "cached_tokens",
     }
-    added: dict[float, float] = {}  # kvroute_router_added_seconds: upper bound -> cumulative count
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "kvroute_kv_events_total":
+                kind = s.labels.get("type", "?")
+                events[kind] = events.get(kind, 0.0) + s.value
+            elif s.name in sums:
+                totals[sums[s.name]] += s.value
+    p50 = histogram_quantile(added_buckets(metrics_text), 0.5)
+    return {"mode": ",".join(modes), "kv_events": {k: int(v) for k, v in sorted(events.items())},
+            **{k: int(v) for k, v in totals.items()},
+            "added_ms_p50": None if p50 is None else round(p50 * 1e3, 3)}
+
+
+def added_buckets(metrics_text: str) -> dict[float, float]:
+    """``kvroute_router_added_seconds`` summed over its labels: upper bound -> cumulative
+    count (empty for a router that does not export it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    added: dict[float, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
             if s.name == "kvroute_router_added_seconds_bucket":
                 le = float(s.labels["le"])
                 added[le] = added.get(le, 0.0) + s.value
-            elif s.name == "kvroute_kv_events_total":
-                kind = s.labels.get("type", "?")
-                events[kind] = events.get(kind, 0.0) + s.value
-            elif s.name in sums:
-                totals[sums[s.name]] += s.value
-    p50 = histogram_quantile(added, 0.5)
-    return {"mode": ",".join(modes), "kv_events": {k: int(v) for k, v in sorted(events.items())},
-            **{k: int(v) for k, v in totals.items()},
-            "added_ms_p50": None if p50 is None else round(p50 * 1e3, 3)}
+    return added
 
 
 def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:

@@ -14,7 +14,7 @@ import pytest
 from kvroute.benchmarks import agreement, ceiling, cli, overhead
 from kvroute.benchmarks.backends.routers import parse_router, router_command
 from kvroute.benchmarks.cli import build_parser, command_argv, main
-from kvroute.benchmarks.overhead import add_overhead, fake_upstream_app, floor_proxy_app, render_overhead
+from kvroute.benchmarks.overhead import FLOOR, add_overhead, fake_upstream_app, floor_proxy_app, render_overhead
 from kvroute.benchmarks.runner import drive, write_request_log
 from kvroute.benchmarks.workloads import WorkloadSpec, iter_records, read_trace, workload_from_args
 
@@ -279,7 +279,60 @@ def test_overhead_table() -> None:
     md = render_overhead(
         {"requests": 1, "concurrency": 1, "prompt_tokens": 1, "command": "c", "routers": results}
     )
-    assert "| prefix | plain | 1.5 | 4.0 | 0.5 | 2.0 | 600.0 | 410 | 0 | 250 | 90 |" in md and "failed: boom" in md
+    assert "| prefix | plain | 1.5 | 4.0 | 0.5 | 2.0 | – | 600.0 | 410 | 0 | 250 | 90 |" in md and "failed: boom" in md
+
+
+def test_the_time_in_kvroute_is_read_between_two_snapshots() -> None:
+    from kvroute.benchmarks.overhead import _in_kvroute
+
+    inf = float("inf")
+    before = {0.001: 10.0, 0.002: 10.0, inf: 10.0}  # the warm-up: all under 1 ms
+    after = {0.001: 10.0, 0.002: 20.0, inf: 30.0}  # the load: half 1-2 ms, half past the last bound
+    assert _in_kvroute(before, after) == {"in_kvroute_p50_ms": 2.0, "in_kvroute_p99_ms": 2.0,
+                                          "in_kvroute_requests": 20}
+    assert _in_kvroute(None, after) == {} and _in_kvroute(before, None) == {}
+
+
+def _free_run(n: int) -> int:
+    """A first port of ``n`` consecutive free ones."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 30000)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free run of ports")
+
+
+def test_overhead_bench_runs_end_to_end_and_reads_kvroute_s_own_time(tmp_path, tiny_model_dir) -> None:
+    """``kvroute bench overhead`` with a real kvroute process and the aiohttp floor: every
+    answered kvroute request is in its own-time histogram; the floor and the upstream have none."""
+    base = _free_run(4)  # the fake upstream, then direct's slot, the floor and kvroute
+    assert overhead.main(["--routers", "aiohttp-floor,prefix?tokenizer=0", "--requests", "60", "--concurrency", "4",
+                          "--upstreams", "1", "--base-port", str(base), "--rates", "40", "--rate-seconds", "1",
+                          "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    for mode in ("plain", "stream"):
+        kv = doc["routers"]["prefix?tokenizer=0"][mode]
+        assert kv["errors"] == 0 and kv["in_kvroute_requests"] == 60
+        assert 0 < kv["in_kvroute_p50_ms"] <= kv["in_kvroute_p99_ms"] < kv["p99_ms"]
+        assert "in_kvroute_p50_ms" not in doc["routers"][FLOOR][mode]
+        assert "in_kvroute_p50_ms" not in doc["routers"]["direct"][mode]
+    point = doc["load_curve"]["prefix?tokenizer=0"][0]
+    assert point["errors"] == 0 and point["in_kvroute_requests"] == 40
+    md = (tmp_path / "overhead.md").read_text()
+    assert "Time in kvroute itself at each offered load" in md and (tmp_path / "overhead_load.png").exists()
 
 
 def test_the_client_and_the_upstream_cpu_are_measured_beside_the_routers() -> None:
