@@ -13,7 +13,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import aiohttp
 from aiohttp import web
 
-from kvroute.router import keys
+from kvroute.router import keys, proxy
 from kvroute.router.admission import Admission
 from kvroute.router.cache import stage as response_cache
 from kvroute.router.config import RouterConfig
@@ -49,6 +49,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     app[keys.ROUTES] = routes
     admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
     app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
+    app.on_response_prepare.append(proxy.on_response_prepare)  # a whole answer's time in kvroute ends
     for route in routes.by_key.values():
         def on_members(_workers: list, route: ModelRoute = route) -> None:
             admission.worker_freed(route)  # a worker that joined takes queued requests

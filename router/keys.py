@@ -28,3 +28,7 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)  # spans, prompt logs, per-reques
 RECORD = web.RequestKey("record", RequestRecord)
 # Per request: when it reached the handler (perf_counter), taken by its first upstream try.
 ARRIVED = web.RequestKey("arrived", float)
+# Per request with a whole answer from its first try: the model's kvroute_router_added_seconds,
+# the time before the worker call, and when the answer was read; observed when the server
+# starts writing the response (proxy.on_response_prepare).
+ROUTER_ADDED = web.RequestKey("router_added", tuple)

@@ -67,8 +67,8 @@ class RouterMetrics:
         self.router_added = Histogram(
             "kvroute_router_added_seconds", "Time an answered request spent in kvroute itself: from "
             "its arrival to the call to the worker (queueing included), plus from the worker's "
-            "first bytes to the client's (a stream's first event; a whole answer until it is "
-            "handed to the HTTP server). First tries only", ["model"],
+            "first bytes to the client's (a stream's first event; a whole answer until the "
+            "server starts writing it). First tries only", ["model"],
             buckets=_ADDED_BUCKETS, registry=r)
         self.decision = Histogram("kvroute_route_decision_seconds",
                                   "Time to choose a worker (policy select)", ["model"],

@@ -137,11 +137,12 @@ class Dispatch:
     capture: Capture | None = None  # telemetry: gathers the answer's text and finish reasons
     trace_headers: dict[str, str] | None = None  # traceparent/tracestate of this try's span; None: pass through
     # The request's first try only: when the request reached the router (None on later tries
-    # and escalations, whose time before the call includes earlier tries). With ``sent_at`` and
-    # ``relay_s`` it gives the time the request spent in kvroute itself (account()).
+    # and escalations, whose time before the call includes earlier tries). With ``sent_at`` it
+    # gives the time the request spent in kvroute itself: a stream's with ``relay_s``
+    # (account()), a whole answer's when the server starts writing it (on_response_prepare).
     arrived_at: float | None = None
     sent_at: float | None = None  # when the call to the worker began
-    relay_s: float = 0.0  # from the worker's first bytes (a stream's first event, or the whole answer) to the client's
+    relay_s: float = 0.0  # a stream's: from the worker's first event to the client's
     # Awaited once a stream has all its events, before the client sees its end ([DONE], or
     # the end of the response): the response cache stores the answer there, so a client that
     # asks again at once finds it. Never raises.
@@ -157,6 +158,8 @@ def upstream_body(d: Dispatch) -> bytes:
 
 
 async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
+    if d.arrived_at is None:  # a later try (an escalation): the first try's answer is not the client's
+        request.pop(keys.ROUTER_ADDED, None)
     if d.meter is not None:
         d.meter.check()  # e.g. the kill switch, before every upstream call
     app = request.app
@@ -187,6 +190,9 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
                     response = await _relay_whole(resp, d)
         if d.status == "error":  # not already cut, abandoned or failed mid-stream
             d.status = "ok"
+            if not d.req.stream and d.arrived_at is not None and d.sent_at is not None:
+                # kvroute's time runs on until the server writes the answer (on_response_prepare)
+                request[keys.ROUTER_ADDED] = (series.router_added, d.sent_at - d.arrived_at, d.first_token_at)
         if d.failed is not None:
             outcome = _breaker_outcome(d.failed, client_started=True)
         elif d.status == "ok":
@@ -254,7 +260,7 @@ def _stalled(d: Dispatch, *, first: bool) -> UpstreamTimeout:
 
 async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
     raw = await resp.read()
-    d.first_token_at = received = time.perf_counter()
+    d.first_token_at = time.perf_counter()
     with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
         parsed = orjson.loads(raw)
         if d.meter is not None:
@@ -262,10 +268,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         if d.capture is not None:
             d.capture.whole(parsed)
         d.usage = parsed.get("usage")
-    response = web.Response(body=raw, status=resp.status, content_type="application/json",
-                            headers=response_headers(d))
-    d.relay_s = time.perf_counter() - received
-    return response
+    return web.Response(body=raw, status=resp.status, content_type="application/json",
+                        headers=response_headers(d))
 
 
 class _SseEvents:
@@ -494,7 +498,7 @@ def account(app: web.Application, d: Dispatch) -> None:
         m.ttft.observe(d.first_token_at - d.started_at)
     if d.status == "ok":
         m.latency.observe(now - d.started_at)
-        if d.arrived_at is not None and d.sent_at is not None:
+        if d.req.stream and d.arrived_at is not None and d.sent_at is not None:  # whole: on_response_prepare
             m.router_added.observe(d.sent_at - d.arrived_at + d.relay_s)
     usage = d.usage or {}
     if not isinstance(usage, dict):
@@ -504,6 +508,15 @@ def account(app: web.Application, d: Dispatch) -> None:
     details = usage.get("prompt_tokens_details") or {}
     if isinstance(details, dict):
         m.cached_tokens.inc(_int(details.get("cached_tokens")))
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """A whole answer's time in kvroute ends as the server starts writing it, so what runs
+    after the worker's answer is read (accounting, telemetry, the response cache) counts."""
+    pending = request.pop(keys.ROUTER_ADDED, None)
+    if pending is not None and response.status < 400:
+        histogram, before_call, received = pending
+        histogram.observe(before_call + time.perf_counter() - received)
 
 
 def _int(value: object) -> int:

@@ -8,17 +8,21 @@ vLLM.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kvroute.benchmarks.backends.mock import FAULTS, fake_worker
 from kvroute.benchmarks.backends.urls import histogram_quantile, parse_router_state
-from kvroute.router import keys
+from kvroute.router import keys, proxy
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
 from tests.clock import FakeClock
+from tests.unit.test_cascade import FixedScorer
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 STALL_S = 0.3
+SLOW_S = 0.05
 
 
 def url_of(server) -> str:
@@ -69,6 +73,50 @@ async def test_a_retried_request_is_left_out_and_a_refused_one_too(aiohttp_clien
     bad = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": "nope"})
     assert bad.status == 400
     assert sample(client, "kvroute_router_added_seconds_count", model="tiny") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_what_runs_after_a_whole_answer_is_read_counts_until_it_is_written(aiohttp_client, aiohttp_server,
+                                                                                  monkeypatch, stream):
+    """Accounting, telemetry and the response cache run after the worker's whole answer is
+    read and before the server writes it: kvroute's time. A stream's first event is out
+    before its accounting, which then adds nothing to its time to first token."""
+    worker = await aiohttp_server(fake_worker("a"))
+    client = await router(aiohttp_client, [worker])
+    account = proxy.account
+
+    def slow_account(app, d) -> None:
+        time.sleep(SLOW_S)  # e.g. a slow hook on the event loop
+        account(app, d)
+
+    monkeypatch.setattr(proxy, "account", slow_account)
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert resp.status == 200
+    await resp.read()
+    assert sample(client, "kvroute_router_added_seconds_count", model="tiny") == 1
+    added = sample(client, "kvroute_router_added_seconds_sum", model="tiny")
+    assert added < SLOW_S if stream else added >= SLOW_S
+
+
+async def test_an_escalated_cascade_is_left_out_and_a_kept_answer_counted(aiohttp_client, aiohttp_server):
+    small, large = [await aiohttp_server(fake_worker(n)) for n in ("small", "large")]
+    cfg = config_from_dict({"models": [{"name": "auto", "mode": "cascade",
+                                        "cascade": {"threshold": 0.5, "answer_model": "rules"},
+                                        "tiers": [{"name": "small", "workers": [url_of(small)]},
+                                                  {"name": "large", "workers": [url_of(large)]}]}],
+                            "health": {"interval_s": 60}})
+    app = create_app(cfg, clock=FakeClock())
+    judge = app[keys.ROUTES].get("auto").judge
+    client = await aiohttp_client(app)
+    body = {**CHAT, "model": "auto"}
+    judge.scorer = FixedScorer(0.2)  # escalates: the client's answer is the second try's
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200 and resp.headers["x-kvroute-escalated"] == "true"
+    assert sample(client, "kvroute_router_added_seconds_count", model="auto") == 0
+    judge.scorer = FixedScorer(0.9)  # kept: the first try's answer, judged in kvroute
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200 and resp.headers["x-kvroute-escalated"] == "false"
+    assert sample(client, "kvroute_router_added_seconds_count", model="auto") == 1
 
 
 def test_histogram_quantile_interpolates_within_the_bucket() -> None:
