@@ -123,7 +123,7 @@ def real_point(fleet: Any, share: float, seed: int, router: str, args: argparse.
     log_dir = Path(args.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     [run] = compare_routers(fleet, [router], workload(share, seed, args), args.concurrency, log_dir,
-                            args.router_port, progress)
+                            args.router_port, progress, warm=False)  # warmed once, by sweep()
     if run.errors:
         raise SystemExit(f"{router} at share {share}, seed {seed}: {run.errors} requests failed "
                          f"{run.extra.get('failure', '')}; see {log_dir}")
@@ -165,6 +165,10 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     bar = progress_bar(args.requests * len(shares) * len(seeds) * len(routers), "hot-sweep")
     points = []
     with fleet_for(args) as fleet:
+        if fleet is not None:
+            from kvroute.benchmarks.backends.urls import warm_fleet
+
+            warm_fleet(fleet, workload(shares[0], seeds[0], args))
         for share in shares:
             entry: dict[str, Any] = {"share": share, "routers": {}}
             for label, router in routers:

@@ -1,9 +1,10 @@
 """Compare routers in front of a fleet of real vLLM workers given by URL.
 
-For each router in turn: start it (unless it runs on the client side), wait until it
-answers, send one warm-up request, snapshot every worker's ``/metrics``, drive the
-workload through it, snapshot again, stop it. Hit rates and per-worker request counts
-are the deltas of vLLM's own counters, so they do not depend on what a router reports.
+First the fleet is warmed (``warm_fleet``). Then for each router in turn: start it (unless
+it runs on the client side), wait until it answers, send one warm-up request, snapshot
+every worker's ``/metrics``, drive the workload through it, snapshot again, stop it. Hit
+rates and per-worker request counts are the deltas of vLLM's own counters, so they do not
+depend on what a router reports.
 
 Each router gets the workload with its own nonce (fresh prefixes, identical structure),
 so no router inherits KV blocks that the previous one left in the workers' caches.
@@ -205,6 +206,32 @@ def start_router(
     return procs
 
 
+WARM_PER_GROUP = 2
+WARM_PER_WORKER = 8
+
+
+def warm_fleet(fleet: RealFleet, spec: WorkloadSpec) -> int:
+    """The workload's first requests of each group (``WARM_PER_GROUP``, at most
+    ``WARM_PER_WORKER`` per worker) under a nonce of their own, sent straight to the worker
+    the oracle pins the group to, as many in flight as there are workers. A new worker's
+    first prefills of these lengths and its first writes to KV memory are slower; warmed
+    here, they do not land on whichever router is measured first. Returns the number of
+    requests sent."""
+    picked: list[TraceRecord] = []
+    per_group: dict[str, int] = {}
+    for rec in iter_records(spec.with_nonce(f"{spec.nonce}|warm-up|{time.time_ns()}")):
+        if len(picked) >= WARM_PER_WORKER * len(fleet.urls):
+            break
+        if per_group.get(rec.group, 0) < WARM_PER_GROUP:
+            per_group[rec.group] = per_group.get(rec.group, 0) + 1
+            picked.append(rec)
+    results, _ = asyncio.run(drive(picked, target_for("oracle", fleet.urls, None), len(fleet.urls)))
+    failed = sum(not r.ok for r in results)
+    if failed:
+        log.warning("warming the fleet: %d of %d requests failed", failed, len(picked))
+    return len(picked)
+
+
 def compare_routers(
     fleet: RealFleet,
     routers: Sequence[str],
@@ -214,8 +241,13 @@ def compare_routers(
     base_port: int = 8250,
     progress: Callable[[int], None] | None = None,
     settle_s: float = 1.0,
+    warm: bool = True,
 ) -> list[RouterRun]:
+    """``warm``: warm the fleet first (``warm_fleet``); off for a fleet already warmed with
+    this workload's shape (a sweep's later points)."""
     check_workers(fleet.urls)
+    if warm:
+        warm_fleet(fleet, spec)
     runs: list[RouterRun] = []
     for i, name in enumerate(routers):
         rspec = parse_router(name)

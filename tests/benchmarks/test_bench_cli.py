@@ -440,3 +440,25 @@ def test_tokenizer_0_runs_kvroute_in_approximate_mode(tmp_path) -> None:
     with pytest.raises(SystemExit, match="tokenizer=0 is for real routers"):
         main(["run", "--fleet", "sim", "--policies", "prefix?tokenizer=0", "--requests", "8",
               "--out", str(tmp_path / "sim")])
+
+
+@pytest.mark.parametrize(("groups", "sent"), [(3, 6), (20, 16)])
+async def test_the_fleet_is_warmed_with_the_workloads_shape_not_its_prompts(aiohttp_server, groups, sent) -> None:
+    """Each group's first two requests (at most 8 a worker), to the group's oracle worker,
+    under a nonce of their own: no router measured later finds them cached."""
+    import asyncio
+
+    from kvroute.benchmarks.backends.mock import SEEN, fake_worker
+    from kvroute.benchmarks.backends.urls import RealFleet, warm_fleet
+
+    workers = [await aiohttp_server(fake_worker(f"w{i}")) for i in range(2)]
+    fleet = RealFleet(tuple(str(w.make_url("")).rstrip("/") for w in workers))
+    spec = WorkloadSpec(requests=60, groups=groups, prefix_tokens=200, nonce="run")
+    assert await asyncio.to_thread(warm_fleet, fleet, spec) == sent
+    seen = [body for w in workers for body in w.app[SEEN]]
+    assert len(seen) == sent
+    systems = {w.app[SEEN][0]["messages"][0]["content"]: i for i, w in enumerate(workers)}
+    for i, w in enumerate(workers):  # a group's requests all went to one worker
+        assert all(systems.setdefault(b["messages"][0]["content"], i) == i for b in w.app[SEEN])
+    measured = {json.dumps(r.body["messages"][0]) for r in iter_records(spec)}
+    assert not measured & {json.dumps(b["messages"][0]) for b in seen}
