@@ -14,9 +14,8 @@ Reported per router and mode: latency p50/p99, added latency over direct (p50 an
 differences), and req/s at that concurrency (the peak a closed loop reaches). For kvroute
 also the time each request spent in kvroute itself (``kvroute_router_added_seconds``,
 read from its ``/metrics`` before and after the load): the rest of the added latency is
-the extra hop and waiting for the CPU. Client,
-upstream and router share this machine's cores, so absolute figures are pessimistic;
-compare routers within one run.
+the extra hop and waiting for the CPU. Client, upstream and router share this machine's
+cores, so absolute figures are pessimistic; compare routers within one run.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ _ADDED_COLUMN = ("router_added_ms_p50", "in kvroute p50 (ms)", "{:.2f}")
 def _table(entries: dict[str, dict[str, Any]]) -> list[str]:
     cols = list(_COLUMNS)
     if any(e.get("router_added_ms_p50") is not None for e in entries.values()):
-        cols.insert(cols.index(("ttft_p99_s", "TTFT p99 (s)", "{:.3f}")) + 1, _ADDED_COLUMN)
+        cols.insert(next(i for i, c in enumerate(cols) if c[0] == "ttft_p99_s") + 1, _ADDED_COLUMN)
     if any("decision_us_p50" in e for e in entries.values()):
         cols += _SIM_COLUMNS
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
