@@ -1,3 +1,5 @@
 """kvroute: a prefix-aware, cost-aware router for vLLM fleets."""
 
-__version__ = "0.1.0"
+from kvroute import __version__
+
+__all__ = ["__version__"]

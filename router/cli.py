@@ -1,4 +1,5 @@
-"""The ``kvroute`` command: serve, config, fleet, bench, classifier, demo."""
+"""kvroute, a prefix-aware, cost-aware router for vLLM fleets: serve, config, fleet, bench,
+classifier, demo."""
 
 from __future__ import annotations
 
@@ -114,7 +115,10 @@ def _fleet_down(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvroute import __version__
+
     parser = argparse.ArgumentParser(prog="kvroute", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvroute {__version__}")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 

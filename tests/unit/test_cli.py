@@ -22,6 +22,15 @@ def test_parser_knows_every_command():
         p.parse_args(["launch"])
 
 
+def test_version_prints_the_installed_package_s_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvroute {version('kvroute')}"
+
+
 def test_fleet_down_without_a_fleet_is_harmless(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVROUTE_CACHE", str(tmp_path))
     assert main(["fleet", "down"]) == 0
