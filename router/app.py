@@ -85,7 +85,10 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG].server
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+    # No cookie jar: a cookie one answer sets (a sticky load balancer's) must not ride on
+    # every other client's requests.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
         app[keys.SESSION] = session
         yield
 

@@ -240,3 +240,28 @@ async def test_failure_mid_stream_ends_with_a_clean_sse_error(client):
     assert resp.status == 200
     last = [e for e in text.split("\n\n") if e][-1]
     assert last.startswith("data: ") and orjson.loads(last[6:])["error"]["code"] == "upstream_unavailable"
+
+
+async def test_a_cookie_a_worker_sets_is_not_sent_with_other_clients_requests(aiohttp_client, aiohttp_server):
+    # A load balancer in front of a worker may set a sticky cookie; a shared jar would send
+    # one client's cookie with every later request, from every client.
+    worker = fake_worker()
+    sent: list[str | None] = []
+
+    @web.middleware
+    async def sticky(request: web.Request, handler):
+        if request.path.startswith("/v1/"):
+            sent.append(request.headers.get("Cookie"))
+        resp = await handler(request)
+        resp.set_cookie("AWSALB", "pinned-to-one-node")
+        return resp
+
+    worker.middlewares.append(sticky)
+    server = await aiohttp_server(worker)
+    # By host name: aiohttp's default jar keeps no cookie from a bare IP address.
+    client = await aiohttp_client(create_app(router_config([f"http://localhost:{server.port}"])))
+    for stream in (False, True, False):
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+    assert sent == [None, None, None]
