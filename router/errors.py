@@ -32,6 +32,7 @@ errors carry the status and the OpenAI error fields, and one middleware turns th
             │   ├── UpstreamConnectTimeout   connecting took over timeouts.connect_s
             │   ├── UpstreamFirstByteTimeout no first byte within timeouts.first_byte_s
             │   └── UpstreamIdleTimeout      a stream stalled for timeouts.idle_s
+            ├── UpstreamRedirect        502 worker answered a redirect (3xx), never followed
             └── UpstreamStatusError     worker answered with an error status (passed through)
 
 ``aiohttp.ClientError`` is translated into ``UpstreamError`` at one boundary:
@@ -248,6 +249,12 @@ class UpstreamFirstByteTimeout(UpstreamTimeout):
 
 class UpstreamIdleTimeout(UpstreamTimeout):
     """A stream went ``timeouts.idle_s`` without an SSE event."""
+
+
+class UpstreamRedirect(UpstreamError):
+    """The worker answered with a redirect (3xx). kvroute follows none: a redirect means the
+    worker's URL is wrong (plain http to an https ingress, a moved path), and following it
+    would send the prompt where the config does not say, turned into a GET for 301 and 302."""
 
 
 class UpstreamStatusError(UpstreamError):

@@ -44,6 +44,7 @@ from kvroute.router.errors import (
     UpstreamError,
     UpstreamFirstByteTimeout,
     UpstreamIdleTimeout,
+    UpstreamRedirect,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -184,6 +185,12 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
                     d.status = str(resp.status)
                     raise UpstreamStatusError(resp.status, body, resp.headers.get("content-type"),
                                               resp.headers.get("retry-after"))
+                if resp.status >= 300:
+                    d.status = str(resp.status)
+                    raise UpstreamRedirect(
+                        f"Worker {worker.url} answered HTTP {resp.status} to "
+                        f"{resp.headers.get('location', 'no location')}; kvroute follows no "
+                        "redirect: set the worker's URL to the address it should be called at")
                 if d.req.stream:
                     response = await _relay_stream(request, resp, d, first_byte_at)
                 else:
@@ -242,7 +249,8 @@ async def _open(request: web.Request, stack: contextlib.AsyncExitStack,
     try:
         async with timer:
             resp = await stack.enter_async_context(request.app[keys.SESSION].post(
-                d.worker.url + d.req.path, data=body, headers=headers, timeout=client_timeout))
+                d.worker.url + d.req.path, data=body, headers=headers, timeout=client_timeout,
+                allow_redirects=False))
     except TimeoutError as exc:
         if timer.expired():
             raise _stalled(d, first=True) from exc

@@ -36,6 +36,7 @@ from kvroute.router.errors import (
     UpstreamError,
     UpstreamFirstByteTimeout,
     UpstreamIdleTimeout,
+    UpstreamRedirect,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -73,6 +74,7 @@ RULES: dict[str, Rule] = {r.failure: r for r in (
     Rule("http_500_502_504", OTHER, FAILURE),
     Rule("http_other_5xx", NEVER, FAILURE),  # e.g. 501: the same on every worker
     Rule("http_other_4xx", NEVER, SUCCESS),  # the request's fault; the worker answered
+    Rule("redirect", OTHER, FAILURE),  # a 3xx: this worker's URL is wrong, not the request
     Rule("bad_response", NEVER, IGNORED),  # malformed, or an SSE event over MAX_EVENT_BYTES
     Rule("request_timeout", NEVER, FAILURE),  # server.request_timeout_s spent: no time left
     # After the first byte: the stream ends with an SSE error event, never retried.
@@ -97,6 +99,8 @@ def classify(exc: BaseException, *, client_started: bool = False) -> Rule | None
         return RULES["stalled"]
     if isinstance(exc, UpstreamTimeout):
         return RULES["request_timeout"]
+    if isinstance(exc, UpstreamRedirect):
+        return RULES["redirect"]
     if isinstance(exc, UpstreamStatusError):
         if exc.status in (429, 503):
             return RULES[f"http_{exc.status}"]

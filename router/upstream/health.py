@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> bool:
     try:
+        # A redirect is not followed: requests would not follow it either (proxy.py).
         async with session.get(f"{worker.url}/health", headers=worker.upstream_headers,
-                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                               timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False) as resp:
             await resp.read()
             return resp.status == 200
     except (TimeoutError, aiohttp.ClientError, OSError):

@@ -265,3 +265,74 @@ async def test_a_cookie_a_worker_sets_is_not_sent_with_other_clients_requests(ai
         assert resp.status == 200, await resp.text()
         await resp.read()
     assert sent == [None, None, None]
+
+
+def redirecting_worker(status: int, moved_to: list[str]) -> web.Application:
+    """A worker whose completions answer ``status`` toward /moved, which records who came."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": "/moved"})
+
+    async def moved(request: web.Request) -> web.Response:
+        moved_to.append(request.method)
+        return web.json_response({"method": request.method})
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", empty)
+    app.router.add_get("/metrics", empty)
+    app.router.add_post("/v1/chat/completions", redirect)
+    app.router.add_get("/moved", moved)
+    app.router.add_post("/moved", moved)
+    return app
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_never_followed_the_request_goes_to_another_worker(
+        aiohttp_client, aiohttp_server, upstream, status):
+    moved_to: list[str] = []
+    bad = await aiohttp_server(redirecting_worker(status, moved_to))
+    urls = [str(s.make_url("")).rstrip("/") for s in (bad, upstream)]
+    client = await aiohttp_client(create_app(router_config(urls)))
+    for stream in (False, True, False, True):  # round robin: two of these go to the bad one first
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["x-kvroute-worker"] == urls[1]
+        await resp.read()
+    assert moved_to == []
+
+
+async def test_a_worker_that_only_redirects_gets_a_502_naming_it_and_the_location(aiohttp_client, aiohttp_server):
+    moved_to: list[str] = []
+    bad = await aiohttp_server(redirecting_worker(301, moved_to))
+    url = str(bad.make_url("")).rstrip("/")
+    client = await aiohttp_client(create_app(router_config([url])))
+    for stream in (False, True):
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 502
+        body = await resp.json()
+        assert_openai_error(body, "upstream_error")
+        assert url in body["error"]["message"] and "HTTP 301 to /moved" in body["error"]["message"]
+    assert moved_to == []
+
+
+async def test_a_worker_whose_health_check_redirects_is_not_healthy(aiohttp_server):
+    from kvroute.router.upstream.health import probe
+    from kvroute.router.upstream.workers import Worker
+
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/ok"})
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", moved)
+    app.router.add_get("/ok", ok)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        assert await probe(session, Worker(str(server.make_url("")).rstrip("/"), "tiny"), 2.0) is False
+        async with session.get(server.make_url("/health")) as resp:  # it would be, followed
+            assert resp.status == 200

@@ -19,6 +19,7 @@ from kvroute.router.errors import (
     UpstreamError,
     UpstreamFirstByteTimeout,
     UpstreamIdleTimeout,
+    UpstreamRedirect,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -59,6 +60,7 @@ def test_the_docs_print_the_same_table():
     (status(400), "http_other_4xx"),
     (status(404), "http_other_4xx"),
     (status(413), "http_other_4xx"),
+    (UpstreamRedirect("moved"), "redirect"),
     (UpstreamError("bad response"), "bad_response"),
 ])
 def test_every_upstream_failure_has_its_row(exc, failure):
