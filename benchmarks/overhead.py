@@ -127,14 +127,14 @@ def fake_upstream_app(model: str = "tiny") -> web.Application:
 
 def floor_proxy_app(upstream: str) -> web.Application:
     """The ``aiohttp-floor`` row: the least a Python proxy on aiohttp does, with kvroute's
-    server and client settings (uvloop, no access log, one pooled session without
-    decompression or cookies). It relays each chat completion to ``upstream`` byte for byte, streamed
-    or whole, and routes, parses, counts and checks nothing: the HTTP stack's share of a
-    kvroute request."""
+    server and client settings (uvloop, no access log, one pooled session that asks for
+    uncompressed answers and keeps no cookies). It relays each chat completion to
+    ``upstream`` byte for byte, streamed or whole, and routes, parses, counts and checks
+    nothing: the HTTP stack's share of a kvroute request."""
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+        async with aiohttp.ClientSession(connector=connector, headers={"Accept-Encoding": "identity"},
                                          cookie_jar=aiohttp.DummyCookieJar()) as session:
             app[_SESSION] = session
             yield

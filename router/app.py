@@ -86,8 +86,10 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s)
     # No cookie jar: a cookie one answer sets (a sticky load balancer's) must not ride on
-    # every other client's requests.
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+    # every other client's requests. Answers are asked for uncompressed (the router reads
+    # every one, and its client gets its own encoding); one compressed anyway is decoded.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     headers={"Accept-Encoding": "identity"},
                                      cookie_jar=aiohttp.DummyCookieJar()) as session:
         app[keys.SESSION] = session
         yield

@@ -336,3 +336,54 @@ async def test_a_worker_whose_health_check_redirects_is_not_healthy(aiohttp_serv
         assert await probe(session, Worker(str(server.make_url("")).rstrip("/"), "tiny"), 2.0) is False
         async with session.get(server.make_url("/health")) as resp:  # it would be, followed
             assert resp.status == 200
+
+
+@pytest.mark.parametrize("force", [False, True])
+async def test_answers_are_asked_for_uncompressed_and_one_compressed_anyway_is_decoded(
+        aiohttp_client, aiohttp_server, force):
+    # An ingress in front of a worker may gzip JSON when asked; the router used to ask (aiohttp's
+    # default Accept-Encoding) and pass the gzip bytes on unlabelled, and counted no usage.
+    asked: list[str | None] = []
+    text = "compressible " * 200
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        asked.append(request.headers.get("Accept-Encoding"))
+        body = await request.json()
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            resp.enable_compression(web.ContentCoding.gzip if force else None)
+            await resp.prepare(request)
+            for chunk in ({"choices": [{"index": 0, "delta": {"content": text}}]},
+                          {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}}):
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        resp = web.json_response({"id": "c", "object": "chat.completion",
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}})
+        resp.enable_compression(web.ContentCoding.gzip if force else None)
+        return resp
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", empty)
+    app.router.add_get("/metrics", empty)
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    client = await aiohttp_client(create_app(router_config([str(server.make_url("")).rstrip("/")])))
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Accept-Encoding": "identity"})
+    assert resp.status == 200 and "Content-Encoding" not in resp.headers
+    assert (await resp.json())["choices"][0]["message"]["content"] == text
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                             headers={"Accept-Encoding": "identity"})
+    assert resp.status == 200 and "Content-Encoding" not in resp.headers
+    events = [line for line in (await resp.read()).split(b"\n") if line.startswith(b"data: {")]
+    assert orjson.loads(events[0][6:])["choices"][0]["delta"]["content"] == text
+    assert asked == ["identity", "identity"]
+    metrics = await (await client.get("/metrics")).text()
+    completion = [line for line in metrics.splitlines()
+                  if line.startswith("kvroute_worker_completion_tokens_total{")]
+    assert completion and float(completion[0].rsplit(" ", 1)[1]) == 14
