@@ -269,13 +269,18 @@ def _stalled(d: Dispatch, *, first: bool) -> UpstreamTimeout:
 async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
     raw = await resp.read()
     d.first_token_at = time.perf_counter()
-    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+    try:
         parsed = orjson.loads(raw)
-        if d.meter is not None:
-            d.meter.on_response(parsed)
-        if d.capture is not None:
-            d.capture.whole(parsed)
-        d.usage = parsed.get("usage")
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):  # e.g. an ingress's HTML page: not a completion to pass on
+        raise UpstreamError(f"Worker {d.worker.url} answered HTTP {resp.status} with a body that is "
+                            f"not a JSON object (content-type {resp.content_type})")
+    if d.meter is not None:
+        d.meter.on_response(parsed)
+    if d.capture is not None:
+        d.capture.whole(parsed)
+    d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
                         headers=response_headers(d))
 
@@ -369,8 +374,11 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
                 if received is not None:  # the client's first event is out
                     d.relay_s, received = time.perf_counter() - received, None
             deadline = loop.time() + idle_s  # from here: the worker's gap, not a slow client's
-        if out is None:  # an empty stream: still answer well-formed SSE
-            out = await _start_stream(request, d)
+        if out is None:
+            if first:  # vLLM's streams always have events: this is not one (an ingress's page?)
+                raise UpstreamError(f"Worker {d.worker.url} ended its stream without an SSE event "
+                                    f"(content-type {resp.content_type})")
+            out = await _start_stream(request, d)  # every event was the router's: still well-formed SSE
         if d.before_end is not None:
             await _before_end(d)
         await _send(out, d, None)

@@ -75,7 +75,7 @@ RULES: dict[str, Rule] = {r.failure: r for r in (
     Rule("http_other_5xx", NEVER, FAILURE),  # e.g. 501: the same on every worker
     Rule("http_other_4xx", NEVER, SUCCESS),  # the request's fault; the worker answered
     Rule("redirect", OTHER, FAILURE),  # a 3xx: this worker's URL is wrong, not the request
-    Rule("bad_response", NEVER, IGNORED),  # malformed, or an SSE event over MAX_EVENT_BYTES
+    Rule("bad_response", NEVER, IGNORED),  # not JSON, no event, or an SSE event over MAX_EVENT_BYTES
     Rule("request_timeout", NEVER, FAILURE),  # server.request_timeout_s spent: no time left
     # After the first byte: the stream ends with an SSE error event, never retried.
     Rule("after_first_byte", NEVER, FAILURE),  # lost, stalled (idle_s) or malformed mid-stream

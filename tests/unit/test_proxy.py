@@ -387,3 +387,28 @@ async def test_answers_are_asked_for_uncompressed_and_one_compressed_anyway_is_d
     completion = [line for line in metrics.splitlines()
                   if line.startswith("kvroute_worker_completion_tokens_total{")]
     assert completion and float(completion[0].rsplit(" ", 1)[1]) == 14
+
+
+async def test_a_200_that_is_not_a_completion_is_a_502_not_passed_on(aiohttp_client, aiohttp_server):
+    # e.g. an ingress's sign-in page: it used to reach the client as a 200 labelled JSON,
+    # or as an empty stream that ended without an error.
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Sign in</html>", content_type="text/html")
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", empty)
+    app.router.add_get("/metrics", empty)
+    app.router.add_post("/v1/chat/completions", page)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    client = await aiohttp_client(create_app(router_config([url])))
+    for stream, what in ((False, "not a JSON object (content-type text/html)"),
+                         (True, "without an SSE event (content-type text/html)")):
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert resp.status == 502
+        body = await resp.json()
+        assert_openai_error(body, "upstream_error")
+        assert url in body["error"]["message"] and what in body["error"]["message"]
