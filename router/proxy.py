@@ -206,6 +206,10 @@ async def forward(request: web.Request, d: Dispatch) -> web.StreamResponse:
             outcome = Outcome.SUCCESS
         series.predicted_cached_tokens.inc(predicted)
         return response
+    except asyncio.CancelledError:  # the client hung up (server.py), or the drain cut the request
+        if d.status == "error" and (request.transport is None or request.transport.is_closing()):
+            d.status = "client_disconnected"
+        raise
     except UpstreamError as exc:
         outcome = _breaker_outcome(exc, client_started=d.client_started)
         # A lost connection is not ejected: ejection drops the worker's prefix-index

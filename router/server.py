@@ -1,4 +1,4 @@
-"""The HTTP server around the app, for ``kvroute serve``: aiohttp's AppRunner, changed twice.
+"""The HTTP server around the app, for ``kvroute serve``: aiohttp's AppRunner, changed so:
 
 * Requests aiohttp rejects before any handler runs (a header line over 8190 bytes, more
   than 128 headers, a malformed request line, a Content-Encoding it cannot decode) get an
@@ -7,6 +7,7 @@
   ``/readyz`` and new requests answer 503 (Retry-After) while in-flight requests get
   ``server.drain_s`` to finish (``Admission.drain``); then the server closes. A second
   signal cuts what still runs.
+* A client that hangs up cancels its request, and with it the call to the worker.
 * One of ``kvroute serve --procs N``'s processes (``slot``, router/siblings.py) shares the
   port (SO_REUSEPORT), merges its siblings' metrics into ``/metrics``, and drains too when
   its supervisor (router/procs.py) goes away.
@@ -82,7 +83,13 @@ class _Server(web.Server):
 
 
 class AppRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer aiohttp's own errors OpenAI-shaped."""
+    """``web.AppRunner`` whose connections answer aiohttp's own errors OpenAI-shaped, and
+    whose handlers are cancelled when their client hangs up (``handler_cancellation``): the
+    worker's request closes with it, and vLLM stops a generation nobody will read, whole
+    answers included (a stream's end is found at its next write)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **{"handler_cancellation": True, **kwargs})
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # starts the app (cleanup contexts included)

@@ -440,7 +440,10 @@ class Governor:
             completion = usage.get("completion_tokens")
             return (usage["prompt_tokens"], cached if isinstance(cached, int) else 0,
                     completion if isinstance(completion, int) else grant.generated)
-        if grant.generated or getattr(dispatch, "client_started", False):
+        if (grant.generated or getattr(dispatch, "client_started", False)
+                or getattr(dispatch, "status", None) == "client_disconnected"):
+            # No usage came: the prompt as a floor (a client that hung up on a whole answer
+            # stopped the worker part way, after its prefill had begun).
             return grant.prompt_tokens, 0, grant.generated
         return 0, 0, 0  # never reached a worker, or the worker refused it
 
