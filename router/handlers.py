@@ -10,7 +10,15 @@ from aiohttp import web
 from kvroute.router import cascade, keys, pipeline
 from kvroute.router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
 from kvroute.router.governance.api import add_governance_routes
-from kvroute.router.requests import CHAT, COMPLETION, ParsedRequest, check_headers, parse_request, read_body
+from kvroute.router.requests import (
+    CHAT,
+    COMPLETION,
+    ParsedRequest,
+    check_headers,
+    parse_request,
+    read_body,
+    request_id,
+)
 from kvroute.router.routes import ServedModel
 
 log = logging.getLogger(__name__)
@@ -19,6 +27,7 @@ log = logging.getLogger(__name__)
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turn every failure into an OpenAI-style error body; never crash the router."""
+    request[keys.REQUEST_ID] = request_id(request.headers)  # on every answer (on_response_prepare)
     try:
         check_headers(request.headers)  # the headers the router reads, before anything reads them
         return await handler(request)
@@ -53,7 +62,7 @@ async def _completion(request: web.Request, kind: str) -> web.StreamResponse:
 async def _admitted_completion(request: web.Request, kind: str) -> web.StreamResponse:
     cfg = request.app[keys.CONFIG]
     raw = await read_body(request, cfg.server.max_body_bytes)
-    req = parse_request(kind, raw, request.headers)
+    req = parse_request(kind, raw, request.headers, request[keys.REQUEST_ID])
     served = request.app[keys.ROUTES].get(req.model)
     telemetry = request.app[keys.TELEMETRY]
     record = request[keys.RECORD] = telemetry.begin(req)  # the server span; the stages report into it

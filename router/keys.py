@@ -26,6 +26,8 @@ CACHE = web.AppKey("cache", ResponseCache)  # absent unless a model has a respon
 TELEMETRY = web.AppKey("telemetry", Telemetry)  # spans, prompt logs, per-request histograms
 # Per request: what its stages decided, for its span and prompt-log line (router/telemetry).
 RECORD = web.RequestKey("record", RequestRecord)
+# Per request: its id (X-Request-Id), sent to the worker and back to the client.
+REQUEST_ID = web.RequestKey("request_id", str)
 # Per request: when it reached the handler (perf_counter), taken by its first upstream try.
 ARRIVED = web.RequestKey("arrived", float)
 # Per request with a whole answer from its first try: the model's kvroute_router_added_seconds,

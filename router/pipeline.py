@@ -28,7 +28,7 @@ from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorke
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
-from kvroute.router.requests import ParsedRequest
+from kvroute.router.requests import REQUEST_ID, ParsedRequest
 from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.routing_table import ROUTE_RULE, RouteRule
 from kvroute.router.telemetry import RequestRecord
@@ -205,9 +205,10 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
                     metrics.retries_refused.labels(route.cfg.name, decision.refused).inc()
                 raise
             metrics.retries.labels(route.cfg.name).inc()
-            log.warning("retrying %s request on %s in %.3fs after %s failed (%s): %s", route.cfg.name,
-                        "the same worker" if decision.same_worker else "another worker", decision.delay_s,
-                        worker.url, decision.rule.failure if decision.rule else "?", exc.message)
+            log.warning("retrying %s request %s on %s in %.3fs after %s failed (%s): %s", route.cfg.name,
+                        req.headers.get(REQUEST_ID, "-"), "the same worker" if decision.same_worker
+                        else "another worker", decision.delay_s, worker.url,
+                        decision.rule.failure if decision.rule else "?", exc.message)
             if decision.same_worker:
                 lost_before = True
             else:

@@ -49,7 +49,7 @@ from kvroute.router.errors import (
     UpstreamTimeout,
 )
 from kvroute.router.policies.base import RequestContext
-from kvroute.router.requests import ParsedRequest
+from kvroute.router.requests import REQUEST_ID, ParsedRequest
 from kvroute.router.retry import classify
 from kvroute.router.routes import ModelRoute
 from kvroute.router.upstream.breaker import Outcome
@@ -249,6 +249,8 @@ async def _open(request: web.Request, stack: contextlib.AsyncExitStack,
     timer = asyncio.timeout_at(first_byte_at)
     body = upstream_body(d)
     headers = {"content-type": "application/json", **_trace_headers(d), **d.worker.upstream_headers}
+    if (rid := d.req.headers.get(REQUEST_ID)) is not None:
+        headers[REQUEST_ID] = rid
     d.sent_at = time.perf_counter()
     try:
         async with timer:
@@ -423,7 +425,8 @@ async def _fail_stream(out: web.StreamResponse, d: Dispatch, exc: Exception) -> 
     if isinstance(exc, (UpstreamError, *CLIENT_ERRORS)):
         err = d.failed = upstream_error(exc, d.worker)
         d.status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_error"
-        log.warning("stream from %s failed after its first byte: %s", d.worker.url, err.message)
+        log.warning("stream %s from %s failed after its first byte: %s", d.req.headers.get(REQUEST_ID, "-"),
+                    d.worker.url, err.message)
     else:  # the router's own fault; the worker is not blamed
         log.error("stream from %s failed in the router", d.worker.url, exc_info=exc)
         err = KvrouteError("Internal router error")
@@ -531,8 +534,11 @@ def account(app: web.Application, d: Dispatch) -> None:
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """A whole answer's time in kvroute ends as the server starts writing it, so what runs
-    after the worker's answer is read (accounting, telemetry, the response cache) counts."""
+    """Every answer names its request's id. A whole answer's time in kvroute ends as the
+    server starts writing it, so what runs after the worker's answer is read (accounting,
+    telemetry, the response cache) counts."""
+    if (rid := request.get(keys.REQUEST_ID)) is not None:
+        response.headers[REQUEST_ID] = rid
     pending = request.pop(keys.ROUTER_ADDED, None)
     if pending is not None and response.status < 400:
         histogram, before_call, received = pending

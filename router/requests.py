@@ -7,6 +7,8 @@ field, so a client always gets a 4xx with a clear message and never a crash.
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,6 +28,19 @@ _DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 # The request headers the router reads or passes on: its own, and the W3C trace context.
 _KEPT_HEADERS = ("x-kvroute-", "traceparent", "tracestate")
+
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._~:/@+=-]{1,128}")
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The request's id: the client's ``X-Request-Id`` when it is a plain token of at most
+    128 characters, else a new one. Workers get it (vLLM names its request after it)."""
+    given = headers.get(REQUEST_ID)
+    if given is not None and _REQUEST_ID_OK.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
 
 @dataclass(frozen=True)
 class ParsedRequest:
@@ -121,7 +136,9 @@ def _check_prompt(prompt: Any) -> None:
     raise InvalidRequest("'prompt' must be a string, a list of strings, or token ids", param="prompt")
 
 
-def parse_request(kind: str, raw: bytes, headers: Mapping[str, str]) -> ParsedRequest:
+def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | None = None) -> ParsedRequest:
+    """The request, checked; ``rid``: its id (:func:`request_id`), kept with the headers the
+    router reads, for workers, logs and traces."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -160,5 +177,6 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str]) -> ParsedRe
         model=model,
         stream=stream,
         wants_usage_chunk=bool(stream_options.get("include_usage")),
-        headers={k.lower(): v for k, v in headers.items() if k.lower().startswith(_KEPT_HEADERS)},
+        headers={**{k.lower(): v for k, v in headers.items() if k.lower().startswith(_KEPT_HEADERS)},
+                 **({REQUEST_ID: rid} if rid is not None else {})},
     )

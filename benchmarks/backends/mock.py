@@ -41,7 +41,7 @@ vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="256"} 1.0
 
 
 SEEN = web.AppKey("seen", list)
-SEEN_HEADERS = web.AppKey("seen_headers", list)  # lower-cased x-kvroute-* and traceparent headers
+SEEN_HEADERS = web.AppKey("seen_headers", list)  # lower-cased x-kvroute-*, trace and request-id headers
 
 
 SEEN_AUTH = web.AppKey("seen_auth", list)  # (path, Authorization header or None) of every call
@@ -84,7 +84,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         body = await request.json()
         app[SEEN].append(body)
         app[SEEN_HEADERS].append({k.lower(): v for k, v in request.headers.items()
-                                  if k.lower().startswith(("x-kvroute-", "traceparent", "tracestate"))})
+                                  if k.lower().startswith(("x-kvroute-", "traceparent", "tracestate", "x-request-id"))})
         drop = body.get("drop_connection_once")
         if drop is not None and sum(b.get("drop_connection_once") == drop for b in app[SEEN]) == 1:
             request.transport.close()  # as a worker closing a keep-alive connection we reuse

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
-from kvroute.router.requests import CHAT, ParsedRequest
+from kvroute.router.requests import CHAT, REQUEST_ID, ParsedRequest
 from kvroute.router.telemetry.config import TelemetryConfig
 from kvroute.router.telemetry.promptlog import SCHEMA, PromptLog
 from kvroute.router.telemetry.record import Capture, RequestRecord
@@ -118,6 +118,8 @@ class Telemetry:
         prompt, cached, completion, usd = totals
         attrs: dict[str, Any] = {"http.response.status_code": status, "kvroute.cost_usd": usd,
                                  "kvroute.tries": len(rec.tries), "kvroute.decision_ms": rec.decision_s * 1e3}
+        if (rid := rec.req.headers.get(REQUEST_ID)) is not None:
+            attrs["kvroute.request_id"] = rid
         if final is not None:
             route = final.route
             attrs.update({"gen_ai.response.model": route.cfg.served_name, "gen_ai.usage.input_tokens": prompt,
@@ -171,6 +173,7 @@ class Telemetry:
         return {
             "schema": SCHEMA, "time": time.time(), "trace_id": trace_id,
             "span_id": format(ctx.span_id, "016x") if ctx is not None and ctx.is_valid else None,
+            "request_id": rec.req.headers.get(REQUEST_ID),
             "model": rec.req.model, "operation": rec.operation,
             "tier": final.route.cfg.tier if final is not None else None,
             "upstream_model": final.route.cfg.served_name if final is not None else None,

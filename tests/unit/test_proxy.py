@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from kvroute.benchmarks.backends.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN, SEEN_HEADERS, fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
@@ -412,3 +412,24 @@ async def test_a_200_that_is_not_a_completion_is_a_502_not_passed_on(aiohttp_cli
         body = await resp.json()
         assert_openai_error(body, "upstream_error")
         assert url in body["error"]["message"] and what in body["error"]["message"]
+
+
+async def test_every_answer_names_its_request_id_and_the_worker_gets_it(client, upstream):
+    seen = upstream.app[SEEN_HEADERS]
+    ids = []
+    for stream in (False, True):
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        await resp.read()
+        ids.append(resp.headers["x-request-id"])
+        assert seen[-1]["x-request-id"] == ids[-1]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and ids[0] != ids[1]  # made by the router
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "job-7:step/3"})
+    await resp.read()
+    assert resp.headers["x-request-id"] == seen[-1]["x-request-id"] == "job-7:step/3"  # the client's own
+    for junk in ("two words", "x" * 129, "ü"):
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": junk})
+        await resp.read()
+        assert resp.headers["x-request-id"] == seen[-1]["x-request-id"] != junk  # replaced
+    for path, body in (("/v1/chat/completions", {**CHAT, "model": "nope"}), ("/v1/chat/completions", {})):
+        resp = await client.post(path, json=body, headers={"X-Request-Id": "bad-one"})
+        assert resp.status in (400, 404) and resp.headers["x-request-id"] == "bad-one"  # errors too

@@ -102,7 +102,8 @@ async def test_without_tracing_the_trace_context_passes_through_untouched(aiohtt
     resp = await client.post("/v1/chat/completions", json=BODY,
                              headers={"traceparent": TRACEPARENT, "tracestate": "vendor=abc"})
     assert resp.status == 200
-    assert worker.app[SEEN_HEADERS][-1] == {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"}
+    assert worker.app[SEEN_HEADERS][-1] == {"traceparent": TRACEPARENT, "tracestate": "vendor=abc",
+                                            "x-request-id": resp.headers["x-request-id"]}
 
 
 async def test_a_retried_request_shows_each_try_as_a_client_span(aiohttp_client, aiohttp_server, worker):
@@ -151,8 +152,10 @@ async def test_prompt_logs_are_redacted_and_carry_the_request_facts(aiohttp_clie
     assert rec["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "cached_tokens": 5}
     assert rec["cost_usd"] == pytest.approx((11 * 1.0 + 3 * 2.0) / 1e6)
     assert rec["tags"] == {"agent": "research"} and rec["worker"] == url(worker) and rec["status"] == 200
+    assert rec["request_id"] == resp.headers["x-request-id"]
     assert "sk-secret-key" not in line
     server = next(s for s in exporter.get_finished_spans() if s.kind.name == "SERVER")
+    assert server.attributes["kvroute.request_id"] == resp.headers["x-request-id"]
     assert "[EMAIL]" in server.attributes["gen_ai.input.messages"]
     assert "hi from w1" in server.attributes["gen_ai.output.messages"]
 
