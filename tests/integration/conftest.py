@@ -108,9 +108,12 @@ def run_router(config: dict, tmp_path: Path, env: dict[str, str] | None = None) 
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{router.url}/health", timeout=1):
-                    break
-            except OSError:
+                with urllib.request.urlopen(f"{router.url}/health", timeout=1) as resp:
+                    # kvroute's own answer: another server may hold the port it failed to bind
+                    if "models" in json.loads(resp.read()) and proc.poll() is None:
+                        break
+                    raise OSError("not kvroute's /health")
+            except (OSError, ValueError):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"router did not start:\n{log_path.read_text()[-3000:]}") from None
                 time.sleep(0.2)
