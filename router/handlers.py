@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 
 from kvroute.router import cascade, keys, pipeline
-from kvroute.router.errors import InvalidRequest, KvrouteError, NotFound, UpstreamStatusError
+from kvroute.router.errors import InvalidRequest, KvrouteError, ModelNotFound, NotFound, UpstreamStatusError
 from kvroute.router.governance.api import add_governance_routes
 from kvroute.router.requests import (
     CHAT,
@@ -103,15 +103,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _completion(request, COMPLETION)
 
 
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "kvroute"}
+
+
 async def list_models(request: web.Request) -> web.Response:
     routes = request.app[keys.ROUTES]
-    now = int(time.time())
-    data = [
-        {"id": name, "object": "model", "created": now, "owned_by": "kvroute"}
-        for name, served in routes.by_name.items()
-        if served.healthy()
-    ]
+    data = [_model_card(name) for name, served in routes.by_name.items() if served.healthy()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}`` (the openai client's ``models.retrieve``): the model, when
+    it is served and has a healthy worker, as ``/v1/models`` lists it."""
+    name = request.match_info["model"]
+    served = request.app[keys.ROUTES].by_name.get(name)
+    if served is None or not served.healthy():
+        raise ModelNotFound(f"The model '{name}' does not exist or has no healthy worker on this router.",
+                            param="model")
+    return web.json_response(_model_card(name))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -178,6 +188,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
     for path in ("/v1/chat/completions", "/v1/completions"):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)

@@ -26,9 +26,11 @@ def test_openai_client_chat_and_completions_streaming_and_not(router_for):
     c = client(router)
     messages = [{"role": "user", "content": "Say something."}]
 
-    raw = c.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=5)
+    raw = c.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=5,
+                                                      extra_headers={"X-Request-Id": "job-42"})
     chat = raw.parse()
     assert raw.headers["x-kvroute-worker"].startswith("http://127.0.0.1:")
+    assert chat._request_id == "job-42" and chat.id == "chatcmpl-job-42"  # vLLM named its request after it
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens == 5 and chat.usage.prompt_tokens > 0
 
@@ -47,6 +49,9 @@ def test_openai_client_chat_and_completions_streaming_and_not(router_for):
     assert "".join(s.choices[0].text for s in stream if s.choices)
 
     assert [m.id for m in c.models.list().data] == ["tiny"]
+    assert c.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("nope")
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.chat.completions.create(model="nope", messages=messages, max_tokens=1)
     with pytest.raises(openai.BadRequestError):

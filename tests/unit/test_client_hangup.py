@@ -60,8 +60,9 @@ async def test_a_client_that_hangs_up_closes_the_workers_request(aiohttp_server,
     worker = await aiohttp_server(slow_worker(hung_up))
     url = str(worker.make_url("")).rstrip("/")
     router = RouterServer(create_app(config_from_dict({
-        "models": [{"name": "tiny", "workers": [url], "policy": "round_robin"}], "health": {"interval_s": 60, "timeout_s": 10},
-        "scrape": {"timeout_s": 10}, "governance": {"tenants": [{"name": "acme", "keys": [KEY]}]}})))
+        "models": [{"name": "tiny", "workers": [url], "policy": "round_robin"}],
+        "health": {"interval_s": 60, "timeout_s": 10}, "scrape": {"timeout_s": 10},
+        "governance": {"tenants": [{"name": "acme", "keys": [KEY]}]}})))
     auth = {"Authorization": f"Bearer {KEY}"}
     await router.start_server()
     try:

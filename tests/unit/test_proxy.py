@@ -177,6 +177,12 @@ async def test_unknown_v1_route_is_an_openai_404(client):
 async def test_models_health_and_metrics(client):
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
+    card = await (await client.get("/v1/models/tiny")).json()
+    assert (card["id"], card["object"], card["owned_by"]) == ("tiny", "model", "kvroute")
+    for unknown in ("nope", "org/tiny"):
+        resp = await client.get(f"/v1/models/{unknown}")
+        assert resp.status == 404
+        assert_openai_error(await resp.json(), "model_not_found")
     health = await (await client.get("/health")).json()
     assert health["models"]["tiny"]["index"] == "approximate"
     assert health["models"]["tiny"]["block_size"] == 32  # read from vllm:cache_config_info
@@ -196,6 +202,9 @@ async def test_no_healthy_worker_is_503_and_models_hides_it(aiohttp_client):
     assert resp.status == 503
     assert_openai_error(await resp.json(), "no_healthy_worker")
     assert (await (await client.get("/v1/models")).json())["data"] == []
+    resp = await client.get("/v1/models/tiny")  # configured, but no worker can serve it
+    assert resp.status == 404
+    assert_openai_error(await resp.json(), "model_not_found")
 
 
 async def test_connect_error_before_first_byte_is_retried_on_another_worker(aiohttp_client, upstream):
