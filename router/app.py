@@ -19,7 +19,7 @@ from kvroute.router.cache import stage as response_cache
 from kvroute.router.config import RouterConfig
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
-from kvroute.router.handlers import add_routes, error_middleware
+from kvroute.router.handlers import access_log_middleware, add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import Executors, ModelRoute, ModelRoutes
 from kvroute.router.telemetry import Telemetry
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
                clock: Clock | None = None, span_exporter: object = None) -> web.Application:
     """``span_exporter``: an OpenTelemetry span exporter to send traces to instead of OTLP's."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.server.max_body_bytes)
+    middlewares = [access_log_middleware] if cfg.telemetry.access_log.enabled else []  # the outer one
+    app = web.Application(middlewares=[*middlewares, error_middleware], client_max_size=cfg.server.max_body_bytes)
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = metrics or RouterMetrics()
     gov = cfg.governance

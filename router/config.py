@@ -279,16 +279,18 @@ def _share_calibration(m: ModelConfig, key: str, governance: GovernanceConfig | 
 
 def check_procs(cfg: RouterConfig, key: str = "server.procs") -> None:
     """State that lives in one process cannot be shared by several (``server.procs`` > 1):
-    governance needs its Redis store, and a prompt-log file would be rotated by each."""
+    governance needs its Redis store, and a prompt- or access-log file would be rotated by each."""
     if cfg.server.procs == 1:
         return
     if cfg.governance is not None and cfg.governance.redis is None:
         raise ConfigError("governance.redis", f"required with {key} > 1: budgets, rate limits and the kill "
                           "switch must be shared by the processes (the in-memory store is per process)")
-    sink = cfg.telemetry.prompt_logs.file
-    if sink is not None:
+    if cfg.telemetry.prompt_logs.file is not None:
         raise ConfigError("telemetry.prompt_logs.file", f"not with {key} > 1: each process would write and "
                           "rotate the same file; log prompts on spans (span: true) or serve with one process")
+    if cfg.telemetry.access_log.file is not None:
+        raise ConfigError("telemetry.access_log.file", f"not with {key} > 1: each process would write and "
+                          "rotate the same file; leave out 'file' to log to standard error")
 
 
 def _parse_interval(cls: type[HealthConfig] | type[ScrapeConfig], raw: Any, key: str) -> Any:

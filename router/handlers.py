@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -33,10 +34,12 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except UpstreamStatusError as exc:
         request.app[keys.METRICS].errors.labels("upstream_status").inc()
+        request[keys.ERROR_CODE] = "upstream_status"
         return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type.split(";")[0],
                             headers=exc.headers)  # a worker's Retry-After reaches the client
     except KvrouteError as exc:
         request.app[keys.METRICS].errors.labels(exc.code or exc.type).inc()
+        request[keys.ERROR_CODE] = exc.code or exc.type
         resp = web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
         if exc.close_connection:
             resp.force_close()
@@ -46,11 +49,34 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             raise
         err = KvrouteError(exc.reason or "HTTP error", code=str(exc.status))
         err.status, err.type = exc.status, "invalid_request_error"
+        request[keys.ERROR_CODE] = str(exc.status)
         return web.json_response(err.to_body(), status=exc.status)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         request.app[keys.METRICS].errors.labels("internal").inc()
+        request[keys.ERROR_CODE] = "internal"
         return web.json_response(KvrouteError("Internal router error").to_body(), status=500)
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """One access-log line per API request (``telemetry.access_log``), with the status the
+    client got; outside the error middleware, so errors are logged as answered."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)  # probes and scrapes: not logged
+    started, status = time.perf_counter(), 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:  # the client hung up: mid-stream it had a 200, else nothing
+        rec = request.get(keys.RECORD)
+        status = 200 if rec is not None and rec.tries and rec.tries[-1].client_started else 499  # nginx's code
+        raise
+    finally:
+        request.app[keys.TELEMETRY].log_access(request.method, request.path, status, started,
+                                               request.get(keys.REQUEST_ID), request.get(keys.RECORD),
+                                               request.get(keys.ERROR_CODE))
 
 
 async def _completion(request: web.Request, kind: str) -> web.StreamResponse:

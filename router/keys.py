@@ -28,6 +28,8 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)  # spans, prompt logs, per-reques
 RECORD = web.RequestKey("record", RequestRecord)
 # Per request: its id (X-Request-Id), sent to the worker and back to the client.
 REQUEST_ID = web.RequestKey("request_id", str)
+# Per request answered with an error: the error's code, for the access log.
+ERROR_CODE = web.RequestKey("error_code", str)
 # Per request: when it reached the handler (perf_counter), taken by its first upstream try.
 ARRIVED = web.RequestKey("arrived", float)
 # Per request with a whole answer from its first try: the model's kvroute_router_added_seconds,

@@ -15,6 +15,7 @@ from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
 from kvroute.router.requests import CHAT, REQUEST_ID, ParsedRequest
 from kvroute.router.telemetry.config import TelemetryConfig
+from kvroute.router.telemetry.jsonl import JsonLines
 from kvroute.router.telemetry.promptlog import SCHEMA, PromptLog
 from kvroute.router.telemetry.record import Capture, RequestRecord
 from kvroute.router.telemetry.tracing import Tracing
@@ -39,6 +40,7 @@ class Telemetry:
         self._span_exporter = span_exporter
         self.tracing: Tracing | None = None
         self.prompts: PromptLog | None = None
+        self.access: JsonLines | None = None
         # (model, tier, agent, feature) -> the three per-request histograms' series, bound
         # once (labels() costs more than observe); bounded by the models and the tag allow-list
         self._per_request: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
@@ -48,6 +50,8 @@ class Telemetry:
         self.tracing = Tracing.create(self.cfg.traces, exporter=self._span_exporter)
         if self.cfg.prompt_logs.on:
             self.prompts = PromptLog(self.cfg.prompt_logs)
+        if self.cfg.access_log.enabled:
+            self.access = JsonLines(self.cfg.access_log.file, "kvroute.access")
 
     def begin(self, req: ParsedRequest) -> RequestRecord:
         operation = "chat" if req.kind == CHAT else "text_completion"
@@ -72,15 +76,7 @@ class Telemetry:
         return RequestRecord(req=req, operation=operation, tracing=self.tracing, span=span, capture=capture)
 
     def end(self, rec: RequestRecord, status: int, error: BaseException | None = None) -> None:
-        prompt = cached = completion = 0
-        usd = 0.0
-        for d in rec.tries:
-            u = d.usage if isinstance(d.usage, dict) else {}
-            p, c = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
-            details = u.get("prompt_tokens_details")
-            k = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-            prompt, cached, completion = prompt + p, cached + k, completion + c
-            usd += Rates.of(d.route.cfg.price).cost(p, k, c)
+        prompt, cached, completion, usd = _totals(rec)
         final = rec.tries[-1] if rec.tries else None
         tier = final.route.cfg.tier if final is not None else None
         tags = _tags(rec)
@@ -102,6 +98,33 @@ class Telemetry:
         if rec.capture and self.prompts is not None and self.prompts.wanted(rec.req.model, tags.get("tenant")):
             self.prompts.write(self._log_record(rec, status, error_type, final, tags,
                                                 (prompt, cached, completion, usd)))
+
+    def log_access(self, method: str, path: str, status: int, started: float, request_id: str | None,
+                   rec: RequestRecord | None, error_code: str | None) -> None:
+        """One access-log line for an API request (``started``: its perf_counter at arrival).
+        ``rec``: what the request path recorded, absent when it stopped before (bad input, a
+        refusal at admission); ``error_code``: the code of the error it answered with."""
+        if self.access is None:
+            return
+        entry: dict[str, Any] = {"time": round(time.time(), 3), "request_id": request_id, "method": method,
+                                 "path": path, "status": status,
+                                 "duration_ms": round((time.perf_counter() - started) * 1e3, 3)}
+        if rec is not None:
+            final = rec.tries[-1] if rec.tries else None
+            prompt, cached, completion, usd = _totals(rec)
+            tags = _tags(rec)
+            entry.update({"model": rec.req.model, "stream": rec.req.stream,
+                          "tier": final.route.cfg.tier if final is not None else None,
+                          "worker": final.worker.url if final is not None else None, "tries": len(rec.tries),
+                          "ttft_ms": round((final.first_token_at - started) * 1e3, 3)
+                          if final is not None and final.first_token_at is not None and rec.req.stream else None,
+                          "prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached,
+                          "cost_usd": round(usd, 9), "cache": rec.cache_hit, "tenant": tags.get("tenant"),
+                          "trace_id": w3c_trace_id(rec.req.headers.get("traceparent"))})
+            if error_code is None and final is not None and final.status != "ok":
+                error_code = final.status  # e.g. a stream cut after its first byte, or a client that left
+        entry["error"] = error_code
+        self.access.write(entry)
 
     def _label(self, tag: str, value: str | None) -> str:
         if not value:
@@ -197,13 +220,30 @@ class Telemetry:
         }
 
     def close(self) -> None:
-        """Flush spans and prompt logs (blocking: run it off the loop)."""
+        """Flush spans, prompt and access logs (blocking: run it off the loop)."""
         if self.tracing is not None:
             self.tracing.shutdown()
             self.tracing = None
         if self.prompts is not None:
             self.prompts.close()
             self.prompts = None
+        if self.access is not None:
+            self.access.close()
+            self.access = None
+
+
+def _totals(rec: RequestRecord) -> tuple[int, int, int, float]:
+    """Prompt, cached and completion tokens, and cost, summed over the request's tries."""
+    prompt = cached = completion = 0
+    usd = 0.0
+    for d in rec.tries:
+        u = d.usage if isinstance(d.usage, dict) else {}
+        p, c = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
+        details = u.get("prompt_tokens_details")
+        k = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        prompt, cached, completion = prompt + p, cached + k, completion + c
+        usd += Rates.of(d.route.cfg.price).cost(p, k, c)
+    return prompt, cached, completion, usd
 
 
 def _tags(rec: RequestRecord) -> dict[str, str]:

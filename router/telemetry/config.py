@@ -19,7 +19,9 @@ Traces follow the OpenTelemetry SDK's own switches. Setting ``OTEL_EXPORTER_OTLP
   ================  =========================================================
 
 Prompt logs are off unless ``telemetry.prompt_logs`` turns them on for every request
-(``enabled``), for some models or for some tenants; see ``promptlog.py``.
+(``enabled``), for some models or for some tenants; see ``promptlog.py``. The access log
+(``telemetry.access_log``, off by default) writes one JSON line per API request, with no
+prompt text, to a file or to standard error.
 """
 
 from __future__ import annotations
@@ -103,9 +105,16 @@ class PromptLogConfig:
 
 
 @dataclass(frozen=True)
+class AccessLogConfig:
+    enabled: bool = False
+    file: FileSink | None = None  # None: standard error
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     traces: TracesConfig = TracesConfig()
     prompt_logs: PromptLogConfig = PromptLogConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
 
 
 def _parse_traces(raw: Any, key: str, local: Local) -> TracesConfig:
@@ -156,14 +165,7 @@ def _parse_prompt_logs(raw: Any, key: str, local: Local) -> PromptLogConfig:
     rate = v.get(raw, "sample_rate", float, key, 1.0, non_negative=True)
     if rate > 1:
         raise ConfigError(v.join(key, "sample_rate"), f"must be between 0 and 1, got {rate}")
-    sink = None
-    if raw.get("file") is not None:
-        fkey = v.join(key, "file")
-        f = v.section(raw["file"], ("path", "max_bytes", "backups"), fkey)
-        path = v.required(f, "path", str, fkey, "the JSONL file to write")
-        local.path(str(Path(path).parent), v.join(fkey, "path"), "no such folder for the prompt log", folder=True)
-        sink = FileSink(path=path, max_bytes=v.get(f, "max_bytes", int, fkey, FileSink.max_bytes, positive=True),
-                        backups=v.get(f, "backups", int, fkey, FileSink.backups, non_negative=True))
+    sink = _parse_file(raw.get("file"), v.join(key, "file"), local, "prompt log")
     cfg = PromptLogConfig(
         enabled=v.get(raw, "enabled", bool, key, False),
         models=v.str_list(raw.get("models"), v.join(key, "models")),
@@ -179,9 +181,26 @@ def _parse_prompt_logs(raw: Any, key: str, local: Local) -> PromptLogConfig:
     return cfg
 
 
+def _parse_file(raw: Any, key: str, local: Local, what: str) -> FileSink | None:
+    if raw is None:
+        return None
+    f = v.section(raw, ("path", "max_bytes", "backups"), key)
+    path = v.required(f, "path", str, key, "the JSONL file to write")
+    local.path(str(Path(path).parent), v.join(key, "path"), f"no such folder for the {what}", folder=True)
+    return FileSink(path=path, max_bytes=v.get(f, "max_bytes", int, key, FileSink.max_bytes, positive=True),
+                    backups=v.get(f, "backups", int, key, FileSink.backups, non_negative=True))
+
+
+def _parse_access_log(raw: Any, key: str, local: Local) -> AccessLogConfig:
+    raw = v.section(raw, ("enabled", "file"), key)
+    return AccessLogConfig(enabled=v.get(raw, "enabled", bool, key, False),
+                           file=_parse_file(raw.get("file"), v.join(key, "file"), local, "access log"))
+
+
 def parse_telemetry(raw: Any, key: str = "telemetry", *, local: Local = Local()) -> TelemetryConfig:
-    raw = v.section(raw if raw is not None else {}, ("traces", "prompt_logs"), key)
+    raw = v.section(raw if raw is not None else {}, ("traces", "prompt_logs", "access_log"), key)
     return TelemetryConfig(
         traces=_parse_traces(raw.get("traces") or {}, v.join(key, "traces"), local),
         prompt_logs=_parse_prompt_logs(raw.get("prompt_logs") or {}, v.join(key, "prompt_logs"), local),
+        access_log=_parse_access_log(raw.get("access_log") or {}, v.join(key, "access_log"), local),
     )

@@ -13,17 +13,13 @@ are never part of a record.
 
 from __future__ import annotations
 
-import logging
-import logging.handlers
-import queue
 import random
 import re
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
 from kvroute.router.telemetry.config import PromptLogConfig
+from kvroute.router.telemetry.jsonl import JsonLines
 
 SCHEMA = 1
 _CUT = "…[cut]"
@@ -37,15 +33,7 @@ class PromptLog:
     def __init__(self, cfg: PromptLogConfig, rng: Callable[[], float] = random.random):
         self.cfg = cfg
         self._rng = rng
-        self._listener: logging.handlers.QueueListener | None = None
-        self._queue: queue.SimpleQueue[logging.LogRecord] | None = None
-        if cfg.file is not None:
-            handler = logging.handlers.RotatingFileHandler(cfg.file.path, maxBytes=cfg.file.max_bytes,
-                                                           backupCount=cfg.file.backups, encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self._queue = queue.SimpleQueue()
-            self._listener = logging.handlers.QueueListener(self._queue, handler)
-            self._listener.start()
+        self._file = JsonLines(cfg.file, "kvroute.prompts") if cfg.file is not None else None
 
     def sampled(self, model: str, *, tenants_known: bool) -> bool:
         """Whether to capture this request's answer: it may be logged. ``tenants_known``:
@@ -90,14 +78,11 @@ class PromptLog:
 
     def write(self, record: dict) -> None:
         """Queue one record for the file (never blocks the loop)."""
-        if self._queue is not None:
-            line = orjson.dumps(record).decode()
-            self._queue.put(logging.LogRecord("kvroute.prompts", logging.INFO, "", 0, line, None, None))
+        if self._file is not None:
+            self._file.write(record)
 
     def close(self) -> None:
         """Flush what is queued and close the file (blocks: run it off the loop)."""
-        if self._listener is not None:
-            self._listener.stop()
-            for handler in self._listener.handlers:
-                handler.close()
-            self._listener = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -55,14 +55,15 @@ def slow_worker(hung_up: asyncio.Event) -> web.Application:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_client_that_hangs_up_closes_the_workers_request(aiohttp_server, stream):
+async def test_a_client_that_hangs_up_closes_the_workers_request(aiohttp_server, stream, tmp_path):
     hung_up = asyncio.Event()
     worker = await aiohttp_server(slow_worker(hung_up))
     url = str(worker.make_url("")).rstrip("/")
     router = RouterServer(create_app(config_from_dict({
         "models": [{"name": "tiny", "workers": [url], "policy": "round_robin"}],
         "health": {"interval_s": 60, "timeout_s": 10}, "scrape": {"timeout_s": 10},
-        "governance": {"tenants": [{"name": "acme", "keys": [KEY]}]}})))
+        "governance": {"tenants": [{"name": "acme", "keys": [KEY]}]},
+        "telemetry": {"access_log": {"enabled": True, "file": {"path": str(tmp_path / "access.jsonl")}}}})))
     auth = {"Authorization": f"Bearer {KEY}"}
     await router.start_server()
     try:
@@ -86,5 +87,10 @@ async def test_a_client_that_hangs_up_closes_the_workers_request(aiohttp_server,
                 session.get(router.make_url("/v1/kvroute/spend"), headers=auth) as resp:
             spend = (await resp.json())["data"]
         assert [r["requests"] for r in spend] == [1] and spend[0]["prompt_tokens"] > 0
+        router.app[keys.TELEMETRY].close()
+        (line,) = [e for e in map(orjson.loads, (tmp_path / "access.jsonl").read_text().splitlines())
+                   if e["path"] == "/v1/chat/completions"]
+        assert (line["status"], line["error"]) == ((200, "client_disconnected") if stream else
+                                                   (499, "client_disconnected"))
     finally:
         await router.close()
