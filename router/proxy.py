@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -359,6 +360,8 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
     received: float | None = None
     try:
         while (data := await events.next(deadline, first=first)) is not None:
+            if _ERROR_EVENT.match(data):  # vLLM failed the request inside its stream
+                _stream_error(data, d, before_client=out is None)
             if first:
                 received = time.perf_counter()
             first = False
@@ -393,6 +396,32 @@ async def _relay_stream(request: web.Request, resp: aiohttp.ClientResponse, d: D
             raise  # nothing sent yet: the retry table decides (router/retry.py)
         await _fail_stream(out, d, exc)
     return out
+
+
+_ERROR_EVENT = re.compile(rb'data: \{\s*"error"')
+
+
+def _stream_error(data: bytes, d: Dispatch, *, before_client: bool) -> None:
+    """A worker's error event (vLLM's ``{"error": {..., "code": status}}``, then ``[DONE]``).
+    Before the client's stream began it is the worker's error status, which the retry table
+    judges (a 500 goes to another worker, a 400 to the client). After, the client gets the
+    event as sent, and a 5xx counts as the try's failure, against the worker's breaker."""
+    try:
+        err = orjson.loads(data[6:]).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        err = None
+    if not isinstance(err, dict):
+        return
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    if before_client:
+        d.status = str(status)
+        raise UpstreamStatusError(status, orjson.dumps({"error": err}), "application/json")
+    if status < 500:  # the request's fault, found late (vLLM checks some fields as it generates)
+        d.status = str(status)
+        return
+    d.status = "upstream_error"
+    d.failed = UpstreamError(f"Worker {d.worker.url} failed the stream: {err.get('message')}")
 
 
 async def _before_end(d: Dispatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 
 import aiohttp
 import orjson
@@ -442,3 +443,60 @@ async def test_every_answer_names_its_request_id_and_the_worker_gets_it(client, 
     for path, body in (("/v1/chat/completions", {**CHAT, "model": "nope"}), ("/v1/chat/completions", {})):
         resp = await client.post(path, json=body, headers={"X-Request-Id": "bad-one"})
         assert resp.status in (400, 404) and resp.headers["x-request-id"] == "bad-one"  # errors too
+
+
+def erring_stream_worker(code: int, tokens_first: int) -> web.Application:
+    """A worker whose streams send ``tokens_first`` chunks, then vLLM's error event (with
+    ``code``) and ``[DONE]``, as vLLM does when a request fails inside its stream."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(tokens_first):
+            chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        err = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+                         "code": code}}
+        await resp.write(f"data: {json.dumps(err)}\n\n".encode())  # json.dumps, as vLLM writes it
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", empty)
+    app.router.add_get("/metrics", empty)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def test_an_error_event_before_any_token_is_the_workers_error_status(aiohttp_client, aiohttp_server, upstream):
+    bad5 = await aiohttp_server(erring_stream_worker(500, 0))
+    urls = [str(s.make_url("")).rstrip("/") for s in (bad5, upstream)]
+    client = await aiohttp_client(create_app(router_config(urls)))
+    for _ in range(2):  # round robin: one starts on the failing worker, and is retried
+        resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert resp.status == 200 and resp.headers["x-kvroute-worker"] == urls[1]
+        assert b'"error"' not in await resp.read()
+    bad4 = await aiohttp_server(erring_stream_worker(400, 0))
+    client = await aiohttp_client(create_app(router_config([str(bad4.make_url("")).rstrip("/")])))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert resp.status == 400  # the request's fault, passed on as an HTTP error, not a 200 stream
+    assert (await resp.json())["error"]["message"] == "Internal server error"
+
+
+async def test_an_error_event_mid_stream_reaches_the_client_and_counts_against_the_worker(
+        aiohttp_client, aiohttp_server):
+    bad = await aiohttp_server(erring_stream_worker(500, 2))
+    url = str(bad.make_url("")).rstrip("/")
+    client = await aiohttp_client(create_app(router_config([url])))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert resp.status == 200
+    events = [e for e in (await resp.read()).split(b"\n\n") if e]
+    assert len(events) == 4 and events[2].startswith(b'data: {"error"') and events[3] == b"data: [DONE]"
+    registry = client.server.app[keys.METRICS].registry
+    assert registry.get_sample_value("kvroute_worker_requests_total",
+                                     {"model": "tiny", "worker": url, "status": "upstream_error"}) == 1
+    worker = client.server.app[keys.ROUTES].get("tiny").tiers[0].pool.all()[0]
+    assert worker.breaker.failures == 1
