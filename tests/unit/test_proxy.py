@@ -351,8 +351,8 @@ async def test_a_worker_whose_health_check_redirects_is_not_healthy(aiohttp_serv
 @pytest.mark.parametrize("force", [False, True])
 async def test_answers_are_asked_for_uncompressed_and_one_compressed_anyway_is_decoded(
         aiohttp_client, aiohttp_server, force):
-    # An ingress in front of a worker may gzip JSON when asked; the router used to ask (aiohttp's
-    # default Accept-Encoding) and pass the gzip bytes on unlabelled, and counted no usage.
+    # An ingress in front of a worker may gzip JSON when asked (aiohttp asks by default); passed
+    # on, the bytes would reach the client unlabelled, and no usage would be counted.
     asked: list[str | None] = []
     text = "compressible " * 200
 
@@ -400,8 +400,8 @@ async def test_answers_are_asked_for_uncompressed_and_one_compressed_anyway_is_d
 
 
 async def test_a_200_that_is_not_a_completion_is_a_502_not_passed_on(aiohttp_client, aiohttp_server):
-    # e.g. an ingress's sign-in page: it used to reach the client as a 200 labelled JSON,
-    # or as an empty stream that ended without an error.
+    # e.g. an ingress's sign-in page: not a 200 labelled JSON, nor an empty stream that ends
+    # without an error.
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="<html>Sign in</html>", content_type="text/html")
 
