@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvroute.benchmarks.backends.mock import bare_worker
 from kvroute.benchmarks.results import percentile
 from kvroute.benchmarks.runner import run_standalone
 
@@ -85,14 +86,7 @@ def upstream_app() -> web.Application:
             "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
                       "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}})
 
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", ok)
-    app.router.add_get("/metrics", ok)
-    return app
+    return bare_worker(chat)
 
 
 @contextlib.asynccontextmanager

@@ -168,6 +168,18 @@ def _summary(per_unit: dict[str, float], rand: dict[str, float], note: str,
             "note": note, **({"recipe": recipe} if recipe else {})}
 
 
+def variant_table(rows: dict[str, dict[str, float]], label: str, units: Sequence[str] = UNITS) -> str:
+    """A Markdown table of APGR per unit left out for named variants (the tools' output);
+    ``rows["random"]`` marks the units where a variant is below the random router."""
+    lines = [f"| {label} | " + " | ".join(units) + " | mean | worst |", "|---" * (len(units) + 3) + "|"]
+    for name, per in rows.items():
+        cells = " | ".join(f"{per[u]:.3f}" for u in units)
+        below = [u for u in units if name != "random" and per[u] < rows["random"][u]]
+        note = f" (below random: {', '.join(below)})" if below else ""
+        lines.append(f"| {name} | {cells} | {np.mean(list(per.values())):.3f} | {min(per.values()):.3f}{note} |")
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
     units = res["units"]
     head = "| model | " + " | ".join(f"{u} (n={res['n_prompts'][u]})" for u in units)

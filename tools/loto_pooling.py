@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load, question_text
 from kvroute.classifier.encoder import EmbeddingLayer
-from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, unit_of
+from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, unit_of, variant_table
 from kvroute.classifier.metrics import random_baseline, summarize
 
 
@@ -97,12 +97,7 @@ def main() -> int:
         best = max(grid, key=lambda a: inner[a])
         rows.setdefault("common nested (a chosen per fold)", {})[u] = apgr(common[best], train, test)
         tqdm.write(f"{u}: nested LOTO chose a={best:g}")
-    print("\n| pooling | " + " | ".join(UNITS) + " | mean | worst |\n" + "|---" * (len(UNITS) + 3) + "|")
-    for name, per in rows.items():
-        cells = " | ".join(f"{per[u]:.3f}" for u in UNITS)
-        below = [u for u in UNITS if name != "random" and per[u] < rows["random"][u]]
-        note = f" (below random: {', '.join(below)})" if below else ""
-        print(f"| {name} | {cells} | {np.mean(list(per.values())):.3f} | {min(per.values()):.3f}{note} |")
+    print("\n" + variant_table(rows, "pooling"))
     return 0
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load
-from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, unit_of
+from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, unit_of, variant_table
 from kvroute.classifier.metrics import random_baseline, summarize
 
 KS = (64, 96, 128, 160, 192, 256)
@@ -74,12 +74,7 @@ def main() -> int:
         best = max(KS, key=lambda k: inner[k])
         rows.setdefault("pca nested (K chosen per fold)", {})[u] = pca_apgr(train, test, best)
         print(f"{u}: nested LOTO chose K={best}", flush=True)
-    print("\n| variant | " + " | ".join(UNITS) + " | mean | worst |\n|---" * 1 + "|---" * (len(UNITS) + 2) + "|")
-    for name, per in rows.items():
-        cells = " | ".join(f"{per[u]:.3f}" for u in UNITS)
-        below = [u for u in UNITS if name != "random" and per[u] < rows["random"][u]]
-        note = f" (below random: {', '.join(below)})" if below else ""
-        print(f"| {name} | {cells} | {np.mean(list(per.values())):.3f} | {min(per.values()):.3f}{note} |")
+    print("\n" + variant_table(rows, "variant"))
     return 0
 
 

@@ -22,6 +22,7 @@ A stall ends early when the router closes the connection, so tests never wait it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -54,6 +55,26 @@ async def stall(request: web.Request, seconds: float) -> None:
     end = loop.time() + seconds
     while loop.time() < end and request.transport is not None and not request.transport.is_closing():
         await asyncio.sleep(0.005)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def bare_worker(chat: Handler, *routes: tuple[str, str, Handler]) -> web.Application:
+    """A worker with ``chat`` at ``/v1/chat/completions``, any other ``routes`` (method,
+    path, handler), and a ``/health`` and ``/metrics`` that answer empty: for tests of how
+    the router meets a worker, or what is in front of it, that misbehaves."""
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", empty)
+    app.router.add_get("/metrics", empty)
+    app.router.add_post("/v1/chat/completions", chat)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    return app
 
 
 def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Application:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from kvroute.benchmarks.backends.mock import bare_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
@@ -44,14 +45,7 @@ def slow_worker(hung_up: asyncio.Event) -> web.Application:
             raise
         return resp or web.json_response({"choices": []})
 
-    async def empty(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_get("/health", empty)
-    app.router.add_get("/metrics", empty)
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    return bare_worker(chat)
 
 
 @pytest.mark.parametrize("stream", [False, True])

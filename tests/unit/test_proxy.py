@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from kvroute.benchmarks.backends.mock import SEEN, SEEN_HEADERS, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN, SEEN_HEADERS, bare_worker, fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
@@ -287,16 +287,7 @@ def redirecting_worker(status: int, moved_to: list[str]) -> web.Application:
         moved_to.append(request.method)
         return web.json_response({"method": request.method})
 
-    async def empty(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_get("/health", empty)
-    app.router.add_get("/metrics", empty)
-    app.router.add_post("/v1/chat/completions", redirect)
-    app.router.add_get("/moved", moved)
-    app.router.add_post("/moved", moved)
-    return app
+    return bare_worker(redirect, ("GET", "/moved", moved), ("POST", "/moved", moved))
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
@@ -375,14 +366,7 @@ async def test_answers_are_asked_for_uncompressed_and_one_compressed_anyway_is_d
         resp.enable_compression(web.ContentCoding.gzip if force else None)
         return resp
 
-    async def empty(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_get("/health", empty)
-    app.router.add_get("/metrics", empty)
-    app.router.add_post("/v1/chat/completions", chat)
-    server = await aiohttp_server(app)
+    server = await aiohttp_server(bare_worker(chat))
     client = await aiohttp_client(create_app(router_config([str(server.make_url("")).rstrip("/")])))
     resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Accept-Encoding": "identity"})
     assert resp.status == 200 and "Content-Encoding" not in resp.headers
@@ -405,14 +389,7 @@ async def test_a_200_that_is_not_a_completion_is_a_502_not_passed_on(aiohttp_cli
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="<html>Sign in</html>", content_type="text/html")
 
-    async def empty(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_get("/health", empty)
-    app.router.add_get("/metrics", empty)
-    app.router.add_post("/v1/chat/completions", page)
-    server = await aiohttp_server(app)
+    server = await aiohttp_server(bare_worker(page))
     url = str(server.make_url("")).rstrip("/")
     client = await aiohttp_client(create_app(router_config([url])))
     for stream, what in ((False, "not a JSON object (content-type text/html)"),
@@ -461,14 +438,7 @@ def erring_stream_worker(code: int, tokens_first: int) -> web.Application:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    async def empty(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_get("/health", empty)
-    app.router.add_get("/metrics", empty)
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    return bare_worker(chat)
 
 
 async def test_an_error_event_before_any_token_is_the_workers_error_status(aiohttp_client, aiohttp_server, upstream):
