@@ -64,7 +64,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
             app[keys.METRICS].healthy.labels(worker.model, worker.url).set(1 if worker.healthy else 0)
         admission.worker_freed(routes.route_of(worker))  # one back in service takes queued requests
 
-    app[keys.HEALTH] = HealthChecker(on_worker_state)
+    app[keys.HEALTH] = HealthChecker(on_worker_state, served_name=lambda w: routes.route_of(w).cfg.served_name)
     add_routes(app)
     app.cleanup_ctx.extend([_client_session, _tokenizer_executor, _classifiers, _discovery, _kv_events, _scraper,
                             _health_loop, _governor, _response_cache, _telemetry,

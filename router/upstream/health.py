@@ -4,6 +4,11 @@ Every ``interval_s`` each worker's ``GET /health`` is polled; 200 makes it routa
 request path ejects a worker at once on a connect error (``eject``); the next good probe
 brings it back. A worker that comes back may have restarted with an empty KV cache, so
 its prefix-index entries are dropped on every state change.
+
+A worker must also serve the model it is configured for: its ``GET /v1/models`` is read
+when it first answers (and again after it was down, or while it is wrong), and a worker
+that lists other models is unhealthy, with the names in its ``last_error``: every request
+to it would be the worker's 404. A worker with no readable model list is taken on trust.
 """
 
 from __future__ import annotations
@@ -19,6 +24,21 @@ from kvroute.router.upstream.workers import Worker
 log = logging.getLogger(__name__)
 
 
+async def served_models(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> tuple[str, ...] | None:
+    """The model ids the worker's ``/v1/models`` lists; None when it cannot be read."""
+    try:
+        async with session.get(f"{worker.url}/v1/models", headers=worker.upstream_headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False) as resp:
+            if resp.status != 200:
+                return None
+            data = (await resp.json(content_type=None)).get("data")
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(data, list):
+        return None
+    return tuple(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
+
+
 async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> bool:
     try:
         # A redirect is not followed: requests would not follow it either (proxy.py).
@@ -31,8 +51,12 @@ async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float
 
 
 class HealthChecker:
-    def __init__(self, on_state_change: Callable[[Worker], None]):
+    def __init__(self, on_state_change: Callable[[Worker], None],
+                 served_name: Callable[[Worker], str] | None = None):
+        """``served_name``: the model name the router sends a worker (its pool's
+        ``upstream_model``); None: no model check."""
         self.on_state_change = on_state_change
+        self.served_name = served_name
 
     def set_state(self, worker: Worker, healthy: bool, reason: str | None = None) -> None:
         if worker.healthy == healthy:
@@ -50,8 +74,31 @@ class HealthChecker:
     async def check_all(self, session: aiohttp.ClientSession, workers: Iterable[Worker], timeout_s: float) -> None:
         workers = list(workers)
         results = await asyncio.gather(*(probe(session, w, timeout_s) for w in workers))
+        wrong = await self._check_models(session, [w for w, ok in zip(workers, results) if ok], timeout_s)
         for worker, ok in zip(workers, results):
-            self.set_state(worker, ok, None if ok else "health check failed")
+            if not ok:
+                worker.served_models = None  # read again when it is back: it may have restarted
+                self.set_state(worker, False, "health check failed")
+            elif id(worker) in wrong:
+                self.set_state(worker, False, wrong[id(worker)])
+            else:
+                self.set_state(worker, True)
+
+    async def _check_models(self, session: aiohttp.ClientSession, up: list[Worker],
+                            timeout_s: float) -> dict[int, str]:
+        """Why each worker among ``up`` whose model list lacks its model is wrong, by id()."""
+        if self.served_name is None:
+            return {}
+        name_of = self.served_name
+        todo = [w for w in up if w.served_models is None or name_of(w) not in w.served_models]
+        for worker, models in zip(todo, await asyncio.gather(*(served_models(session, w, timeout_s) for w in todo))):
+            worker.served_models = models
+        wrong = {}
+        for w in todo:
+            if w.served_models is not None and name_of(w) not in w.served_models:
+                wrong[id(w)] = (f"serves {', '.join(map(repr, w.served_models)) or 'no model'}, not "
+                            f"{name_of(w)!r}: set the model's upstream_model to one of those")
+        return wrong
 
     async def run(self, session: aiohttp.ClientSession, workers_fn: Callable[[], Iterable[Worker]],
                   interval_s: float, timeout_s: float) -> None:

@@ -33,6 +33,8 @@ class Worker:
     kv_usage: float = 0.0
     block_size: int | None = None
     last_error: str | None = None
+    # The model names its /v1/models lists (read by the health loop); None: not read yet.
+    served_models: tuple[str, ...] | None = None
     # Sent on every call to the worker: its API key (vLLM --api-key), if it has one. Never logged.
     upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # the owning pool's hook: its cached list of healthy workers is stale
