@@ -77,7 +77,7 @@ class HealthChecker:
         wrong = await self._check_models(session, [w for w, ok in zip(workers, results) if ok], timeout_s)
         for worker, ok in zip(workers, results):
             if not ok:
-                worker.served_models = None  # read again when it is back: it may have restarted
+                worker.models_read = False  # read again when it is back: it may have restarted
                 self.set_state(worker, False, "health check failed")
             elif id(worker) in wrong:
                 self.set_state(worker, False, wrong[id(worker)])
@@ -90,14 +90,18 @@ class HealthChecker:
         if self.served_name is None:
             return {}
         name_of = self.served_name
-        todo = [w for w in up if w.served_models is None or name_of(w) not in w.served_models]
+
+        def lacks(w: Worker) -> bool:
+            return w.served_models is not None and name_of(w) not in w.served_models
+
+        todo = [w for w in up if not w.models_read or lacks(w)]  # a wrong one is read every round
         for worker, models in zip(todo, await asyncio.gather(*(served_models(session, w, timeout_s) for w in todo))):
-            worker.served_models = models
+            worker.served_models, worker.models_read = models, True
         wrong = {}
         for w in todo:
-            if w.served_models is not None and name_of(w) not in w.served_models:
-                wrong[id(w)] = (f"serves {', '.join(map(repr, w.served_models)) or 'no model'}, not "
-                            f"{name_of(w)!r}: set the model's upstream_model to one of those")
+            if lacks(w):
+                wrong[id(w)] = (f"serves {', '.join(map(repr, w.served_models or ())) or 'no model'}, not "
+                                f"{name_of(w)!r}: set the model's upstream_model to one of those")
         return wrong
 
     async def run(self, session: aiohttp.ClientSession, workers_fn: Callable[[], Iterable[Worker]],

@@ -33,8 +33,10 @@ class Worker:
     kv_usage: float = 0.0
     block_size: int | None = None
     last_error: str | None = None
-    # The model names its /v1/models lists (read by the health loop); None: not read yet.
+    # The model names its /v1/models lists, read by the health loop once it answers
+    # (models_read); None: the list could not be read, and the worker is taken on trust.
     served_models: tuple[str, ...] | None = None
+    models_read: bool = False
     # Sent on every call to the worker: its API key (vLLM --api-key), if it has one. Never logged.
     upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # the owning pool's hook: its cached list of healthy workers is stale
