@@ -17,6 +17,7 @@ from kvroute.router import keys, proxy
 from kvroute.router.admission import Admission
 from kvroute.router.cache import stage as response_cache
 from kvroute.router.config import RouterConfig
+from kvroute.router.cors import Cors
 from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import access_log_middleware, add_routes, error_middleware
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
                clock: Clock | None = None, span_exporter: object = None) -> web.Application:
     """``span_exporter``: an OpenTelemetry span exporter to send traces to instead of OTLP's."""
-    middlewares = [access_log_middleware] if cfg.telemetry.access_log.enabled else []  # the outer one
-    app = web.Application(middlewares=[*middlewares, error_middleware], client_max_size=cfg.server.max_body_bytes)
+    outer = [access_log_middleware] if cfg.telemetry.access_log.enabled else []
+    cors = Cors(cfg.server.cors) if cfg.server.cors is not None else None
+    inner = [cors.middleware] if cors is not None else []  # a refused preflight is an error body
+    app = web.Application(middlewares=[*outer, error_middleware, *inner], client_max_size=cfg.server.max_body_bytes)
     app[keys.CONFIG] = cfg
     app[keys.METRICS] = metrics or RouterMetrics()
     gov = cfg.governance
@@ -51,6 +54,8 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
     app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
     app.on_response_prepare.append(proxy.on_response_prepare)  # a whole answer's time in kvroute ends
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_response_prepare)  # after the hooks that add headers
     for route in routes.by_key.values():
         def on_members(_workers: list, route: ModelRoute = route) -> None:
             admission.worker_freed(route)  # a worker that joined takes queued requests

@@ -21,6 +21,7 @@ import yaml
 
 from kvroute.router import validate as v
 from kvroute.router.cache.config import CacheConfig, ModelCache, model_cache, parse_cache
+from kvroute.router.cors import CorsConfig, parse_cors
 from kvroute.router.errors import ConfigError
 from kvroute.router.governance.config import GovernanceConfig, RedisConfig, parse_governance
 from kvroute.router.routing_table import RoutingTable, parse_routes
@@ -50,6 +51,7 @@ class ServerConfig:
     drain_s: float = 30.0
     # Processes serving the port (router/procs.py); each has its own loop, bounds and views.
     procs: int = 1
+    cors: CorsConfig | None = None  # None: no CORS headers, preflights get 405 (router/cors.py)
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,7 @@ _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # ca
 def _parse_server(raw: Any, key: str) -> ServerConfig:
     raw = v.section(raw, ("host", "port", "max_body_bytes", "request_timeout_s", "connect_timeout_s",
                           "max_in_flight", "max_in_flight_per_worker", "overload", "max_queued",
-                          "queue_timeout_s", "drain_s", "procs"), key)
+                          "queue_timeout_s", "drain_s", "procs", "cors"), key)
     d = ServerConfig()
     return ServerConfig(
         host=v.get(raw, "host", str, key, d.host),
@@ -264,6 +266,7 @@ def _parse_server(raw: Any, key: str) -> ServerConfig:
         queue_timeout_s=v.get(raw, "queue_timeout_s", float, key, d.queue_timeout_s, positive=True),
         drain_s=v.get(raw, "drain_s", float, key, d.drain_s, positive=True),
         procs=v.get(raw, "procs", int, key, d.procs, positive=True),
+        cors=parse_cors(raw.get("cors"), v.join(key, "cors")),
     )
 
 
