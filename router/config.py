@@ -27,6 +27,7 @@ from kvroute.router.governance.config import GovernanceConfig, RedisConfig, pars
 from kvroute.router.routing_table import RoutingTable, parse_routes
 from kvroute.router.secrets import Local
 from kvroute.router.telemetry.config import TelemetryConfig, parse_telemetry
+from kvroute.router.tls import ServerTls, UpstreamTls, parse_server_tls, parse_upstream_tls
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DISCOVERY_SOURCES = ("static", "dns", "k8s")
@@ -52,6 +53,7 @@ class ServerConfig:
     # Processes serving the port (router/procs.py); each has its own loop, bounds and views.
     procs: int = 1
     cors: CorsConfig | None = None  # None: no CORS headers, preflights get 405 (router/cors.py)
+    tls: ServerTls | None = None  # None: plain HTTP (router/tls.py)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ class ModelConfig:
     mode: str = "route"  # route (classifier picks one tier) or cascade (escalate on low confidence)
     cascade: CascadeConfig | None = None  # set when mode is cascade
     api_key: str | None = field(default=None, repr=False)  # sent to workers as Authorization: Bearer
+    tls: UpstreamTls | None = None  # how https:// workers are checked; None: the system's CAs
     timeouts: TimeoutsConfig = TimeoutsConfig()
     cache: ModelCache | None = None  # the response cache for this model (router/cache); None: off
 
@@ -243,14 +246,14 @@ class RouterConfig:
 _ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker", "cache",
               "telemetry", "routes")
 _POOL_KEYS = ("workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
-             "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts")
+             "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts", "tls")
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
 
-def _parse_server(raw: Any, key: str) -> ServerConfig:
+def _parse_server(raw: Any, key: str, local: Local) -> ServerConfig:
     raw = v.section(raw, ("host", "port", "max_body_bytes", "request_timeout_s", "connect_timeout_s",
                           "max_in_flight", "max_in_flight_per_worker", "overload", "max_queued",
-                          "queue_timeout_s", "drain_s", "procs", "cors"), key)
+                          "queue_timeout_s", "drain_s", "procs", "cors", "tls"), key)
     d = ServerConfig()
     return ServerConfig(
         host=v.get(raw, "host", str, key, d.host),
@@ -267,6 +270,7 @@ def _parse_server(raw: Any, key: str) -> ServerConfig:
         drain_s=v.get(raw, "drain_s", float, key, d.drain_s, positive=True),
         procs=v.get(raw, "procs", int, key, d.procs, positive=True),
         cors=parse_cors(raw.get("cors"), v.join(key, "cors")),
+        tls=parse_server_tls(raw.get("tls"), v.join(key, "tls"), local),
     )
 
 
@@ -551,6 +555,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
         name=name,
         tier=tier,
         api_key=api_key,
+        tls=parse_upstream_tls(raw.get("tls"), f"{key}.tls", local),
         kv_events=kv_events,
         price=_parse_price(raw.get("price"), f"{key}.price"),
         timeouts=_parse_timeouts(raw.get("timeouts"), f"{key}.timeouts"),
@@ -600,7 +605,7 @@ def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
     models_raw = v.items(raw.get("models"), "models", "required: a non-empty list of models", non_empty=True)
     models = tuple(_parse_model(m, f"models[{i}]", local) for i, m in enumerate(models_raw))
     v.unique([m.name for m in models], lambda i: f"models[{i}].name", "model name")
-    server = _parse_server(raw.get("server"), "server")
+    server = _parse_server(raw.get("server"), "server", local)
     health = _parse_interval(HealthConfig, raw.get("health"), "health")
     scrape = _parse_interval(ScrapeConfig, raw.get("scrape"), "scrape")
     discovery = _parse_discovery(raw.get("discovery"), "discovery", local)

@@ -257,7 +257,7 @@ async def _open(request: web.Request, stack: contextlib.AsyncExitStack,
         async with timer:
             resp = await stack.enter_async_context(request.app[keys.SESSION].post(
                 d.worker.url + d.req.path, data=body, headers=headers, timeout=client_timeout,
-                allow_redirects=False))
+                allow_redirects=False, ssl=d.worker.ssl))
     except TimeoutError as exc:
         if timer.expired():
             raise _stalled(d, first=True) from exc

@@ -28,6 +28,7 @@ from kvroute.router.prefix import Prefixer, PromptTokenizer
 from kvroute.router.requests import ParsedRequest
 from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
+from kvroute.router.tls import client_context
 from kvroute.router.upstream.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class ModelRoutes:
             log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
                         "(character chunks, not KV blocks)", m.key)
         pool = WorkerPool(m.key, m.workers, tier=m.tier, api_key=m.api_key, breaker=self._cfg.breaker,
-                          now=self._clock.time)
+                          now=self._clock.time, ssl=client_context(m.tls))
         policy = create_policy(m.policy, PolicyDeps(index=index), m.policy_options)
         pool.on_change(policy.on_workers_changed)
         metrics = self._metrics
@@ -197,7 +198,8 @@ class ModelRoutes:
         self._metrics.forget_worker(models, worker.url, everywhere=not holders)
 
     def apply_discovery(self, found: Iterable) -> None:
-        """Replace every pool's members with what discovery sees (url, model, tier)."""
+        """Replace every pool's members with what discovery sees (url, model, tier); the
+        pods of a pool with ``tls`` are called over HTTPS."""
         members: dict[str, list[tuple[str, str | None]]] = {key: [] for key in self.by_key}
         for w in found:
             key = f"{w.model}/{w.tier}" if w.tier else w.model
@@ -206,6 +208,9 @@ class ModelRoutes:
             if key is None:
                 log.debug("discovered worker %s serves unconfigured model %s", w.url, w.model)
                 continue
-            members[key].append((w.url, w.tier))
+            url = w.url
+            if self.by_key[key].cfg.tls is not None:  # a pool with tls calls its pods over HTTPS
+                url = "https://" + url.removeprefix("http://")
+            members[key].append((url, w.tier))
         for key, urls in members.items():
             self.by_key[key].pool.set_members(urls)

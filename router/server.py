@@ -28,6 +28,7 @@ from kvroute.router import keys, siblings
 from kvroute.router.config import ServerConfig
 from kvroute.router.errors import HeadersTooLarge, InvalidRequest, KvrouteError, UnsupportedEncoding
 from kvroute.router.siblings import Slot
+from kvroute.router.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,11 @@ async def serve(app: web.Application, cfg: ServerConfig, slot: Slot | None = Non
     await runner.setup()
     private: web.AppRunner | None = None
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=slot is not None).start()
+        tls = server_context(cfg.tls) if cfg.tls is not None else None
+        await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=slot is not None, ssl_context=tls).start()
         if slot is None:
-            log.info("======== Running on http://%s:%d ========\n(Press CTRL+C to quit)", cfg.host, cfg.port)
+            log.info("======== Running on %s://%s:%d ========\n(Press CTRL+C to quit)",
+                     "https" if tls else "http", cfg.host, cfg.port)
         else:
             private = await siblings.start_private(app, slot)
             siblings.tell_ready(slot)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 async def served_models(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> tuple[str, ...] | None:
     """The model ids the worker's ``/v1/models`` lists; None when it cannot be read."""
     try:
-        async with session.get(f"{worker.url}/v1/models", headers=worker.upstream_headers,
+        async with session.get(f"{worker.url}/v1/models", headers=worker.upstream_headers, ssl=worker.ssl,
                                timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False) as resp:
             if resp.status != 200:
                 return None
@@ -39,15 +39,20 @@ async def served_models(session: aiohttp.ClientSession, worker: Worker, timeout_
     return tuple(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
 
 
-async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> bool:
+async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> str | None:
+    """Why the worker's ``/health`` failed, for ``/health``'s ``last_error``; None when it is up."""
     try:
         # A redirect is not followed: requests would not follow it either (proxy.py).
-        async with session.get(f"{worker.url}/health", headers=worker.upstream_headers,
+        async with session.get(f"{worker.url}/health", headers=worker.upstream_headers, ssl=worker.ssl,
                                timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False) as resp:
             await resp.read()
-            return resp.status == 200
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return False
+            return None if resp.status == 200 else f"health check failed: /health answered {resp.status}"
+    except TimeoutError:
+        return f"health check failed: no answer within {timeout_s:g}s"
+    except aiohttp.ClientConnectorCertificateError as exc:  # the likeliest TLS mistake: say which
+        return f"health check failed: TLS certificate not trusted ({exc.certificate_error}); see the pool's tls"
+    except (aiohttp.ClientError, OSError) as exc:
+        return f"health check failed: {exc or type(exc).__name__}"
 
 
 class HealthChecker:
@@ -74,11 +79,11 @@ class HealthChecker:
     async def check_all(self, session: aiohttp.ClientSession, workers: Iterable[Worker], timeout_s: float) -> None:
         workers = list(workers)
         results = await asyncio.gather(*(probe(session, w, timeout_s) for w in workers))
-        wrong = await self._check_models(session, [w for w, ok in zip(workers, results) if ok], timeout_s)
-        for worker, ok in zip(workers, results):
-            if not ok:
+        wrong = await self._check_models(session, [w for w, why in zip(workers, results) if why is None], timeout_s)
+        for worker, why in zip(workers, results):
+            if why is not None:
                 worker.models_read = False  # read again when it is back: it may have restarted
-                self.set_state(worker, False, "health check failed")
+                self.set_state(worker, False, why)
             elif id(worker) in wrong:
                 self.set_state(worker, False, wrong[id(worker)])
             else:

@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from ssl import SSLContext
 
 import aiohttp
 
@@ -111,8 +112,8 @@ def _value(token: str) -> float:
 
 
 async def fetch_stats(session: aiohttp.ClientSession, url: str, timeout_s: float,
-                      headers: Mapping[str, str] | None = None) -> VllmStats:
-    async with session.get(f"{url}/metrics", headers=headers,
+                      headers: Mapping[str, str] | None = None, ssl: SSLContext | bool = True) -> VllmStats:
+    async with session.get(f"{url}/metrics", headers=headers, ssl=ssl,
                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
         resp.raise_for_status()
         text = await resp.text()
@@ -157,7 +158,7 @@ class Scraper:
 
     async def _one(self, w: Worker) -> None:
         try:
-            stats = await fetch_stats(self.session, w.url, self.timeout_s, w.upstream_headers)
+            stats = await fetch_stats(self.session, w.url, self.timeout_s, w.upstream_headers, w.ssl)
             apply_stats(w, stats)
             if self.on_stats is not None:
                 self.on_stats(w, stats)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 from kvroute.router.config import BreakerConfig
 from kvroute.router.upstream.breaker import Breaker, State
@@ -39,6 +40,8 @@ class Worker:
     models_read: bool = False
     # Sent on every call to the worker: its API key (vLLM --api-key), if it has one. Never logged.
     upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # aiohttp's ssl= for an https:// worker: True checks it with the system's CAs; a pool's tls sets a context.
+    ssl: SSLContext | bool = field(default=True, repr=False)
     # the owning pool's hook: its cached list of healthy workers is stale
     _on_health_change: Callable[[], None] | None = field(default=None, repr=False)
     # Opens after consecutive failures: no traffic, but the worker stays healthy (index kept).
@@ -83,9 +86,11 @@ class WorkerPool:
     """The workers of one model. Membership changes come from config or discovery."""
 
     def __init__(self, model: str, urls: Iterable[str] = (), tier: str | None = None, api_key: str | None = None,
-                 *, breaker: BreakerConfig = BreakerConfig(), now: Callable[[], float] = time.monotonic):
+                 *, breaker: BreakerConfig = BreakerConfig(), now: Callable[[], float] = time.monotonic,
+                 ssl: SSLContext | bool = True):
         self.model = model  # the pool key: "model" or "model/tier"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._ssl = ssl
         self._workers: dict[str, Worker] = {}
         self._healthy: tuple[Worker, ...] | None = None
         self._probe_due: float | None = None  # the earliest open breaker's end of cooldown
@@ -122,7 +127,7 @@ class WorkerPool:
         self._healthy = None
 
     def _add(self, url: str, tier: str | None) -> None:
-        worker = Worker(url=url, model=self.model, tier=tier, upstream_headers=self._headers,
+        worker = Worker(url=url, model=self.model, tier=tier, upstream_headers=self._headers, ssl=self._ssl,
                         _on_health_change=self._stale, breaker=Breaker(self._breaker, self._now))
         worker.breaker.on_change = lambda: self._breaker_changed(worker)
         self._workers[url] = worker

@@ -588,8 +588,8 @@ def test_router_deployment(helm) -> None:
     assert c["command"] + c["args"] == ["kvroute", "--log-level", "INFO", "serve", "--config",
                                         "/etc/kvroute/config.yaml"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}  # 503 while draining
-    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTP"}  # 503 draining
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http", "scheme": "HTTP"}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts["/etc/kvroute"] == "config"
     cm = one(objs, "ConfigMap", "router")
@@ -659,6 +659,29 @@ def test_chart_test_pod(helm) -> None:
     svc = one(objs, "Service", "router")["metadata"]["name"]
     assert f"http://{svc}.{NS}.svc:8080/health" in script
     assert f"http://{svc}.{NS}.svc:8080/v1/models" in script
+
+
+def test_a_router_serving_tls_is_probed_scraped_and_tested_over_https(helm) -> None:
+    """``router.config.server.tls`` (production example): kubelet, Prometheus and ``helm
+    test`` speak HTTPS to it, and the router reads the mounted certificate."""
+    values = ci("production")
+    objs = render(helm, values)
+    c = container(one(objs, "Deployment", "router"))
+    assert c["readinessProbe"]["httpGet"]["scheme"] == c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    cfg = router_config(objs)
+    assert cfg.server.tls is not None
+    mounted = {m["mountPath"] for m in c["volumeMounts"]}
+    assert str(Path(cfg.server.tls.cert_file).parent) in mounted
+    (endpoint,) = one(objs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["key"] == "ca.crt"
+    (pod,) = by_kind(objs, "Pod")
+    script = " ".join(pod["spec"]["containers"][0]["args"])
+    svc = one(objs, "Service", "router")["metadata"]["name"]
+    assert f"curl -k -fsS --retry 5 --retry-connrefused --max-time 10 https://{svc}.{NS}.svc:8080/health" in script
+    proc = run_helm(helm, "install", RELEASE, str(CHART), "--namespace", NS, "--dry-run=client", "-f", str(values))
+    assert "curl https://127.0.0.1:8080/health" in proc.stdout.split("NOTES:", 1)[1]
+    # Without server.tls the ServiceMonitor keeps Prometheus' default, plain HTTP.
+    assert "scheme" not in one(render(helm, ci("monitoring")), "ServiceMonitor")["spec"]["endpoints"][0]
 
 
 def test_notes(helm) -> None:

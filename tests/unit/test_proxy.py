@@ -334,7 +334,8 @@ async def test_a_worker_whose_health_check_redirects_is_not_healthy(aiohttp_serv
     app.router.add_get("/ok", ok)
     server = await aiohttp_server(app)
     async with aiohttp.ClientSession() as session:
-        assert await probe(session, Worker(str(server.make_url("")).rstrip("/"), "tiny"), 2.0) is False
+        why = await probe(session, Worker(str(server.make_url("")).rstrip("/"), "tiny"), 2.0)
+        assert why == "health check failed: /health answered 302"
         async with session.get(server.make_url("/health")) as resp:  # it would be, followed
             assert resp.status == 200
 

@@ -426,3 +426,8 @@ app.kubernetes.io/component: redis
 {{ include "kvroute.labels" . }}
 app.kubernetes.io/component: redis
 {{- end }}
+
+{{/* "https" when the router serves TLS (router.config.server.tls), else "http". */}}
+{{- define "kvroute.router.scheme" -}}
+{{- if dig "server" "tls" nil (.Values.router.config | default dict) }}https{{ else }}http{{ end }}
+{{- end }}

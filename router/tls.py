@@ -1,0 +1,97 @@
+"""TLS on both sides of the router.
+
+- ``server.tls``: the router serves HTTPS with this certificate and key (every process of
+  ``--procs N`` too). Without it, plain HTTP, for a mesh or an ingress that ends TLS.
+- A pool's ``tls``: how the router checks its ``https://`` workers. ``ca_file`` trusts a
+  private CA (a fleet's own) in place of the system's; ``cert_file`` and ``key_file`` are
+  the router's client certificate, for workers behind mutual TLS; ``verify: false`` turns
+  checking off, for a test fleet with self-signed certificates only.
+
+Files are read when the config is loaded, so a wrong path or a PEM that does not parse
+stops start-up with the key named, not the first request.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from kvroute.router import validate as v
+from kvroute.router.errors import ConfigError
+from kvroute.router.secrets import Local
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert_file: str  # PEM: the certificate, then any intermediates
+    key_file: str  # PEM: its private key, unencrypted
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    ca_file: str | None = None  # PEM bundle to trust instead of the system's CAs
+    verify: bool = True  # false: no certificate or host name check (test fleets only)
+    cert_file: str | None = None  # the router's client certificate, for mutual TLS
+    key_file: str | None = None
+
+
+def parse_server_tls(raw: Any, key: str, local: Local) -> ServerTls | None:
+    if raw is None:
+        return None
+    raw = v.section(raw, ("cert_file", "key_file"), key)
+    cfg = ServerTls(cert_file=local.path(v.required(raw, "cert_file", str, key, "the PEM certificate to serve"),
+                                         v.join(key, "cert_file"), "no such file"),
+                    key_file=local.path(v.required(raw, "key_file", str, key, "the certificate's PEM private key"),
+                                        v.join(key, "key_file"), "no such file"))
+    if local.check:
+        _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cfg.cert_file, cfg.key_file, key)
+    return cfg
+
+
+def parse_upstream_tls(raw: Any, key: str, local: Local) -> UpstreamTls | None:
+    if raw is None:
+        return None
+    raw = v.section(raw, ("ca_file", "verify", "cert_file", "key_file"), key)
+    files = {k: local.path(p, v.join(key, k), "no such file") if (p := v.get(raw, k, str, key)) else None
+             for k in ("ca_file", "cert_file", "key_file")}
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        missing = "key_file" if files["key_file"] is None else "cert_file"
+        raise ConfigError(v.join(key, missing), "a client certificate needs both cert_file and key_file")
+    cfg = UpstreamTls(verify=v.get(raw, "verify", bool, key, True), **files)
+    if not cfg.verify and cfg.ca_file is not None:
+        raise ConfigError(v.join(key, "ca_file"), "has no effect with verify: false; drop one of them")
+    if local.check:
+        client_context(cfg, key)
+    return cfg
+
+
+def server_context(cfg: ServerTls) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, cfg.cert_file, cfg.key_file, "server.tls")
+    return ctx
+
+
+def client_context(cfg: UpstreamTls | None, key: str = "tls") -> ssl.SSLContext | bool:
+    """What aiohttp's ``ssl=`` takes: ``True`` is its default checking with the system's CAs."""
+    if cfg is None:
+        return True
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(v.join(key, "ca_file"), f"not a PEM CA bundle: {exc}") from None
+    if not cfg.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cfg.cert_file is not None and cfg.key_file is not None:
+        _load_chain(ctx, cfg.cert_file, cfg.key_file, key)
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_file: str, key_file: str, key: str) -> None:
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(v.join(key, "cert_file"), f"certificate and key do not load: {exc}") from None
+
