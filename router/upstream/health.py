@@ -51,6 +51,11 @@ async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float
         return f"health check failed: no answer within {timeout_s:g}s"
     except aiohttp.ClientConnectorCertificateError as exc:  # the likeliest TLS mistake: say which
         return f"health check failed: TLS certificate not trusted ({exc.certificate_error}); see the pool's tls"
+    except aiohttp.ServerDisconnectedError as exc:
+        why = f"health check failed: {exc}"
+        if worker.url.startswith("https://"):  # how a TLS 1.3 server refuses a caller with no certificate
+            why += "; if the worker asks for a client certificate, set the pool's tls.cert_file and key_file"
+        return why
     except (aiohttp.ClientError, OSError) as exc:
         return f"health check failed: {exc or type(exc).__name__}"
 

@@ -155,7 +155,9 @@ async def test_mutual_tls_sends_the_routers_client_certificate(aiohttp_server, a
         return not (await worker_health(client))["healthy"]
 
     await until(down, timeout=10)
-    assert (await worker_health(client))["last_error"].startswith("health check failed")
+    assert (await worker_health(client))["last_error"] == ("health check failed: Server disconnected; if the worker "
+                                                           "asks for a client certificate, set the pool's "
+                                                           "tls.cert_file and key_file")
 
 
 def test_config_errors_name_the_key(pki, tmp_path):
