@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 import yaml
 
+from kvroute.router import logformat as log_format
 from kvroute.router.errors import ConfigError
+from kvroute.router.logformat import FORMATS, LEVELS
 
 
 def _event_loop():
@@ -119,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kvroute", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvroute {__version__}")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS)
+    parser.add_argument("--log-format", choices=FORMATS, default=os.environ.get("KVROUTE_LOG_FORMAT", "text"),
+                        help="text, or one JSON object a line for a log pipeline "
+                             "(default: $KVROUTE_LOG_FORMAT, else text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the router")
@@ -194,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
 
             logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.log_format not in FORMATS:  # a default from the environment is not checked by argparse
+            parser.error(f"KVROUTE_LOG_FORMAT: {args.log_format!r} is not one of {', '.join(FORMATS)}")
         args.argv = argv  # serve --procs N runs this command line again, once per process
-        proc = f" [proc {args.proc_index}]" if getattr(args, "proc_index", None) is not None else ""
-        logging.basicConfig(level=args.log_level.upper(),
-                            format=f"%(asctime)s %(levelname)s{proc} %(name)s: %(message)s")
+        log_format.configure(args.log_level, args.log_format, getattr(args, "proc_index", None))
         return args.func(args) or 0
     except ConfigError as exc:
         print(f"kvroute: {exc.message}", file=sys.stderr)

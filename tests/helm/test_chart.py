@@ -585,8 +585,8 @@ def test_router_deployment(helm) -> None:
     objs = render(helm)
     dep = one(objs, "Deployment", "router")
     c = container(dep)
-    assert c["command"] + c["args"] == ["kvroute", "--log-level", "INFO", "serve", "--config",
-                                        "/etc/kvroute/config.yaml"]
+    assert c["command"] + c["args"] == ["kvroute", "--log-level", "INFO", "--log-format", "text", "serve",
+                                        "--config", "/etc/kvroute/config.yaml"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTP"}  # 503 draining
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http", "scheme": "HTTP"}
@@ -668,6 +668,7 @@ def test_a_router_serving_tls_is_probed_scraped_and_tested_over_https(helm) -> N
     objs = render(helm, values)
     c = container(one(objs, "Deployment", "router"))
     assert c["readinessProbe"]["httpGet"]["scheme"] == c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["args"][:4] == ["--log-level", "INFO", "--log-format", "json"]
     cfg = router_config(objs)
     assert cfg.server.tls is not None
     mounted = {m["mountPath"] for m in c["volumeMounts"]}

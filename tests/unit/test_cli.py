@@ -1,4 +1,14 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from unittest import mock
+
 import pytest
+import yaml
 
 from kvroute.router.cli import build_parser, main
 
@@ -66,3 +76,56 @@ def test_a_missing_module_that_no_extra_brings_is_a_real_error(monkeypatch):
     monkeypatch.setattr(classifier_cli, "main", broken)
     with pytest.raises(ModuleNotFoundError):
         main(["classifier", "eval"])
+
+
+def serve_logs(tmp_path, *flags: str, env: dict | None = None, procs: int = 1) -> list[str]:
+    """Standard error of ``kvroute [flags] serve`` in front of a worker that refuses
+    connections, once it has said the worker is unhealthy, then stopped with SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"name": "m", "workers": ["http://127.0.0.1:9"]}],
+                                   "server": {"host": "127.0.0.1", "port": port, "procs": procs, "drain_s": 1},
+                                   "health": {"interval_s": 0.2, "timeout_s": 1}}))
+    err = tmp_path / "stderr"
+    with err.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", *flags, "serve", "--config", str(cfg)],
+                                stderr=out, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 60
+        while err.read_text().count("is now unhealthy") < procs:
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return err.read_text().splitlines()
+
+
+def test_json_logs_are_one_object_a_line(tmp_path):
+    lines = [json.loads(line) for line in serve_logs(tmp_path, "--log-format", "json")]
+    assert all(set(line) >= {"time", "level", "logger", "message"} for line in lines)
+    (down,) = [x for x in lines if "is now unhealthy" in x["message"]]
+    assert down["level"] == "WARNING" and down["logger"] == "kvroute.router.upstream.health"
+    assert down["time"].endswith("+00:00") and "http://127.0.0.1:9" in down["message"]
+    assert any("draining" in x["message"] for x in lines)  # through to the end
+
+
+def test_json_logs_name_the_process_with_procs(tmp_path):
+    lines = [json.loads(line) for line in serve_logs(tmp_path, env={"KVROUTE_LOG_FORMAT": "json"}, procs=2)]
+    assert {x["proc"] for x in lines if "is now unhealthy" in x["message"]} == {0, 1}
+
+
+def test_text_logs_by_default_and_bad_formats_or_levels_are_refused(tmp_path, capsys):
+    lines = serve_logs(tmp_path, "--log-level", "warning")
+    assert any(" WARNING kvroute.router.upstream.health: worker http://127.0.0.1:9 is now unhealthy" in x
+               for x in lines)
+    assert not any(" INFO " in x for x in lines)  # --log-level is taken in any case
+    for argv in (["--log-format", "xml", "serve"], ["--log-level", "LOUD", "serve"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    with mock.patch.dict(os.environ, {"KVROUTE_LOG_FORMAT": "xml"}), pytest.raises(SystemExit) as exit_:
+        main(["serve"])
+    assert exit_.value.code == 2 and "KVROUTE_LOG_FORMAT: 'xml' is not one of text, json" in capsys.readouterr().err
