@@ -76,7 +76,7 @@ async def access_log_middleware(request: web.Request, handler) -> web.StreamResp
     finally:
         request.app[keys.TELEMETRY].log_access(request.method, request.path, status, started,
                                                request.get(keys.REQUEST_ID), request.get(keys.RECORD),
-                                               request.get(keys.ERROR_CODE))
+                                               request.get(keys.ERROR_CODE), request.remote, request.headers)
 
 
 async def _completion(request: web.Request, kind: str) -> web.StreamResponse:

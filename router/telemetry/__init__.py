@@ -9,6 +9,7 @@ the caller's ``traceparent``/``tracestate``); the pipeline's stages report into 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvroute.router.governance.budgets import Rates
@@ -100,15 +101,20 @@ class Telemetry:
                                                 (prompt, cached, completion, usd)))
 
     def log_access(self, method: str, path: str, status: int, started: float, request_id: str | None,
-                   rec: RequestRecord | None, error_code: str | None) -> None:
+                   rec: RequestRecord | None, error_code: str | None, remote: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> None:
         """One access-log line for an API request (``started``: its perf_counter at arrival).
         ``rec``: what the request path recorded, absent when it stopped before (bad input, a
-        refusal at admission); ``error_code``: the code of the error it answered with."""
+        refusal at admission); ``error_code``: the code of the error it answered with;
+        ``remote`` and ``headers``: who sent it (the peer, and what proxies and the client say)."""
         if self.access is None:
             return
+        headers = headers or {}
         entry: dict[str, Any] = {"time": round(time.time(), 3), "request_id": request_id, "method": method,
                                  "path": path, "status": status,
-                                 "duration_ms": round((time.perf_counter() - started) * 1e3, 3)}
+                                 "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+                                 "remote": remote, "forwarded_for": _capped(headers.get("X-Forwarded-For")),
+                                 "user_agent": _capped(headers.get("User-Agent"))}
         if rec is not None:
             final = rec.tries[-1] if rec.tries else None
             prompt, cached, completion, usd = _totals(rec)
@@ -298,3 +304,8 @@ def _json(value: Any) -> str:
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _capped(value: str | None, limit: int = 256) -> str | None:
+    """A client-sent header for the access log: its line stays short whatever was sent."""
+    return value if value is None or len(value) <= limit else value[:limit] + "..."

@@ -37,7 +37,9 @@ async def requests(client) -> dict[str, str]:
         if body is None:
             resp = await client.post(path, data=b"{not json", headers={"Content-Type": "application/json"})
         else:
-            resp = await client.post(path, json=body, headers={"x-kvroute-agent": "planner"})
+            resp = await client.post(path, json=body, headers={"x-kvroute-agent": "planner",
+                                                               "X-Forwarded-For": "203.0.113.7, 10.0.0.2",
+                                                               "User-Agent": "OpenAI/Python 1.99.0" + "x" * 300})
         await resp.read()
         ids[name] = resp.headers["x-request-id"]
     resp = await client.get("/v1/models")
@@ -70,6 +72,9 @@ async def test_every_api_request_gets_one_line_with_what_it_was_answered(aiohttp
     assert "model" not in by_id[ids["bad json"]]  # it stopped before the request path
     assert (by_id[ids["models"]]["path"], by_id[ids["models"]]["status"]) == ("/v1/models", 200)
     assert "a secret prompt" not in path.read_text()  # no prompt text, ever
+    assert whole["remote"] == "127.0.0.1" and whole["forwarded_for"] == "203.0.113.7, 10.0.0.2"
+    assert whole["user_agent"].startswith("OpenAI/Python 1.99.0") and len(whole["user_agent"]) == 259  # capped
+    assert by_id[ids["models"]]["forwarded_for"] is None and by_id[ids["models"]]["remote"] == "127.0.0.1"
 
 
 async def test_without_a_file_lines_go_to_standard_error(aiohttp_client, worker_url, capsys):
