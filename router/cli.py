@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         from kvroute.router.procs import supervise
 
         return supervise(args.argv, cfg.server.procs)  # starts this command N times, one per slot
+    from kvroute.router import keys
     from kvroute.router.app import create_app
     from kvroute.router.server import run
     from kvroute.router.siblings import Slot
@@ -62,7 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
     slot = None
     if args.proc_index is not None:  # one of the supervisor's processes
         slot = Slot(args.proc_index, cfg.server.procs, Path(args.procs_dir), args.supervisor_fd)
-    run(create_app(cfg), cfg.server, loop_factory=_event_loop, slot=slot)  # drains on SIGTERM (router/server.py)
+    app = create_app(cfg)
+    if args.config:
+        app[keys.CONFIG_PATH] = args.config  # SIGHUP re-reads it (router/reload.py)
+    run(app, cfg.server, loop_factory=_event_loop, slot=slot)  # drains on SIGTERM (router/server.py)
     return 0
 
 

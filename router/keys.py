@@ -15,6 +15,7 @@ from kvroute.router.telemetry import RequestRecord, Telemetry
 from kvroute.router.upstream.health import HealthChecker
 
 CONFIG = web.AppKey("config", RouterConfig)
+CONFIG_PATH = web.AppKey("config_path", str)  # the file kvroute serve read; absent in quick mode (SIGHUP)
 METRICS = web.AppKey("metrics", RouterMetrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTORS = web.AppKey("executors", Executors)  # tokenizer, classifier, answer scorer

@@ -122,6 +122,9 @@ class RouterMetrics:
         self.refused = Counter("kvroute_admission_refused", "Requests refused with 503: over_limit, "
                                "workers_busy, queue_full, queue_timeout, shutting_down", ["reason"], registry=r)
         self.draining = Gauge("kvroute_draining", "1 while the router drains before it stops", registry=r)
+        self.config_reloads = Counter("kvroute_config_reloads", "SIGHUP reloads of the config file: applied "
+                                      "(a worker list changed), unchanged, failed (the file did not load)",
+                                      ["result"], registry=r)
         self.drain_cut = Counter("kvroute_drain_cut_requests", "In-flight requests cut at the end of "
                                  "server.drain_s", registry=r)
         # Cost governance (router/governance). Tag labels pass an allow-list; others read "other".

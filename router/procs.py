@@ -71,6 +71,7 @@ class Supervisor:
         sigs = (signal.SIGTERM, signal.SIGINT)
         for sig in sigs:
             loop.add_signal_handler(sig, self.forward, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.pass_on, signal.SIGHUP)  # each process reloads
         keepers = [asyncio.create_task(self._keep(i)) for i in range(self.procs)]
         try:
             await self._all_ready(keepers)
@@ -84,7 +85,7 @@ class Supervisor:
             await asyncio.gather(*keepers, return_exceptions=True)
             return exc.returncode if exc.returncode > 0 else 1
         finally:
-            for sig in sigs:
+            for sig in (*sigs, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             shutil.rmtree(self.folder, ignore_errors=True)
         clean = (0, -signal.SIGTERM, -signal.SIGINT)  # killed before its handlers were in place
@@ -105,6 +106,13 @@ class Supervisor:
         for task in keepers:
             if task.done():
                 task.result()  # StartupFailed; a keeper stopped by a signal returns
+
+    def pass_on(self, sig: signal.Signals) -> None:
+        """Pass a signal on to every running process, stopping nothing (SIGHUP: reload)."""
+        for proc in self.children.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
 
     def forward(self, sig: signal.Signals) -> None:
         """Pass a signal on; the first one also stops restarts."""

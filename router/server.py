@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, L
 from kvroute.router import keys, siblings
 from kvroute.router.config import ServerConfig
 from kvroute.router.errors import HeadersTooLarge, InvalidRequest, KvrouteError, UnsupportedEncoding
+from kvroute.router.reload import reload
 from kvroute.router.siblings import Slot
 from kvroute.router.tls import server_context
 
@@ -136,15 +137,27 @@ async def _until_signal_then_drain(app: web.Application, slot: Slot | None = Non
             log.warning("%s again: cutting the requests still in flight", why)
             admission.cut()
 
+    reloads: set[asyncio.Task] = set()
+
+    def on_hangup() -> None:
+        path = app.get(keys.CONFIG_PATH)
+        if path is None:
+            log.warning("SIGHUP: started without --config, there is no file to reload")
+            return
+        task = loop.create_task(reload(app, path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     sigs = (signal.SIGTERM, signal.SIGINT)
     for sig in sigs:
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)  # without it, SIGHUP would end the process
     unwatch = siblings.watch_supervisor(slot, lambda: on_signal("supervisor gone")) if slot else None
     try:
         await stop.wait()
         await admission.drain()
     finally:
-        for sig in sigs:
+        for sig in (*sigs, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if unwatch is not None:
             unwatch()
