@@ -24,6 +24,7 @@ from kvroute.router.handlers import access_log_middleware, add_routes, error_mid
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import Executors, ModelRoute, ModelRoutes
 from kvroute.router.telemetry import Telemetry
+from kvroute.router.tls import Refresher, UpstreamTls, client_context
 from kvroute.router.upstream.health import HealthChecker
 from kvroute.router.upstream.scraper import Scraper
 
@@ -72,6 +73,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     app[keys.HEALTH] = HealthChecker(on_worker_state, served_name=lambda w: routes.route_of(w).cfg.served_name)
     add_routes(app)
     app.cleanup_ctx.extend([_client_session, _tokenizer_executor, _classifiers, _discovery, _kv_events, _scraper,
+                            _tls_refresh,
                             _health_loop, _governor, _response_cache, _telemetry,
                             _freeze_startup_objects])
     return app
@@ -171,6 +173,23 @@ async def _discovery(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+async def _tls_refresh(app: web.Application) -> AsyncIterator[None]:
+    """Pools with ``tls`` files take renewed certificates and CAs without a restart."""
+    tasks = []
+    for route in app[keys.ROUTES].by_key.values():
+        tls = route.cfg.tls
+        if tls is None or not tls.files:
+            continue
+
+        def load(route: ModelRoute = route, tls: UpstreamTls = tls) -> None:
+            route.pool.set_ssl(client_context(tls, f"{route.cfg.key}.tls"))
+
+        tasks.append(asyncio.create_task(Refresher(tls.files, load, f"{route.cfg.key}.tls").run(tls.reload_s)))
+    yield
+    for task in tasks:
+        task.cancel()
 
 
 async def _kv_events(app: web.Application) -> AsyncIterator[None]:

@@ -29,7 +29,7 @@ from kvroute.router.config import ServerConfig
 from kvroute.router.errors import HeadersTooLarge, InvalidRequest, KvrouteError, UnsupportedEncoding
 from kvroute.router.reload import reload
 from kvroute.router.siblings import Slot
-from kvroute.router.tls import server_context
+from kvroute.router.tls import server_context, server_refresher
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,11 @@ async def serve(app: web.Application, cfg: ServerConfig, slot: Slot | None = Non
     runner = AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S, shutdown_timeout=CLOSE_TIMEOUT_S)
     await runner.setup()
     private: web.AppRunner | None = None
+    refresh: asyncio.Task | None = None
     try:
         tls = server_context(cfg.tls) if cfg.tls is not None else None
+        if tls is not None and cfg.tls is not None:  # renewed certificates are picked up (router/tls.py)
+            refresh = asyncio.create_task(server_refresher(tls, cfg.tls).run(cfg.tls.reload_s))
         await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=slot is not None, ssl_context=tls).start()
         if slot is None:
             log.info("======== Running on %s://%s:%d ========\n(Press CTRL+C to quit)",
@@ -118,6 +121,8 @@ async def serve(app: web.Application, cfg: ServerConfig, slot: Slot | None = Non
             siblings.tell_ready(slot)
         await _until_signal_then_drain(app, slot)
     finally:
+        if refresh is not None:
+            refresh.cancel()
         if private is not None:
             await private.cleanup()
         await runner.cleanup()  # stop listening, close connections, then the app's cleanup contexts

@@ -106,6 +106,12 @@ class WorkerPool:
     def all(self) -> list[Worker]:
         return list(self._workers.values())
 
+    def set_ssl(self, ssl: SSLContext | bool) -> None:
+        """New TLS settings (renewed certificates) for every call from now on, joiners too."""
+        self._ssl = ssl
+        for w in self._workers.values():
+            w.ssl = ssl
+
     def healthy(self) -> tuple[Worker, ...]:
         """The routable workers: healthy, with a breaker that admits traffic. The same tuple
         until membership, health or a breaker changes, so a request does not pay for a walk

@@ -196,3 +196,79 @@ def test_discovered_pods_of_a_pool_with_tls_are_called_over_https():
     assert [w.url for w in routes.get("plain").tiers[0].pool.all()] == ["http://10.0.0.1:8000"]
     (secure,) = routes.get("secure").tiers[0].pool.all()
     assert secure.url == "https://10.0.0.2:8443" and secure.ssl is not True  # the pool's context
+
+
+async def serial_served(port: int, trust: ssl.SSLContext) -> int:
+    """The serial number of the certificate a new connection to ``port`` is shown."""
+    from cryptography import x509
+
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=trust)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_a_renewed_serving_certificate_is_used_without_a_restart(pki, tmp_path):
+    from cryptography import x509
+
+    port = free_port()
+    cfg = config("http://127.0.0.1:9", server={"host": "127.0.0.1", "port": port, "tls": {
+        "cert_file": str(pki.cert_file), "key_file": str(pki.key_file), "reload_s": 0.2}})
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "router.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", "serve", "--config",
+                                 str(tmp_path / "router.yaml")], stdout=out, stderr=subprocess.STDOUT)
+    trust = pki.client_context()
+    try:
+        async def serving() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                await serial_served(port, trust)
+                return True
+            except OSError:
+                return False
+
+        await until(serving, timeout=60, poll_s=0.1)
+        first = await serial_served(port, trust)
+        renewed = pki.ca.issue_cert("127.0.0.1")
+        pki.cert_file.write_bytes(b"".join(p.bytes() for p in renewed.cert_chain_pems))
+        renewed.private_key_pem.write_to_path(str(pki.key_file))
+        serial = x509.load_pem_x509_certificate(renewed.cert_chain_pems[0].bytes()).serial_number
+        assert serial != first
+
+        async def renewed_in_use() -> bool:
+            return await serial_served(port, trust) == serial
+
+        await until(renewed_in_use, timeout=10)
+        assert "server.tls: reloaded" in log.read_text()
+        # A certificate whose key has not been written yet: refused, the renewed one stays.
+        pki.cert_file.write_bytes(pki.ca.issue_cert("127.0.0.1").cert_chain_pems[0].bytes())
+        await until(lambda: "did not load, the previous certificate stays" in log.read_text(), timeout=10)
+        assert await serial_served(port, trust) == serial
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)
+
+
+async def test_a_pool_takes_a_new_ca_without_a_restart(aiohttp_server, aiohttp_client, pki, tmp_path):
+    worker = await https_worker(aiohttp_server, pki)
+    ca_file = tmp_path / "fleet-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))  # the wrong CA, at first
+    client = await aiohttp_client(create_app(config_from_dict(
+        config(worker, {"ca_file": str(ca_file), "reload_s": 0.2}))))
+
+    async def healthy() -> bool:
+        return (await worker_health(client))["healthy"]
+
+    await until(lambda: _not(healthy), timeout=10)
+    ca_file.write_bytes(pki.ca_file.read_bytes())  # the fleet's CA, as a renewed Secret brings it
+    await until(healthy, timeout=10)
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200
+
+
+async def _not(check) -> bool:
+    return not await check()
