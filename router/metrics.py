@@ -123,7 +123,7 @@ class RouterMetrics:
                                "workers_busy, queue_full, queue_timeout, shutting_down", ["reason"], registry=r)
         self.draining = Gauge("kvroute_draining", "1 while the router drains before it stops", registry=r)
         self.config_reloads = Counter("kvroute_config_reloads", "SIGHUP reloads of the config file: applied "
-                                      "(a worker list changed), unchanged, failed (the file did not load)",
+                                      "(a worker list or key changed), unchanged, failed (the file did not load)",
                                       ["result"], registry=r)
         self.drain_cut = Counter("kvroute_drain_cut_requests", "In-flight requests cut at the end of "
                                  "server.drain_s", registry=r)

@@ -1,4 +1,4 @@
-"""SIGHUP: re-read the config file and apply its worker lists, without a restart.
+"""SIGHUP: re-read the config file and apply its worker lists and API keys, without a restart.
 
 With ``discovery.source: static`` the ``workers`` of each model (or tier) are the fleet. An
 operator who adds or retires a worker edits the file and sends SIGHUP (``systemctl reload``,
@@ -6,6 +6,10 @@ operator who adds or retires a worker edits the file and sends SIGHUP (``systemc
 members become the new list the way discovery changes them: workers that stay keep their
 health, breaker and index entries, new ones join at once, and one that leaves finishes the
 requests it has in flight.
+
+Keys are applied too, so that a leaked one can be revoked at once: governance's tenant
+and admin keys (``keys_file`` included), and each pool's ``api_key`` for its workers
+(secret files are read again).
 
 Nothing else is applied live. A file that does not load is refused whole, with the key
 named, and the router goes on with what it had. Other changes (a policy, a budget, a new
@@ -30,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 async def reload(app: web.Application, path: str | Path) -> str:
-    """Apply ``path``'s worker lists to ``app``'s pools; returns the outcome for
+    """Apply ``path``'s worker lists and keys to ``app``; returns the outcome for
     ``kvroute_config_reloads_total``: ``applied``, ``unchanged`` or ``failed``."""
     metrics = app[keys.METRICS]
     try:  # read and checked off the loop (files, tokenizer folders, certificates); applied on it
@@ -42,36 +46,45 @@ async def reload(app: web.Application, path: str | Path) -> str:
     old = app[keys.CONFIG]
     routes = app[keys.ROUTES]
     changed: list[str] = []
-    pools = {p.key: p for m in new.models for p in m.pools}
-    if old.discovery.source == "static":
-        for key, pool in pools.items():
-            route = routes.by_key.get(key)
-            if route is None:
-                continue  # a new model or tier: named below
-            members = route.pool.all()
-            if [w.url for w in members] != list(pool.workers):
-                before = {w.url for w in members}
-                route.pool.set_members([(url, pool.tier) for url in pool.workers])
-                added = [u for u in pool.workers if u not in before]
-                gone = sorted(before - set(pool.workers))
-                changed.append(f"{key}: +{len(added)} -{len(gone)} ({', '.join(added + [f'-{u}' for u in gone])})")
+    for key, pool in {p.key: p for m in new.models for p in m.pools}.items():
+        route = routes.by_key.get(key)
+        if route is None:
+            continue  # a new model or tier: named below
+        before = {w.url for w in route.pool.all()}
+        if old.discovery.source == "static" and before != set(pool.workers):  # another order changes nothing
+            route.pool.set_members([(url, pool.tier) for url in pool.workers])
+            added = [u for u in pool.workers if u not in before]
+            gone = sorted(before - set(pool.workers))
+            changed.append(f"{key}: +{len(added)} -{len(gone)} ({', '.join(added + [f'-{u}' for u in gone])})")
+        if route.pool.api_key != pool.api_key:
+            route.pool.set_api_key(pool.api_key)
+            changed.append(f"{key}: api_key")  # never the key itself
+    gov = app.get(keys.GOVERNOR)
+    if gov is not None and new.governance is not None and (
+            (gov.cfg.tenants, gov.cfg.admin_keys) != (new.governance.tenants, new.governance.admin_keys)):
+        gov.set_keys(new.governance.tenants, new.governance.admin_keys)
+        changed.append(f"governance: keys of {len(new.governance.tenants)} tenants and "
+                       f"{len(new.governance.admin_keys)} admin keys")
     later = _needs_restart(old, new)
     if later:
         log.warning("SIGHUP: %s changes %s; these take effect at the next restart", path, ", ".join(later))
     if changed:
-        log.info("SIGHUP: %s reloaded, workers: %s", path, "; ".join(changed))
+        log.info("SIGHUP: %s reloaded: %s", path, "; ".join(changed))
     else:
-        log.info("SIGHUP: %s reloaded, no worker list changed", path)
+        log.info("SIGHUP: %s reloaded, no worker list or key changed", path)
     outcome = "applied" if changed else "unchanged"
     metrics.config_reloads.labels(outcome).inc()
     return outcome
 
 
 def _needs_restart(old: RouterConfig, new: RouterConfig) -> list[str]:
-    """The config's sections (and models) that differ beyond the worker lists."""
+    """The config's sections (and models) that differ beyond what a reload applies."""
+    if old.governance is not None and new.governance is not None:  # its keys are applied
+        old = replace(old, governance=replace(old.governance, tenants=(), admin_keys=()))
+        new = replace(new, governance=replace(new.governance, tenants=(), admin_keys=()))
     out = [f.name for f in fields(RouterConfig) if f.name != "models" and getattr(old, f.name) != getattr(new, f.name)]
-    before = {m.name: _without_workers(m) for m in old.models}
-    after = {m.name: _without_workers(m) for m in new.models}
+    before = {m.name: _live_parts_dropped(m) for m in old.models}
+    after = {m.name: _live_parts_dropped(m) for m in new.models}
     out += [f"models[{name!r}]" for name in sorted(before.keys() | after.keys()) if before.get(name) != after.get(name)]
     if old.discovery.source != "static" and _workers(old) != _workers(new):
         out.append(f"workers (with discovery.source {old.discovery.source}, discovery owns the worker lists)")
@@ -82,5 +95,5 @@ def _workers(cfg: RouterConfig) -> dict[str, tuple[str, ...]]:
     return {p.key: p.workers for m in cfg.models for p in m.pools}
 
 
-def _without_workers(m: ModelConfig) -> Any:
-    return replace(m, workers=(), tiers=tuple(replace(t, workers=()) for t in m.tiers))
+def _live_parts_dropped(m: ModelConfig) -> Any:
+    return replace(m, workers=(), api_key=None, tiers=tuple(replace(t, workers=(), api_key=None) for t in m.tiers))

@@ -55,7 +55,7 @@ from kvroute.router.governance import loops, ratelimit
 from kvroute.router.governance.alerts import Alerter
 from kvroute.router.governance.budgets import Rates, applicable, refusal, request_cap, slots_for
 from kvroute.router.governance.clock import Clock
-from kvroute.router.governance.config import Budget, GovernanceConfig
+from kvroute.router.governance.config import Budget, GovernanceConfig, Tenant
 from kvroute.router.governance.grant import Grant
 from kvroute.router.governance.guard import GuardedStore
 from kvroute.router.governance.identity import (
@@ -120,6 +120,13 @@ class Governor:
         self._orphans: dict[str, tuple[tuple[str, ...], float]] = {}
         self._unlogged_open = 0  # fail_open admissions since the last log line
         self._open_logged_at = -1e18
+
+    def set_keys(self, tenants: tuple[Tenant, ...], admin_keys: tuple[str, ...]) -> None:
+        """New API keys (SIGHUP, router/reload.py): a rotated or revoked key takes effect on
+        the next request. Budgets, limits and everything else keep their configuration."""
+        self.cfg = replace(self.cfg, tenants=tenants, admin_keys=admin_keys)
+        self.auth = Authenticator(self.cfg)
+        self._tenants = {t.name for t in tenants} | {"anonymous"}
 
     # ---- admission -------------------------------------------------------------------
 

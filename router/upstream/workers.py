@@ -89,7 +89,9 @@ class WorkerPool:
                  *, breaker: BreakerConfig = BreakerConfig(), now: Callable[[], float] = time.monotonic,
                  ssl: SSLContext | bool = True):
         self.model = model  # the pool key: "model" or "model/tier"
+        # One dict, shared by the pool's workers: a new key (set_api_key) reaches them all.
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = api_key
         self._ssl = ssl
         self._workers: dict[str, Worker] = {}
         self._healthy: tuple[Worker, ...] | None = None
@@ -105,6 +107,13 @@ class WorkerPool:
 
     def all(self) -> list[Worker]:
         return list(self._workers.values())
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """A rotated worker key (SIGHUP): sent from the next call on."""
+        self.api_key = api_key
+        self._headers.clear()
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
 
     def set_ssl(self, ssl: SSLContext | bool) -> None:
         """New TLS settings (renewed certificates) for every call from now on, joiners too."""

@@ -119,7 +119,7 @@ async def test_sighup_applies_a_new_worker_list_and_refuses_a_bad_file(aiohttp_s
 
     router.write([w2], policy="least_loaded")  # not applied live: said so
     (unchanged,) = await router.reloads(1)
-    assert "no worker list changed" in unchanged["message"]
+    assert "no worker list or key changed" in unchanged["message"]
     (later,) = [x for x in router.lines() if "next restart" in x["message"]]
     assert later["level"] == "WARNING" and "models['m']" in later["message"]
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
@@ -155,3 +155,33 @@ async def test_reload_in_process_and_discovery_owns_its_lists(aiohttp_server, tm
     file.write_text(yaml.safe_dump({**dns, "models": [{"name": "m", "workers": [w1]}]}))
     assert await reload(app, file) == "unchanged"  # discovery's lists are not the file's to set
     assert app[keys.ROUTES].get("m").tiers[0].pool.all() == []
+
+
+async def test_keys_are_rotated_and_revoked_without_a_restart(aiohttp_server, aiohttp_client, tmp_path):
+    """A leaked tenant key is revoked, and a worker's rotated API key is sent, from the next request."""
+    (worker,) = [str((await aiohttp_server(fake_worker("w1", api_key="worker-key-2"))).make_url("")).rstrip("/")]
+    key_file = tmp_path / "worker-key"
+    key_file.write_text("worker-key-1")
+
+    def write(tenant_keys: list[str]) -> dict:
+        cfg = {"models": [{"name": "m", "workers": [worker], "api_key": {"file": str(key_file)}}],
+               "governance": {"tenants": [{"name": "acme", "keys": tenant_keys}], "admin_keys": ["sk-admin"]},
+               "health": {"interval_s": 60}}
+        (tmp_path / "router.yaml").write_text(yaml.safe_dump(cfg))
+        return cfg
+
+    client = await aiohttp_client(create_app(config_from_dict(write(["sk-leaked", "sk-other"]))))
+
+    async def status(key: str) -> int:
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+        return resp.status
+
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-leaked"})
+    assert (resp.status, await resp.json()) == (401, {"error": "Unauthorized"})  # the worker refuses the old key
+    key_file.write_text("worker-key-2")
+    write(["sk-other", "sk-new"])
+    assert await reload(client.app, tmp_path / "router.yaml") == "applied"
+    assert await status("sk-leaked") == 401 and await status("sk-new") == 200 and await status("sk-other") == 200
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-leaked"})
+    assert (await resp.json())["error"]["message"] == "Incorrect API key provided."  # the router's own 401
+    assert await reload(client.app, tmp_path / "router.yaml") == "unchanged"
