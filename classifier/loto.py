@@ -159,6 +159,47 @@ def loto(records: Sequence[Record], x: np.ndarray, recipes: Sequence[Recipe], st
     return out
 
 
+class Folds:
+    """RouteLLM's pair (GPT-4 against Mixtral) in LOTO units, for the experiments in
+    ``tools/loto_*.py`` that swap the features or pooling rather than the recipe."""
+
+    def __init__(self) -> None:
+        from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load
+
+        self.strong, self.weak = ROUTELLM_STRONG, ROUTELLM_WEAK
+        self.recs = [r for r in load("routellm") if self.strong in r.scores and self.weak in r.scores]
+        self.unit = np.array([unit_of(r) for r in self.recs])
+        self.prompts = np.array([r.prompt for r in self.recs], dtype=object)
+        self.sq = np.array([r.scores[self.strong] for r in self.recs])
+        self.wq = np.array([r.scores[self.weak] for r in self.recs])
+        self.everything = np.arange(len(self.recs))
+
+    def split(self, u: str, pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(train, test) row indices of ``pool`` (all rows by default) with unit ``u`` left
+        out; training drops rows whose prompt is also in the unit."""
+        pool = self.everything if pool is None else pool
+        test = pool[self.unit[pool] == u]
+        held = set(self.prompts[test])
+        return np.array([i for i in pool[self.unit[pool] != u] if self.prompts[i] not in held]), test
+
+    def apgr(self, scores: np.ndarray, test: np.ndarray) -> float:
+        return float(summarize(scores, self.sq[test], self.wq[test])["apgr"])
+
+    def random(self, test: np.ndarray) -> float:
+        return float(random_baseline(list(self.sq[test]), list(self.wq[test]))["apgr"])
+
+    def fit(self, x: np.ndarray, train: np.ndarray, recipe: str = "default") -> Head:
+        """``recipe``'s head fitted on every column of ``x`` (no surface columns dropped)."""
+        from dataclasses import replace
+
+        return fit_recipe(replace(RECIPES[recipe], surface=True), x[train], [self.recs[i] for i in train],
+                          self.strong, self.weak)
+
+    def fit_apgr(self, x: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+        """APGR on ``test`` of the default recipe fitted on ``x[train]``."""
+        return self.apgr(self.fit(x, train).logits(x[test]).ravel(), test)
+
+
 def _summary(per_unit: dict[str, float], rand: dict[str, float], note: str,
              recipe: dict | None = None) -> dict:
     worst = min(per_unit, key=lambda u: per_unit[u])

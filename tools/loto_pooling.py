@@ -18,15 +18,13 @@ Same units, data and scoring as ``kvroute classifier loto`` (classifier/loto.py)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import numpy as np
 from tqdm import tqdm
 
-from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load, question_text
+from kvroute.classifier.data import question_text
 from kvroute.classifier.encoder import EmbeddingLayer
-from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, unit_of, variant_table
-from kvroute.classifier.metrics import random_baseline, summarize
+from kvroute.classifier.loto import UNITS, Folds, variant_table
 
 
 class Tokens:
@@ -64,28 +62,14 @@ def main() -> int:
     p.add_argument("--weights", default="3e-5,5e-5,1e-4,2e-4,5e-4", help="values of a, comma-separated")
     args = p.parse_args()
     grid = [float(a) for a in args.weights.split(",")]
-    recs = [r for r in load("routellm") if ROUTELLM_STRONG in r.scores and ROUTELLM_WEAK in r.scores]
-    tokens = Tokens([question_text(r.prompt) for r in recs])
-    unit = np.array([unit_of(r) for r in recs])
-    prompts = np.array([r.prompt for r in recs], dtype=object)
-    sq = np.array([r.scores[ROUTELLM_STRONG] for r in recs])
-    wq = np.array([r.scores[ROUTELLM_WEAK] for r in recs])
-    recipe = dataclasses.replace(RECIPES["default"], surface=True)  # its features: all columns given
-
-    def split(pool: np.ndarray, u: str) -> tuple[np.ndarray, np.ndarray]:
-        test = pool[unit[pool] == u]
-        held = set(prompts[test])
-        return np.array([i for i in pool[unit[pool] != u] if prompts[i] not in held]), test
-
-    def apgr(x: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
-        head = fit_recipe(recipe, x[train], [recs[i] for i in train], ROUTELLM_STRONG, ROUTELLM_WEAK)
-        return float(summarize(head.logits(x[test]).ravel(), sq[test], wq[test])["apgr"])
+    folds = Folds()
+    tokens = Tokens([question_text(r.prompt) for r in folds.recs])
+    apgr = folds.fit_apgr
 
     rows: dict[str, dict[str, float]] = {}
-    everything = np.arange(len(recs))
     for u in tqdm(UNITS, desc="units left out"):
-        train, test = split(everything, u)
-        rows.setdefault("random", {})[u] = float(random_baseline(list(sq[test]), list(wq[test]))["apgr"])
+        train, test = folds.split(u)
+        rows.setdefault("random", {})[u] = folds.random(test)
         freq = tokens.frequencies(train)
         rows.setdefault("mean (the shipped encoder)", {})[u] = apgr(tokens.pool(np.ones(tokens.vocab)), train, test)
         common = {}
@@ -93,7 +77,7 @@ def main() -> int:
             rows.setdefault(f"rare {a:g}", {})[u] = apgr(tokens.pool(a / (a + freq)), train, test)
             common[a] = tokens.pool(freq / (a + freq))
             rows.setdefault(f"common {a:g}", {})[u] = apgr(common[a], train, test)
-        inner = {a: np.mean([apgr(common[a], *split(train, v)) for v in UNITS if v != u]) for a in grid}
+        inner = {a: np.mean([apgr(common[a], *folds.split(v, train)) for v in UNITS if v != u]) for a in grid}
         best = max(grid, key=lambda a: inner[a])
         rows.setdefault("common nested (a chosen per fold)", {})[u] = apgr(common[best], train, test)
         tqdm.write(f"{u}: nested LOTO chose a={best:g}")

@@ -16,16 +16,14 @@ scikit-learn (``pip install 'kvroute[classifier]'`` brings it with sentence-tran
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import numpy as np
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from tqdm import tqdm
 
-from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load, question_text
-from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, unit_of, variant_table
-from kvroute.classifier.metrics import random_baseline, summarize
+from kvroute.classifier.data import question_text
+from kvroute.classifier.loto import UNITS, Folds, layer_features, variant_table
 
 VECTORISERS = {
     "word12": dict(analyzer="word", ngram_range=(1, 2), min_df=3, sublinear_tf=True, max_features=50000),
@@ -40,25 +38,15 @@ def main() -> int:
     p.add_argument("--dims", default="128,384", help="SVD dimensions, comma-separated")
     args = p.parse_args()
     dims = [int(k) for k in args.dims.split(",")]
-    recs = [r for r in load("routellm") if ROUTELLM_STRONG in r.scores and ROUTELLM_WEAK in r.scores]
-    texts = [question_text(r.prompt) for r in recs]
-    emb = layer_features([r.prompt for r in recs], [0])[:, :384]  # the shipped features, no surface ones
-    unit = np.array([unit_of(r) for r in recs])
-    prompts = np.array([r.prompt for r in recs], dtype=object)
-    sq = np.array([r.scores[ROUTELLM_STRONG] for r in recs])
-    wq = np.array([r.scores[ROUTELLM_WEAK] for r in recs])
-    recipe = dataclasses.replace(RECIPES["default"], surface=True)  # its features: all columns given
-
-    def apgr(x: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
-        head = fit_recipe(recipe, x[train], [recs[i] for i in train], ROUTELLM_STRONG, ROUTELLM_WEAK)
-        return float(summarize(head.logits(x[test]).ravel(), sq[test], wq[test])["apgr"])
+    folds = Folds()
+    texts = [question_text(r.prompt) for r in folds.recs]
+    emb = layer_features(list(folds.prompts), [0])[:, :384]  # the shipped features, no surface ones
+    apgr = folds.fit_apgr
 
     rows: dict[str, dict[str, float]] = {}
     for u in tqdm(UNITS, desc="units left out"):
-        test = np.nonzero(unit == u)[0]
-        held = set(prompts[test])
-        train = np.array([i for i in np.nonzero(unit != u)[0] if prompts[i] not in held])
-        rows.setdefault("random", {})[u] = float(random_baseline(list(sq[test]), list(wq[test]))["apgr"])
+        train, test = folds.split(u)
+        rows.setdefault("random", {})[u] = folds.random(test)
         rows.setdefault("embedding layer (shipped)", {})[u] = apgr(emb, train, test)
         for name, options in VECTORISERS.items():
             counts = TfidfVectorizer(**options).fit([texts[i] for i in train]).transform(texts)

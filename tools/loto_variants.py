@@ -19,9 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from kvroute.classifier.data import ROUTELLM_STRONG, ROUTELLM_WEAK, load
-from kvroute.classifier.loto import RECIPES, UNITS, fit_recipe, layer_features, unit_of, variant_table
-from kvroute.classifier.metrics import random_baseline, summarize
+from kvroute.classifier.loto import RECIPES, UNITS, Folds, fit_recipe, layer_features, variant_table
 
 KS = (64, 96, 128, 160, 192, 256)
 ENSEMBLES = ("logreg", "gain", "mf", "old-default")
@@ -31,46 +29,37 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", help="embedding cache dir (as classifier loto --cache)")
     args = p.parse_args()
-    recs = [r for r in load("routellm") if ROUTELLM_STRONG in r.scores and ROUTELLM_WEAK in r.scores]
-    x = layer_features([r.prompt for r in recs], [0], args.cache)
+    folds = Folds()
+    recs, strong, weak = folds.recs, folds.strong, folds.weak
+    x = layer_features(list(folds.prompts), [0], args.cache)
     emb = x[:, :384]
-    unit = np.array([unit_of(r) for r in recs])
-    prompts = np.array([r.prompt for r in recs], dtype=object)
     on_projection = dataclasses.replace(RECIPES["default"], surface=True)  # its features: all columns given
-    sq = np.array([r.scores[ROUTELLM_STRONG] for r in recs])
-    wq = np.array([r.scores[ROUTELLM_WEAK] for r in recs])
-
-    def split(pool: np.ndarray, u: str) -> tuple[np.ndarray, np.ndarray]:
-        test = pool[unit[pool] == u]
-        held = set(prompts[test])
-        return np.array([i for i in pool[unit[pool] != u] if prompts[i] not in held]), test
 
     def pca_apgr(train: np.ndarray, test: np.ndarray, k: int) -> float:
         mean = emb[train].mean(0)
         proj = np.linalg.svd(emb[train] - mean, full_matrices=False)[2][:k].T
         a, b = (emb[train] - mean) @ proj, (emb[test] - mean) @ proj
-        head = fit_recipe(on_projection, a, [recs[i] for i in train], ROUTELLM_STRONG, ROUTELLM_WEAK)
-        return float(summarize(head.logits(b).ravel(), sq[test], wq[test])["apgr"])
+        head = fit_recipe(on_projection, a, [recs[i] for i in train], strong, weak)
+        return folds.apgr(head.logits(b).ravel(), test)
 
     def z_logits(name: str, train: np.ndarray, test: np.ndarray) -> np.ndarray:
         recipe = RECIPES[name]
-        head = fit_recipe(recipe, x[train], [recs[i] for i in train], ROUTELLM_STRONG, ROUTELLM_WEAK)
+        head = fit_recipe(recipe, x[train], [recs[i] for i in train], strong, weak)
         fit, out = head.logits(recipe.features(x[train])), head.logits(recipe.features(x[test]))
         return ((out - fit.mean()) / fit.std()).ravel()
 
     rows: dict[str, dict[str, float]] = {}
-    everything = np.arange(len(recs))
     for u in UNITS:
-        train, test = split(everything, u)
-        rows.setdefault("random", {})[u] = float(random_baseline(list(sq[test]), list(wq[test]))["apgr"])
+        train, test = folds.split(u)
+        rows.setdefault("random", {})[u] = folds.random(test)
         base = z_logits("default", train, test)
-        rows.setdefault("default", {})[u] = float(summarize(base, sq[test], wq[test])["apgr"])
+        rows.setdefault("default", {})[u] = folds.apgr(base, test)
         for other in ENSEMBLES:
-            s = base + z_logits(other, train, test)
-            rows.setdefault(f"ensemble: default + {other}", {})[u] = float(summarize(s, sq[test], wq[test])["apgr"])
+            rows.setdefault(f"ensemble: default + {other}", {})[u] = folds.apgr(base + z_logits(other, train, test),
+                                                                               test)
         for k in KS:
             rows.setdefault(f"pca {k}", {})[u] = pca_apgr(train, test, k)
-        inner = {k: np.mean([pca_apgr(*split(train, v), k) for v in UNITS if v != u]) for k in KS}
+        inner = {k: np.mean([pca_apgr(*folds.split(v, train), k) for v in UNITS if v != u]) for k in KS}
         best = max(KS, key=lambda k: inner[k])
         rows.setdefault("pca nested (K chosen per fold)", {})[u] = pca_apgr(train, test, best)
         print(f"{u}: nested LOTO chose K={best}", flush=True)
