@@ -680,7 +680,8 @@ def test_a_router_serving_tls_is_probed_scraped_and_tested_over_https(helm) -> N
     svc = one(objs, "Service", "router")["metadata"]["name"]
     assert f"curl -k -fsS --retry 5 --retry-connrefused --max-time 10 https://{svc}.{NS}.svc:8080/health" in script
     proc = run_helm(helm, "install", RELEASE, str(CHART), "--namespace", NS, "--dry-run=client", "-f", str(values))
-    assert "curl https://127.0.0.1:8080/health" in proc.stdout.split("NOTES:", 1)[1]
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "curl https://127.0.0.1:8080/health" in notes and "--cacert" in notes
     # Without server.tls the ServiceMonitor keeps Prometheus' default, plain HTTP.
     assert "scheme" not in one(render(helm, ci("monitoring")), "ServiceMonitor")["spec"]["endpoints"][0]
 
