@@ -138,6 +138,34 @@ def test_healthcheck_probe_reads_health(tmp_path):
     assert down.returncode != 0
 
 
+def test_healthcheck_probe_reads_health_over_tls(tmp_path):
+    """With server.tls, KVROUTE_HEALTH_URL=https://...: the probe of the router's own process
+    takes its certificate, whoever issued it."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("kvroute.internal")  # names neither 127.0.0.1 nor a public CA
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "pem"))
+    (tmp_path / "health").write_text("ok")
+    serve = ("import http.server, ssl, sys; ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); "
+             "ctx.load_cert_chain(sys.argv[1]); s = http.server.HTTPServer(('127.0.0.1', 0), "
+             "http.server.SimpleHTTPRequestHandler); s.socket = ctx.wrap_socket(s.socket, server_side=True); "
+             "print(s.server_address[1], flush=True); s.serve_forever()")
+    final = parse_dockerfile().final
+    check = final.last("HEALTHCHECK").args
+    code = json.loads(check[check.index("CMD") + 3:])[2]
+    server = subprocess.Popen([sys.executable, "-c", serve, str(tmp_path / "pem")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        ok = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
+                            env={**os.environ, "KVROUTE_HEALTH_URL": f"https://127.0.0.1:{port}/health"})
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+        server.stdout.close()
+
+
 def test_version_label_matches_the_package():
     import tomllib
 
