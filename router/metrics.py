@@ -16,8 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics import MetricWrapperBase
+
+from kvroute import __version__
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
@@ -34,6 +45,9 @@ GAUGES_ACROSS_PROCS = {
     "kvroute_worker_healthy": "min", "kvroute_worker_breaker_state": "max", "kvroute_draining": "max",
     "kvroute_classifier_threshold": "mean", "kvroute_classifier_strong_share": "mean",
     "kvroute_classifier_shadow_agreement": "mean", "kvroute_budget_used_ratio": "max",
+    # One value for the router, not a total: its version, when its oldest process started.
+    "kvroute_build_info": "max", "python_info": "max", "process_start_time_seconds": "min",
+    "process_max_fds": "min",
 }
 PROCS_MERGED = "kvroute_procs_merged"  # gauge on a merged page: the processes it covers
 
@@ -42,6 +56,14 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What every Prometheus client exports by default, on this registry: the process's
+        # CPU, memory, file descriptors and start time (process_*), Python's version and
+        # garbage collections (python_*).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Gauge("kvroute_build_info", "1, labelled with the running kvroute's version", ["version"],
+              registry=r).labels(__version__).set(1)
         mw = ["model", "worker"]
         self.requests = Counter("kvroute_worker_requests", "Requests per worker and outcome",
                                 mw + ["status"], registry=r)

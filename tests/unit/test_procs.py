@@ -153,6 +153,10 @@ async def test_both_processes_serve_and_metrics_count_every_request(start_router
         assert sample(page, 'kvroute_worker_requests_total{model="tiny",status="ok"') == sent
         assert sample(page, "kvroute_procs_merged ") == 2
         assert sample(page, 'kvroute_worker_healthy{') == 1
+        # One router: one version and its first start; its memory and CPU, all processes'.
+        assert sample(page, 'kvroute_build_info{') == 1 and sample(page, "python_info{") == 1
+        assert sample(page, "process_resident_memory_bytes ") > 2 * 40e6  # two routers' worth
+        assert 0 < time.time() - sample(page, "process_start_time_seconds ") < 300
 
 
 async def test_the_flag_wins_and_sigterm_drains_every_process(start_router, worker_url):

@@ -194,3 +194,16 @@ def test_bound_series_are_the_labelled_ones_and_rebound_after_a_worker_leaves():
     assert again is not bound  # a rejoined worker's updates reach /metrics, not the removed series
     again.prompt_tokens.inc(2)
     assert value(metrics, "kvroute_worker_prompt_tokens_total", "tiny", "http://a:1") == 2
+
+
+def test_the_page_carries_the_process_python_and_version_series():
+    """What a Prometheus client exports by default, on kvroute's own registry, and its version."""
+    from importlib.metadata import version
+
+    from kvroute.router.metrics import RouterMetrics
+
+    page = RouterMetrics().render().decode()
+    assert f'kvroute_build_info{{version="{version("kvroute")}"}} 1.0' in page
+    for series in ("process_resident_memory_bytes ", "process_cpu_seconds_total ", "process_open_fds ",
+                   "process_start_time_seconds ", "python_info{", "python_gc_collections_total{"):
+        assert any(line.startswith(series) for line in page.splitlines()), series
