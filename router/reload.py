@@ -11,6 +11,10 @@ Keys are applied too, so that a leaked one can be revoked at once: governance's 
 and admin keys (``keys_file`` included), and each pool's ``api_key`` for its workers
 (secret files are read again).
 
+The secret files the config names (``{file: PATH}`` references, ``governance.keys_file``)
+are watched as well (``watch_secrets``): when one changes, as a Kubernetes Secret's mounted
+files do after an update, the config is reloaded as SIGHUP would.
+
 Nothing else is applied live. A file that does not load is refused whole, with the key
 named, and the router goes on with what it had. Other changes (a policy, a budget, a new
 model) are named in a warning: they take effect at the next restart.
@@ -24,13 +28,16 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
 from kvroute.router import keys
 from kvroute.router.config import ModelConfig, RouterConfig, load_config
 from kvroute.router.errors import ConfigError
+from kvroute.router.tls import stamps
 
 log = logging.getLogger(__name__)
+SECRETS_CHECK_S = 60.0  # how often the secret files a config names are checked for a change
 
 
 async def reload(app: web.Application, path: str | Path) -> str:
@@ -97,3 +104,44 @@ def _workers(cfg: RouterConfig) -> dict[str, tuple[str, ...]]:
 
 def _live_parts_dropped(m: ModelConfig) -> Any:
     return replace(m, workers=(), api_key=None, tiers=tuple(replace(t, workers=(), api_key=None) for t in m.tiers))
+
+
+async def watch_secrets(app: web.Application, path: str | Path, interval_s: float = SECRETS_CHECK_S) -> None:
+    """Reload ``path`` (as SIGHUP does) whenever a secret file it names changes; until cancelled."""
+    loop = asyncio.get_running_loop()
+    files = await loop.run_in_executor(None, secret_files, path)
+    seen = stamps(files)
+    while True:
+        await asyncio.sleep(interval_s)
+        now = await loop.run_in_executor(None, secret_files, path)  # the file may name others by now
+        stamp = stamps(now)
+        if now == files and stamp != seen and None not in stamp:
+            changed = [f for f, a, b in zip(files, seen, stamp, strict=True) if a != b]
+            log.info("%s changed: reloading %s", ", ".join(changed), path)
+            await reload(app, path)
+        files, seen = now, stamp
+
+
+def secret_files(path: str | Path) -> list[str]:
+    """The files ``path``'s config reads secrets from: every ``{file: PATH}`` reference and
+    ``governance.keys_file``; none when the file does not load."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if len(node) == 1 and isinstance(node.get("file"), str):
+                found.append(node["file"])
+            for key, value in node.items():
+                if key == "keys_file" and isinstance(value, str):
+                    found.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(raw)
+    return sorted(set(found))

@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, L
 from kvroute.router import keys, siblings
 from kvroute.router.config import ServerConfig
 from kvroute.router.errors import HeadersTooLarge, InvalidRequest, KvrouteError, UnsupportedEncoding
-from kvroute.router.reload import reload
+from kvroute.router.reload import reload, watch_secrets
 from kvroute.router.siblings import Slot
 from kvroute.router.tls import server_context, server_refresher
 
@@ -142,16 +142,19 @@ async def _until_signal_then_drain(app: web.Application, slot: Slot | None = Non
             log.warning("%s again: cutting the requests still in flight", why)
             admission.cut()
 
+    # SIGHUP, or a change to a secret file the config names, reloads it (router/reload.py).
+    config_path = app.get(keys.CONFIG_PATH)
     reloads: set[asyncio.Task] = set()
 
     def on_hangup() -> None:
-        path = app.get(keys.CONFIG_PATH)
-        if path is None:
+        if config_path is None:
             log.warning("SIGHUP: started without --config, there is no file to reload")
             return
-        task = loop.create_task(reload(app, path))
+        task = loop.create_task(reload(app, config_path))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
+
+    watcher = loop.create_task(watch_secrets(app, config_path)) if config_path is not None else None
 
     sigs = (signal.SIGTERM, signal.SIGINT)
     for sig in sigs:
@@ -162,6 +165,8 @@ async def _until_signal_then_drain(app: web.Application, slot: Slot | None = Non
         await stop.wait()
         await admission.drain()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in (*sigs, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if unwatch is not None:

@@ -115,27 +115,33 @@ def _load_chain(ctx: ssl.SSLContext, cert_file: str, key_file: str, key: str) ->
         raise ConfigError(v.join(key, "cert_file"), f"certificate and key do not load: {exc}") from None
 
 
+Stamp = tuple[int, int, int] | None
+
+
+def stamps(files: Sequence[str]) -> tuple[Stamp, ...]:
+    """Each file's (inode, size, modification time), None where it cannot be read (mid-swap,
+    or gone): what tells a renewed file from the one loaded."""
+    out: list[Stamp] = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 class Refresher:
     """Calls ``load`` when any of ``files`` changes (a new inode, size or modification
     time: a Secret volume swaps a symlink, an editor rewrites the file)."""
 
     def __init__(self, files: Sequence[str], load: Callable[[], None], what: str) -> None:
         self.files, self.load, self.what = tuple(files), load, what
-        self._seen = self._stamp()
-
-    def _stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
-        out: list[tuple[int, int, int] | None] = []
-        for f in self.files:
-            try:
-                st = os.stat(f)
-                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                out.append(None)  # mid-swap, or gone: not loaded until it is back
-        return tuple(out)
+        self._seen = stamps(self.files)
 
     def check(self) -> bool:
         """Reload if the files changed; True when the new ones are in use."""
-        stamp = self._stamp()
+        stamp = stamps(self.files)
         if stamp == self._seen or None in stamp:
             return False
         self._seen = stamp

@@ -19,7 +19,7 @@ from kvroute.benchmarks.backends.mock import fake_worker
 from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
-from kvroute.router.reload import reload
+from kvroute.router.reload import reload, secret_files, watch_secrets
 from tests.clock import until
 from tests.unit.test_drain import free_port
 
@@ -185,3 +185,34 @@ async def test_keys_are_rotated_and_revoked_without_a_restart(aiohttp_server, ai
     resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-leaked"})
     assert (await resp.json())["error"]["message"] == "Incorrect API key provided."  # the router's own 401
     assert await reload(client.app, tmp_path / "router.yaml") == "unchanged"
+
+
+async def test_a_changed_secret_file_reloads_the_config(aiohttp_server, aiohttp_client, tmp_path):
+    """A Kubernetes Secret's update reaches its mounted file: the keys in it take effect
+    without a signal."""
+    (worker,) = await worker_urls(aiohttp_server, "w1")
+    keys_file = tmp_path / "tenants.yaml"
+    keys_file.write_text(yaml.safe_dump({"tenants": [{"name": "acme", "keys": ["sk-leaked"]}]}))
+    cfg = {"models": [{"name": "m", "workers": [worker]}], "health": {"interval_s": 60},
+           "governance": {"keys_file": str(keys_file), "admin_keys": [{"file": str(tmp_path / "admin")}]}}
+    (tmp_path / "admin").write_text("sk-admin")
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(cfg))
+    assert secret_files(tmp_path / "router.yaml") == sorted([str(tmp_path / "admin"), str(keys_file)])
+    client = await aiohttp_client(create_app(config_from_dict(cfg)))
+    watcher = asyncio.create_task(watch_secrets(client.app, tmp_path / "router.yaml", interval_s=0.05))
+
+    async def status(key: str) -> int:
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+        return resp.status
+
+    try:
+        assert await status("sk-leaked") == 200
+        keys_file.write_text(yaml.safe_dump({"tenants": [{"name": "acme", "keys": ["sk-new-and-longer"]}]}))
+
+        async def revoked() -> bool:
+            return await status("sk-leaked") == 401
+
+        await until(revoked, timeout=10)
+        assert await status("sk-new-and-longer") == 200
+    finally:
+        watcher.cancel()
