@@ -62,8 +62,9 @@ class RouterMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        Gauge("kvroute_build_info", "1, labelled with the running kvroute's version", ["version"],
-              registry=r).labels(__version__).set(1)
+        self.build_info = Gauge("kvroute_build_info", "1, labelled with the running kvroute's version",
+                                ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
         mw = ["model", "worker"]
         self.requests = Counter("kvroute_worker_requests", "Requests per worker and outcome",
                                 mw + ["status"], registry=r)
