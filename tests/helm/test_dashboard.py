@@ -58,6 +58,9 @@ def exported() -> dict[str, set[str]]:
             out[f"{c._name}_sum"] = out[f"{c._name}_count"] = labels
         else:
             out[c._name] = labels
+    for family in registry.collect():
+        if family.name not in ours:
+            out.update({s.name: set(s.labels) for s in family.samples})
     return out
 
 
