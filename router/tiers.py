@@ -176,14 +176,17 @@ class TierChooser:
         if batch:
             task = asyncio.get_running_loop().create_task(self._score(batch))
             self._scoring.add(task)
-            task.add_done_callback(self._scored)
-
-    def _scored(self, task: asyncio.Task) -> None:
-        self._scoring.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("model %s: scoring a classifier batch failed", self.model, exc_info=task.exception())
+            task.add_done_callback(self._scoring.discard)
 
     async def _score(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        # Logged in the task, not in a done callback: close() then sees it logged once its
+        # batches are done (a callback may run later, after close() returned).
+        try:
+            await self._score_batch(batch)
+        except Exception:
+            log.exception("model %s: scoring a classifier batch failed", self.model)
+
+    async def _score_batch(self, batch: list[tuple[str, asyncio.Future]]) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
@@ -199,7 +202,7 @@ class TierChooser:
                 if not fut.done():
                     fut.set_result((tier, float(score)))
             live = [t == self.n_tiers - 1 for t in tiers]
-        finally:  # a bug above (raised on, and logged by _scored) must not leave a caller waiting
+        finally:  # a bug above (raised on, and logged by _score) must not leave a caller waiting
             _fail(batch, RuntimeError(f"model {self.model}: the classifier batch ended without a score"))
         self._observe(scores, live)
         if self.shadow is not None:

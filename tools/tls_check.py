@@ -23,7 +23,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import httpx
 import openai
 import trustme
 import yaml
@@ -101,7 +100,7 @@ def main() -> int:
             print(f"router with {', '.join(tls)}: worker healthy={w['healthy']}, last_error={w['last_error']!r}, "
                   f"block size from its scraped metrics: {model_health['block_size']}")
             client = openai.OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                                   http_client=httpx.Client(verify=trust))
+                                   http_client=openai.DefaultHttpxClient(verify=trust))
             system = "You are a helpful assistant. " * 40
             try:
                 for i in range(2):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import httpx
 import openai
 import pytest
 import trustme
@@ -107,7 +106,7 @@ async def test_the_router_serves_https_to_the_openai_client_and_calls_an_https_w
                 await session.get(f"http://127.0.0.1:{port}/readyz")
             with pytest.raises(aiohttp.ClientConnectorCertificateError):  # a client that does not trust the CA
                 await session.get(url + "/readyz")
-        async with httpx.AsyncClient(verify=pki.client_context()) as http:
+        async with openai.DefaultAsyncHttpxClient(verify=pki.client_context()) as http:  # the openai client's own
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", http_client=http, max_retries=0)
             chat = await client.chat.completions.create(**CHAT)
             assert chat.choices[0].message.content == "hi from w1" and chat.usage.prompt_tokens == 11
