@@ -31,9 +31,10 @@ from kvroute.router.errors import ConfigError, Forbidden
 METHODS = ("GET", "POST", "DELETE")  # what the router's routes answer
 _ORIGIN = re.compile(r"^https?://[^/?#\s]+$")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token
-# Readable by any page without being exposed (the Fetch standard's safelist).
-_SAFELISTED = frozenset({"cache-control", "content-language", "content-length", "content-type", "expires",
-                         "last-modified", "pragma"})
+# Readable by any page without being exposed (the Fetch standard's safelist), or of no use to it.
+_NOT_EXPOSED = frozenset({"cache-control", "content-language", "content-length", "content-type", "expires",
+                          "last-modified", "pragma", "vary", "date", "server", "connection", "transfer-encoding",
+                          "content-encoding"})
 # Headers kvroute may set; exposed with whatever else an answer carries.
 _KVROUTE_HEADERS = ("x-request-id", "retry-after", "x-kvroute-tier", "x-kvroute-worker", "x-kvroute-session",
                     "x-kvroute-escalated", "x-kvroute-cache", "x-kvroute-cache-kind",
@@ -135,9 +136,6 @@ class Cors:
             if name == "Vary" and "Vary" in response.headers:
                 value = f"{response.headers['Vary']}, {value}"
             response.headers[name] = value
-        present = {h.lower() for h in response.headers}
-        exposed = [h for h in _KVROUTE_HEADERS] + sorted(
-            h for h in present if h not in _SAFELISTED and h not in _KVROUTE_HEADERS
-            and not h.startswith("access-control-") and h not in ("vary", "date", "server", "connection",
-                                                                  "transfer-encoding", "content-encoding"))
-        response.headers["Access-Control-Expose-Headers"] = ", ".join(exposed)
+        others = {h.lower() for h in response.headers} - _NOT_EXPOSED - set(_KVROUTE_HEADERS)
+        others = {h for h in others if not h.startswith("access-control-")}
+        response.headers["Access-Control-Expose-Headers"] = ", ".join([*_KVROUTE_HEADERS, *sorted(others)])

@@ -40,14 +40,15 @@ log = logging.getLogger(__name__)
 SECRETS_CHECK_S = 60.0  # how often the secret files a config names are checked for a change
 
 
-async def reload(app: web.Application, path: str | Path) -> str:
+async def reload(app: web.Application, path: str | Path, why: str = "SIGHUP") -> str:
     """Apply ``path``'s worker lists and keys to ``app``; returns the outcome for
-    ``kvroute_config_reloads_total``: ``applied``, ``unchanged`` or ``failed``."""
+    ``kvroute_config_reloads_total``: ``applied``, ``unchanged`` or ``failed``. ``why``
+    starts its log lines."""
     metrics = app[keys.METRICS]
     try:  # read and checked off the loop (files, tokenizer folders, certificates); applied on it
         new = await asyncio.get_running_loop().run_in_executor(None, load_config, path)
     except ConfigError as exc:
-        log.error("SIGHUP: %s not reloaded, the running config stays: %s", path, exc.message)
+        log.error("%s: %s not reloaded, the running config stays: %s", why, path, exc.message)
         metrics.config_reloads.labels("failed").inc()
         return "failed"
     old = app[keys.CONFIG]
@@ -74,11 +75,11 @@ async def reload(app: web.Application, path: str | Path) -> str:
                        f"{len(new.governance.admin_keys)} admin keys")
     later = _needs_restart(old, new)
     if later:
-        log.warning("SIGHUP: %s changes %s; these take effect at the next restart", path, ", ".join(later))
+        log.warning("%s: %s changes %s; these take effect at the next restart", why, path, ", ".join(later))
     if changed:
-        log.info("SIGHUP: %s reloaded: %s", path, "; ".join(changed))
+        log.info("%s: %s reloaded: %s", why, path, "; ".join(changed))
     else:
-        log.info("SIGHUP: %s reloaded, no worker list or key changed", path)
+        log.info("%s: %s reloaded, no worker list or key changed", why, path)
     outcome = "applied" if changed else "unchanged"
     metrics.config_reloads.labels(outcome).inc()
     return outcome
@@ -117,8 +118,7 @@ async def watch_secrets(app: web.Application, path: str | Path, interval_s: floa
         stamp = stamps(now)
         if now == files and stamp != seen and None not in stamp:
             changed = [f for f, a, b in zip(files, seen, stamp, strict=True) if a != b]
-            log.info("%s changed: reloading %s", ", ".join(changed), path)
-            await reload(app, path)
+            await reload(app, path, why=f"{', '.join(changed)} changed")
         files, seen = now, stamp
 
 
