@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -84,16 +85,18 @@ class Router:
     url: str
     proc: subprocess.Popen
     log_path: Path
+    trust: ssl.SSLContext | None = None  # how to check its certificate, with server.tls
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5, context=self.trust) as resp:
             return resp.read().decode()
 
 
 @contextmanager
-def run_router(config: dict, tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Router]:
+def run_router(config: dict, tmp_path: Path, env: dict[str, str] | None = None,
+               trust: ssl.SSLContext | None = None) -> Iterator[Router]:
     """Start ``kvroute serve`` with ``config`` (and ``env`` added to this process's) and wait
-    until it answers /health."""
+    until it answers /health. ``trust``: the router serves HTTPS (``server.tls``), checked so."""
     port = free_port()
     config = {**config, "server": {"host": "127.0.0.1", "port": port, **config.get("server", {})},
               "health": {"interval_s": 0.5, "timeout_s": 5}}  # a busy test machine is not a dead worker
@@ -103,12 +106,12 @@ def run_router(config: dict, tmp_path: Path, env: dict[str, str] | None = None) 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", "serve", "--config", str(cfg_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    router = Router(f"http://127.0.0.1:{port}", proc, log_path)
+    router = Router(f"{'https' if trust else 'http'}://127.0.0.1:{port}", proc, log_path, trust)
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{router.url}/health", timeout=1) as resp:
+                with urllib.request.urlopen(f"{router.url}/health", timeout=1, context=trust) as resp:
                     # kvroute's own answer: another server may hold the port it failed to bind
                     if "models" in json.loads(resp.read()) and proc.poll() is None:
                         break
