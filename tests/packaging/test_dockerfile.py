@@ -5,6 +5,7 @@ The builder stage itself runs in test_install.py (no image can be built here).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,27 +117,36 @@ def test_entrypoint_cmd_port_env_healthcheck():
     compile(exec_form[2], "HEALTHCHECK", "exec")
 
 
-def test_healthcheck_probe_reads_health(tmp_path):
-    """The HEALTHCHECK's Python exits 0 against a server answering /health, 1 when none is."""
-    final = parse_dockerfile().final
-    check = final.last("HEALTHCHECK").args
+def healthcheck(url: str) -> subprocess.CompletedProcess:
+    """The image's HEALTHCHECK command, run here against ``url`` (KVROUTE_HEALTH_URL)."""
+    check = parse_dockerfile().final.last("HEALTHCHECK").args
     code = json.loads(check[check.index("CMD") + 3:])[2]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
+                          env={**os.environ, "KVROUTE_HEALTH_URL": url})
+
+
+@contextlib.contextmanager
+def serving(folder: Path, *argv: str) -> Iterator[str]:
+    """A Python server over ``folder`` (which holds a ``health`` file); yields the port
+    found in its first line of output."""
+    (folder / "health").write_text("ok")
+    server = subprocess.Popen([sys.executable, *argv], cwd=folder, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
-        (tmp_path / "health").write_text("ok")
-        line = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
-        port = re.search(r"port (\d+)", line).group(1)
-        ok = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
-                            env={**os.environ, "KVROUTE_HEALTH_URL": f"http://127.0.0.1:{port}/health"})
-        assert ok.returncode == 0, ok.stderr
+        yield re.search(r"(\d+)", server.stdout.readline().split("port", 1)[-1]).group(1)
     finally:
         server.terminate()
         server.wait(10)
         server.stdout.close()
-    down = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
-                          env={**os.environ, "KVROUTE_HEALTH_URL": f"http://127.0.0.1:{port}/health"})
-    assert down.returncode != 0
+
+
+def test_healthcheck_probe_reads_health(tmp_path):
+    """The HEALTHCHECK's Python exits 0 against a server answering /health, 1 when none is."""
+    # "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
+    with serving(tmp_path, "-m", "http.server", "0", "--bind", "127.0.0.1") as port:
+        ok = healthcheck(f"http://127.0.0.1:{port}/health")
+        assert ok.returncode == 0, ok.stderr
+    assert healthcheck(f"http://127.0.0.1:{port}/health").returncode != 0
 
 
 def test_healthcheck_probe_reads_health_over_tls(tmp_path):
@@ -145,25 +156,13 @@ def test_healthcheck_probe_reads_health_over_tls(tmp_path):
 
     cert = trustme.CA().issue_cert("kvroute.internal")  # names neither 127.0.0.1 nor a public CA
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "pem"))
-    (tmp_path / "health").write_text("ok")
     serve = ("import http.server, ssl, sys; ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); "
              "ctx.load_cert_chain(sys.argv[1]); s = http.server.HTTPServer(('127.0.0.1', 0), "
              "http.server.SimpleHTTPRequestHandler); s.socket = ctx.wrap_socket(s.socket, server_side=True); "
-             "print(s.server_address[1], flush=True); s.serve_forever()")
-    final = parse_dockerfile().final
-    check = final.last("HEALTHCHECK").args
-    code = json.loads(check[check.index("CMD") + 3:])[2]
-    server = subprocess.Popen([sys.executable, "-c", serve, str(tmp_path / "pem")], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        port = server.stdout.readline().strip()
-        ok = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
-                            env={**os.environ, "KVROUTE_HEALTH_URL": f"https://127.0.0.1:{port}/health"})
+             "print('port', s.server_address[1], flush=True); s.serve_forever()")
+    with serving(tmp_path, "-c", serve, str(tmp_path / "pem")) as port:
+        ok = healthcheck(f"https://127.0.0.1:{port}/health")
         assert ok.returncode == 0, ok.stderr
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
 
 
 def test_version_label_matches_the_package():
