@@ -109,8 +109,9 @@ async def serve(app: web.Application, cfg: ServerConfig, slot: Slot | None = Non
     private: web.AppRunner | None = None
     refresh: asyncio.Task | None = None
     try:
-        tls = server_context(cfg.tls) if cfg.tls is not None else None
-        if tls is not None and cfg.tls is not None:  # renewed certificates are picked up (router/tls.py)
+        tls = None
+        if cfg.tls is not None:  # renewed certificates are picked up (router/tls.py)
+            tls = server_context(cfg.tls)
             refresh = asyncio.create_task(server_refresher(tls, cfg.tls).run(cfg.tls.reload_s))
         await web.TCPSite(runner, cfg.host, cfg.port, reuse_port=slot is not None, ssl_context=tls).start()
         if slot is None:

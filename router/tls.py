@@ -139,20 +139,19 @@ class Refresher:
         self.files, self.load, self.what = tuple(files), load, what
         self._seen = stamps(self.files)
 
-    def check(self) -> bool:
-        """Reload if the files changed; True when the new ones are in use."""
+    def check(self) -> None:
+        """Reload if the files changed."""
         stamp = stamps(self.files)
         if stamp == self._seen or None in stamp:
-            return False
+            return
         self._seen = stamp
         try:
             self.load()
         except (OSError, ssl.SSLError, ConfigError) as exc:
             log.error("%s: %s changed but did not load, the previous certificate stays: %s", self.what,
                       ", ".join(self.files), getattr(exc, "message", exc))
-            return False
+            return
         log.info("%s: reloaded %s", self.what, ", ".join(self.files))
-        return True
 
     async def run(self, interval_s: float) -> None:
         while True:

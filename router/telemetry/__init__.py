@@ -101,15 +101,14 @@ class Telemetry:
                                                 (prompt, cached, completion, usd)))
 
     def log_access(self, method: str, path: str, status: int, started: float, request_id: str | None,
-                   rec: RequestRecord | None, error_code: str | None, remote: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> None:
+                   rec: RequestRecord | None, error_code: str | None, remote: str | None,
+                   headers: Mapping[str, str]) -> None:
         """One access-log line for an API request (``started``: its perf_counter at arrival).
         ``rec``: what the request path recorded, absent when it stopped before (bad input, a
         refusal at admission); ``error_code``: the code of the error it answered with;
         ``remote`` and ``headers``: who sent it (the peer, and what proxies and the client say)."""
         if self.access is None:
             return
-        headers = headers or {}
         entry: dict[str, Any] = {"time": round(time.time(), 3), "request_id": request_id, "method": method,
                                  "path": path, "status": status,
                                  "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
