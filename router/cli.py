@@ -45,7 +45,14 @@ def _serve(args: argparse.Namespace) -> int:
             model["upstream_model"] = args.upstream_model
         if args.block_size:
             model["block_size"] = args.block_size
-        cfg = config_from_dict({"models": [model], "server": {"host": args.host, "port": args.port}})
+        cfg = config_from_dict({"models": [model]})
+    # The flags win over server.host and server.port (default 0.0.0.0:8080).
+    if args.host is not None:
+        cfg = replace(cfg, server=replace(cfg.server, host=args.host))
+    if args.port is not None:
+        if not 0 < args.port < 65536:
+            raise ConfigError("--port", "expected a port number, 1 to 65535")
+        cfg = replace(cfg, server=replace(cfg.server, port=args.port))
     if args.procs is not None:  # the flag wins over server.procs
         if args.procs < 1:
             raise ConfigError("--procs", "expected a number of processes, 1 or more")
@@ -87,7 +94,7 @@ def _fleet_up(args: argparse.Namespace) -> int:
 
     fleet = start_fleet(workers=args.workers, kv_blocks=args.kv_blocks, base_port=args.base_port,
                         events_port=args.events_port, model=args.model,
-                        served_names=args.served_name or None, block_size=args.block_size)
+                        served_names=args.served_name or None, block_size=args.block_size, embed=args.embed)
     print("workers:")
     for w in fleet.workers:
         print(f"  {w.url}  (kv events tcp://127.0.0.1:{w.events_port})")
@@ -140,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-model", help="model name the workers serve")
     serve.add_argument("--block-size", type=int, help="KV block size (default: from workers)")
     serve.add_argument("--policy", default="prefix")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", help="address to listen on (default: server.host, 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.add_argument("--procs", type=int,
                        help="processes serving the port, one core each (default: server.procs, 1)")
     # Set by the supervisor of --procs N for each of its processes (router/procs.py).
@@ -169,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--events-port", type=int, default=5601)
     up.add_argument("--model", help="model folder (default: build the tiny local model)")
     up.add_argument("--served-name", action="append", help="served model name (repeat)")
+    up.add_argument("--embed", action="store_true", help="embedding workers (/v1/embeddings), not completions")
     up.add_argument("--detach", action="store_true", help="leave running; stop with fleet down")
     up.set_defaults(func=_fleet_up)
     down = fsub.add_parser("down", help="stop detached fleets")

@@ -54,6 +54,8 @@ class LocalFleet:
     api_key: str | None = field(default=None, repr=False)
     # vLLM's own OpenTelemetry spans go here (OTLP/HTTP base URL); they join the router's traces.
     otlp_endpoint: str | None = None
+    # Serve /v1/embeddings instead of completions: vLLM's pooling runner, the model as an embedder.
+    embed: bool = False
 
     @property
     def urls(self) -> list[str]:
@@ -86,7 +88,7 @@ def state_file(base_port: int) -> Path:
 
 
 def worker_command(model_dir: str, served_names: list[str], port: int, events_port: int,
-                   block_size: int, kv_blocks: int | None, max_model_len: int) -> list[str]:
+                   block_size: int, kv_blocks: int | None, max_model_len: int, embed: bool = False) -> list[str]:
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
               "endpoint": f"tcp://*:{events_port}",
               "replay_endpoint": f"tcp://*:{events_port + REPLAY_PORT_OFFSET}"}
@@ -102,6 +104,8 @@ def worker_command(model_dir: str, served_names: list[str], port: int, events_po
     ]
     if kv_blocks:
         cmd += ["--num-gpu-blocks-override", str(kv_blocks)]
+    if embed:  # last-token pooling keeps the prefix cache: a shared instruction prefix hits
+        cmd += ["--runner", "pooling", "--convert", "embed"]
     return cmd
 
 
@@ -118,8 +122,10 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 served_names: list[str] | None = None, block_size: int = 32,
                 max_model_len: int = 2048, log_dir: Path | None = None,
                 wait: bool = True, progress=print, record_state: bool = True,
-                api_key: str | None = None, otlp_endpoint: str | None = None) -> LocalFleet:
-    """Start ``workers`` vLLM servers and (by default) wait until all are healthy."""
+                api_key: str | None = None, otlp_endpoint: str | None = None,
+                embed: bool = False) -> LocalFleet:
+    """Start ``workers`` vLLM servers and (by default) wait until all are healthy; ``embed``:
+    embedding servers (``/v1/embeddings``) rather than completion servers."""
     running = load_state(base_port)
     if record_state and running and any(_alive(w.pid) for w in running[0].workers):
         raise RuntimeError(f"a fleet started on port {base_port} is still running; "
@@ -131,7 +137,7 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key,
-                       otlp_endpoint=otlp_endpoint)
+                       otlp_endpoint=otlp_endpoint, embed=embed)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
@@ -162,7 +168,7 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
         env["VLLM_API_KEY"] = fleet.api_key
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
-                         fleet.kv_blocks, fleet.max_model_len)
+                         fleet.kv_blocks, fleet.max_model_len, fleet.embed)
     if fleet.otlp_endpoint:  # vLLM's request spans (llm_request), continuing the router's traceparent
         cmd += ["--otlp-traces-endpoint", fleet.otlp_endpoint.rstrip("/") + "/v1/traces"]
         env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME=f"vllm-{port}")

@@ -129,3 +129,36 @@ def test_text_logs_by_default_and_bad_formats_or_levels_are_refused(tmp_path, ca
     with mock.patch.dict(os.environ, {"KVROUTE_LOG_FORMAT": "xml"}), pytest.raises(SystemExit) as exit_:
         main(["serve"])
     assert exit_.value.code == 2 and "KVROUTE_LOG_FORMAT: 'xml' is not one of text, json" in capsys.readouterr().err
+
+
+def test_port_and_host_flags_win_over_the_config_file(tmp_path, capsys):
+    import urllib.request
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    in_file, flag = ports
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"name": "m", "workers": ["http://127.0.0.1:9"]}],
+                                   "server": {"host": "0.0.0.0", "port": in_file, "drain_s": 1}}))
+    proc = subprocess.Popen([sys.executable, "-m", "kvroute.router.cli", "serve", "--config", str(cfg),
+                             "--host", "127.0.0.1", "--port", str(flag)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{flag}/livez", timeout=1) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(OSError):  # nothing on the file's port
+            urllib.request.urlopen(f"http://127.0.0.1:{in_file}/livez", timeout=1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert main(["serve", "--config", str(cfg), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
