@@ -14,6 +14,7 @@ from kvroute.router.governance.api import add_governance_routes
 from kvroute.router.requests import (
     CHAT,
     COMPLETION,
+    EMBEDDING,
     ParsedRequest,
     check_headers,
     parse_request,
@@ -116,7 +117,7 @@ async def _admitted_completion(request: web.Request, kind: str) -> web.StreamRes
 
 
 async def _route(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
-    if served.judge is not None and not req.headers.get("x-kvroute-tier"):
+    if served.judge is not None and req.kind != EMBEDDING and not req.headers.get("x-kvroute-tier"):
         return await cascade.run(request, req, served)  # cheap tier first, escalate when unsure
     return await pipeline.run_request(request, req, served)
 
@@ -127,6 +128,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _completion(request, COMPLETION)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, EMBEDDING)
 
 
 def _model_card(name: str) -> dict:
@@ -213,9 +218,10 @@ async def method_not_allowed(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)

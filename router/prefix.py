@@ -317,6 +317,18 @@ def _completion_ids(tok: PromptTokenizer, prompt: Any) -> list[int]:
     return []
 
 
+def rest_of_batch_tokens(prompt: Any) -> int:
+    """Tokens of a batch's prompts after the first, whose keys route it: counted for load and
+    budgets, strings estimated at 4 characters a token."""
+    if not isinstance(prompt, list) or len(prompt) < 2:
+        return 0
+    if isinstance(prompt[0], str):
+        return sum(len(p) // 4 + 1 for p in prompt[1:] if isinstance(p, str))
+    if isinstance(prompt[0], list):
+        return sum(len(p) for p in prompt[1:] if isinstance(p, list))
+    return 0  # one prompt of token ids
+
+
 def _prompt_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt

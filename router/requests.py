@@ -20,6 +20,8 @@ from kvroute.router.errors import InvalidRequest, PayloadTooLarge, UnsupportedEn
 
 CHAT = "chat"
 COMPLETION = "completion"
+EMBEDDING = "embedding"
+PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings"}
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
@@ -44,7 +46,7 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    kind: str  # CHAT or COMPLETION
+    kind: str  # CHAT, COMPLETION or EMBEDDING
     path: str  # upstream path, e.g. /v1/chat/completions
     body: dict
     model: str
@@ -54,7 +56,10 @@ class ParsedRequest:
 
     @property
     def max_tokens(self) -> int | None:
-        """The completion tokens asked for: ``max_completion_tokens``, else ``max_tokens``."""
+        """The completion tokens asked for: ``max_completion_tokens``, else ``max_tokens``;
+        0 for embeddings, which generate none."""
+        if self.kind == EMBEDDING:
+            return 0
         value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
 
@@ -136,6 +141,37 @@ def _check_prompt(prompt: Any) -> None:
     raise InvalidRequest("'prompt' must be a string, a list of strings, or token ids", param="prompt")
 
 
+def _check_input(value: Any) -> None:
+    """An embeddings ``input``: a string, strings, token ids, or lists of token ids, none empty."""
+    if isinstance(value, str):
+        if value:
+            return
+    elif isinstance(value, list) and value:
+        if all(isinstance(p, str) and p for p in value):
+            return
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in value):
+            return
+    raise InvalidRequest("'input' must be a non-empty string, a list of non-empty strings, token ids, "
+                         "or lists of token ids", param="input")
+
+
+def _check_embedding(body: dict) -> None:
+    if "input" not in body:
+        raise InvalidRequest("'input' is required", param="input")
+    _check_input(body["input"])
+    if _field(body, "stream", (bool,), "a boolean"):
+        raise InvalidRequest("'stream' is not supported for embeddings", param="stream")
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    dims = _field(body, "dimensions", (int,), "an integer")
+    if dims is not None and dims < 1:
+        raise InvalidRequest("'dimensions' must be at least 1", param="dimensions")
+
+
 def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | None = None) -> ParsedRequest:
     """The request, checked; ``rid``: its id (:func:`request_id`), kept with the headers the
     router reads, for workers, logs and traces."""
@@ -152,7 +188,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         if "messages" not in body:
             raise InvalidRequest("'messages' is required", param="messages")
         _check_messages(body["messages"])
-        path = "/v1/chat/completions"
+    elif kind == EMBEDDING:
+        _check_embedding(body)
     else:
         if "prompt" not in body:
             raise InvalidRequest("'prompt' is required", param="prompt")
@@ -161,7 +198,6 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         # (router/prefix.py): junk in it must be a 400 here, not a 500 there.
         if body.get("messages") is not None:
             _check_messages(body["messages"])
-        path = "/v1/completions"
     stream = bool(_field(body, "stream", (bool,), "a boolean"))
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = _field(body, name, (int,), "an integer")
@@ -172,7 +208,7 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
     stream_options = _field(body, "stream_options", (dict,), "an object") or {}
     return ParsedRequest(
         kind=kind,
-        path=path,
+        path=PATHS[kind],
         body=body,
         model=model,
         stream=stream,

@@ -24,8 +24,8 @@ from kvroute.router.kv_index import ExactIndex
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
-from kvroute.router.prefix import Prefixer, PromptTokenizer
-from kvroute.router.requests import ParsedRequest
+from kvroute.router.prefix import Prefixer, PromptTokenizer, rest_of_batch_tokens
+from kvroute.router.requests import EMBEDDING, ParsedRequest
 from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
 from kvroute.router.tls import client_context
@@ -42,7 +42,7 @@ MAX_TOKENS_CLAMP = 4096
 
 def expected_max_tokens(requested: int | None) -> int:
     """Completion tokens to expect of a request that asked for ``requested`` (None: unsaid)."""
-    return max(1, min(requested or EXPECTED_MAX_TOKENS, MAX_TOKENS_CLAMP))
+    return max(1, min(EXPECTED_MAX_TOKENS if requested is None else requested, MAX_TOKENS_CLAMP))
 
 
 @dataclass
@@ -72,13 +72,18 @@ class ModelRoute:
 
     async def context(self, req: ParsedRequest) -> RequestContext:
         """What a policy sees of ``req`` on this route: its block keys, sizes and session."""
-        pk = await self.prefixer.keys(req.body, self.block_size)
+        if req.kind == EMBEDDING:  # keyed as a completion prompt: vLLM adds no template to either
+            prompt = req.body["input"]
+            pk = await self.prefixer.keys({"prompt": prompt}, self.block_size)
+        else:
+            prompt = req.body.get("prompt")
+            pk = await self.prefixer.keys(req.body, self.block_size)
         session = req.headers.get("x-kvroute-session") or req.body.get("user")
         return RequestContext(
             model=self.cfg.name,
             block_keys=pk.block_keys,
             block_size=pk.block_size,
-            prompt_tokens=pk.prompt_tokens,
+            prompt_tokens=pk.prompt_tokens + rest_of_batch_tokens(prompt),
             max_tokens=expected_max_tokens(req.max_tokens),
             session_key=session if isinstance(session, str) else None,
             headers=req.headers,

@@ -158,10 +158,23 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        inputs = body["input"] if isinstance(body["input"], list) and not isinstance(body["input"][0], int) \
+            else [body["input"]]
+        data = [{"index": i, "object": "embedding", "embedding": [float(len(str(x))), 0.5, -0.5]}
+                for i, x in enumerate(inputs)]
+        tokens = sum(len(str(x)) // 4 + 1 for x in inputs)
+        return web.json_response({"id": "embd-x", "object": "list", "created": 0, "model": body["model"],
+                                  "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                                                          "completion_tokens": 0}})
+
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
+    app.router.add_post("/v1/embeddings", embeddings)
     return app
 
 

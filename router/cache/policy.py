@@ -6,7 +6,8 @@ a forced tier, and the canonical body: keys sorted at every depth, with ``stream
 the answer). Everything else stays, so any sampling field that differs is another entry.
 
 Cacheable by default: ``n`` of 1 and a deterministic sampler (``temperature`` 0, a ``seed``,
-or no ``temperature`` on a model marked ``greedy_by_default``). The client overrides with
+or no ``temperature`` on a model marked ``greedy_by_default``), and every embeddings
+request: an embedding model gives the same vectors again. The client overrides with
 ``x-kvroute-cache: use | refresh | bypass`` and HTTP's ``Cache-Control``: ``no-store``
 bypasses, ``no-cache`` refreshes (answers from a worker, then stores that answer).
 """
@@ -21,7 +22,7 @@ import orjson
 
 from kvroute.router.cache.config import ExactCacheConfig, SemanticCacheConfig
 from kvroute.router.errors import InvalidRequest
-from kvroute.router.requests import ParsedRequest
+from kvroute.router.requests import EMBEDDING, ParsedRequest
 
 HEADER = "x-kvroute-cache"
 _DROPPED = ("stream", "stream_options", "user")
@@ -41,7 +42,7 @@ def decide(req: ParsedRequest, cache_control: str | None, cfg: ExactCacheConfig 
     directives = {d.strip().split("=")[0].lower() for d in (cache_control or "").split(",")}
     if asked == "bypass" or "no-store" in directives:
         return Mode.BYPASS
-    if asked is None and not deterministic(req.body, cfg.greedy_by_default):
+    if asked is None and req.kind != EMBEDDING and not deterministic(req.body, cfg.greedy_by_default):
         return Mode.BYPASS
     if asked == "refresh" or "no-cache" in directives:
         return Mode.REFRESH

@@ -58,7 +58,9 @@ class Entry:
 
 
 def complete(body: Any) -> bool:
-    """A response worth storing: choices, each with a finish reason."""
+    """A response worth storing: choices, each with a finish reason; or embeddings."""
+    if isinstance(body, dict) and body.get("object") == "list":
+        return isinstance(body.get("data"), list) and bool(body["data"])
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
         return False
     return all(isinstance(c, dict) and c.get("finish_reason") for c in body["choices"])

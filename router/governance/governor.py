@@ -195,7 +195,7 @@ class Governor:
         slots = ratelimit.slots_for(self.cfg.rate_limits, attrs, model)
         if not slots:
             return
-        tokens = ctx.prompt_tokens + (req.max_tokens or self.cfg.default_max_tokens)
+        tokens = ctx.prompt_tokens + self._completion_asked(req)
         now = self.clock.time()
         try:
             got = await self.guarded.rate_take(slots, uuid.uuid4().hex, tokens, now)
@@ -268,9 +268,13 @@ class Governor:
             return ctx.prompt_tokens
         return math.ceil(ctx.prompt_tokens * self.cfg.estimate_factor)
 
+    def _completion_asked(self, req: ParsedRequest) -> int:
+        """Completion tokens to reserve: the request's, else ``default_max_tokens`` (0 for embeddings)."""
+        return self.cfg.default_max_tokens if req.max_tokens is None else req.max_tokens
+
     async def _reserve(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext,
                        attrs: Attribution) -> Grant:
-        requested = req.max_tokens or self.cfg.default_max_tokens
+        requested = self._completion_asked(req)
         need = min(self.cfg.min_completion_tokens, requested)
         now = self.clock.time()
         budgets = applicable(self.cfg.budgets, attrs)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
-from kvroute.router.requests import CHAT, REQUEST_ID, ParsedRequest
+from kvroute.router.requests import CHAT, COMPLETION, EMBEDDING, REQUEST_ID, ParsedRequest
 from kvroute.router.telemetry.config import TelemetryConfig
 from kvroute.router.telemetry.jsonl import JsonLines
 from kvroute.router.telemetry.promptlog import SCHEMA, PromptLog
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["Capture", "RequestRecord", "Telemetry"]
 
 TAGS = ("agent", "task", "feature", "user")
+# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind
+_OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings"}
 
 
 class Telemetry:
@@ -55,7 +57,7 @@ class Telemetry:
             self.access = JsonLines(self.cfg.access_log.file, "kvroute.access")
 
     def begin(self, req: ParsedRequest) -> RequestRecord:
-        operation = "chat" if req.kind == CHAT else "text_completion"
+        operation = _OPERATIONS[req.kind]
         capture = self.prompts is not None and self.prompts.sampled(req.model, tenants_known=self.governed)
         span = None
         if self.tracing is not None:
@@ -284,7 +286,9 @@ def _input_messages(prompts: PromptLog, req: ParsedRequest) -> list:
             text = content if isinstance(content, str) else _json(content)
             out.append({"role": m.get("role"), "parts": [{"type": "text", "content": text}]})
         return out
-    return [{"role": "user", "parts": [{"type": "text", "content": part.get("prompt")}]}]
+    prompt = part["input"] if "input" in part else part.get("prompt")  # embeddings' input, or a prompt
+    return [{"role": "user", "parts": [{"type": "text", "content": prompt if isinstance(prompt, str)
+                                        else _json(prompt)}]}]
 
 
 def _output_messages(prompts: PromptLog, final: Any) -> list:

@@ -87,7 +87,7 @@ def _choices(body: Any) -> list[dict]:
 @dataclass
 class RequestRecord:
     req: ParsedRequest
-    operation: str  # gen_ai.operation.name: chat or text_completion
+    operation: str  # gen_ai.operation.name: chat, text_completion or embeddings
     tracing: Tracing | None
     span: Span | None  # the server span; None when tracing is off
     capture: bool  # gather each try's answer text (prompt logs)

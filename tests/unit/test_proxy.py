@@ -168,7 +168,7 @@ async def test_upstream_errors_are_passed_through(client):
 
 
 async def test_unknown_v1_route_is_an_openai_404(client):
-    resp = await client.get("/v1/embeddings")
+    resp = await client.get("/v1/audio/speech")
     assert resp.status == 404
     assert_openai_error(await resp.json(), "not_found")
     resp = await client.get("/v1/chat/completions")

