@@ -15,6 +15,7 @@ from kvroute.router.requests import (
     CHAT,
     COMPLETION,
     EMBEDDING,
+    RESPONSES,
     ParsedRequest,
     check_headers,
     parse_request,
@@ -117,7 +118,7 @@ async def _admitted_completion(request: web.Request, kind: str) -> web.StreamRes
 
 
 async def _route(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
-    if served.judge is not None and req.kind != EMBEDDING and not req.headers.get("x-kvroute-tier"):
+    if served.judge is not None and req.kind in (CHAT, COMPLETION) and not req.headers.get("x-kvroute-tier"):
         return await cascade.run(request, req, served)  # cheap tier first, escalate when unsure
     return await pipeline.run_request(request, req, served)
 
@@ -132,6 +133,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _completion(request, EMBEDDING)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, RESPONSES)
 
 
 def _model_card(name: str) -> dict:
@@ -209,6 +214,11 @@ async def not_found(request: web.Request) -> web.Response:
     raise NotFound(f"Unknown route: {request.method} {request.path}")
 
 
+async def stored_response(request: web.Request) -> web.Response:
+    raise NotFound("kvroute does not route by response id: stored responses live in one worker's memory. "
+                   "Send the whole conversation as 'input' instead of previous_response_id.")
+
+
 async def method_not_allowed(request: web.Request) -> web.Response:
     err = InvalidRequest(f"Method {request.method} not allowed on {request.path}")
     err.status = 405
@@ -219,9 +229,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_route("*", "/v1/responses/{tail:.+}", stored_response)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)

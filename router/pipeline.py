@@ -133,7 +133,7 @@ async def choose_tier(served: ServedModel, req: ParsedRequest, *,
                 record.on_tier(route.cfg.tier, None, "routes")
             return route
     if served.chooser is not None and req.kind != EMBEDDING:  # the classifier judges questions, not inputs
-        index, score = await served.chooser.choose(prompt_text(req.body))
+        index, score = await served.chooser.choose(prompt_text(req.prompt_view))
         if record is not None:
             record.on_tier(served.tiers[index].cfg.tier, score, "classifier")
         return served.tiers[index]

@@ -50,7 +50,7 @@ from kvroute.router.errors import (
     UpstreamTimeout,
 )
 from kvroute.router.policies.base import RequestContext
-from kvroute.router.requests import REQUEST_ID, ParsedRequest
+from kvroute.router.requests import REQUEST_ID, RESPONSES, ParsedRequest
 from kvroute.router.retry import classify
 from kvroute.router.routes import ModelRoute
 from kvroute.router.upstream.breaker import Outcome
@@ -154,7 +154,7 @@ class Dispatch:
 def upstream_body(d: Dispatch) -> bytes:
     body = dict(d.req.body)
     body["model"] = d.route.cfg.served_name
-    if d.req.stream:
+    if d.req.stream and d.req.kind != RESPONSES:  # a Responses stream ends with its usage anyway
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return orjson.dumps(body)
 
@@ -287,7 +287,7 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         d.meter.on_response(parsed)
     if d.capture is not None:
         d.capture.whole(parsed)
-    d.usage = parsed.get("usage")
+    d.usage = responses_usage(parsed.get("usage")) if d.req.kind == RESPONSES else parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
                         headers=response_headers(d))
 
@@ -513,8 +513,30 @@ def _with_usage_added(data: bytes, extra: dict) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n"
 
 
+def responses_usage(usage: object) -> dict | None:
+    """A Responses ``usage`` under the chat names that accounting reads."""
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("input_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
+            "total_tokens": usage.get("total_tokens"), "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# The last event of a Responses stream: the whole response, with its usage.
+_RESPONSE_END = re.compile(rb"event: response\.(completed|incomplete|failed)\r?\ndata: ")
+
+
 def _keep_event(data: bytes, d: Dispatch) -> bool:
     """Record usage; drop the usage-only chunk unless the client asked for it."""
+    if (end := _RESPONSE_END.match(data)) is not None:
+        try:
+            response = orjson.loads(data[end.end():]).get("response")
+        except (orjson.JSONDecodeError, AttributeError):
+            return True
+        if isinstance(response, dict) and (usage := responses_usage(response.get("usage"))) is not None:
+            d.usage = usage
+        return True
     if not data.startswith(b"data: {") or b'"usage"' not in data:
         return True
     try:

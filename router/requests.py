@@ -11,6 +11,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -21,7 +22,9 @@ from kvroute.router.errors import InvalidRequest, PayloadTooLarge, UnsupportedEn
 CHAT = "chat"
 COMPLETION = "completion"
 EMBEDDING = "embedding"
-PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings"}
+RESPONSES = "responses"  # OpenAI's Responses API
+PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
+         RESPONSES: "/v1/responses"}
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
@@ -46,7 +49,7 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    kind: str  # CHAT, COMPLETION or EMBEDDING
+    kind: str  # CHAT, COMPLETION, EMBEDDING or RESPONSES
     path: str  # upstream path, e.g. /v1/chat/completions
     body: dict
     model: str
@@ -60,13 +63,62 @@ class ParsedRequest:
         0 for embeddings, which generate none."""
         if self.kind == EMBEDDING:
             return 0
-        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        if self.kind == RESPONSES:
+            value = self.body.get("max_output_tokens")
+        else:
+            value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
 
     def with_max_tokens(self, n: int) -> ParsedRequest:
         """The same request asking for ``n`` completion tokens, under the key the client used."""
-        key = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        if self.kind == RESPONSES:
+            key = "max_output_tokens"
+        else:
+            key = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
         return replace(self, body={**self.body, key: n})
+
+    @cached_property
+    def prompt_view(self) -> dict:
+        """The prompt as the router reads it (prefix keys, the classifier, loops, prompt logs):
+        a chat's or completion's body; ``{"prompt": input}`` for embeddings; a Responses
+        request as the chat messages vLLM renders from it."""
+        if self.kind == EMBEDDING:
+            return {"prompt": self.body["input"]}
+        if self.kind == RESPONSES:
+            return responses_as_chat(self.body)
+        return self.body
+
+
+def responses_as_chat(body: dict) -> dict:
+    """A Responses request's ``instructions``, ``input`` and ``tools`` as chat ``messages`` and
+    ``tools``, in the order vLLM renders them: instructions as the system message, then each
+    input item (messages, function calls and their outputs; other items carry no prompt text)."""
+    messages: list[dict] = []
+    if isinstance(body.get("instructions"), str) and body["instructions"]:
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body["input"]
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+        items = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message" and "role" in item:
+            content = item.get("content")
+            if isinstance(content, list):  # input_text / output_text parts
+                content = "".join(p["text"] for p in content if isinstance(p.get("text"), str))
+            messages.append({"role": item["role"], "content": content})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+    view: dict[str, Any] = {"messages": messages}
+    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
+             for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"]
+    if tools:
+        view["tools"] = tools
+    return view
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
@@ -158,6 +210,39 @@ def _check_input(value: Any) -> None:
                          "or lists of token ids", param="input")
 
 
+def _check_responses(body: dict) -> None:
+    """The fields of a Responses request the router reads: ``input`` (a string or a list of
+    item objects, whose ``role`` and ``content`` it renders), ``instructions`` and ``tools``."""
+    if "input" not in body:
+        raise InvalidRequest("'input' is required", param="input")
+    items = body["input"]
+    if isinstance(items, str):
+        if not items:
+            raise InvalidRequest("'input' must not be empty", param="input")
+    elif not isinstance(items, list) or not items:
+        raise InvalidRequest("'input' must be a string or a non-empty list of input items", param="input")
+    else:
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise InvalidRequest(f"'input[{i}]' must be an object", param=f"input[{i}]")
+            if "role" in item and item["role"] not in _ROLES:
+                raise InvalidRequest(f"'input[{i}].role' must be one of {', '.join(sorted(_ROLES))}",
+                                     param=f"input[{i}].role")
+            content = item.get("content")
+            if content is not None and not (isinstance(content, str) or (
+                    isinstance(content, list) and all(isinstance(p, dict) for p in content))):
+                raise InvalidRequest(f"'input[{i}].content' must be a string or a list of content parts",
+                                     param=f"input[{i}].content")
+    _field(body, "instructions", (str,), "a string")
+    tools = _field(body, "tools", (list,), "a list")
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise InvalidRequest("'tools' must be a list of objects", param="tools")
+    value = _field(body, "max_output_tokens", (int,), "an integer")
+    if value is not None and value < 1:
+        raise InvalidRequest("'max_output_tokens' must be at least 1", param="max_output_tokens")
+    _field(body, "previous_response_id", (str,), "a string")
+
+
 def _check_embedding(body: dict) -> None:
     if "input" not in body:
         raise InvalidRequest("'input' is required", param="input")
@@ -190,6 +275,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_messages(body["messages"])
     elif kind == EMBEDDING:
         _check_embedding(body)
+    elif kind == RESPONSES:
+        _check_responses(body)
     else:
         if "prompt" not in body:
             raise InvalidRequest("'prompt' is required", param="prompt")

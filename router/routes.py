@@ -25,7 +25,7 @@ from kvroute.router.metrics import RouterMetrics
 from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
 from kvroute.router.prefix import Prefixer, PromptTokenizer, rest_of_batch_tokens
-from kvroute.router.requests import EMBEDDING, ParsedRequest
+from kvroute.router.requests import ParsedRequest
 from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
 from kvroute.router.tls import client_context
@@ -72,18 +72,14 @@ class ModelRoute:
 
     async def context(self, req: ParsedRequest) -> RequestContext:
         """What a policy sees of ``req`` on this route: its block keys, sizes and session."""
-        if req.kind == EMBEDDING:  # keyed as a completion prompt: vLLM adds no template to either
-            prompt = req.body["input"]
-            pk = await self.prefixer.keys({"prompt": prompt}, self.block_size)
-        else:
-            prompt = req.body.get("prompt")
-            pk = await self.prefixer.keys(req.body, self.block_size)
+        view = req.prompt_view  # an embeddings input reads as a prompt, a Responses input as messages
+        pk = await self.prefixer.keys(view, self.block_size)
         session = req.headers.get("x-kvroute-session") or req.body.get("user")
         return RequestContext(
             model=self.cfg.name,
             block_keys=pk.block_keys,
             block_size=pk.block_size,
-            prompt_tokens=pk.prompt_tokens + rest_of_batch_tokens(prompt),
+            prompt_tokens=pk.prompt_tokens + rest_of_batch_tokens(view.get("prompt")),
             max_tokens=expected_max_tokens(req.max_tokens),
             session_key=session if isinstance(session, str) else None,
             headers=req.headers,

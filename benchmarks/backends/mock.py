@@ -170,11 +170,47 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                                   "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
                                                           "completion_tokens": 0}})
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API as vLLM answers it: one message of ``fake_output_tokens``
+        words (default 3, at most ``max_output_tokens``), whole or as events that end with
+        ``response.completed``."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        n = body.get("fake_output_tokens", 3)
+        if not body.get("fake_ignore_max_output_tokens"):  # a worker that overruns, for governance tests
+            n = min(n, body.get("max_output_tokens") or n)
+        text = " ".join(["word"] * n)
+        usage = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 8}, "output_tokens": n,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 20 + n}
+        item = {"id": "msg_x", "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        done = {"id": "resp_x", "object": "response", "model": body["model"], "status": "completed",
+                "output": [item], "usage": usage}
+        if not body.get("stream"):
+            return web.json_response(done)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        seq = 0
+
+        async def event(kind: str, **data) -> None:
+            nonlocal seq
+            await resp.write(f"event: {kind}\n".encode() + b"data: "
+                             + orjson.dumps({**data, "type": kind, "sequence_number": seq}) + b"\n\n")
+            seq += 1
+
+        await event("response.created", response={**done, "status": "in_progress", "output": [], "usage": None})
+        for _ in range(n):
+            await event("response.output_text.delta", item_id="msg_x", output_index=0, content_index=0,
+                        delta="word ")
+        await event("response.completed", response=done)
+        return resp
+
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
     return app
 
 

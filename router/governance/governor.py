@@ -145,7 +145,8 @@ class Governor:
         session = ctx.session_key
         source: str | None = "header" if req.headers.get("x-kvroute-session") else "user"
         if not session:
-            session, source = derive_session(self.cfg.session_id.derive, client_trace, kid, tenant, req.body)
+            session, source = derive_session(self.cfg.session_id.derive, client_trace, kid, tenant,
+                                             req.prompt_view)
         attrs = attribution(tenant, headers, session, kid=kid, source=source)
         await self.kill.maybe_refresh()  # a store fault is the kill switch's own business (on_store_error)
         if self.kill.unverified:
@@ -158,7 +159,7 @@ class Governor:
         # attempt does.
         limited, looped = await asyncio.gather(
             self._rate_limit(attrs, served.name, req, ctx) if self.cfg.rate_limits else _nothing(),
-            self._loops_guarded(attrs, req.body), return_exceptions=True)
+            self._loops_guarded(attrs, req.body, req.prompt_view), return_exceptions=True)
         for outcome in (limited, looped):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -208,13 +209,13 @@ class Governor:
             self._action("rate_limit")
             raise ratelimit.refusal(slots[got.failed], got, tokens, now)
 
-    async def _loops_guarded(self, attrs: Attribution, body: dict) -> tuple[dict, float]:
-        """The loop check of a session's request; none without a session, or while the store
-        is down with ``on_store_error.budgets: fail_open``."""
+    async def _loops_guarded(self, attrs: Attribution, body: dict, view: dict) -> tuple[dict, float]:
+        """The loop check of a session's request (``view``: its prompt, ``req.prompt_view``);
+        none without a session, or while the store is down with ``on_store_error.budgets: fail_open``."""
         if not attrs.session:
             return body, 0.0
         try:
-            return await self._loops(attrs, body)
+            return await self._loops(attrs, body, view)
         except StoreUnavailable:
             if not self.fail_open:
                 raise
@@ -231,12 +232,12 @@ class Governor:
             return "change the conversation's opening or name a session (x-kvroute-session)"
         return "start a new session"
 
-    async def _loops(self, attrs: Attribution, body: dict) -> tuple[dict, float]:
+    async def _loops(self, attrs: Attribution, body: dict, view: dict) -> tuple[dict, float]:
         lc = self.cfg.loops
         who = f"{attrs.tenant}/{attrs.session}"
         halt_flag = f"halt:{who}"
         ttl = self._session_ttl(attrs)
-        entries, halted = await self.guarded.push_recent(f"loop:{who}", loops.signature(body), lc.window,
+        entries, halted = await self.guarded.push_recent(f"loop:{who}", loops.signature(view), lc.window,
                                                           ttl, self.clock.time(), halt_flag)
         if halted:
             self._action("loop_halt")

@@ -67,6 +67,13 @@ class Grant:
 
     def on_stream_event(self, data: bytes) -> bool:
         """One SSE event from the worker; False when the stream must be cut before it."""
+        if data.startswith(b"event: response."):  # a Responses stream: a delta event is about a token
+            name = data[len(b"event: "):data.find(b"\n")].strip()
+            if name.endswith(b".delta"):
+                return self.on_stream_tokens(1)
+            if name == b"response.output_item.added" and b'"type":"function_call"' in data:
+                self.tool_calls += 1
+            return self.cut is None
         if not data.startswith(b"data: {") or b'"choices"' not in data:
             return self.cut is None
         try:
@@ -92,3 +99,6 @@ class Grant:
             message = choice.get("message") if isinstance(choice, dict) else None
             if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
                 self.tool_calls += len(message["tool_calls"])
+        if body.get("object") == "response":  # a Responses answer: its output items
+            self.tool_calls += sum(1 for item in body.get("output") or ()
+                                   if isinstance(item, dict) and item.get("type") == "function_call")

@@ -146,7 +146,7 @@ def _opening(body: dict) -> str:
                 first_user = normalize_content(m.get("content"))
                 break
         return "\x1e".join([*system, "\x1f", first_user])
-    prompt = body["prompt"] if "prompt" in body else body.get("input")  # a completion, or embeddings
+    prompt = body.get("prompt")
     return prompt[:4096] if isinstance(prompt, str) else repr(prompt)[:4096]
 
 

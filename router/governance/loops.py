@@ -38,7 +38,7 @@ def signature(body: dict) -> str:
         last = messages[-1]
         text = normalize_content(last.get("content"))
     else:
-        prompt = body["prompt"] if "prompt" in body else body.get("input")  # a completion, or embeddings
+        prompt = body.get("prompt")
         text = prompt if isinstance(prompt, str) else repr(prompt)[:4096]
     text = _SPACE.sub(" ", _DIGITS.sub("0", text.lower())).strip()
     return tools + _SEP + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
-from kvroute.router.requests import CHAT, COMPLETION, EMBEDDING, REQUEST_ID, ParsedRequest
+from kvroute.router.requests import CHAT, COMPLETION, EMBEDDING, REQUEST_ID, RESPONSES, ParsedRequest
 from kvroute.router.telemetry.config import TelemetryConfig
 from kvroute.router.telemetry.jsonl import JsonLines
 from kvroute.router.telemetry.promptlog import SCHEMA, PromptLog
@@ -28,7 +28,7 @@ __all__ = ["Capture", "RequestRecord", "Telemetry"]
 
 TAGS = ("agent", "task", "feature", "user")
 # gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind
-_OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings"}
+_OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat"}
 
 
 class Telemetry:
@@ -209,7 +209,7 @@ class Telemetry:
             "upstream_model": final.route.cfg.served_name if final is not None else None,
             "worker": final.worker.url if final is not None else None,
             "tenant": tags.pop("tenant", None), "tags": tags,
-            "request": prompts.request_part(rec.req.body),
+            "request": prompts.request_part(rec.req.prompt_view),
             "response": None if answer is None else {
                 "text": prompts.redact(answer.answer),
                 "finish_reason": answer.finish_reasons[-1] if answer.finish_reasons else None,
@@ -276,7 +276,7 @@ def _error_type(error: BaseException | None, final: Any) -> str | None:
 
 def _input_messages(prompts: PromptLog, req: ParsedRequest) -> list:
     """GenAI convention: [{role, parts: [{type: text, content}]}]."""
-    part = prompts.request_part(req.body)
+    part = prompts.request_part(req.prompt_view)
     if "messages" in part:
         out = []
         for m in part["messages"]:
@@ -286,7 +286,7 @@ def _input_messages(prompts: PromptLog, req: ParsedRequest) -> list:
             text = content if isinstance(content, str) else _json(content)
             out.append({"role": m.get("role"), "parts": [{"type": "text", "content": text}]})
         return out
-    prompt = part["input"] if "input" in part else part.get("prompt")  # embeddings' input, or a prompt
+    prompt = part.get("prompt")
     return [{"role": "user", "parts": [{"type": "text", "content": prompt if isinstance(prompt, str)
                                         else _json(prompt)}]}]
 

@@ -72,8 +72,6 @@ class PromptLog:
     def request_part(self, body: dict) -> dict:
         if isinstance(body.get("messages"), list):
             return {"messages": self.redact_value(body["messages"])}
-        if "prompt" not in body and "input" in body:  # embeddings
-            return {"input": self.redact_value(body["input"])}
         return {"prompt": self.redact_value(body.get("prompt"))}
 
     # ---- output -----------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""``/v1/responses`` through the router in front of the real fleet: the openai client's
+``responses`` API, whole and streamed, and the router's reading of a Responses prompt
+matching what vLLM renders, so the tokens it predicts cached are the tokens vLLM finds."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def counter(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def test_the_openai_responses_api_through_the_router(router_for):
+    router = router_for("prefix")
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="x", max_retries=0, timeout=60)
+    instructions = f"[{secrets.token_hex(4)}] You answer questions for the platform team, briefly. " * 12
+    first = client.responses.with_raw_response.create(model="tiny", instructions=instructions,
+                                                      input="What is a KV cache?", max_output_tokens=4)
+    answer = first.parse()
+    assert answer.status in ("completed", "incomplete") and answer.output_text
+    assert answer.usage.output_tokens <= 4 and first.headers["x-kvroute-predicted-cached-tokens"] == "0"
+    second = client.responses.with_raw_response.create(
+        model="tiny", instructions=instructions, max_output_tokens=4,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Why route by prefix?"}]}])
+    worker = second.headers["x-kvroute-worker"]
+    assert worker == first.headers["x-kvroute-worker"]
+    cached = second.parse().usage.input_tokens_details.cached_tokens
+    assert cached > 0 and int(second.headers["x-kvroute-predicted-cached-tokens"]) == cached
+
+    with client.responses.stream(model="tiny", instructions=instructions, input="And a stream?",
+                                 max_output_tokens=4) as stream:
+        deltas = sum(event.type == "response.output_text.delta" for event in stream)
+        final = stream.get_final_response()
+    assert 0 < deltas <= 4 and final.usage.input_tokens_details.cached_tokens >= cached
+    metrics = router.metrics_text()
+    assert counter(metrics, "kvroute_worker_completion_tokens_total") == \
+        answer.usage.output_tokens + second.parse().usage.output_tokens + final.usage.output_tokens
+    assert counter(metrics, "kvroute_worker_cached_prompt_tokens_total") == \
+        cached + final.usage.input_tokens_details.cached_tokens
