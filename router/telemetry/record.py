@@ -44,11 +44,22 @@ class Capture:
     tool_calls: list[Any] = field(default_factory=list)
 
     def whole(self, body: Any) -> None:
+        if isinstance(body, dict) and body.get("object") == "response":
+            self._response(body)
+            return
         for choice in _choices(body):
             self._take(choice, "message")
 
     def event(self, data: bytes) -> None:
-        """One SSE event (``data: {...}``)."""
+        """One SSE event (``data: {...}``; a Responses stream's ``event: ...`` line first)."""
+        if data.startswith(_RESPONSE_END):  # the whole response, at the end of its stream
+            try:
+                body = orjson.loads(data[data.index(b"data: ") + 6:]).get("response")
+            except (ValueError, AttributeError):
+                return
+            if isinstance(body, dict):
+                self._response(body)
+            return
         if not self.text and b'"finish_reason":"' not in data:
             return  # spans only: a chunk without a finish reason has nothing for them
         if not data.startswith(b"data: {"):
@@ -74,9 +85,33 @@ class Capture:
         if isinstance(msg, dict) and msg.get("tool_calls"):
             self.tool_calls.extend(msg["tool_calls"])
 
+    def _response(self, body: dict) -> None:
+        """A Responses answer: its status as a chat finish reason, its text and function calls."""
+        details = body.get("incomplete_details")
+        if body.get("status") == "completed":
+            self.finish_reasons.append("stop")
+        elif isinstance(details, dict) and details.get("reason") == "max_output_tokens":
+            self.finish_reasons.append("length")
+        elif isinstance(body.get("status"), str):
+            self.finish_reasons.append(body["status"])
+        if not self.text:
+            return
+        for item in body.get("output") or ():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message":
+                self.parts.extend(p["text"] for p in item.get("content") or ()
+                                  if isinstance(p, dict) and isinstance(p.get("text"), str))
+            elif item.get("type") == "function_call":
+                self.tool_calls.append({"id": item.get("call_id"), "type": "function",
+                                        "function": {"name": item.get("name"), "arguments": item.get("arguments")}})
+
     @property
     def answer(self) -> str:
         return "".join(self.parts)
+
+
+_RESPONSE_END = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
 
 
 def _choices(body: Any) -> list[dict]:

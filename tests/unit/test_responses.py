@@ -134,3 +134,26 @@ async def test_a_responses_stream_past_its_budget_is_cut_between_deltas(aiohttp_
     last = orjson.loads(events[-1].split("data: ", 1)[1])
     assert last["error"]["code"] == "budget_exceeded" and last["error"]["param"] == "per-call"
     assert deltas == upstream.app[SEEN][-1]["max_output_tokens"]  # every delta the budget allowed
+
+
+async def test_prompt_logs_and_spans_carry_a_responses_answer(aiohttp_client, upstream, tmp_path):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    path = tmp_path / "prompts.jsonl"
+    exporter = InMemorySpanExporter()
+    cfg = config(worker_url(upstream), telemetry={"prompt_logs": {"enabled": True, "file": {"path": str(path)}}})
+    client = await aiohttp_client(create_app(cfg, span_exporter=exporter))
+    assert (await client.post("/v1/responses", json=ASK)).status == 200
+    stream = await client.post("/v1/responses", json={**ASK, "stream": True, "max_output_tokens": 2})
+    await stream.read()
+    client.app[keys.TELEMETRY].tracing.provider.force_flush()
+    client.app[keys.TELEMETRY].close()  # flush the file
+    whole, streamed = (orjson.loads(line) for line in path.read_text().splitlines())
+    assert whole["request"]["messages"] == [{"role": "system", "content": "answer briefly"},
+                                            {"role": "user", "content": "what is a KV cache?"}]
+    assert whole["response"] == {"text": "word word word", "finish_reason": "stop"}
+    assert whole["usage"] == {"prompt_tokens": 20, "completion_tokens": 3, "cached_tokens": 8}
+    assert streamed["response"]["text"] == "word word" and streamed["usage"]["completion_tokens"] == 2
+    servers = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    assert {s.name for s in servers} == {"chat tiny"}
+    assert all(s.attributes["gen_ai.response.finish_reasons"] == ("stop",) for s in servers)
