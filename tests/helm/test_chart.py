@@ -724,7 +724,7 @@ def test_production_secrets_are_mounted_files(helm) -> None:
     mounts = secret_mounts(one(objs, "Deployment", "router"))
     refs = _secret_refs(cfg)
     assert {k.split("[")[0].split(".")[0] for k, _ in refs} == {"models", "governance"}
-    assert len(refs) == 2 + 1 + 3 + 2 + 1  # tier api keys, admin, tenant keys, webhooks, redis password
+    assert len(refs) == 3 + 1 + 3 + 2 + 1  # worker api keys (two tiers, embed), admin, tenant keys, webhooks, redis password
     for key, value in refs:
         assert set(value) == {"file"}, f"{key} is not a file reference: {value}"
         assert value["file"].startswith(SECRETS_DIR + "/")
@@ -774,7 +774,7 @@ def test_worker_api_key_from_existing_secret(helm) -> None:
         assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kvroute-vllm-api-key",
                                                                     "key": "api-key"}
         assert not any("--api-key" in a for a in container(dep)["args"])  # never in the pod spec
-    for tier in model_named(cfg, "auto").tiers:
+    for tier in (*model_named(cfg, "auto").tiers, *model_named(cfg, "embed").pools):
         assert tier.api_key == f"<file:{SECRETS_DIR}/kvroute-vllm-api-key/api-key>"
     assert not [s for s in by_kind(objs, "Secret") if "api-key" in s["metadata"]["name"]]
 
@@ -883,8 +883,13 @@ def test_two_tiers_is_one_tiered_model(helm) -> None:
 
 
 def test_production_model(helm) -> None:
-    cfg = router_config(render(helm, ci(PROD)))
-    (model,) = cfg.models
+    objs = render(helm, ci(PROD))
+    cfg = router_config(objs)
+    model, embed = cfg.models
+    # an embedding fleet beside the chat tiers: vLLM's pooling runner, routed by prefix
+    embedders = next(d for d in workers(objs) if "--runner" in container(d)["args"])
+    args = container(embedders)["args"]
+    assert args[args.index("--runner") + 1] == "pooling" and embed.pools[0].policy == "prefix"
     assert model.mode == "cascade" and model.cascade is not None and model.classifier is not None
     small, large = model.tiers
     # kv_events port and topic come from the worker groups' kvEvents.
