@@ -180,17 +180,20 @@ def _check_messages(messages: Any) -> None:
                                  param=f"messages[{i}].content")
 
 
+def _ids(value: Any) -> bool:
+    """A list of token ids: integers that fit the 32 bits vLLM's ids (and the block hashes) use."""
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value)
+
+
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
+        if all(isinstance(p, str) for p in prompt) or _ids(prompt) or all(_ids(p) for p in prompt):
             return
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return
-        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            return
-    raise InvalidRequest("'prompt' must be a string, a list of strings, or token ids", param="prompt")
+    raise InvalidRequest("'prompt' must be a string, a list of strings, token ids (0 to 2^32 - 1), "
+                         "or lists of token ids", param="prompt")
 
 
 def _check_input(value: Any) -> None:
@@ -199,15 +202,10 @@ def _check_input(value: Any) -> None:
         if value:
             return
     elif isinstance(value, list) and value:
-        if all(isinstance(p, str) and p for p in value):
+        if all(isinstance(p, str) and p for p in value) or _ids(value) or all(_ids(p) and p for p in value):
             return
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-               for p in value):
-            return
-    raise InvalidRequest("'input' must be a non-empty string, a list of non-empty strings, token ids, "
-                         "or lists of token ids", param="input")
+    raise InvalidRequest("'input' must be a non-empty string, a list of non-empty strings, token ids "
+                         "(0 to 2^32 - 1), or lists of token ids", param="input")
 
 
 def _check_responses(body: dict) -> None:

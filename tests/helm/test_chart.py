@@ -724,7 +724,8 @@ def test_production_secrets_are_mounted_files(helm) -> None:
     mounts = secret_mounts(one(objs, "Deployment", "router"))
     refs = _secret_refs(cfg)
     assert {k.split("[")[0].split(".")[0] for k, _ in refs} == {"models", "governance"}
-    assert len(refs) == 3 + 1 + 3 + 2 + 1  # worker api keys (two tiers, embed), admin, tenant keys, webhooks, redis password
+    # worker api keys (two tiers, embed), admin, tenant keys, webhooks, redis password
+    assert len(refs) == 3 + 1 + 3 + 2 + 1
     for key, value in refs:
         assert set(value) == {"file"}, f"{key} is not a file reference: {value}"
         assert value["file"].startswith(SECRETS_DIR + "/")

@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestServer
 from kvroute.benchmarks.backends.mock import fake_worker
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
+from kvroute.router.errors import InvalidRequest
+from kvroute.router.requests import COMPLETION, EMBEDDING, parse_request
 from kvroute.router.server import AppRunner
 
 KEY = "sk-acme"
@@ -136,3 +138,17 @@ async def test_a_malformed_request_line_is_a_400_with_an_openai_body(port):
     status, headers, payload = await send(port, [], path=b"/v1/chat completions")
     assert status == 400
     assert openai_error(headers, payload)["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("kind, body, param", [
+    (COMPLETION, {"prompt": [-1, 99999999999]}, "prompt"),  # found by the fuzz: a 500 in the block hashes
+    (COMPLETION, {"prompt": [[1, 2], [2**32]]}, "prompt"),
+    (COMPLETION, {"prompt": [1, True]}, "prompt"),
+    (EMBEDDING, {"input": [-5]}, "input"),
+    (EMBEDDING, {"input": [[3], [2**40]]}, "input"),
+])
+def test_token_ids_outside_32_bits_are_a_400_before_any_hashing(kind, body, param):
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(kind, orjson.dumps({"model": "tiny", **body}), {})
+    assert err.value.param == param
+    parse_request(COMPLETION, orjson.dumps({"model": "tiny", "prompt": [0, 2**32 - 1]}), {})  # the edges pass

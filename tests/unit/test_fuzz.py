@@ -36,7 +36,13 @@ KEY = "sk-acme"
 ADMIN = "sk-admin"
 VALID_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 VALID_COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
-PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/livez", "/readyz", "/metrics",
+VALID_EMBEDDING = {"model": "tiny", "input": ["hello", "there"]}
+VALID_RESPONSES = {"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                   "instructions": "be brief", "max_output_tokens": 3}
+VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
+         "/v1/responses": VALID_RESPONSES}
+PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+         "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
 METHODS = ["POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "post", "BREW"]
 # Headers the router reads, and a few it does not; never the framing ones (see above).
@@ -60,7 +66,8 @@ json_values = st.recursive(json_scalars, lambda kids: st.one_of(
     st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=12), kids, max_size=4)), max_leaves=12)
 
 FIELDS = ["model", "messages", "prompt", "stream", "max_tokens", "max_completion_tokens", "n", "temperature",
-          "top_p", "stream_options", "tools", "user"]
+          "top_p", "stream_options", "tools", "user", "input", "instructions", "max_output_tokens",
+          "encoding_format", "dimensions", "previous_response_id"]
 
 
 def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4):
@@ -73,8 +80,10 @@ def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4
 def mutated_request(draw, valid: dict | None = None) -> bytes:
     """A valid request (for ``valid``'s route, else either) with, half the time, up to three
     fields set to junk, deleted, or a junk message."""
-    body = dict(valid or draw(st.sampled_from([VALID_CHAT, VALID_COMPLETION])))
-    body["stream"] = draw(st.booleans())
+    base = valid or draw(st.sampled_from(list(VALID.values())))
+    body = dict(base)
+    if base is not VALID_EMBEDDING or draw(st.integers(0, 3)) == 0:  # embeddings refuse any stream
+        body["stream"] = draw(st.booleans())
     for _ in range(mostly(draw, st.just(0), st.integers(1, 3), odds=2)):
         name = draw(st.sampled_from(FIELDS))
         action = draw(st.sampled_from(["set", "delete", "message"]))
@@ -139,7 +148,7 @@ headers = st.lists(st.tuples(st.sampled_from(HEADER_NAMES).map(str.encode), head
 def cases(draw) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
     method = mostly(draw, st.just("POST"), st.one_of(
         st.sampled_from(METHODS), st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_", min_size=1, max_size=12)), odds=6).encode()
-    path = mostly(draw, st.sampled_from(PATHS[:2]), st.one_of(
+    path = mostly(draw, st.sampled_from(PATHS[:4]), st.one_of(
         st.sampled_from(PATHS),
         st.tuples(st.sampled_from(PATHS), st.text(max_size=20)).map(lambda t: t[0] + "?" + t[1]),
         st.text(max_size=30).map(lambda s: "/" + s),
@@ -147,7 +156,7 @@ def cases(draw) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
     hdrs = mostly(draw, st.sampled_from(PLAIN_HEADERS), headers, odds=3)
     if draw(st.integers(0, 7)):  # most cases carry the tenant's key, so they get past governance
         hdrs = [(b"Authorization", b"Bearer " + KEY.encode()), *hdrs]
-    valid = VALID_COMPLETION if path.startswith(b"/v1/completions") else VALID_CHAT
+    valid = next((v for p, v in VALID.items() if path.startswith(p.encode())), VALID_CHAT)
     body = mostly(draw, mutated_request(valid), bodies, odds=3)
     encoding = mostly(draw, st.none(), st.sampled_from(ENCODINGS), odds=6)
     if encoding is not None:
