@@ -26,11 +26,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import orjson
 from aiohttp import web
 
 from kvroute.router.config import ServerConfig
-from kvroute.router.errors import Overloaded, ShuttingDown
+from kvroute.router.errors import Overloaded, ShuttingDown, sse_error
 from kvroute.router.governance.clock import Clock
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import ModelRoute, ModelRoutes
@@ -271,7 +270,7 @@ class Admission:
             raise err  # nothing sent yet: a plain 503
         # Mid-stream: a final SSE error event, as for a worker that fails mid-stream.
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await stream.write(b"data: " + orjson.dumps(err.to_body()) + b"\n\n")
+            await stream.write(sse_error(err, request.path))
             await stream.write_eof()
         return stream
 

@@ -42,6 +42,8 @@ it counts against the worker's circuit breaker, is one table: ``router.retry.RUL
 
 from __future__ import annotations
 
+import orjson
+
 
 class KvrouteError(Exception):
     """Base of every kvroute error."""
@@ -68,6 +70,23 @@ class KvrouteError(Exception):
                 "code": self.code,
             }
         }
+
+
+ANTHROPIC_PATH = "/v1/messages"  # its clients read errors as {"type": "error", "error": {type, message}}
+
+
+def error_body(err: KvrouteError, path: str) -> dict:
+    """The error's JSON body for a request to ``path``: OpenAI's shape, which Anthropic's
+    clients read too once it says ``"type": "error"``."""
+    body = err.to_body()
+    return {"type": "error", **body} if path == ANTHROPIC_PATH else body
+
+
+def sse_error(err: KvrouteError, path: str) -> bytes:
+    """A stream's final error event: ``data: {...}``, named ``event: error`` for Anthropic's
+    clients, which skip events they do not know."""
+    data = b"data: " + orjson.dumps(error_body(err, path)) + b"\n\n"
+    return b"event: error\n" + data if path == ANTHROPIC_PATH else data
 
 
 class ConfigError(KvrouteError):

@@ -9,12 +9,20 @@ import time
 from aiohttp import web
 
 from kvroute.router import cascade, keys, pipeline
-from kvroute.router.errors import InvalidRequest, KvrouteError, ModelNotFound, NotFound, UpstreamStatusError
+from kvroute.router.errors import (
+    InvalidRequest,
+    KvrouteError,
+    ModelNotFound,
+    NotFound,
+    UpstreamStatusError,
+    error_body,
+)
 from kvroute.router.governance.api import add_governance_routes
 from kvroute.router.requests import (
     CHAT,
     COMPLETION,
     EMBEDDING,
+    MESSAGES,
     RESPONSES,
     ParsedRequest,
     check_headers,
@@ -42,7 +50,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except KvrouteError as exc:
         request.app[keys.METRICS].errors.labels(exc.code or exc.type).inc()
         request[keys.ERROR_CODE] = exc.code or exc.type
-        resp = web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
+        resp = web.json_response(error_body(exc, request.path), status=exc.status, headers=exc.headers)
         if exc.close_connection:
             resp.force_close()
         return resp
@@ -52,12 +60,12 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         err = KvrouteError(exc.reason or "HTTP error", code=str(exc.status))
         err.status, err.type = exc.status, "invalid_request_error"
         request[keys.ERROR_CODE] = str(exc.status)
-        return web.json_response(err.to_body(), status=exc.status)
+        return web.json_response(error_body(err, request.path), status=exc.status)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         request.app[keys.METRICS].errors.labels("internal").inc()
         request[keys.ERROR_CODE] = "internal"
-        return web.json_response(KvrouteError("Internal router error").to_body(), status=500)
+        return web.json_response(error_body(KvrouteError("Internal router error"), request.path), status=500)
 
 
 @web.middleware
@@ -137,6 +145,10 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def responses(request: web.Request) -> web.StreamResponse:
     return await _completion(request, RESPONSES)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, MESSAGES)
 
 
 def _model_card(name: str) -> dict:
@@ -230,10 +242,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_route("*", "/v1/responses/{tail:.+}", stored_response)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)

@@ -28,7 +28,7 @@ from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorke
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
-from kvroute.router.requests import EMBEDDING, REQUEST_ID, ParsedRequest
+from kvroute.router.requests import EMBEDDING, REQUEST_ID, ParsedRequest, authorization
 from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.routing_table import ROUTE_RULE, RouteRule
 from kvroute.router.telemetry import RequestRecord
@@ -88,7 +88,7 @@ async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, 
     governor, grant = app.get(keys.GOVERNOR), None
     if governor is not None:  # keys, kill switch, loops, budgets; may shrink max_tokens or downgrade
         if after is None:
-            grant = await governor.admit(req, served, route, ctx, authorization=request.headers.get("Authorization"))
+            grant = await governor.admit(req, served, route, ctx, authorization=authorization(request.headers))
         else:
             grant = await governor.admit_escalation(after, served, route, ctx)
         if grant.route is not route and not may_downgrade:

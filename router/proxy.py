@@ -48,9 +48,10 @@ from kvroute.router.errors import (
     UpstreamRedirect,
     UpstreamStatusError,
     UpstreamTimeout,
+    sse_error,
 )
 from kvroute.router.policies.base import RequestContext
-from kvroute.router.requests import REQUEST_ID, RESPONSES, ParsedRequest
+from kvroute.router.requests import CHAT, COMPLETION, MESSAGES, REQUEST_ID, RESPONSES, ParsedRequest
 from kvroute.router.retry import classify
 from kvroute.router.routes import ModelRoute
 from kvroute.router.upstream.breaker import Outcome
@@ -125,7 +126,8 @@ class Dispatch:
     ctx: RequestContext
     req: ParsedRequest
     client_started: bool = False  # bytes were sent to the client: no retry from here on
-    usage: dict | None = None
+    usage: dict | None = None  # under the chat names, whatever the API
+    raw_usage: dict | None = None  # an Anthropic stream's usage so far, as its events give it
     status: str = "error"
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -154,7 +156,7 @@ class Dispatch:
 def upstream_body(d: Dispatch) -> bytes:
     body = dict(d.req.body)
     body["model"] = d.route.cfg.served_name
-    if d.req.stream and d.req.kind != RESPONSES:  # a Responses stream ends with its usage anyway
+    if d.req.stream and d.req.kind in (CHAT, COMPLETION):  # other APIs' streams carry their usage anyway
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return orjson.dumps(body)
 
@@ -287,7 +289,12 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         d.meter.on_response(parsed)
     if d.capture is not None:
         d.capture.whole(parsed)
-    d.usage = responses_usage(parsed.get("usage")) if d.req.kind == RESPONSES else parsed.get("usage")
+    if d.req.kind == RESPONSES:
+        d.usage = responses_usage(parsed.get("usage"))
+    elif d.req.kind == MESSAGES:
+        d.usage = anthropic_usage(parsed.get("usage"))
+    else:
+        d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
                         headers=response_headers(d))
 
@@ -461,7 +468,7 @@ async def _fail_stream(out: web.StreamResponse, d: Dispatch, exc: Exception) -> 
         err = KvrouteError("Internal router error")
         d.status = "internal_error"
     with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
-        await out.write(b"data: " + orjson.dumps(err.to_body()) + b"\n\n")
+        await out.write(sse_error(err, d.req.path))
         await out.write_eof()
 
 
@@ -471,7 +478,7 @@ async def _cut_stream(request: web.Request, out: web.StreamResponse | None, d: D
         out = await _start_stream(request, d)
     with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
         cut = d.meter.cut if d.meter is not None else None
-        await out.write(b"data: " + orjson.dumps((cut or KvrouteError("Stream stopped")).to_body()) + b"\n\n")
+        await out.write(sse_error(cut or KvrouteError("Stream stopped"), d.req.path))
         await out.write_eof()
     return out
 
@@ -523,8 +530,22 @@ def responses_usage(usage: object) -> dict | None:
             "total_tokens": usage.get("total_tokens"), "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def anthropic_usage(usage: object) -> dict | None:
+    """An Anthropic ``usage`` under the chat names: its ``input_tokens`` leave out the cache's
+    reads and writes, which the prompt's tokens include."""
+    if not isinstance(usage, dict):
+        return None
+    read = _int(usage.get("cache_read_input_tokens"))
+    prompt = _int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens")) + read
+    output = _int(usage.get("output_tokens"))
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
+            "prompt_tokens_details": {"cached_tokens": read}}
+
+
 # The last event of a Responses stream: the whole response, with its usage.
 _RESPONSE_END = re.compile(rb"event: response\.(completed|incomplete|failed)\r?\ndata: ")
+# The events of an Anthropic stream that carry usage: message_start (the input), message_delta (all of it).
+_MESSAGE_USAGE = re.compile(rb"event: message_(start|delta)\r?\ndata: ")
 
 
 def _keep_event(data: bytes, d: Dispatch) -> bool:
@@ -536,6 +557,16 @@ def _keep_event(data: bytes, d: Dispatch) -> bool:
             return True
         if isinstance(response, dict) and (usage := responses_usage(response.get("usage"))) is not None:
             d.usage = usage
+        return True
+    if (found := _MESSAGE_USAGE.match(data)) is not None:
+        try:
+            event = orjson.loads(data[found.end():])
+        except orjson.JSONDecodeError:
+            return True
+        usage = (event.get("message") or {}).get("usage") if found.group(1) == b"start" else event.get("usage")
+        if isinstance(usage, dict):  # message_delta's counts are the running totals: later keys win
+            d.usage = anthropic_usage({**(d.raw_usage or {}), **usage})
+            d.raw_usage = {**(d.raw_usage or {}), **usage}
         return True
     if not data.startswith(b"data: {") or b'"usage"' not in data:
         return True

@@ -23,8 +23,9 @@ CHAT = "chat"
 COMPLETION = "completion"
 EMBEDDING = "embedding"
 RESPONSES = "responses"  # OpenAI's Responses API
+MESSAGES = "messages"  # Anthropic's Messages API, which vLLM also serves
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
-         RESPONSES: "/v1/responses"}
+         RESPONSES: "/v1/responses", MESSAGES: "/v1/messages"}
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
@@ -49,7 +50,7 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    kind: str  # CHAT, COMPLETION, EMBEDDING or RESPONSES
+    kind: str  # CHAT, COMPLETION, EMBEDDING, RESPONSES or MESSAGES
     path: str  # upstream path, e.g. /v1/chat/completions
     body: dict
     model: str
@@ -86,6 +87,8 @@ class ParsedRequest:
             return {"prompt": self.body["input"]}
         if self.kind == RESPONSES:
             return responses_as_chat(self.body)
+        if self.kind == MESSAGES:
+            return anthropic_as_chat(self.body)
         return self.body
 
 
@@ -121,13 +124,61 @@ def responses_as_chat(body: dict) -> dict:
     return view
 
 
+def anthropic_as_chat(body: dict) -> dict:
+    """An Anthropic Messages request as the chat vLLM renders from it: ``system`` as the system
+    message; each message's text blocks joined, ``tool_use`` blocks as tool calls and
+    ``tool_result`` blocks as tool messages; ``tools`` in chat form."""
+    messages: list[dict] = []
+    system = body.get("system")
+    if isinstance(system, list):
+        system = _block_text(system)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for m in body["messages"]:
+        content = m.get("content")
+        if not isinstance(content, list):
+            messages.append({"role": m["role"], "content": content})
+            continue
+        calls = [{"id": b.get("id"), "type": "function",
+                  "function": {"name": b.get("name"), "arguments": orjson.dumps(b.get("input")).decode()}}
+                 for b in content if b.get("type") == "tool_use"]
+        for b in content:
+            if b.get("type") == "tool_result":
+                result = b.get("content")
+                messages.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
+                                 "content": _block_text(result) if isinstance(result, list) else result})
+        text = _block_text(content)
+        if text or calls:
+            messages.append({"role": m["role"], "content": text or None, **({"tool_calls": calls} if calls else {})})
+    view: dict[str, Any] = {"messages": messages}
+    tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
+                                               "parameters": t.get("input_schema")}}
+             for t in body.get("tools") or () if isinstance(t, dict) and "name" in t]
+    if tools:
+        view["tools"] = tools
+    return view
+
+
+def _block_text(blocks: list) -> str:
+    return "".join(b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text"
+                   and isinstance(b.get("text"), str))
+
+
+def authorization(headers: Mapping[str, str]) -> str | None:
+    """The caller's key as ``Authorization``: its own, or Anthropic clients' ``x-api-key`` as a bearer token."""
+    auth = headers.get("Authorization")
+    if auth is None and (key := headers.get("x-api-key")):
+        return f"Bearer {key}"
+    return auth
+
+
 def check_headers(headers: Mapping[str, str]) -> None:
     """The headers the router reads (x-kvroute-*, traceparent, Authorization) must be printable
     ASCII, as HTTP says: other bytes reach Python as lone surrogates that no hash, key or
     Redis call can encode, so they get a 400 here rather than a 500 deep in the request."""
     for name, value in headers.items():
         lower = name.lower()
-        if ((lower.startswith("x-kvroute-") or lower in ("authorization", "traceparent"))
+        if ((lower.startswith("x-kvroute-") or lower in ("authorization", "x-api-key", "traceparent"))
                 and not (value.isascii() and value.isprintable())):
             raise InvalidRequest(f"Header '{lower}' must be printable ASCII", param=lower)
 
@@ -241,6 +292,30 @@ def _check_responses(body: dict) -> None:
     _field(body, "previous_response_id", (str,), "a string")
 
 
+def _check_anthropic(body: dict) -> None:
+    """The fields of a Messages request the router reads: ``messages`` (roles, and content as
+    a string or blocks), ``system`` and ``tools``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of message objects", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
+        if m.get("role") not in ("user", "assistant"):
+            raise InvalidRequest(f"'messages[{i}].role' must be user or assistant", param=f"messages[{i}].role")
+        content = m.get("content")
+        if not (isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))):
+            raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of content blocks",
+                                 param=f"messages[{i}].content")
+    system = body.get("system")
+    if system is not None and not (isinstance(system, str) or (
+            isinstance(system, list) and all(isinstance(b, dict) for b in system))):
+        raise InvalidRequest("'system' must be a string or a list of content blocks", param="system")
+    tools = _field(body, "tools", (list,), "a list")
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise InvalidRequest("'tools' must be a list of objects", param="tools")
+
+
 def _check_embedding(body: dict) -> None:
     if "input" not in body:
         raise InvalidRequest("'input' is required", param="input")
@@ -275,6 +350,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_embedding(body)
     elif kind == RESPONSES:
         _check_responses(body)
+    elif kind == MESSAGES:
+        _check_anthropic(body)
     else:
         if "prompt" not in body:
             raise InvalidRequest("'prompt' is required", param="prompt")

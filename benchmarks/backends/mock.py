@@ -205,8 +205,42 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         await event("response.completed", response=done)
         return resp
 
+    async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API as vLLM answers it: ``fake_output_tokens`` words (default 3,
+        at most ``max_tokens`` unless ``fake_ignore_max_tokens``), whole or as named events."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        n = body.get("fake_output_tokens", 3)
+        if not body.get("fake_ignore_max_tokens"):
+            n = min(n, body.get("max_tokens") or n)
+        usage = {"input_tokens": 12, "output_tokens": n, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 8}
+        stop = "max_tokens" if n == body.get("max_tokens") else "end_turn"
+        if not body.get("stream"):
+            return web.json_response({"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
+                                      "content": [{"type": "text", "text": " ".join(["word"] * n)}],
+                                      "stop_reason": stop, "usage": usage})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(kind: str, **data) -> None:
+            await resp.write(f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, **data}) + b"\n\n")
+
+        await event("message_start", message={"id": "msg_x", "type": "message", "role": "assistant", "content": [],
+                                              "model": body["model"], "stop_reason": None,
+                                              "usage": {"input_tokens": 12, "output_tokens": 0}})
+        await event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        for i in range(n):
+            await event("content_block_delta", index=0, delta={"type": "text_delta", "text": "word" if i == 0
+                                                                else " word"})
+        await event("content_block_stop", index=0)
+        await event("message_delta", delta={"stop_reason": stop, "stop_sequence": None}, usage=usage)
+        await event("message_stop")
+        return resp
+
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/messages", anthropic_messages)
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)

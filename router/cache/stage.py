@@ -35,6 +35,7 @@ from kvroute.router.governance.clock import Clock
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.requests import ParsedRequest
+from kvroute.router.requests import authorization as authorization_of
 from kvroute.router.routes import ServedModel
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class ResponseCache:
 
     def _namespace(self, request: web.Request) -> str:
         """The tenant (401 for a bad key, as admission would), or the API key without governance."""
-        authorization = request.headers.get("Authorization")
+        authorization = authorization_of(request.headers)
         if self.governor is not None:
             return "tenant:" + self.governor.auth.tenant_of(authorization)
         return policy.api_key_namespace(authorization)
@@ -157,7 +158,7 @@ class ResponseCache:
             route = served.tiers[0]
             ctx = await route.context(req)
             grant = await self.governor.admit(req, served, route, ctx,
-                                              authorization=request.headers.get("Authorization"))
+                                              authorization=authorization_of(request.headers))
             self.governor.finish(grant, None)
         m = self.metrics
         m.cache_requests.labels(served.name, kind, "hit").inc()

@@ -74,6 +74,12 @@ class Grant:
             if name == b"response.output_item.added" and b'"type":"function_call"' in data:
                 self.tool_calls += 1
             return self.cut is None
+        if data.startswith(b"event: content_block_"):  # an Anthropic stream
+            if data.startswith(b"event: content_block_delta"):
+                return self.on_stream_tokens(1)
+            if data.startswith(b"event: content_block_start") and b'"type":"tool_use"' in data:
+                self.tool_calls += 1
+            return self.cut is None
         if not data.startswith(b"data: {") or b'"choices"' not in data:
             return self.cut is None
         try:
@@ -102,3 +108,6 @@ class Grant:
         if body.get("object") == "response":  # a Responses answer: its output items
             self.tool_calls += sum(1 for item in body.get("output") or ()
                                    if isinstance(item, dict) and item.get("type") == "function_call")
+        elif body.get("type") == "message":  # an Anthropic answer: its content blocks
+            self.tool_calls += sum(1 for block in body.get("content") or ()
+                                   if isinstance(block, dict) and block.get("type") == "tool_use")

@@ -47,6 +47,9 @@ class Capture:
         if isinstance(body, dict) and body.get("object") == "response":
             self._response(body)
             return
+        if isinstance(body, dict) and body.get("type") == "message":
+            self._message(body.get("content"), body.get("stop_reason"))
+            return
         for choice in _choices(body):
             self._take(choice, "message")
 
@@ -59,6 +62,19 @@ class Capture:
                 return
             if isinstance(body, dict):
                 self._response(body)
+            return
+        if data.startswith(_MESSAGE_EVENTS):  # an Anthropic stream: text deltas, then the stop reason
+            try:
+                event = orjson.loads(data[data.index(b"data: ") + 6:])
+            except ValueError:
+                return
+            delta = event.get("delta") if isinstance(event, dict) else None
+            if not isinstance(delta, dict):
+                return
+            if event.get("type") == "message_delta":
+                self._message(None, delta.get("stop_reason"))
+            elif self.text and isinstance(delta.get("text"), str):
+                self.parts.append(delta["text"])
             return
         if not self.text and b'"finish_reason":"' not in data:
             return  # spans only: a chunk without a finish reason has nothing for them
@@ -106,12 +122,30 @@ class Capture:
                 self.tool_calls.append({"id": item.get("call_id"), "type": "function",
                                         "function": {"name": item.get("name"), "arguments": item.get("arguments")}})
 
+    def _message(self, blocks: Any, stop_reason: Any) -> None:
+        """An Anthropic answer's content blocks (None: streamed, taken from its deltas) and
+        stop reason, as a chat finish reason."""
+        if isinstance(stop_reason, str):
+            self.finish_reasons.append(_STOP_REASONS.get(stop_reason, stop_reason))
+        if not self.text or not isinstance(blocks, list):
+            return
+        for b in blocks:
+            if not isinstance(b, dict):
+                continue
+            if b.get("type") == "text" and isinstance(b.get("text"), str):
+                self.parts.append(b["text"])
+            elif b.get("type") == "tool_use":
+                self.tool_calls.append({"id": b.get("id"), "type": "function", "function": {
+                    "name": b.get("name"), "arguments": orjson.dumps(b.get("input")).decode()}})
+
     @property
     def answer(self) -> str:
         return "".join(self.parts)
 
 
 _RESPONSE_END = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+_MESSAGE_EVENTS = (b"event: content_block_delta", b"event: message_delta")
+_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
 
 
 def _choices(body: Any) -> list[dict]:

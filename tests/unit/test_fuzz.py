@@ -39,16 +39,18 @@ VALID_COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 3}
 VALID_EMBEDDING = {"model": "tiny", "input": ["hello", "there"]}
 VALID_RESPONSES = {"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
                    "instructions": "be brief", "max_output_tokens": 3}
+VALID_MESSAGES = {"model": "tiny", "max_tokens": 3, "system": "be brief",
+                  "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
 VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
-         "/v1/responses": VALID_RESPONSES}
-PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+         "/v1/responses": VALID_RESPONSES, "/v1/messages": VALID_MESSAGES}
+PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
          "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
 METHODS = ["POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "post", "BREW"]
 # Headers the router reads, and a few it does not; never the framing ones (see above).
 HEADER_NAMES = ["x-kvroute-session", "x-kvroute-agent", "x-kvroute-feature", "x-kvroute-tier", "x-kvroute-tenant",
-                "traceparent", "Authorization", "Content-Type", "Content-Encoding", "Accept", "Accept-Encoding",
-                "User-Agent", "X-Forwarded-For", "x-junk"]
+                "x-api-key", "traceparent", "Authorization", "Content-Type", "Content-Encoding", "Accept",
+                "Accept-Encoding", "User-Agent", "X-Forwarded-For", "x-junk"]
 ENCODINGS = ["gzip", "deflate", "br", "zstd", "identity", "compress", "gzip, gzip", "x-unknown", "", " GZIP ",
              "deflate, gzip", "*"]
 SKIP_BODY = {b"HEAD"}  # no body comes back, by HTTP
@@ -67,7 +69,7 @@ json_values = st.recursive(json_scalars, lambda kids: st.one_of(
 
 FIELDS = ["model", "messages", "prompt", "stream", "max_tokens", "max_completion_tokens", "n", "temperature",
           "top_p", "stream_options", "tools", "user", "input", "instructions", "max_output_tokens",
-          "encoding_format", "dimensions", "previous_response_id"]
+          "encoding_format", "dimensions", "previous_response_id", "system"]
 
 
 def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4):
@@ -148,7 +150,7 @@ headers = st.lists(st.tuples(st.sampled_from(HEADER_NAMES).map(str.encode), head
 def cases(draw) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
     method = mostly(draw, st.just("POST"), st.one_of(
         st.sampled_from(METHODS), st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_", min_size=1, max_size=12)), odds=6).encode()
-    path = mostly(draw, st.sampled_from(PATHS[:4]), st.one_of(
+    path = mostly(draw, st.sampled_from(PATHS[:5]), st.one_of(
         st.sampled_from(PATHS),
         st.tuples(st.sampled_from(PATHS), st.text(max_size=20)).map(lambda t: t[0] + "?" + t[1]),
         st.text(max_size=30).map(lambda s: "/" + s),

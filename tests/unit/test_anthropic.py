@@ -1,0 +1,129 @@
+"""``/v1/messages`` (Anthropic's Messages API, which vLLM serves) through the router against
+the fake worker: the prompt read as chat messages, usage under its own names, the caller's
+``x-api-key``, errors Anthropic's clients read, governance's stream meter."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from kvroute.benchmarks.backends.mock import SEEN, fake_worker
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.config import config_from_dict
+from kvroute.router.requests import MESSAGES, parse_request
+from tests.clock import FakeClock
+from tests.governance.conftest import worker_url
+
+ASK = {"model": "tiny", "max_tokens": 50, "system": "answer briefly",
+       "messages": [{"role": "user", "content": "what is a KV cache?"}]}
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    return await aiohttp_server(fake_worker())
+
+
+def config(worker, **top):
+    return config_from_dict({"models": [{"name": "tiny", "upstream_model": "tiny-up", "workers": [worker],
+                                         "policy": "prefix"}], "health": {"interval_s": 60}, **top})
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+async def test_a_messages_request_is_passed_through_and_its_usage_counted(aiohttp_client, upstream):
+    client = await aiohttp_client(create_app(config(worker_url(upstream))))
+    resp = await client.post("/v1/messages", json=ASK)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["type"] == "message" and body["content"][0]["text"] == "word word word"
+    assert upstream.app[SEEN][-1] == {**ASK, "model": "tiny-up", "path": "/v1/messages"}
+    stream = await client.post("/v1/messages", json={**ASK, "stream": True})
+    events = [e.split("\n", 1)[0] for e in (await stream.read()).decode().split("\n\n") if e]
+    assert events == ["event: message_start", "event: content_block_start", *["event: content_block_delta"] * 3,
+                      "event: content_block_stop", "event: message_delta", "event: message_stop"]
+    assert "stream_options" not in upstream.app[SEEN][-1]
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    # input_tokens leave out the cache's reads: the prompt is 12 + 8 tokens, 8 of them cached
+    assert metric(metrics, "kvroute_worker_prompt_tokens_total") == 40
+    assert metric(metrics, "kvroute_worker_cached_prompt_tokens_total") == 16
+    assert metric(metrics, "kvroute_worker_completion_tokens_total") == 6
+
+
+def test_the_prompt_is_read_as_the_chat_messages_vllm_renders():
+    body = {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "be brief"}], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "find "}, {"type": "text", "text": "it"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "search", "input": {"q": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [{"type": "text", "text": "nothing"}]}]},
+    ], "tools": [{"name": "search", "description": "look", "input_schema": {"type": "object"}}]}
+    view = parse_request(MESSAGES, orjson.dumps(body), {}).prompt_view
+    assert view["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "find it"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "search", "arguments": '{"q":1}'}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "nothing"},
+    ]
+    assert view["tools"] == [{"type": "function", "function": {"name": "search", "description": "look",
+                                                               "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "max_tokens": 5}, "messages"),
+    ({"model": "tiny", "max_tokens": 5, "messages": []}, "messages"),
+    ({"model": "tiny", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": ["x"]}]}, "messages[0].content"),
+    ({**ASK, "system": 5}, "system"),
+    ({**ASK, "tools": [1]}, "tools"),
+    ({**ASK, "max_tokens": 0}, "max_tokens"),
+])
+async def test_bad_messages_input_is_a_400_anthropic_clients_read(aiohttp_client, upstream, body, param):
+    client = await aiohttp_client(create_app(config(worker_url(upstream))))
+    resp = await client.post("/v1/messages", json=body)
+    assert resp.status == 400
+    err = await resp.json()
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"  # Anthropic's shape
+    assert err["error"]["param"] == param and err["error"]["message"]  # and OpenAI's
+    assert not upstream.app[SEEN]
+
+
+async def test_the_caller_s_x_api_key_is_its_key(aiohttp_client, upstream):
+    governance = {"tenants": [{"name": "acme", "keys": ["sk-acme"]}]}
+    client = await aiohttp_client(create_app(config(worker_url(upstream), governance=governance), clock=FakeClock()))
+    assert (await client.post("/v1/messages", json=ASK, headers={"x-api-key": "sk-acme"})).status == 200
+    refused = await client.post("/v1/messages", json=ASK, headers={"x-api-key": "sk-wrong"})
+    assert refused.status == 401 and (await refused.json())["error"]["code"] == "invalid_api_key"
+    assert (await client.post("/v1/messages", json=ASK, headers={"x-api-key": "caf\u00e9"})).status == 400
+
+
+async def test_a_messages_stream_past_its_budget_ends_with_an_error_event(aiohttp_client, upstream):
+    governance = {"budgets": [{"name": "per-call", "scope": "request", "limit": {"tokens": 30}}],
+                  "estimate_factor": 1}
+    client = await aiohttp_client(create_app(config(worker_url(upstream), governance=governance), clock=FakeClock()))
+    resp = await client.post("/v1/messages", json={**ASK, "stream": True, "fake_output_tokens": 40,
+                                                   "fake_ignore_max_tokens": True})
+    events = [e for e in (await resp.read()).decode().split("\n\n") if e]
+    deltas = sum(e.startswith("event: content_block_delta") for e in events)
+    name, data = events[-1].split("\n", 1)
+    assert name == "event: error"  # Anthropic's clients skip an unnamed event
+    err = orjson.loads(data.removeprefix("data: "))
+    assert err["type"] == "error" and err["error"]["code"] == "budget_exceeded"
+    assert deltas == upstream.app[SEEN][-1]["max_tokens"]
+
+
+async def test_prompt_logs_carry_a_messages_answer(aiohttp_client, upstream, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    cfg = config(worker_url(upstream), telemetry={"prompt_logs": {"enabled": True, "file": {"path": str(path)}}})
+    client = await aiohttp_client(create_app(cfg))
+    assert (await client.post("/v1/messages", json=ASK)).status == 200
+    await (await client.post("/v1/messages", json={**ASK, "stream": True, "max_tokens": 2})).read()
+    client.app[keys.TELEMETRY].close()  # flush the file
+    whole, streamed = (orjson.loads(line) for line in path.read_text().splitlines())
+    assert whole["request"]["messages"][0] == {"role": "system", "content": "answer briefly"}
+    assert whole["response"] == {"text": "word word word", "finish_reason": "stop"}
+    assert whole["usage"] == {"prompt_tokens": 20, "completion_tokens": 3, "cached_tokens": 8}
+    assert streamed["response"] == {"text": "word word", "finish_reason": "length"}
