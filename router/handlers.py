@@ -21,6 +21,7 @@ from kvroute.router.governance.api import add_governance_routes
 from kvroute.router.requests import (
     CHAT,
     COMPLETION,
+    COUNT_TOKENS,
     EMBEDDING,
     MESSAGES,
     RESPONSES,
@@ -151,6 +152,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await _completion(request, MESSAGES)
 
 
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, COUNT_TOKENS)
+
+
 def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "kvroute"}
 
@@ -243,10 +248,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_route("*", "/v1/responses/{tail:.+}", stored_response)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens"):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)

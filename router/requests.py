@@ -24,8 +24,9 @@ COMPLETION = "completion"
 EMBEDDING = "embedding"
 RESPONSES = "responses"  # OpenAI's Responses API
 MESSAGES = "messages"  # Anthropic's Messages API, which vLLM also serves
+COUNT_TOKENS = "count_tokens"  # its token count: a prompt, nothing generated
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
-         RESPONSES: "/v1/responses", MESSAGES: "/v1/messages"}
+         RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens"}
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
@@ -50,7 +51,7 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    kind: str  # CHAT, COMPLETION, EMBEDDING, RESPONSES or MESSAGES
+    kind: str  # CHAT, COMPLETION, EMBEDDING, RESPONSES, MESSAGES or COUNT_TOKENS
     path: str  # upstream path, e.g. /v1/chat/completions
     body: dict
     model: str
@@ -61,8 +62,8 @@ class ParsedRequest:
     @property
     def max_tokens(self) -> int | None:
         """The completion tokens asked for: ``max_completion_tokens``, else ``max_tokens``;
-        0 for embeddings, which generate none."""
-        if self.kind == EMBEDDING:
+        0 for embeddings and token counts, which generate none."""
+        if self.kind in (EMBEDDING, COUNT_TOKENS):
             return 0
         if self.kind == RESPONSES:
             value = self.body.get("max_output_tokens")
@@ -87,7 +88,7 @@ class ParsedRequest:
             return {"prompt": self.body["input"]}
         if self.kind == RESPONSES:
             return responses_as_chat(self.body)
-        if self.kind == MESSAGES:
+        if self.kind in (MESSAGES, COUNT_TOKENS):
             return anthropic_as_chat(self.body)
         return self.body
 
@@ -350,7 +351,7 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_embedding(body)
     elif kind == RESPONSES:
         _check_responses(body)
-    elif kind == MESSAGES:
+    elif kind in (MESSAGES, COUNT_TOKENS):
         _check_anthropic(body)
     else:
         if "prompt" not in body:

@@ -240,7 +240,13 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    async def count_tokens(request: web.Request) -> web.Response:
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        return web.json_response({"input_tokens": len(orjson.dumps(body["messages"])) // 4})
+
     app.router.add_post("/v1/messages", anthropic_messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
-from kvroute.router.requests import CHAT, COMPLETION, EMBEDDING, MESSAGES, REQUEST_ID, RESPONSES, ParsedRequest
+from kvroute.router.requests import (
+    CHAT,
+    COMPLETION,
+    COUNT_TOKENS,
+    EMBEDDING,
+    MESSAGES,
+    REQUEST_ID,
+    RESPONSES,
+    ParsedRequest,
+)
 from kvroute.router.telemetry.config import TelemetryConfig
 from kvroute.router.telemetry.jsonl import JsonLines
 from kvroute.router.telemetry.promptlog import SCHEMA, PromptLog
@@ -27,9 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["Capture", "RequestRecord", "Telemetry"]
 
 TAGS = ("agent", "task", "feature", "user")
-# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind
+# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (count_tokens: kvroute's)
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
-               MESSAGES: "chat"}
+               MESSAGES: "chat", COUNT_TOKENS: "count_tokens"}
 
 
 class Telemetry:

@@ -34,6 +34,11 @@ def test_the_anthropic_client_through_the_router(router_for):
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == final.content[0].text and final.usage.cache_read_input_tokens >= cached
+    counted = client.messages.count_tokens(model="tiny", system=system,
+                                           messages=[{"role": "user", "content": "And a stream?"}])
+    usage = final.usage
+    assert counted.input_tokens == usage.input_tokens + usage.cache_read_input_tokens + \
+        (usage.cache_creation_input_tokens or 0)
     with pytest.raises(anthropic.BadRequestError) as bad:
         client.messages.create(model="tiny", max_tokens=4, messages=[{"role": "system", "content": "x"}])
     assert "messages[0].role" in str(bad.value)

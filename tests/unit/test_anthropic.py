@@ -127,3 +127,18 @@ async def test_prompt_logs_carry_a_messages_answer(aiohttp_client, upstream, tmp
     assert whole["response"] == {"text": "word word word", "finish_reason": "stop"}
     assert whole["usage"] == {"prompt_tokens": 20, "completion_tokens": 3, "cached_tokens": 8}
     assert streamed["response"] == {"text": "word word", "finish_reason": "length"}
+
+
+async def test_count_tokens_is_passed_through_and_charges_nothing(aiohttp_client, upstream):
+    governance = {"budgets": [{"name": "day", "scope": "global", "window": "day", "limit": {"tokens": 100000}}]}
+    client = await aiohttp_client(create_app(config(worker_url(upstream), governance=governance), clock=FakeClock()))
+    ask = {k: v for k, v in ASK.items() if k != "max_tokens"}  # count_tokens takes none
+    resp = await client.post("/v1/messages/count_tokens", json=ask)
+    assert resp.status == 200 and (await resp.json())["input_tokens"] > 0
+    assert upstream.app[SEEN][-1] == {**ask, "model": "tiny-up", "path": "/v1/messages/count_tokens"}
+    bad = await client.post("/v1/messages/count_tokens", json={"model": "tiny", "messages": []})
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "messages"
+    gov = client.server.app[keys.GOVERNOR]
+    await gov.drain()
+    state = next(s for k, s in gov.store._states.items() if k.startswith("day:"))
+    assert state.used_t == 0 and state.res_t == 0  # nothing generated, no usage: nothing spent
