@@ -21,10 +21,7 @@ from kvroute.router.governance.api import add_governance_routes
 from kvroute.router.requests import (
     CHAT,
     COMPLETION,
-    COUNT_TOKENS,
-    EMBEDDING,
-    MESSAGES,
-    RESPONSES,
+    PATHS,
     ParsedRequest,
     check_headers,
     parse_request,
@@ -132,28 +129,13 @@ async def _route(request: web.Request, req: ParsedRequest, served: ServedModel) 
     return await pipeline.run_request(request, req, served)
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _completion(request, CHAT)
+def _api(kind: str):
+    """The handler of one request API (``requests.PATHS``): all of them take the same path."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _completion(request, kind)
 
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _completion(request, COMPLETION)
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await _completion(request, EMBEDDING)
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    return await _completion(request, RESPONSES)
-
-
-async def messages(request: web.Request) -> web.StreamResponse:
-    return await _completion(request, MESSAGES)
-
-
-async def count_tokens(request: web.Request) -> web.StreamResponse:
-    return await _completion(request, COUNT_TOKENS)
+    handler.__name__ = kind
+    return handler
 
 
 def _model_card(name: str) -> dict:
@@ -243,17 +225,12 @@ async def method_not_allowed(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_post("/v1/responses", responses)
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    for kind, path in PATHS.items():  # chat, completions, embeddings, Responses, Anthropic Messages
+        app.router.add_post(path, _api(kind))
     app.router.add_route("*", "/v1/responses/{tail:.+}", stored_response)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-                 "/v1/messages/count_tokens"):
+    for path in PATHS.values():
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)

@@ -7,30 +7,16 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from kvroute.benchmarks.backends.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN
 from kvroute.router import keys
 from kvroute.router.app import create_app
-from kvroute.router.config import config_from_dict
 from kvroute.router.requests import MESSAGES, parse_request
 from tests.clock import FakeClock
 from tests.governance.conftest import worker_url
+from tests.unit.apis import config, counter
 
 ASK = {"model": "tiny", "max_tokens": 50, "system": "answer briefly",
        "messages": [{"role": "user", "content": "what is a KV cache?"}]}
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    return await aiohttp_server(fake_worker())
-
-
-def config(worker, **top):
-    return config_from_dict({"models": [{"name": "tiny", "upstream_model": "tiny-up", "workers": [worker],
-                                         "policy": "prefix"}], "health": {"interval_s": 60}, **top})
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 async def test_a_messages_request_is_passed_through_and_its_usage_counted(aiohttp_client, upstream):
@@ -47,9 +33,9 @@ async def test_a_messages_request_is_passed_through_and_its_usage_counted(aiohtt
     assert "stream_options" not in upstream.app[SEEN][-1]
     metrics = (await (await client.get("/metrics")).read()).decode()
     # input_tokens leave out the cache's reads: the prompt is 12 + 8 tokens, 8 of them cached
-    assert metric(metrics, "kvroute_worker_prompt_tokens_total") == 40
-    assert metric(metrics, "kvroute_worker_cached_prompt_tokens_total") == 16
-    assert metric(metrics, "kvroute_worker_completion_tokens_total") == 6
+    assert counter(metrics, "kvroute_worker_prompt_tokens_total") == 40
+    assert counter(metrics, "kvroute_worker_cached_prompt_tokens_total") == 16
+    assert counter(metrics, "kvroute_worker_completion_tokens_total") == 6
 
 
 def test_the_prompt_is_read_as_the_chat_messages_vllm_renders():

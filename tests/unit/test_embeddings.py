@@ -6,27 +6,20 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from kvroute.benchmarks.backends.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN
 from kvroute.router import keys
 from kvroute.router.app import create_app
-from kvroute.router.config import config_from_dict
 from kvroute.router.governance.loops import signature
 from kvroute.router.requests import EMBEDDING, parse_request
 from tests.clock import FakeClock
 from tests.governance.conftest import worker_url
+from tests.unit import apis
 
 EMBED = {"model": "embed", "input": ["a first passage", "a second one"]}
 
 
-@pytest.fixture
-async def upstream(aiohttp_server):
-    return await aiohttp_server(fake_worker())
-
-
 def config(worker, **top):
-    return config_from_dict({
-        "models": [{"name": "embed", "upstream_model": "tiny-embed", "workers": [worker], "policy": "prefix"}],
-        "health": {"interval_s": 60}, **top})
+    return apis.config(worker, name="embed", upstream_model="tiny-embed", **top)
 
 
 async def test_an_embeddings_request_reaches_the_worker_s_embeddings_route(aiohttp_client, upstream):

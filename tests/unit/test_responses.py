@@ -7,29 +7,15 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from kvroute.benchmarks.backends.mock import SEEN, fake_worker
+from kvroute.benchmarks.backends.mock import SEEN
 from kvroute.router import keys
 from kvroute.router.app import create_app
-from kvroute.router.config import config_from_dict
 from kvroute.router.requests import RESPONSES, parse_request
 from tests.clock import FakeClock
 from tests.governance.conftest import worker_url
+from tests.unit.apis import config, counter
 
 ASK = {"model": "tiny", "input": "what is a KV cache?", "instructions": "answer briefly", "max_output_tokens": 50}
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    return await aiohttp_server(fake_worker())
-
-
-def config(worker, **top):
-    return config_from_dict({"models": [{"name": "tiny", "upstream_model": "tiny-up", "workers": [worker],
-                                         "policy": "prefix"}], "health": {"interval_s": 60}, **top})
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 async def test_a_responses_request_is_passed_through_and_its_usage_counted(aiohttp_client, upstream):
@@ -47,9 +33,9 @@ async def test_a_responses_request_is_passed_through_and_its_usage_counted(aioht
                      "event: response.completed"]  # as the worker sent them: no usage chunk, no [DONE]
     assert "stream_options" not in upstream.app[SEEN][-1]
     metrics = (await (await client.get("/metrics")).read()).decode()
-    assert metric(metrics, "kvroute_worker_prompt_tokens_total") == 40
-    assert metric(metrics, "kvroute_worker_completion_tokens_total") == 6
-    assert metric(metrics, "kvroute_worker_cached_prompt_tokens_total") == 16
+    assert counter(metrics, "kvroute_worker_prompt_tokens_total") == 40
+    assert counter(metrics, "kvroute_worker_completion_tokens_total") == 6
+    assert counter(metrics, "kvroute_worker_cached_prompt_tokens_total") == 16
     assert (await client.get("/v1/responses")).status == 405
     stored = await client.get("/v1/responses/resp_x")
     assert stored.status == 404 and "previous_response_id" in (await stored.json())["error"]["message"]
