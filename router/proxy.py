@@ -565,8 +565,8 @@ def _keep_event(data: bytes, d: Dispatch) -> bool:
             return True
         usage = (event.get("message") or {}).get("usage") if found.group(1) == b"start" else event.get("usage")
         if isinstance(usage, dict):  # message_delta's counts are the running totals: later keys win
-            d.usage = anthropic_usage({**(d.raw_usage or {}), **usage})
             d.raw_usage = {**(d.raw_usage or {}), **usage}
+            d.usage = anthropic_usage(d.raw_usage)
         return True
     if not data.startswith(b"data: {") or b'"usage"' not in data:
         return True

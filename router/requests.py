@@ -82,8 +82,8 @@ class ParsedRequest:
     @cached_property
     def prompt_view(self) -> dict:
         """The prompt as the router reads it (prefix keys, the classifier, loops, prompt logs):
-        a chat's or completion's body; ``{"prompt": input}`` for embeddings; a Responses
-        request as the chat messages vLLM renders from it."""
+        a chat's or completion's body; ``{"prompt": input}`` for embeddings; a Responses or
+        Anthropic Messages request as the chat messages vLLM renders from it."""
         if self.kind == EMBEDDING:
             return {"prompt": self.body["input"]}
         if self.kind == RESPONSES:

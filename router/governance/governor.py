@@ -270,7 +270,8 @@ class Governor:
         return math.ceil(ctx.prompt_tokens * self.cfg.estimate_factor)
 
     def _completion_asked(self, req: ParsedRequest) -> int:
-        """Completion tokens to reserve: the request's, else ``default_max_tokens`` (0 for embeddings)."""
+        """Completion tokens to reserve: the request's, else ``default_max_tokens``; 0 for
+        embeddings and token counts."""
         return self.cfg.default_max_tokens if req.max_tokens is None else req.max_tokens
 
     async def _reserve(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext,
