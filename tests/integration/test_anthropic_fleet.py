@@ -33,7 +33,7 @@ def test_the_anthropic_client_through_the_router(router_for):
                                 messages=[{"role": "user", "content": "And a stream?"}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
-    assert text == final.content[0].text and final.usage.cache_read_input_tokens >= cached
+    assert text == final.content[0].text and final.usage.cache_read_input_tokens > 0  # the system prompt, at least
     counted = client.messages.count_tokens(model="tiny", system=system,
                                            messages=[{"role": "user", "content": "And a stream?"}])
     usage = final.usage

@@ -38,7 +38,7 @@ def test_the_openai_responses_api_through_the_router(router_for):
                                  max_output_tokens=4) as stream:
         deltas = sum(event.type == "response.output_text.delta" for event in stream)
         final = stream.get_final_response()
-    assert 0 < deltas <= 4 and final.usage.input_tokens_details.cached_tokens >= cached
+    assert 0 < deltas <= 4 and final.usage.input_tokens_details.cached_tokens > 0  # the instructions, at least
     metrics = router.metrics_text()
     assert counter(metrics, "kvroute_worker_completion_tokens_total") == \
         answer.usage.output_tokens + second.parse().usage.output_tokens + final.usage.output_tokens
