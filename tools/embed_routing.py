@@ -85,7 +85,8 @@ def run_policy(policy: str, fleet, inputs: list[str], folder: Path) -> dict:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"router did not start: see {folder}/router-{policy}.log")
+                    log.flush()
+                    sys.exit(f"router did not start:\n{(folder / f'router-{policy}.log').read_text()[-3000:]}")
                 time.sleep(0.3)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
         before = counters(fleet.urls)
