@@ -61,6 +61,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._ready = [asyncio.Event() for _ in range(procs)]
         self._all = asyncio.Event()  # every process ready at once: start-up is over
+        self._held: set[int] = set()  # processes a SIGHUP came for while they started
 
     def command(self, index: int, fd: int) -> list[str]:
         return [sys.executable, "-m", "kvroute.router.cli", *self.argv, "--proc-index", str(index),
@@ -108,11 +109,16 @@ class Supervisor:
                 task.result()  # StartupFailed; a keeper stopped by a signal returns
 
     def pass_on(self, sig: signal.Signals) -> None:
-        """Pass a signal on to every running process, stopping nothing (SIGHUP: reload)."""
-        for proc in self.children.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
+        """Pass a signal on to every process, stopping nothing (SIGHUP: reload). One still
+        starting has no handler for it yet: it gets the signal once it is ready."""
+        for index, proc in self.children.items():
+            if proc.returncode is not None:
+                continue
+            if not self._ready[index].is_set():
+                self._held.add(index)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
 
     def forward(self, sig: signal.Signals) -> None:
         """Pass a signal on; the first one also stops restarts."""
@@ -143,6 +149,10 @@ class Supervisor:
             try:
                 if await reader.read(1):
                     self._ready[index].set()
+                    if index in self._held:
+                        self._held.discard(index)
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.send_signal(signal.SIGHUP)
                     if self.serving:
                         log.info("process %d (pid %d) serves again", index, proc.pid)
                     if all(e.is_set() for e in self._ready):

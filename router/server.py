@@ -119,7 +119,6 @@ async def serve(app: web.Application, cfg: ServerConfig, slot: Slot | None = Non
                      "https" if tls else "http", cfg.host, cfg.port)
         else:
             private = await siblings.start_private(app, slot)
-            siblings.tell_ready(slot)
         await _until_signal_then_drain(app, slot)
     finally:
         if refresh is not None:
@@ -161,7 +160,10 @@ async def _until_signal_then_drain(app: web.Application, slot: Slot | None = Non
     for sig in sigs:
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)  # without it, SIGHUP would end the process
-    unwatch = siblings.watch_supervisor(slot, lambda: on_signal("supervisor gone")) if slot else None
+    unwatch = None
+    if slot is not None:  # ready only now: a SIGHUP passed on from here on reloads, never kills
+        siblings.tell_ready(slot)
+        unwatch = siblings.watch_supervisor(slot, lambda: on_signal("supervisor gone"))
     try:
         await stop.wait()
         await admission.drain()

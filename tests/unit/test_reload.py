@@ -141,6 +141,29 @@ async def test_every_process_of_procs_n_reloads(aiohttp_server, served):
     assert await answers(f"http://127.0.0.1:{router.port}", 6) == {"hi from w2"}
 
 
+def catches_sighup(pid: int) -> bool:
+    """The process has a handler for SIGHUP (Linux: bit 0 of SigCgt in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (mask,) = [line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")]
+    return bool(int(mask, 16) & 1)
+
+
+async def test_a_sighup_while_processes_start_reaches_them_once_ready(aiohttp_server, served):
+    """A process still starting has no handler for SIGHUP yet: the supervisor holds the
+    signal until it is ready, instead of ending it."""
+    (w1,) = await worker_urls(aiohttp_server, "w1")
+    router = served(procs=2)
+    router.write([w1])
+    router.start()
+    await until(lambda: catches_sighup(router.proc.pid), timeout=30)
+    assert not any("processes serving" in x["message"] for x in router.lines())  # they are starting
+    outcomes = await router.reloads(2)
+    assert sorted(x["proc"] for x in outcomes) == [0, 1]
+    assert all("no worker list or key changed" in x["message"] for x in outcomes)
+    assert not any("exited" in x["message"] for x in router.lines()) and router.proc.poll() is None
+    assert await answers(f"http://127.0.0.1:{router.port}", 2) == {"hi from w1"}
+
+
 async def test_reload_in_process_and_discovery_owns_its_lists(aiohttp_server, tmp_path):
     w1, w2 = await worker_urls(aiohttp_server, "w1", "w2")
     app = create_app(config_from_dict({"models": [{"name": "m", "workers": [w1]}], "health": {"interval_s": 60}}))
