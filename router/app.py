@@ -23,6 +23,7 @@ from kvroute.router.governance.governor import Governor
 from kvroute.router.handlers import access_log_middleware, add_routes, error_middleware
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import Executors, ModelRoute, ModelRoutes
+from kvroute.router.stored_responses import StoredResponses
 from kvroute.router.telemetry import Telemetry
 from kvroute.router.tls import Refresher, UpstreamTls, client_context
 from kvroute.router.upstream.health import HealthChecker
@@ -52,6 +53,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     executors = app[keys.EXECUTORS] = _executors()
     routes = ModelRoutes(cfg, executors, app[keys.METRICS], clock=clock)  # breakers, retries
     app[keys.ROUTES] = routes
+    app[keys.STORED_RESPONSES] = StoredResponses(routes)
     admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
     app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
     app.on_response_prepare.append(proxy.on_response_prepare)  # a whole answer's time in kvroute ends

@@ -18,10 +18,12 @@ from kvroute.router.errors import (
     error_body,
 )
 from kvroute.router.governance.api import add_governance_routes
+from kvroute.router.proxy import relay_as_is
 from kvroute.router.requests import (
     CHAT,
     COMPLETION,
     PATHS,
+    RESPONSE_ID,
     ParsedRequest,
     check_headers,
     parse_request,
@@ -213,9 +215,21 @@ async def not_found(request: web.Request) -> web.Response:
     raise NotFound(f"Unknown route: {request.method} {request.path}")
 
 
-async def stored_response(request: web.Request) -> web.Response:
-    raise NotFound("kvroute does not route by response id: stored responses live in one worker's memory. "
-                   "Send the whole conversation as 'input' instead of previous_response_id.")
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel``, on the worker
+    that holds the response (router/stored_responses.py)."""
+    return await request.app[keys.ADMISSION].serve(request, lambda: _stored_response(request))
+
+
+async def _stored_response(request: web.Request) -> web.StreamResponse:
+    app, response_id = request.app, request.match_info["id"]
+    if not RESPONSE_ID.fullmatch(response_id):
+        raise NotFound(f"Response with id '{response_id[:64]}' not found.", param="response_id")
+    holder = await app[keys.STORED_RESPONSES].find(app[keys.SESSION], response_id, pipeline.owner(request))
+    if holder is None:
+        raise NotFound(f"Response with id '{response_id}' not found: no worker of this router holds it (vLLM "
+                       "stores responses only with VLLM_ENABLE_RESPONSES_API_STORE=1).", param="response_id")
+    return await relay_as_is(request, app[keys.SESSION], holder.worker, request.path, request[keys.REQUEST_ID])
 
 
 async def method_not_allowed(request: web.Request) -> web.Response:
@@ -227,7 +241,8 @@ async def method_not_allowed(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     for kind, path in PATHS.items():  # chat, completions, embeddings, Responses, Anthropic Messages
         app.router.add_post(path, _api(kind))
-    app.router.add_route("*", "/v1/responses/{tail:.+}", stored_response)
+    app.router.add_get("/v1/responses/{id}", stored_response)
+    app.router.add_post("/v1/responses/{id}/cancel", stored_response)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
     for path in PATHS.values():

@@ -11,6 +11,7 @@ from kvroute.router.config import RouterConfig
 from kvroute.router.governance.governor import Governor
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import Executors, ModelRoutes
+from kvroute.router.stored_responses import StoredResponses
 from kvroute.router.telemetry import RequestRecord, Telemetry
 from kvroute.router.upstream.health import HealthChecker
 
@@ -24,6 +25,7 @@ ROUTES = web.AppKey("routes", ModelRoutes)
 GOVERNOR = web.AppKey("governor", Governor)  # absent without a governance config
 ADMISSION = web.AppKey("admission", Admission)  # in-flight bounds, the overload queue, drain
 CACHE = web.AppKey("cache", ResponseCache)  # absent unless a model has a response cache
+STORED_RESPONSES = web.AppKey("stored_responses", StoredResponses)  # which worker holds a response id
 TELEMETRY = web.AppKey("telemetry", Telemetry)  # spans, prompt logs, per-request histograms
 # Per request: what its stages decided, for its span and prompt-log line (router/telemetry).
 RECORD = web.RequestKey("record", RequestRecord)

@@ -24,13 +24,14 @@ from aiohttp import web
 
 from kvroute.router import keys
 from kvroute.router.cache import tap as cache_tap
-from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorker, UpstreamError
+from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorker, NotFound, UpstreamError
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
-from kvroute.router.requests import COUNT_TOKENS, EMBEDDING, REQUEST_ID, ParsedRequest, authorization
+from kvroute.router.requests import COUNT_TOKENS, EMBEDDING, REQUEST_ID, RESPONSES, ParsedRequest, authorization
 from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.routing_table import ROUTE_RULE, RouteRule
+from kvroute.router.stored_responses import Holder
 from kvroute.router.telemetry import RequestRecord
 from kvroute.router.tiers import prompt_text
 from kvroute.router.upstream.workers import Worker
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 async def run_request(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
     """A plain or tiered model: choose the tier, then one attempt."""
+    holder = await previous_response(request, req, served) if req.kind == RESPONSES else None
+    if holder is not None:  # only the worker that stored the conversation can continue it
+        if (record := request.get(keys.RECORD)) is not None:
+            record.on_tier(holder.route.cfg.tier, None, "previous_response")
+        return (await attempt(request, served, holder.route, req, may_downgrade=False, pin=holder.worker)).response
     rule = None
     if not req.headers.get("x-kvroute-tier"):  # a forced tier wins over the routing table
         rule = route_rule(request, req, served)
@@ -49,6 +55,30 @@ async def run_request(request: web.Request, req: ParsedRequest, served: ServedMo
                 served = request.app[keys.ROUTES].get(rule.to_model)
     route = await choose_tier(served, req, record=request.get(keys.RECORD), rule=rule)
     return (await attempt(request, served, route, req)).response
+
+
+async def previous_response(request: web.Request, req: ParsedRequest, served: ServedModel) -> Holder | None:
+    """The route and worker that hold a Responses request's ``previous_response_id``
+    (router/stored_responses.py); None without one; 404 when no worker holds it."""
+    previous = req.body.get("previous_response_id")
+    if not previous:
+        return None
+    app = request.app
+    holder = await app[keys.STORED_RESPONSES].find(app[keys.SESSION], previous, owner(request))
+    if holder is None:
+        raise NotFound(f"Response with id '{previous}' not found: no worker of this router holds it (vLLM "
+                       "stores responses only with VLLM_ENABLE_RESPONSES_API_STORE=1).",
+                       param="previous_response_id")
+    if holder.route not in served.tiers:
+        raise InvalidRequest(f"Response '{previous}' was made by model '{holder.route.cfg.name}', "
+                             f"not '{served.name}'.", param="model")
+    return holder
+
+
+def owner(request: web.Request) -> str | None:
+    """The caller's tenant with governance (401 for a bad key), for stored responses."""
+    governor = request.app.get(keys.GOVERNOR)
+    return governor.auth.tenant_of(authorization(request.headers)) if governor is not None else None
 
 
 def route_rule(request: web.Request, req: ParsedRequest, served: ServedModel) -> RouteRule | None:
@@ -75,12 +105,14 @@ class Attempt:
 
 
 async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, req: ParsedRequest, *,
-                  after: Grant | None = None, may_downgrade: bool = True, **dispatch_options) -> Attempt:
+                  after: Grant | None = None, may_downgrade: bool = True, pin: Worker | None = None,
+                  **dispatch_options) -> Attempt:
     """govern -> choose worker -> proxy + account -> settle, for one tier.
 
     ``after``: the grant of an earlier try of the same request (a cascade escalating),
     reserved again at this tier's price without a second loop check. ``may_downgrade``
-    False: a budget that would move the try to a cheaper tier refuses it instead.
+    False: a budget that would move the try to a cheaper tier refuses it instead. ``pin``: the
+    only worker that may take it (a stored response's), retried on no other.
     ``dispatch_options`` go to the proxy's ``Dispatch`` (the cascade's headers and usage).
     """
     app = request.app
@@ -103,7 +135,7 @@ async def attempt(request: web.Request, served: ServedModel, route: ModelRoute, 
     admission = app[keys.ADMISSION]
     try:
         await admission.wait_for_worker(route)  # overload: queue, all at server.max_in_flight_per_worker
-        response = await _proxy_with_retry(request, route, ctx, req, grant, tries, dispatch_options)
+        response = await _proxy_with_retry(request, route, ctx, req, grant, tries, dispatch_options, pin)
         return Attempt(response, grant, tries)
     finally:
         admission.worker_freed(route)  # its slot on the worker may go to a queued request
@@ -140,6 +172,15 @@ async def choose_tier(served: ServedModel, req: ParsedRequest, *,
     return served.tiers[0]
 
 
+def _remember_response(request: web.Request, route: ModelRoute, req: ParsedRequest):
+    """For a Responses request the worker stores (``store`` is true by default): record which
+    worker holds the answer's id, for the requests that will name it."""
+    if req.kind != RESPONSES or req.body.get("store") is False:
+        return None
+    stored, tenant = request.app[keys.STORED_RESPONSES], owner(request)
+    return lambda response_id, worker: stored.remember(response_id, route, worker, tenant)
+
+
 def choose_worker(app: web.Application, route: ModelRoute, ctx: RequestContext, exclude: set[str]) -> Worker:
     healthy = route.pool.healthy()
     candidates = tuple(w for w in healthy if w.url not in exclude) if exclude else healthy
@@ -165,7 +206,8 @@ def _choose_worker_traced(app: web.Application, route: ModelRoute, ctx: RequestC
 
 
 async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: RequestContext, req: ParsedRequest,
-                            grant: Grant | None, tries: list[Dispatch], options: dict) -> web.StreamResponse:
+                            grant: Grant | None, tries: list[Dispatch], options: dict,
+                            pin: Worker | None = None) -> web.StreamResponse:
     """choose worker -> proxy + account, tried again before the first byte as the retry
     table says (``router/retry.py``): on another worker, or once on the same worker after a
     lost connection (it is up; its cache is there), within the pool's retry budget and the
@@ -180,12 +222,19 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
     worker: Worker | None = None
     lost_before = False
     record = request.get(keys.RECORD)
+    remember = _remember_response(request, route, req)
     while True:
-        if worker is None:
+        if worker is None and pin is not None:
+            if not pin.healthy:
+                raise NoHealthyWorker(f"The worker that holds response '{req.body['previous_response_id']}' "
+                                      f"({pin.url}) is not healthy; retry later.", param="previous_response_id")
+            worker = pin
+        elif worker is None:
             worker = _choose_worker_traced(app, route, ctx, tried, record)
-            tried.add(worker.url)
+        tried.add(worker.url)
         dispatch = Dispatch(route=route, worker=worker, ctx=ctx, req=req, meter=grant, deadline=deadline,
-                            arrived_at=request.pop(keys.ARRIVED, None), **options)  # the first try's only
+                            arrived_at=request.pop(keys.ARRIVED, None),  # the first try's only
+                            on_response_id=remember and (lambda rid, w=worker: remember(rid, w)), **options)
         tries.append(dispatch)
         cache_tap.watch(dispatch)  # a cacheable miss: the response cache copies the answer (router/cache)
         try:
@@ -198,7 +247,7 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
                 # an ejected worker (another request found it refusing) gets no same-worker retry
                 exc, client_started=dispatch.client_started, tries=len(tries),
                 lost_before=lost_before or not worker.healthy,
-                has_other=any(w.url not in tried for w in route.pool.healthy()),
+                has_other=pin is None and any(w.url not in tried for w in route.pool.healthy()),
                 remaining_s=deadline - loop.time())
             if not decision.again:
                 if decision.refused is not None:

@@ -138,6 +138,7 @@ class Dispatch:
     deadline: float | None = None  # loop time when server.request_timeout_s is spent; None: from now
     probe: bool = False  # this call is the worker's half-open breaker probe
     failed: UpstreamError | None = None  # why the stream failed after its first byte
+    on_response_id: Callable[[str], None] | None = None  # a Responses answer's id (router/stored_responses.py)
     capture: Capture | None = None  # telemetry: gathers the answer's text and finish reasons
     trace_headers: dict[str, str] | None = None  # traceparent/tracestate of this try's span; None: pass through
     # The request's first try only: when the request reached the router (None on later tries
@@ -291,6 +292,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         d.capture.whole(parsed)
     if d.req.kind == RESPONSES:
         d.usage = responses_usage(parsed.get("usage"))
+        if d.on_response_id is not None and resp.status == 200 and isinstance(parsed.get("id"), str):
+            d.on_response_id(parsed["id"])
     elif d.req.kind == MESSAGES:
         d.usage = anthropic_usage(parsed.get("usage"))
     else:
@@ -544,6 +547,8 @@ def anthropic_usage(usage: object) -> dict | None:
 
 # The last event of a Responses stream: the whole response, with its usage.
 _RESPONSE_END = re.compile(rb"event: response\.(completed|incomplete|failed)\r?\ndata: ")
+# Its first: the response's id.
+_RESPONSE_START = re.compile(rb"event: response\.created\r?\ndata: ")
 # The events of an Anthropic stream that carry usage: message_start (the input), message_delta (all of it).
 _MESSAGE_USAGE = re.compile(rb"event: message_(start|delta)\r?\ndata: ")
 
@@ -557,6 +562,12 @@ def _keep_event(data: bytes, d: Dispatch) -> bool:
             return True
         if isinstance(response, dict) and (usage := responses_usage(response.get("usage"))) is not None:
             d.usage = usage
+        return True
+    if d.on_response_id is not None and (start := _RESPONSE_START.match(data)) is not None:
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+            response_id = orjson.loads(data[start.end():]).get("response", {}).get("id")
+            if isinstance(response_id, str):
+                d.on_response_id(response_id)
         return True
     if (found := _MESSAGE_USAGE.match(data)) is not None:
         try:
@@ -629,3 +640,28 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+async def relay_as_is(request: web.Request, session: aiohttp.ClientSession, worker: Worker, path: str,
+                      request_id: str) -> web.StreamResponse:
+    """``request`` (a stored response's retrieval or cancel) sent on to ``path`` on the
+    worker that holds it (router/stored_responses.py), and its answer relayed: whole, or as
+    it comes for ``?stream=true``."""
+    headers = {**worker.upstream_headers, REQUEST_ID: request_id}
+    with map_client_errors(worker):
+        async with session.request(request.method, f"{worker.url}{path}", params=request.query, headers=headers,
+                                   ssl=worker.ssl) as resp:
+            kind = resp.headers.get("Content-Type", "application/json")
+            if not kind.startswith("text/event-stream"):
+                return web.Response(body=await resp.read(), status=resp.status, headers={
+                    "Content-Type": kind, WORKER_HEADER: worker.url})
+            out = web.StreamResponse(status=resp.status, headers={"Content-Type": kind, WORKER_HEADER: worker.url})
+            await out.prepare(request)
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except CLIENT_ERRORS as exc:  # past the first byte: the client sees the stream end early
+                log.warning("stored response stream from %s failed: %s", worker.url, exc)
+                return out
+            await out.write_eof()
+            return out

@@ -37,6 +37,7 @@ _DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 _KEPT_HEADERS = ("x-kvroute-", "traceparent", "tracestate")
 
 REQUEST_ID = "x-request-id"
+RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")  # a stored response's id: a path segment on the worker
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._~:/@+=-]{1,128}")
 
 
@@ -290,7 +291,10 @@ def _check_responses(body: dict) -> None:
     value = _field(body, "max_output_tokens", (int,), "an integer")
     if value is not None and value < 1:
         raise InvalidRequest("'max_output_tokens' must be at least 1", param="max_output_tokens")
-    _field(body, "previous_response_id", (str,), "a string")
+    previous = _field(body, "previous_response_id", (str,), "a string")
+    if previous is not None and not RESPONSE_ID.fullmatch(previous):
+        raise InvalidRequest("'previous_response_id' must be a response id (letters, digits, '_' and '-')",
+                             param="previous_response_id")
 
 
 def _check_anthropic(body: dict) -> None:

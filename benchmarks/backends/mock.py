@@ -22,6 +22,7 @@ A stall ends early when the router closes the connection, so tests never wait it
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -47,6 +48,7 @@ SEEN_HEADERS = web.AppKey("seen_headers", list)  # lower-cased x-kvroute-*, trac
 
 SEEN_AUTH = web.AppKey("seen_auth", list)  # (path, Authorization header or None) of every call
 FAULTS = web.AppKey("faults", dict)  # the fault knobs above
+STORED = web.AppKey("stored", dict)  # Responses answers by id, as vLLM keeps them with its store on
 
 
 async def stall(request: web.Request, seconds: float) -> None:
@@ -94,6 +96,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     app[SEEN_HEADERS] = []
     app[SEEN_AUTH] = []
     app[FAULTS] = {}
+    app[STORED] = {}
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -173,9 +176,13 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     async def responses(request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API as vLLM answers it: one message of ``fake_output_tokens``
         words (default 3, at most ``max_output_tokens``), whole or as events that end with
-        ``response.completed``."""
+        ``response.completed``. Each is stored unless ``store`` is false, and a follow-up
+        naming one it does not hold (``previous_response_id``) is a 404, as in vLLM."""
         body = await request.json()
         app[SEEN].append({**body, "path": request.path})
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in app[STORED]:
+            return not_found(previous)
         n = body.get("fake_output_tokens", 3)
         if not body.get("fake_ignore_max_output_tokens"):  # a worker that overruns, for governance tests
             n = min(n, body.get("max_output_tokens") or n)
@@ -184,8 +191,10 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 20 + n}
         item = {"id": "msg_x", "type": "message", "role": "assistant", "status": "completed",
                 "content": [{"type": "output_text", "text": text, "annotations": []}]}
-        done = {"id": "resp_x", "object": "response", "model": body["model"], "status": "completed",
-                "output": [item], "usage": usage}
+        done = {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "model": body["model"],
+                "status": "completed", "output": [item], "usage": usage, "previous_response_id": previous}
+        if body.get("store", True):
+            app[STORED][done["id"]] = done
         if not body.get("stream"):
             return web.json_response(done)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -204,6 +213,22 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                         delta="word ")
         await event("response.completed", response=done)
         return resp
+
+    def not_found(response_id: str) -> web.Response:
+        return web.json_response({"error": {"message": f"Response with id '{response_id}' not found.",
+                                            "type": "invalid_request_error", "param": "response_id",
+                                            "code": 404}}, status=404)
+
+    async def stored_response(request: web.Request) -> web.Response:
+        response_id = request.match_info["id"]
+        app[SEEN].append({"path": request.path, "method": request.method})
+        if response_id not in app[STORED]:
+            return not_found(response_id)
+        if request.path.endswith("/cancel"):  # all of them are done: vLLM's answer
+            return web.json_response({"error": {"message": "Cannot cancel a synchronous response.",
+                                                "type": "invalid_request_error", "param": "response_id",
+                                                "code": 400}}, status=400)
+        return web.json_response(app[STORED][response_id])
 
     async def anthropic_messages(request: web.Request) -> web.StreamResponse:
         """Anthropic's Messages API as vLLM answers it: ``fake_output_tokens`` words (default 3,
@@ -251,6 +276,8 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/v1/responses/{id}", stored_response)
+    app.router.add_post("/v1/responses/{id}/cancel", stored_response)
     return app
 
 

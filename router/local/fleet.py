@@ -56,6 +56,8 @@ class LocalFleet:
     otlp_endpoint: str | None = None
     # Serve /v1/embeddings instead of completions: vLLM's pooling runner, the model as an embedder.
     embed: bool = False
+    # Keep Responses answers for previous_response_id and GET /v1/responses/{id} (vLLM's store).
+    store_responses: bool = False
 
     @property
     def urls(self) -> list[str]:
@@ -123,9 +125,10 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 max_model_len: int = 2048, log_dir: Path | None = None,
                 wait: bool = True, progress=print, record_state: bool = True,
                 api_key: str | None = None, otlp_endpoint: str | None = None,
-                embed: bool = False) -> LocalFleet:
+                embed: bool = False, store_responses: bool = False) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy; ``embed``:
-    embedding servers (``/v1/embeddings``) rather than completion servers."""
+    embedding servers (``/v1/embeddings``) rather than completion servers; ``store_responses``:
+    workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``)."""
     running = load_state(base_port)
     if record_state and running and any(_alive(w.pid) for w in running[0].workers):
         raise RuntimeError(f"a fleet started on port {base_port} is still running; "
@@ -137,7 +140,7 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key,
-                       otlp_endpoint=otlp_endpoint, embed=embed)
+                       otlp_endpoint=otlp_endpoint, embed=embed, store_responses=store_responses)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
@@ -166,6 +169,8 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
     }
     if fleet.api_key:
         env["VLLM_API_KEY"] = fleet.api_key
+    if fleet.store_responses:  # vLLM never evicts them: for demos and tests, not for a long run
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
                          fleet.kv_blocks, fleet.max_model_len, fleet.embed)
@@ -192,7 +197,8 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
 
 def _only(fleet: LocalFleet, i: int) -> LocalFleet:
     return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
-                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key, fleet.otlp_endpoint)
+                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key, fleet.otlp_endpoint,
+                      fleet.embed, fleet.store_responses)
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

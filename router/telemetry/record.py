@@ -162,7 +162,7 @@ class RequestRecord:
     capture: bool  # gather each try's answer text (prompt logs)
     started: float = field(default_factory=time.perf_counter)
     score: float | None = None  # the tier classifier's score
-    tier_source: str | None = None  # header, table, classifier, band or only
+    tier_source: str | None = None  # header, routes, classifier, band, cascade or previous_response
     grant: Grant | None = None  # the first try's (tenant, tags, budgets)
     downgraded: bool = False
     tries: list[Dispatch] = field(default_factory=list)

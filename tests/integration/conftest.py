@@ -57,7 +57,8 @@ def fleet(tmp_path_factory, otlp) -> Iterator[LocalFleet]:
     fleet = start_fleet(workers=2, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
                         events_port=base - 12000, served_names=SERVED_NAMES,
                         log_dir=tmp_path_factory.mktemp("fleet-logs"), progress=lambda s: None,
-                        record_state=False, otlp_endpoint=otlp.endpoint)
+                        record_state=False, otlp_endpoint=otlp.endpoint,
+                        store_responses=True)  # previous_response_id (test_responses_fleet.py)
     try:
         yield fleet
     finally:

@@ -37,8 +37,8 @@ async def test_a_responses_request_is_passed_through_and_its_usage_counted(aioht
     assert counter(metrics, "kvroute_worker_completion_tokens_total") == 6
     assert counter(metrics, "kvroute_worker_cached_prompt_tokens_total") == 16
     assert (await client.get("/v1/responses")).status == 405
-    stored = await client.get("/v1/responses/resp_x")
-    assert stored.status == 404 and "previous_response_id" in (await stored.json())["error"]["message"]
+    stored = await client.get("/v1/responses/resp_x")  # tests/unit/test_stored_responses.py has the rest
+    assert stored.status == 404 and "resp_x" in (await stored.json())["error"]["message"]
 
 
 def test_the_prompt_is_read_as_the_chat_messages_vllm_renders():

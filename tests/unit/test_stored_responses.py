@@ -1,0 +1,114 @@
+"""Stored responses (router/stored_responses.py) against two fake workers that store them as
+vLLM does: a follow-up that names one, its retrieval and its cancel reach the worker that
+holds it, whatever the policy would pick; ids the router did not see are found by asking
+the workers; another tenant's response is not found."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from kvroute.benchmarks.backends.mock import SEEN, STORED, fake_worker
+from kvroute.router import keys
+from kvroute.router.app import create_app
+from kvroute.router.config import config_from_dict
+from tests.clock import until
+from tests.governance.conftest import worker_url
+
+ASK = {"model": "m", "input": "what is a KV cache?", "max_output_tokens": 5}
+
+
+def two_workers(urls: list[str], **top):
+    """Round robin: without affinity, every other follow-up would reach the wrong worker."""
+    return config_from_dict({"models": [{"name": "m", "workers": urls, "policy": "round_robin"}],
+                             "health": {"interval_s": 60}, **top})
+
+
+async def workers(aiohttp_server) -> tuple[list, list[str]]:
+    servers = [await aiohttp_server(fake_worker(n)) for n in ("w1", "w2")]
+    return servers, [worker_url(s) for s in servers]
+
+
+async def test_a_conversation_stays_on_the_worker_that_stores_it(aiohttp_client, aiohttp_server):
+    _, urls = await workers(aiohttp_server)
+    client = await aiohttp_client(create_app(two_workers(urls)))
+    first = await client.post("/v1/responses", json=ASK)
+    holder, previous = first.headers["x-kvroute-worker"], (await first.json())["id"]
+    for turn in range(4):  # whole and streamed follow-ups, each naming the one before
+        resp = await client.post("/v1/responses", json={**ASK, "previous_response_id": previous,
+                                                        "stream": turn % 2 == 1})
+        assert resp.status == 200 and resp.headers["x-kvroute-worker"] == holder
+        if turn % 2:
+            text = (await resp.read()).decode()
+            created = text.split("\n\n")[0].split("data: ", 1)[1]
+            previous = json.loads(created)["response"]["id"]  # remembered from response.created
+        else:
+            previous = (await resp.json())["id"]
+    got = await client.get(f"/v1/responses/{previous}")
+    assert got.status == 200 and (await got.json())["id"] == previous and got.headers["x-kvroute-worker"] == holder
+    cancel = await client.post(f"/v1/responses/{previous}/cancel")  # the worker's own answer, passed on
+    assert cancel.status == 400 and (await cancel.json())["error"]["message"] == "Cannot cancel a synchronous response."
+    other = await client.post("/v1/responses", json=ASK)  # without previous_response_id: the policy picks
+    assert other.headers["x-kvroute-worker"] != holder
+
+
+async def test_an_id_made_elsewhere_is_found_by_asking_the_workers(aiohttp_client, aiohttp_server):
+    """A response made through another replica (here, straight at the worker) or before a
+    restart: the workers are asked, and the one that answers holds it."""
+    servers, urls = await workers(aiohttp_server)
+    client = await aiohttp_client(create_app(two_workers(urls)))
+    async with aiohttp.ClientSession() as session, session.post(f"{urls[1]}/v1/responses",
+                                                                json={**ASK, "model": "m"}) as resp:
+        made = (await resp.json())["id"]
+    got = await client.get(f"/v1/responses/{made}")
+    assert got.status == 200 and got.headers["x-kvroute-worker"] == urls[1]
+    for _ in range(2):
+        follow = await client.post("/v1/responses", json={**ASK, "previous_response_id": made})
+        assert follow.status == 200 and follow.headers["x-kvroute-worker"] == urls[1]
+    asked = [x for x in servers[0].app[SEEN] if x.get("method") == "GET"]
+    assert len(asked) == 1  # asked once, then remembered
+
+
+async def test_unknown_unstored_and_malformed_ids(aiohttp_client, aiohttp_server):
+    _, urls = await workers(aiohttp_server)
+    client = await aiohttp_client(create_app(two_workers(urls)))
+    missing = await client.post("/v1/responses", json={**ASK, "previous_response_id": "resp_nowhere"})
+    error = (await missing.json())["error"]
+    assert missing.status == 404 and error["param"] == "previous_response_id" and "resp_nowhere" in error["message"]
+    assert (await client.get("/v1/responses/resp_nowhere")).status == 404
+    unstored = await client.post("/v1/responses", json={**ASK, "store": False})
+    follow = await client.post("/v1/responses", json={**ASK, "previous_response_id": (await unstored.json())["id"]})
+    assert follow.status == 404  # store: false keeps nothing, on the worker or in the router
+    bad = await client.post("/v1/responses", json={**ASK, "previous_response_id": "../../v1/models"})
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "previous_response_id"
+    assert (await client.get("/v1/responses/resp%20x")).status == 404
+    assert (await client.delete("/v1/responses/resp_x")).status == 404
+
+
+async def test_the_holder_down_is_a_503_not_another_worker(aiohttp_client, aiohttp_server):
+    servers, urls = await workers(aiohttp_server)
+    client = await aiohttp_client(create_app(two_workers(urls, health={"interval_s": 0.05, "timeout_s": 1})))
+    first = await client.post("/v1/responses", json=ASK)
+    holder = first.headers["x-kvroute-worker"]
+    await servers[urls.index(holder)].close()
+    pool = client.app[keys.ROUTES].get("m").tiers[0].pool
+    await until(lambda: not pool.get(holder).healthy, timeout=10)
+    follow = await client.post("/v1/responses", json={**ASK, "previous_response_id": (await first.json())["id"]})
+    error = (await follow.json())["error"]
+    assert follow.status == 503 and holder in error["message"] and error["param"] == "previous_response_id"
+
+
+async def test_another_tenants_response_is_not_found(aiohttp_client, aiohttp_server):
+    servers, urls = await workers(aiohttp_server)
+    governance = {"tenants": [{"name": "a", "keys": ["sk-a"]}, {"name": "b", "keys": ["sk-b"]}]}
+    client = await aiohttp_client(create_app(two_workers(urls, governance=governance)))
+    a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+    first = await client.post("/v1/responses", json=ASK, headers=a)
+    made = (await first.json())["id"]
+    assert made in {k for s in servers for k in s.app[STORED]}
+    assert (await client.get(f"/v1/responses/{made}", headers=b)).status == 404
+    assert (await client.post("/v1/responses", json={**ASK, "previous_response_id": made}, headers=b)).status == 404
+    assert (await client.get(f"/v1/responses/{made}", headers=a)).status == 200
+    assert (await client.get(f"/v1/responses/{made}", headers={"Authorization": "Bearer sk-wrong"})).status == 401
+    assert (await client.get(f"/v1/responses/{made}")).status == 401
