@@ -198,6 +198,11 @@ def _chat_text_approx(messages: list[dict]) -> str:
     return "".join(f"<{m.get('role', '')}>{normalize_content(m.get('content'))}" for m in messages)
 
 
+def _approx_text(body: dict) -> str:
+    messages = body.get("messages")
+    return _chat_text_approx(messages) if messages is not None else _prompt_text(body["prompt"])
+
+
 class Prefixer:
     """Computes ``PromptKeys`` for one model's requests, exact or approximate.
 
@@ -231,9 +236,12 @@ class Prefixer:
                 return PromptKeys(tuple(chain_keys(ids, block_size)), len(ids), block_size, True)
         return self._approximate(body)
 
+    def estimate(self, body: dict) -> PromptKeys:
+        """No block keys, and the prompt's tokens estimated (characters / 4), without a tokenizer."""
+        return PromptKeys((), max(1, len(_approx_text(body)) // 4), max(1, self.chunk_chars // 4), False)
+
     def _approximate(self, body: dict) -> PromptKeys:
-        messages = body.get("messages")
-        text = _chat_text_approx(messages) if messages is not None else _prompt_text(body["prompt"])
+        text = _approx_text(body)
         tokens_per_chunk = max(1, self.chunk_chars // 4)
         keys = text_chunk_keys(text, self.chunk_chars)
         return PromptKeys(tuple(keys), max(1, len(text) // 4), tokens_per_chunk, False)

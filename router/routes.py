@@ -25,7 +25,7 @@ from kvroute.router.metrics import RouterMetrics
 from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
 from kvroute.router.prefix import Prefixer, PromptTokenizer, rest_of_batch_tokens
-from kvroute.router.requests import ParsedRequest
+from kvroute.router.requests import COUNT_TOKENS, ParsedRequest
 from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
 from kvroute.router.tls import client_context
@@ -73,7 +73,10 @@ class ModelRoute:
     async def context(self, req: ParsedRequest) -> RequestContext:
         """What a policy sees of ``req`` on this route: its block keys, sizes and session."""
         view = req.prompt_view  # an embeddings input reads as a prompt, a Responses input as messages
-        pk = await self.prefixer.keys(view, self.block_size)
+        if req.kind == COUNT_TOKENS:  # the worker only counts: nothing to route by, nothing cached to record
+            pk = self.prefixer.estimate(view)
+        else:
+            pk = await self.prefixer.keys(view, self.block_size)
         session = req.headers.get("x-kvroute-session") or req.body.get("user")
         return RequestContext(
             model=self.cfg.name,

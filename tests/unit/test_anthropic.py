@@ -128,3 +128,17 @@ async def test_count_tokens_is_passed_through_and_charges_nothing(aiohttp_client
     await gov.drain()
     state = next(s for k, s in gov.store._states.items() if k.startswith("day:"))
     assert state.used_t == 0 and state.res_t == 0  # nothing generated, no usage: nothing spent
+
+
+async def test_a_token_count_leaves_no_trace_in_the_prefix_index(aiohttp_client, upstream):
+    """The worker only counts: nothing is prefilled, so the count records no blocks there
+    and a request after it is not predicted a cache hit it will not get."""
+    client = await aiohttp_client(create_app(config(worker_url(upstream))))
+    long = {**ASK, "system": "You are the platform team's coding agent. " * 40}
+    count = await client.post("/v1/messages/count_tokens", json={k: v for k, v in long.items() if k != "max_tokens"})
+    assert count.status == 200 and count.headers["x-kvroute-predicted-cached-tokens"] == "0"
+    assert len(client.app[keys.ROUTES].get("tiny").tiers[0].index) == 0
+    first = await client.post("/v1/messages", json=long)
+    assert first.headers["x-kvroute-predicted-cached-tokens"] == "0"  # the count cached nothing
+    again = await client.post("/v1/messages", json=long)
+    assert int(again.headers["x-kvroute-predicted-cached-tokens"]) > 0
