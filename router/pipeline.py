@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 async def run_request(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
     """A plain or tiered model: choose the tier, then one attempt."""
-    holder = await previous_response(request, req, served) if req.kind == RESPONSES else None
+    holder = await previous_response(request, req, served) if req.continues_stored else None
     if holder is not None:  # only the worker that stored the conversation can continue it
         if (record := request.get(keys.RECORD)) is not None:
             record.on_tier(holder.route.cfg.tier, None, "previous_response")
@@ -57,12 +57,10 @@ async def run_request(request: web.Request, req: ParsedRequest, served: ServedMo
     return (await attempt(request, served, route, req)).response
 
 
-async def previous_response(request: web.Request, req: ParsedRequest, served: ServedModel) -> Holder | None:
+async def previous_response(request: web.Request, req: ParsedRequest, served: ServedModel) -> Holder:
     """The route and worker that hold a Responses request's ``previous_response_id``
-    (router/stored_responses.py); None without one; 404 when no worker holds it."""
-    previous = req.body.get("previous_response_id")
-    if not previous:
-        return None
+    (router/stored_responses.py); 404 when no worker holds it."""
+    previous = req.body["previous_response_id"]
     app = request.app
     holder = await app[keys.STORED_RESPONSES].find(app[keys.SESSION], previous, owner(request))
     if holder is None:

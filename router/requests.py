@@ -72,6 +72,11 @@ class ParsedRequest:
             value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
 
+    @property
+    def continues_stored(self) -> bool:
+        """A Responses request that continues a stored one: most of its prompt is on a worker."""
+        return self.kind == RESPONSES and bool(self.body.get("previous_response_id"))
+
     def with_max_tokens(self, n: int) -> ParsedRequest:
         """The same request asking for ``n`` completion tokens, under the key the client used."""
         if self.kind == RESPONSES:

@@ -73,7 +73,9 @@ class ModelRoute:
     async def context(self, req: ParsedRequest) -> RequestContext:
         """What a policy sees of ``req`` on this route: its block keys, sizes and session."""
         view = req.prompt_view  # an embeddings input reads as a prompt, a Responses input as messages
-        if req.kind == COUNT_TOKENS:  # the worker only counts: nothing to route by, nothing cached to record
+        if req.kind == COUNT_TOKENS or req.continues_stored:
+            # A count prefills nothing; a stored conversation's prompt is on its worker, not
+            # in the request. No keys to route by, or to record as cached.
             pk = self.prefixer.estimate(view)
         else:
             pk = await self.prefixer.keys(view, self.block_size)

@@ -39,6 +39,7 @@ async def test_a_conversation_stays_on_the_worker_that_stores_it(aiohttp_client,
         resp = await client.post("/v1/responses", json={**ASK, "previous_response_id": previous,
                                                         "stream": turn % 2 == 1})
         assert resp.status == 200 and resp.headers["x-kvroute-worker"] == holder
+        assert resp.headers["x-kvroute-predicted-cached-tokens"] == "0"  # the router sees only the new input
         if turn % 2:
             text = (await resp.read()).decode()
             created = text.split("\n\n")[0].split("data: ", 1)[1]
