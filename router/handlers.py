@@ -33,6 +33,7 @@ from kvroute.router.requests import (
 from kvroute.router.routes import ServedModel
 
 log = logging.getLogger(__name__)
+_LOGGED = frozenset(PATHS.values())  # API routes outside /v1/ (vLLM's /tokenize, /detokenize) are logged too
 
 
 @web.middleware
@@ -72,7 +73,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 async def access_log_middleware(request: web.Request, handler) -> web.StreamResponse:
     """One access-log line per API request (``telemetry.access_log``), with the status the
     client got; outside the error middleware, so errors are logged as answered."""
-    if not request.path.startswith("/v1/"):
+    if not request.path.startswith("/v1/") and request.path not in _LOGGED:
         return await handler(request)  # probes and scrapes: not logged
     started, status = time.perf_counter(), 500
     try:
@@ -239,7 +240,7 @@ async def method_not_allowed(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    for kind, path in PATHS.items():  # chat, completions, embeddings, Responses, Anthropic Messages
+    for kind, path in PATHS.items():  # chat, completions, embeddings, Responses, Anthropic, token APIs
         app.router.add_post(path, _api(kind))
     app.router.add_get("/v1/responses/{id}", stored_response)
     app.router.add_post("/v1/responses/{id}/cancel", stored_response)

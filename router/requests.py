@@ -25,8 +25,13 @@ EMBEDDING = "embedding"
 RESPONSES = "responses"  # OpenAI's Responses API
 MESSAGES = "messages"  # Anthropic's Messages API, which vLLM also serves
 COUNT_TOKENS = "count_tokens"  # its token count: a prompt, nothing generated
+TOKENIZE = "tokenize"  # vLLM's /tokenize and /detokenize: the model's own tokenizer, on a worker
+DETOKENIZE = "detokenize"
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
-         RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens"}
+         RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
+         TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize"}
+# Requests a worker answers without a prefill: nothing to route by, cache, or generate.
+NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE})
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
@@ -52,7 +57,7 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    kind: str  # CHAT, COMPLETION, EMBEDDING, RESPONSES, MESSAGES or COUNT_TOKENS
+    kind: str  # CHAT, COMPLETION, EMBEDDING, RESPONSES, MESSAGES, COUNT_TOKENS, TOKENIZE or DETOKENIZE
     path: str  # upstream path, e.g. /v1/chat/completions
     body: dict
     model: str
@@ -64,7 +69,7 @@ class ParsedRequest:
     def max_tokens(self) -> int | None:
         """The completion tokens asked for: ``max_completion_tokens``, else ``max_tokens``;
         0 for embeddings and token counts, which generate none."""
-        if self.kind in (EMBEDDING, COUNT_TOKENS):
+        if self.kind == EMBEDDING or self.kind in NO_PREFILL:
             return 0
         if self.kind == RESPONSES:
             value = self.body.get("max_output_tokens")
@@ -96,6 +101,8 @@ class ParsedRequest:
             return responses_as_chat(self.body)
         if self.kind in (MESSAGES, COUNT_TOKENS):
             return anthropic_as_chat(self.body)
+        if self.kind == DETOKENIZE:
+            return {"prompt": self.body["tokens"]}
         return self.body
 
 
@@ -302,6 +309,16 @@ def _check_responses(body: dict) -> None:
                              param="previous_response_id")
 
 
+def _check_tokenize(body: dict) -> None:
+    """vLLM's /tokenize takes a completion's ``prompt`` (a string) or a chat's ``messages``."""
+    if ("prompt" in body) == ("messages" in body):
+        raise InvalidRequest("'/tokenize' takes either 'prompt' or 'messages'", param="prompt")
+    if "prompt" in body and not isinstance(body["prompt"], str):
+        raise InvalidRequest("'prompt' must be a string", param="prompt")
+    if "messages" in body:
+        _check_messages(body["messages"])
+
+
 def _check_anthropic(body: dict) -> None:
     """The fields of a Messages request the router reads: ``messages`` (roles, and content as
     a string or blocks), ``system`` and ``tools``."""
@@ -362,6 +379,11 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_responses(body)
     elif kind in (MESSAGES, COUNT_TOKENS):
         _check_anthropic(body)
+    elif kind == TOKENIZE:
+        _check_tokenize(body)
+    elif kind == DETOKENIZE:
+        if not _ids(body.get("tokens")):
+            raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")
     else:
         if "prompt" not in body:
             raise InvalidRequest("'prompt' is required", param="prompt")
@@ -371,6 +393,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         if body.get("messages") is not None:
             _check_messages(body["messages"])
     stream = bool(_field(body, "stream", (bool,), "a boolean"))
+    if stream and kind in NO_PREFILL:
+        raise InvalidRequest(f"'stream' is not supported on {PATHS[kind]}", param="stream")
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = _field(body, name, (int,), "an integer")
         if value is not None and value < 1:

@@ -25,7 +25,7 @@ from kvroute.router.metrics import RouterMetrics
 from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
 from kvroute.router.prefix import Prefixer, PromptTokenizer, rest_of_batch_tokens
-from kvroute.router.requests import COUNT_TOKENS, ParsedRequest
+from kvroute.router.requests import NO_PREFILL, ParsedRequest
 from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
 from kvroute.router.tls import client_context
@@ -73,8 +73,8 @@ class ModelRoute:
     async def context(self, req: ParsedRequest) -> RequestContext:
         """What a policy sees of ``req`` on this route: its block keys, sizes and session."""
         view = req.prompt_view  # an embeddings input reads as a prompt, a Responses input as messages
-        if req.kind == COUNT_TOKENS or req.continues_stored:
-            # A count prefills nothing; a stored conversation's prompt is on its worker, not
+        if req.kind in NO_PREFILL or req.continues_stored:
+            # A token count prefills nothing; a stored conversation's prompt is on its worker, not
             # in the request. No keys to route by, or to record as cached.
             pk = self.prefixer.estimate(view)
         else:

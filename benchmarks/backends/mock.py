@@ -270,6 +270,21 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         app[SEEN].append({**body, "path": request.path})
         return web.json_response({"input_tokens": len(orjson.dumps(body["messages"])) // 4})
 
+    async def tokenize(request: web.Request) -> web.Response:
+        """One token per byte of the prompt (or of the messages' JSON)."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        text = body["prompt"] if "prompt" in body else orjson.dumps(body["messages"]).decode()
+        ids = list(text.encode())
+        return web.json_response({"count": len(ids), "max_model_len": 2048, "tokens": ids})
+
+    async def detokenize(request: web.Request) -> web.Response:
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        return web.json_response({"prompt": bytes(t % 256 for t in body["tokens"]).decode(errors="replace")})
+
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/v1/messages", anthropic_messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/chat/completions", completion)

@@ -18,10 +18,12 @@ from kvroute.router.requests import (
     CHAT,
     COMPLETION,
     COUNT_TOKENS,
+    DETOKENIZE,
     EMBEDDING,
     MESSAGES,
     REQUEST_ID,
     RESPONSES,
+    TOKENIZE,
     ParsedRequest,
 )
 from kvroute.router.telemetry.config import TelemetryConfig
@@ -36,9 +38,9 @@ if TYPE_CHECKING:
 __all__ = ["Capture", "RequestRecord", "Telemetry"]
 
 TAGS = ("agent", "task", "feature", "user")
-# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (count_tokens: kvroute's)
+# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (the token APIs: kvroute's)
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
-               MESSAGES: "chat", COUNT_TOKENS: "count_tokens"}
+               MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize"}
 
 
 class Telemetry:

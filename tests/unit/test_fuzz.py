@@ -41,10 +41,13 @@ VALID_RESPONSES = {"model": "tiny", "input": [{"role": "user", "content": [{"typ
                    "instructions": "be brief", "max_output_tokens": 3}
 VALID_MESSAGES = {"model": "tiny", "max_tokens": 3, "system": "be brief",
                   "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+VALID_TOKENIZE = {"model": "tiny", "prompt": "hello"}
+VALID_DETOKENIZE = {"model": "tiny", "tokens": [104, 105]}
 VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
-         "/v1/responses": VALID_RESPONSES, "/v1/messages": VALID_MESSAGES}
+         "/v1/responses": VALID_RESPONSES, "/v1/messages": VALID_MESSAGES, "/tokenize": VALID_TOKENIZE,
+         "/detokenize": VALID_DETOKENIZE}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-         "/v1/models", "/health", "/livez", "/readyz", "/metrics",
+         "/tokenize", "/detokenize", "/v1/responses/resp_x", "/v1/responses/resp_x/cancel", "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
 METHODS = ["POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "post", "BREW"]
 # Headers the router reads, and a few it does not; never the framing ones (see above).
@@ -69,7 +72,7 @@ json_values = st.recursive(json_scalars, lambda kids: st.one_of(
 
 FIELDS = ["model", "messages", "prompt", "stream", "max_tokens", "max_completion_tokens", "n", "temperature",
           "top_p", "stream_options", "tools", "user", "input", "instructions", "max_output_tokens",
-          "encoding_format", "dimensions", "previous_response_id", "system"]
+          "encoding_format", "dimensions", "previous_response_id", "system", "tokens", "store"]
 
 
 def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4):
@@ -84,7 +87,8 @@ def mutated_request(draw, valid: dict | None = None) -> bytes:
     fields set to junk, deleted, or a junk message."""
     base = valid or draw(st.sampled_from(list(VALID.values())))
     body = dict(base)
-    if base is not VALID_EMBEDDING or draw(st.integers(0, 3)) == 0:  # embeddings refuse any stream
+    if base not in (VALID_EMBEDDING, VALID_TOKENIZE, VALID_DETOKENIZE) or draw(st.integers(0, 3)) == 0:
+        # embeddings and the token APIs refuse any stream
         body["stream"] = draw(st.booleans())
     for _ in range(mostly(draw, st.just(0), st.integers(1, 3), odds=2)):
         name = draw(st.sampled_from(FIELDS))
