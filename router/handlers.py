@@ -20,6 +20,7 @@ from kvroute.router.errors import (
 from kvroute.router.governance.api import add_governance_routes
 from kvroute.router.proxy import relay_as_is
 from kvroute.router.requests import (
+    ALIASES,
     CHAT,
     COMPLETION,
     PATHS,
@@ -33,7 +34,7 @@ from kvroute.router.requests import (
 from kvroute.router.routes import ServedModel
 
 log = logging.getLogger(__name__)
-_LOGGED = frozenset(PATHS.values())  # API routes outside /v1/ (vLLM's /tokenize, /detokenize) are logged too
+_LOGGED = frozenset({*PATHS.values(), *ALIASES})  # API routes outside /v1/ (vLLM's /tokenize, /rerank...) too
 
 
 @web.middleware
@@ -240,13 +241,13 @@ async def method_not_allowed(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    for kind, path in PATHS.items():  # chat, completions, embeddings, Responses, Anthropic, token APIs
+    for path, kind in {**{p: k for k, p in PATHS.items()}, **ALIASES}.items():  # every API vLLM serves
         app.router.add_post(path, _api(kind))
     app.router.add_get("/v1/responses/{id}", stored_response)
     app.router.add_post("/v1/responses/{id}/cancel", stored_response)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)  # ids may hold slashes (org/name)
-    for path in PATHS.values():
+    for path in (*PATHS.values(), *ALIASES):
         app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)

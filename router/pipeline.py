@@ -28,7 +28,7 @@ from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorke
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
-from kvroute.router.requests import EMBEDDING, NO_PREFILL, REQUEST_ID, RESPONSES, ParsedRequest, authorization
+from kvroute.router.requests import NO_PREFILL, POOLING, REQUEST_ID, RESPONSES, ParsedRequest, authorization
 from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.routing_table import ROUTE_RULE, RouteRule
 from kvroute.router.stored_responses import Holder
@@ -162,7 +162,7 @@ async def choose_tier(served: ServedModel, req: ParsedRequest, *,
             if record is not None:
                 record.on_tier(route.cfg.tier, None, "routes")
             return route
-    if served.chooser is not None and req.kind != EMBEDDING and req.kind not in NO_PREFILL:  # questions only
+    if served.chooser is not None and req.kind not in POOLING and req.kind not in NO_PREFILL:  # questions only
         index, score = await served.chooser.choose(prompt_text(req.prompt_view))
         if record is not None:
             record.on_tier(served.tiers[index].cfg.tier, score, "classifier")

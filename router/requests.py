@@ -27,11 +27,19 @@ MESSAGES = "messages"  # Anthropic's Messages API, which vLLM also serves
 COUNT_TOKENS = "count_tokens"  # its token count: a prompt, nothing generated
 TOKENIZE = "tokenize"  # vLLM's /tokenize and /detokenize: the model's own tokenizer, on a worker
 DETOKENIZE = "detokenize"
+SCORE = "score"  # vLLM's scoring and rerank APIs, on pooling workers: text pairs scored, nothing generated
+RERANK = "rerank"
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
          RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
-         TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize"}
+         TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank"}
+# vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
+ALIASES = {"/v1/score": SCORE, "/v1/rerank": RERANK, "/v2/rerank": RERANK}
 # Requests a worker answers without a prefill: nothing to route by, cache, or generate.
 NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE})
+# Requests a worker prefills and generates nothing for.
+POOLING = frozenset({EMBEDDING, SCORE, RERANK})
+# A score request's two sides, in the forms vLLM takes.
+_SCORE_SIDES = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
@@ -57,7 +65,7 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    kind: str  # CHAT, COMPLETION, EMBEDDING, RESPONSES, MESSAGES, COUNT_TOKENS, TOKENIZE or DETOKENIZE
+    kind: str  # one of PATHS' keys
     path: str  # upstream path, e.g. /v1/chat/completions
     body: dict
     model: str
@@ -69,7 +77,7 @@ class ParsedRequest:
     def max_tokens(self) -> int | None:
         """The completion tokens asked for: ``max_completion_tokens``, else ``max_tokens``;
         0 for embeddings and token counts, which generate none."""
-        if self.kind == EMBEDDING or self.kind in NO_PREFILL:
+        if self.kind in POOLING or self.kind in NO_PREFILL:
             return 0
         if self.kind == RESPONSES:
             value = self.body.get("max_output_tokens")
@@ -93,10 +101,13 @@ class ParsedRequest:
     @cached_property
     def prompt_view(self) -> dict:
         """The prompt as the router reads it (prefix keys, the classifier, loops, prompt logs):
-        a chat's or completion's body; ``{"prompt": input}`` for embeddings; a Responses or
-        Anthropic Messages request as the chat messages vLLM renders from it."""
+        a chat's or completion's body; ``{"prompt": input}`` for embeddings, and a score's or
+        rerank's texts, query first; a Responses or Anthropic Messages request as the chat
+        messages vLLM renders from it."""
         if self.kind == EMBEDDING:
             return {"prompt": self.body["input"]}
+        if self.kind in (SCORE, RERANK):
+            return {"prompt": pair_texts(self.kind, self.body)}
         if self.kind == RESPONSES:
             return responses_as_chat(self.body)
         if self.kind in (MESSAGES, COUNT_TOKENS):
@@ -104,6 +115,18 @@ class ParsedRequest:
         if self.kind == DETOKENIZE:
             return {"prompt": self.body["tokens"]}
         return self.body
+
+
+def pair_texts(kind: str, body: dict) -> list[str]:
+    """A score or rerank request's texts, its first side (the query) first: the query's keys
+    route it, and every text counts toward load and budgets. Images are left out."""
+    if kind == RERANK:
+        sides = (body["query"], body["documents"])
+    else:
+        first, second = next(pair for pair in _SCORE_SIDES if pair[0] in body and pair[1] in body)
+        sides = (body[first], body[second])
+    texts = [t for side in sides for t in (side if isinstance(side, list) else [side]) if isinstance(t, str)]
+    return texts or [""]
 
 
 def responses_as_chat(body: dict) -> dict:
@@ -309,6 +332,29 @@ def _check_responses(body: dict) -> None:
                              param="previous_response_id")
 
 
+def _check_scoring(kind: str, body: dict) -> None:
+    """A rerank's ``query`` and ``documents``; a score's two sides, in one of vLLM's forms.
+    Each side is a text (or a multimodal object) or a non-empty list of them."""
+    if kind == RERANK:
+        if not isinstance(body.get("query"), (str, dict)):
+            raise InvalidRequest("'query' is required: a string", param="query")
+        names: tuple[str, ...] = ("documents",)
+        top_n = _field(body, "top_n", (int,), "an integer")
+        if top_n is not None and top_n < 0:
+            raise InvalidRequest("'top_n' must be at least 0", param="top_n")
+    else:
+        pair = next((p for p in _SCORE_SIDES if p[0] in body and p[1] in body), None)
+        if pair is None:
+            raise InvalidRequest("'/score' takes 'text_1' and 'text_2' (or 'data_1' and 'data_2', 'queries' and "
+                                 "'documents', 'queries' and 'items')", param="text_1")
+        names = pair
+    for name in names:
+        side = body.get(name)
+        if not (isinstance(side, (str, dict)) or (
+                isinstance(side, list) and side and all(isinstance(x, (str, dict)) for x in side))):
+            raise InvalidRequest(f"'{name}' must be a string or a non-empty list of strings", param=name)
+
+
 def _check_tokenize(body: dict) -> None:
     """vLLM's /tokenize takes a completion's ``prompt`` (a string) or a chat's ``messages``."""
     if ("prompt" in body) == ("messages" in body):
@@ -381,6 +427,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_anthropic(body)
     elif kind == TOKENIZE:
         _check_tokenize(body)
+    elif kind in (SCORE, RERANK):
+        _check_scoring(kind, body)
     elif kind == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")
@@ -393,7 +441,7 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         if body.get("messages") is not None:
             _check_messages(body["messages"])
     stream = bool(_field(body, "stream", (bool,), "a boolean"))
-    if stream and kind in NO_PREFILL:
+    if stream and (kind in NO_PREFILL or kind in POOLING):
         raise InvalidRequest(f"'stream' is not supported on {PATHS[kind]}", param="stream")
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = _field(body, name, (int,), "an integer")

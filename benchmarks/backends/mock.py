@@ -283,6 +283,27 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         app[SEEN].append({**body, "path": request.path})
         return web.json_response({"prompt": bytes(t % 256 for t in body["tokens"]).decode(errors="replace")})
 
+    async def scores(request: web.Request) -> web.Response:
+        """vLLM's /score and /rerank on an embedding model: each document scored against the
+        query; here by shared characters."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        query = body.get("query", body.get("text_1"))
+        docs = body.get("documents", body.get("text_2"))
+        docs = docs if isinstance(docs, list) else [docs]
+        score = [len(set(str(query)) & set(str(d))) / 100 for d in docs]
+        usage = {"prompt_tokens": sum(len(str(d)) // 4 + 1 for d in [query, *docs]), "completion_tokens": 0}
+        usage["total_tokens"] = usage["prompt_tokens"]
+        if request.path == "/score":
+            return web.json_response({"id": "score-x", "object": "list", "model": body["model"], "usage": usage,
+                                      "data": [{"index": i, "object": "score", "score": v}
+                                               for i, v in enumerate(score)]})
+        ranked = sorted(range(len(docs)), key=lambda i: -score[i])[:body.get("top_n") or None]
+        return web.json_response({"id": "rerank-x", "model": body["model"], "usage": usage, "results": [
+            {"index": i, "document": {"text": docs[i]}, "relevance_score": score[i]} for i in ranked]})
+
+    app.router.add_post("/score", scores)
+    app.router.add_post("/rerank", scores)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/v1/messages", anthropic_messages)

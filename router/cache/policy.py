@@ -22,7 +22,7 @@ import orjson
 
 from kvroute.router.cache.config import ExactCacheConfig, SemanticCacheConfig
 from kvroute.router.errors import InvalidRequest
-from kvroute.router.requests import EMBEDDING, MESSAGES, NO_PREFILL, RESPONSES, ParsedRequest
+from kvroute.router.requests import EMBEDDING, MESSAGES, NO_PREFILL, RERANK, RESPONSES, SCORE, ParsedRequest
 
 HEADER = "x-kvroute-cache"
 _DROPPED = ("stream", "stream_options", "user")
@@ -36,8 +36,8 @@ class Mode(enum.Enum):
 
 def decide(req: ParsedRequest, cache_control: str | None, cfg: ExactCacheConfig | SemanticCacheConfig) -> Mode:
     asked = req.headers.get(HEADER)
-    if req.kind in (RESPONSES, MESSAGES) or req.kind in NO_PREFILL:
-        return Mode.BYPASS  # streams of these APIs are not ones the cache can replay; a count is cheap
+    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK) or req.kind in NO_PREFILL:
+        return Mode.BYPASS  # answers the cache cannot replay (streams of these APIs, scores); a count is cheap
     if asked is not None and asked.strip().lower() not in ("use", "refresh", "bypass"):
         raise InvalidRequest(f"Header '{HEADER}' must be use, refresh or bypass", param=HEADER)
     asked = asked.strip().lower() if asked else None

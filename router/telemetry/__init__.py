@@ -22,7 +22,9 @@ from kvroute.router.requests import (
     EMBEDDING,
     MESSAGES,
     REQUEST_ID,
+    RERANK,
     RESPONSES,
+    SCORE,
     TOKENIZE,
     ParsedRequest,
 )
@@ -40,7 +42,8 @@ __all__ = ["Capture", "RequestRecord", "Telemetry"]
 TAGS = ("agent", "task", "feature", "user")
 # gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (the token APIs: kvroute's)
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
-               MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize"}
+               MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
+               SCORE: "score", RERANK: "rerank"}
 
 
 class Telemetry:

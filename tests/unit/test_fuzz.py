@@ -43,11 +43,14 @@ VALID_MESSAGES = {"model": "tiny", "max_tokens": 3, "system": "be brief",
                   "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
 VALID_TOKENIZE = {"model": "tiny", "prompt": "hello"}
 VALID_DETOKENIZE = {"model": "tiny", "tokens": [104, 105]}
+VALID_RERANK = {"model": "tiny", "query": "what is a KV cache?", "documents": ["a cache", "a router"], "top_n": 1}
+VALID_SCORE = {"model": "tiny", "text_1": "what is a KV cache?", "text_2": ["a cache", "a router"]}
 VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
          "/v1/responses": VALID_RESPONSES, "/v1/messages": VALID_MESSAGES, "/tokenize": VALID_TOKENIZE,
-         "/detokenize": VALID_DETOKENIZE}
+         "/detokenize": VALID_DETOKENIZE, "/rerank": VALID_RERANK, "/v1/score": VALID_SCORE}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-         "/tokenize", "/detokenize", "/v1/responses/resp_x", "/v1/responses/resp_x/cancel", "/v1/models", "/health", "/livez", "/readyz", "/metrics",
+         "/tokenize", "/detokenize", "/rerank", "/v1/score", "/v1/responses/resp_x", "/v1/responses/resp_x/cancel",
+         "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
 METHODS = ["POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "post", "BREW"]
 # Headers the router reads, and a few it does not; never the framing ones (see above).
@@ -72,7 +75,8 @@ json_values = st.recursive(json_scalars, lambda kids: st.one_of(
 
 FIELDS = ["model", "messages", "prompt", "stream", "max_tokens", "max_completion_tokens", "n", "temperature",
           "top_p", "stream_options", "tools", "user", "input", "instructions", "max_output_tokens",
-          "encoding_format", "dimensions", "previous_response_id", "system", "tokens", "store"]
+          "encoding_format", "dimensions", "previous_response_id", "system", "tokens", "store", "query",
+          "documents", "top_n", "text_1", "text_2", "queries"]
 
 
 def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4):
@@ -87,8 +91,8 @@ def mutated_request(draw, valid: dict | None = None) -> bytes:
     fields set to junk, deleted, or a junk message."""
     base = valid or draw(st.sampled_from(list(VALID.values())))
     body = dict(base)
-    if base not in (VALID_EMBEDDING, VALID_TOKENIZE, VALID_DETOKENIZE) or draw(st.integers(0, 3)) == 0:
-        # embeddings and the token APIs refuse any stream
+    if base not in (VALID_EMBEDDING, VALID_TOKENIZE, VALID_DETOKENIZE, VALID_RERANK, VALID_SCORE) or \
+            draw(st.integers(0, 3)) == 0:  # the APIs that generate nothing refuse any stream
         body["stream"] = draw(st.booleans())
     for _ in range(mostly(draw, st.just(0), st.integers(1, 3), odds=2)):
         name = draw(st.sampled_from(FIELDS))
