@@ -223,9 +223,10 @@ async def _proxy_with_retry(request: web.Request, route: ModelRoute, ctx: Reques
     remember = _remember_response(request, route, req)
     while True:
         if worker is None and pin is not None:
-            if not pin.healthy:
+            if pin not in route.pool.healthy():  # down, or its circuit breaker open
                 raise NoHealthyWorker(f"The worker that holds response '{req.body['previous_response_id']}' "
-                                      f"({pin.url}) is not healthy; retry later.", param="previous_response_id")
+                                      f"({pin.url}) is not taking requests; retry later.",
+                                      param="previous_response_id")
             worker = pin
         elif worker is None:
             worker = _choose_worker_traced(app, route, ctx, tried, record)
