@@ -9,17 +9,20 @@ holds the conversation's KV cache, so it is the cheapest worker for the follow-u
 The router remembers the worker of each response it relayed (the newest ``LIMIT``). An id
 it does not know, made through another replica or process or before a restart, is looked
 up by asking every healthy worker at once (``GET /v1/responses/{id}``): the one that
-answers 200 holds it. A response's tenant (with governance) is remembered with it, and
-another tenant's request for it is a 404; one found by asking the workers has no tenant on
-record, and its id, 128 random bits, is what guards it, as in OpenAI's API.
+answers 200 holds it; an id none holds is not asked for again for ``MISSING_TTL_S``.
+
+A response's tenant (with governance) is remembered with it, and another tenant's request
+for it is a 404; one found by asking the workers has no tenant on record, and its id, 128
+random bits, is what guards it, as in OpenAI's API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,6 +34,10 @@ log = logging.getLogger(__name__)
 
 LIMIT = 100_000  # ids remembered; about 270 bytes each with the id, 27 MB when full
 LOOKUP_TIMEOUT_S = 5.0
+# An id no worker held is not asked for again this soon: a client repeating unknown ids
+# must not turn each request into a call to every worker.
+MISSING_TTL_S = 10.0
+MISSING_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,12 @@ class _Entry:
 
 
 class StoredResponses:
-    def __init__(self, routes: ModelRoutes, limit: int = LIMIT):
+    def __init__(self, routes: ModelRoutes, limit: int = LIMIT, now: Callable[[], float] = time.monotonic):
         self._routes = routes
         self._limit = limit
+        self._now = now
         self._held: OrderedDict[str, _Entry] = OrderedDict()
+        self._missing: OrderedDict[str, float] = OrderedDict()  # id -> when the workers were asked
 
     def remember(self, response_id: str, route: ModelRoute, worker: Worker, owner: str | None) -> None:
         self._held[response_id] = _Entry(route.cfg.key, worker.url, owner)
@@ -71,10 +80,19 @@ class StoredResponses:
                 return Holder(route, worker)
             del self._held[response_id]  # its worker left the pool, and its memory with it
             return None
+        asked = self._missing.get(response_id)
+        if asked is not None and self._now() - asked < MISSING_TTL_S:
+            return None
         holder = await self._ask_workers(session, response_id)
         if holder is not None:
+            self._missing.pop(response_id, None)
             self.remember(response_id, holder.route, holder.worker, None)
-        return holder
+            return holder
+        self._missing[response_id] = self._now()
+        self._missing.move_to_end(response_id)
+        if len(self._missing) > MISSING_LIMIT:
+            self._missing.popitem(last=False)
+        return None
 
     async def _ask_workers(self, session: aiohttp.ClientSession, response_id: str) -> Holder | None:
         candidates = list(_healthy(self._routes.by_key.values()))

@@ -72,12 +72,14 @@ async def test_an_id_made_elsewhere_is_found_by_asking_the_workers(aiohttp_clien
 
 
 async def test_unknown_unstored_and_malformed_ids(aiohttp_client, aiohttp_server):
-    _, urls = await workers(aiohttp_server)
+    servers, urls = await workers(aiohttp_server)
     client = await aiohttp_client(create_app(two_workers(urls)))
     missing = await client.post("/v1/responses", json={**ASK, "previous_response_id": "resp_nowhere"})
     error = (await missing.json())["error"]
     assert missing.status == 404 and error["param"] == "previous_response_id" and "resp_nowhere" in error["message"]
     assert (await client.get("/v1/responses/resp_nowhere")).status == 404
+    for server in servers:  # asked once: an id no worker held is not asked for again at once
+        assert [x["path"] for x in server.app[SEEN] if x.get("method") == "GET"] == ["/v1/responses/resp_nowhere"]
     unstored = await client.post("/v1/responses", json={**ASK, "store": False})
     follow = await client.post("/v1/responses", json={**ASK, "previous_response_id": (await unstored.json())["id"]})
     assert follow.status == 404  # store: false keeps nothing, on the worker or in the router
