@@ -228,6 +228,13 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
             return web.json_response({"error": {"message": "Cannot cancel a synchronous response.",
                                                 "type": "invalid_request_error", "param": "response_id",
                                                 "code": 400}}, status=400)
+        if request.query.get("stream") == "true":  # replayed as events, as vLLM does for background ones
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for kind in ("response.created", "response.completed"):
+                await resp.write(f"event: {kind}\ndata: ".encode()
+                                 + orjson.dumps({"type": kind, "response": app[STORED][response_id]}) + b"\n\n")
+            return resp
         return web.json_response(app[STORED][response_id])
 
     async def anthropic_messages(request: web.Request) -> web.StreamResponse:

@@ -75,3 +75,19 @@ def test_a_stored_conversation_is_continued_on_the_worker_that_holds_it(router_f
     assert other.headers["x-kvroute-worker"] != holder  # without previous_response_id, round robin goes on
     with pytest.raises(openai.NotFoundError, match="resp_nowhere"):
         client.responses.create(model="tiny", previous_response_id="resp_nowhere", input="?", max_output_tokens=2)
+
+
+def test_a_background_response_is_cancelled_on_its_worker(router_for):
+    """``background`` needs vLLM's store: the answer comes back queued, and its cancel and
+    retrieval must reach the worker that runs it (another worker would answer 404). The tiny
+    model may finish first, and then its worker says it cannot cancel a finished response."""
+    router = router_for("round_robin")
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="x", max_retries=0, timeout=60)
+    started = client.responses.create(model="tiny", input="Count to a thousand.", background=True,
+                                      max_output_tokens=1500, extra_body={"ignore_eos": True})
+    assert started.status in ("queued", "in_progress")
+    try:
+        assert client.responses.cancel(started.id).status == "cancelled"
+    except openai.BadRequestError as exc:  # the holder's own answer: it had finished
+        assert "Cannot cancel a synchronous response" in str(exc)
+    assert client.responses.retrieve(started.id).status in ("cancelled", "completed", "incomplete")

@@ -48,6 +48,10 @@ async def test_a_conversation_stays_on_the_worker_that_stores_it(aiohttp_client,
             previous = (await resp.json())["id"]
     got = await client.get(f"/v1/responses/{previous}")
     assert got.status == 200 and (await got.json())["id"] == previous and got.headers["x-kvroute-worker"] == holder
+    replay = await client.get(f"/v1/responses/{previous}", params={"stream": "true"})
+    assert replay.headers["content-type"].startswith("text/event-stream")
+    assert [e.split("\n", 1)[0] for e in (await replay.text()).split("\n\n") if e] == [
+        "event: response.created", "event: response.completed"]  # relayed as the worker sent them
     cancel = await client.post(f"/v1/responses/{previous}/cancel")  # the worker's own answer, passed on
     assert cancel.status == 400 and (await cancel.json())["error"]["message"] == "Cannot cancel a synchronous response."
     other = await client.post("/v1/responses", json=ASK)  # without previous_response_id: the policy picks
