@@ -53,7 +53,7 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     executors = app[keys.EXECUTORS] = _executors()
     routes = ModelRoutes(cfg, executors, app[keys.METRICS], clock=clock)  # breakers, retries
     app[keys.ROUTES] = routes
-    app[keys.STORED_RESPONSES] = StoredResponses(routes)
+    app[keys.STORED_RESPONSES] = StoredResponses(routes, app[keys.METRICS])
     admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
     app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
     app.on_response_prepare.append(proxy.on_response_prepare)  # a whole answer's time in kvroute ends

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from kvroute.router.metrics import RouterMetrics
 from kvroute.router.routes import ModelRoute, ModelRoutes
 from kvroute.router.upstream.workers import Worker
 
@@ -54,8 +55,10 @@ class _Entry:
 
 
 class StoredResponses:
-    def __init__(self, routes: ModelRoutes, limit: int = LIMIT, now: Callable[[], float] = time.monotonic):
+    def __init__(self, routes: ModelRoutes, metrics: RouterMetrics, limit: int = LIMIT,
+                 now: Callable[[], float] = time.monotonic):
         self._routes = routes
+        self._lookups = metrics.stored_lookups
         self._limit = limit
         self._now = now
         self._held: OrderedDict[str, _Entry] = OrderedDict()
@@ -70,29 +73,35 @@ class StoredResponses:
     async def find(self, session: aiohttp.ClientSession, response_id: str, owner: str | None) -> Holder | None:
         """The worker that holds ``response_id``, if ``owner`` may see it; None: no worker
         the router knows of holds it (or another tenant made it)."""
+        holder, result = await self._find(session, response_id, owner)
+        self._lookups.labels(result).inc()
+        return holder
+
+    async def _find(self, session: aiohttp.ClientSession, response_id: str,
+                    owner: str | None) -> tuple[Holder | None, str]:
         entry = self._held.get(response_id)
         if entry is not None:
             if entry.owner is not None and entry.owner != owner:
-                return None
+                return None, "other_tenant"
             route = self._routes.by_key.get(entry.route_key)
             worker = route.pool.get(entry.url) if route is not None else None
             if route is not None and worker is not None:
-                return Holder(route, worker)
+                return Holder(route, worker), "recorded"
             del self._held[response_id]  # its worker left the pool, and its memory with it
-            return None
+            return None, "missing"
         asked = self._missing.get(response_id)
         if asked is not None and self._now() - asked < MISSING_TTL_S:
-            return None
+            return None, "missing"
         holder = await self._ask_workers(session, response_id)
         if holder is not None:
             self._missing.pop(response_id, None)
             self.remember(response_id, holder.route, holder.worker, None)
-            return holder
+            return holder, "asked"
         self._missing[response_id] = self._now()
         self._missing.move_to_end(response_id)
         if len(self._missing) > MISSING_LIMIT:
             self._missing.popitem(last=False)
-        return None
+        return None, "missing"
 
     async def _ask_workers(self, session: aiohttp.ClientSession, response_id: str) -> Holder | None:
         candidates = list(_healthy(self._routes.by_key.values()))

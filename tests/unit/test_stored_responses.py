@@ -71,6 +71,9 @@ async def test_an_id_made_elsewhere_is_found_by_asking_the_workers(aiohttp_clien
         assert follow.status == 200 and follow.headers["x-kvroute-worker"] == urls[1]
     asked = [x for x in servers[0].app[SEEN] if x.get("method") == "GET"]
     assert len(asked) == 1  # asked once, then remembered
+    page = (await (await client.get("/metrics")).read()).decode()
+    assert 'kvroute_stored_response_lookups_total{result="asked"} 1.0' in page
+    assert 'kvroute_stored_response_lookups_total{result="recorded"} 2.0' in page
 
 
 async def test_unknown_unstored_and_malformed_ids(aiohttp_client, aiohttp_server):
@@ -82,6 +85,8 @@ async def test_unknown_unstored_and_malformed_ids(aiohttp_client, aiohttp_server
     assert (await client.get("/v1/responses/resp_nowhere")).status == 404
     for server in servers:  # asked once: an id no worker held is not asked for again at once
         assert [x["path"] for x in server.app[SEEN] if x.get("method") == "GET"] == ["/v1/responses/resp_nowhere"]
+    page = (await (await client.get("/metrics")).read()).decode()
+    assert 'kvroute_stored_response_lookups_total{result="missing"} 2.0' in page
     unstored = await client.post("/v1/responses", json={**ASK, "store": False})
     follow = await client.post("/v1/responses", json={**ASK, "previous_response_id": (await unstored.json())["id"]})
     assert follow.status == 404  # store: false keeps nothing, on the worker or in the router
@@ -119,5 +124,7 @@ async def test_another_tenants_response_is_not_found(aiohttp_client, aiohttp_ser
     assert (await client.get(f"/v1/responses/{made}", headers=b)).status == 404
     assert (await client.post("/v1/responses", json={**ASK, "previous_response_id": made}, headers=b)).status == 404
     assert (await client.get(f"/v1/responses/{made}", headers=a)).status == 200
+    page = (await (await client.get("/metrics")).read()).decode()
+    assert 'kvroute_stored_response_lookups_total{result="other_tenant"} 2.0' in page
     assert (await client.get(f"/v1/responses/{made}", headers={"Authorization": "Bearer sk-wrong"})).status == 401
     assert (await client.get(f"/v1/responses/{made}")).status == 401
