@@ -123,7 +123,7 @@ def pair_texts(kind: str, body: dict) -> list[str]:
     if kind == RERANK:
         sides = (body["query"], body["documents"])
     else:
-        first, second = next(pair for pair in _SCORE_SIDES if pair[0] in body and pair[1] in body)
+        first, second = _score_pair(body) or ("", "")  # parse_request checked there is one
         sides = (body[first], body[second])
     texts = [t for side in sides for t in (side if isinstance(side, list) else [side]) if isinstance(t, str)]
     return texts or [""]
@@ -332,6 +332,11 @@ def _check_responses(body: dict) -> None:
                              param="previous_response_id")
 
 
+def _score_pair(body: dict) -> tuple[str, str] | None:
+    """The names of a score request's two sides, in the first of vLLM's forms it uses."""
+    return next((p for p in _SCORE_SIDES if p[0] in body and p[1] in body), None)
+
+
 def _check_scoring(kind: str, body: dict) -> None:
     """A rerank's ``query`` and ``documents``; a score's two sides, in one of vLLM's forms.
     Each side is a text (or a multimodal object) or a non-empty list of them."""
@@ -343,7 +348,7 @@ def _check_scoring(kind: str, body: dict) -> None:
         if top_n is not None and top_n < 0:
             raise InvalidRequest("'top_n' must be at least 0", param="top_n")
     else:
-        pair = next((p for p in _SCORE_SIDES if p[0] in body and p[1] in body), None)
+        pair = _score_pair(body)
         if pair is None:
             raise InvalidRequest("'/score' takes 'text_1' and 'text_2' (or 'data_1' and 'data_2', 'queries' and "
                                  "'documents', 'queries' and 'items')", param="text_1")
