@@ -53,7 +53,8 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     executors = app[keys.EXECUTORS] = _executors()
     routes = ModelRoutes(cfg, executors, app[keys.METRICS], clock=clock)  # breakers, retries
     app[keys.ROUTES] = routes
-    app[keys.STORED_RESPONSES] = StoredResponses(routes, app[keys.METRICS])
+    app[keys.STORED_RESPONSES] = StoredResponses(routes, app[keys.METRICS],
+                                                 redis=gov.redis if gov is not None else None)
     admission = app[keys.ADMISSION] = Admission(cfg.server, app[keys.METRICS], clock)
     app.on_response_prepare.append(admission.on_response_prepare)  # a drain cut's last SSE event
     app.on_response_prepare.append(proxy.on_response_prepare)  # a whole answer's time in kvroute ends
@@ -76,9 +77,15 @@ def create_app(cfg: RouterConfig, metrics: RouterMetrics | None = None, *,
     add_routes(app)
     app.cleanup_ctx.extend([_client_session, _tokenizer_executor, _classifiers, _discovery, _kv_events, _scraper,
                             _tls_refresh,
-                            _health_loop, _governor, _response_cache, _telemetry,
+                            _health_loop, _governor, _response_cache, _stored_responses, _telemetry,
                             _freeze_startup_objects])
     return app
+
+
+async def _stored_responses(app: web.Application) -> AsyncIterator[None]:
+    """Records shared in Redis: the writes still under way finish, then the client closes."""
+    yield
+    await app[keys.STORED_RESPONSES].close()
 
 
 async def _freeze_startup_objects(app: web.Application) -> AsyncIterator[None]:

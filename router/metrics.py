@@ -150,8 +150,9 @@ class RouterMetrics:
                                       ["result"], registry=r)
         self.stored_lookups = Counter("kvroute_stored_response_lookups", "Requests naming a stored response "
                                       "(previous_response_id, its retrieval or cancel), by how its worker was "
-                                      "found: recorded, asked (every worker asked, one held it), missing (none "
-                                      "did), other_tenant", ["result"], registry=r)
+                                      "found: recorded (by this process), shared (in Redis, by any replica), asked "
+                                      "(every worker asked, one held it), missing (none did), other_tenant",
+                                      ["result"], registry=r)
         self.drain_cut = Counter("kvroute_drain_cut_requests", "In-flight requests cut at the end of "
                                  "server.drain_s", registry=r)
         # Cost governance (router/governance). Tag labels pass an allow-list; others read "other".

@@ -6,13 +6,17 @@ the workers; another tenant's response is not found."""
 from __future__ import annotations
 
 import json
+import socket
+import uuid
 
 import aiohttp
 
 from kvroute.benchmarks.backends.mock import SEEN, STORED, fake_worker
+from kvroute.router import keys
 from kvroute.router.app import create_app
 from kvroute.router.config import config_from_dict
-from tests.governance.conftest import worker_url
+from kvroute.router.stored_responses import SharedRecords
+from tests.governance.conftest import PATIENT, worker_url
 
 ASK = {"model": "m", "input": "what is a KV cache?", "max_output_tokens": 5}
 
@@ -128,3 +132,70 @@ async def test_another_tenants_response_is_not_found(aiohttp_client, aiohttp_ser
     assert 'kvroute_stored_response_lookups_total{result="other_tenant"} 2.0' in page
     assert (await client.get(f"/v1/responses/{made}", headers={"Authorization": "Bearer sk-wrong"})).status == 401
     assert (await client.get(f"/v1/responses/{made}")).status == 401
+
+
+async def test_replicas_share_records_and_tenants_through_redis(aiohttp_client, aiohttp_server, redis_url):
+    """Two replicas with governance.redis: one relays a response, the other finds its worker
+    and its tenant in Redis, without asking the workers."""
+    servers, urls = await workers(aiohttp_server)
+    governance = {"tenants": [{"name": "a", "keys": ["sk-a"]}, {"name": "b", "keys": ["sk-b"]}],
+                  "redis": {"url": redis_url, "prefix": f"test:{uuid.uuid4().hex[:12]}", **PATIENT}}
+    one, two = [await aiohttp_client(create_app(two_workers(urls, governance=governance))) for _ in range(2)]
+    a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+    first = await one.post("/v1/responses", json=ASK, headers=a)
+    holder, made = first.headers["x-kvroute-worker"], (await first.json())["id"]
+    follow = {**ASK, "previous_response_id": made}
+    assert (await two.get(f"/v1/responses/{made}", headers=b)).status == 404  # another tenant's, on any replica
+    three = await aiohttp_client(create_app(two_workers(urls, governance=governance)))
+    for replica in (two, three, three):
+        resp = await replica.post("/v1/responses", json=follow, headers=a)
+        assert resp.status == 200 and resp.headers["x-kvroute-worker"] == holder
+    assert not [x for s in servers for x in s.app[SEEN] if x.get("method") == "GET"]  # no worker was asked
+    page = (await (await two.get("/metrics")).read()).decode()
+    assert 'kvroute_stored_response_lookups_total{result="other_tenant"} 1.0' in page
+    page = (await (await three.get("/metrics")).read()).decode()
+    assert 'kvroute_stored_response_lookups_total{result="shared"} 1.0' in page  # then kept on this replica
+    assert 'kvroute_stored_response_lookups_total{result="recorded"} 1.0' in page
+
+
+async def test_with_redis_down_each_replica_asks_the_workers(aiohttp_client, aiohttp_server, caplog):
+    servers, urls = await workers(aiohttp_server)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once the socket closes
+    governance = {"redis": {"url": f"redis://127.0.0.1:{closed}/0"},
+                  "on_store_error": {"budgets": "fail_open", "kill_switch": "fail_open"}}
+    one, two = [await aiohttp_client(create_app(two_workers(urls, governance=governance))) for _ in range(2)]
+    first = await one.post("/v1/responses", json=ASK)
+    assert first.status == 200
+    follow = await two.post("/v1/responses", json={**ASK, "previous_response_id": (await first.json())["id"]})
+    assert follow.status == 200 and follow.headers["x-kvroute-worker"] == first.headers["x-kvroute-worker"]
+    page = (await (await two.get("/metrics")).read()).decode()
+    assert 'kvroute_stored_response_lookups_total{result="asked"} 1.0' in page
+    assert "stored responses: Redis failed" in caplog.text
+
+
+async def test_a_record_that_lands_while_the_workers_are_asked_still_names_its_tenant(
+        aiohttp_client, aiohttp_server, redis_url):
+    """Replica two misses the record in Redis, asks the workers, and the record lands
+    meanwhile: its tenant still counts."""
+    _, urls = await workers(aiohttp_server)
+    governance = {"tenants": [{"name": "a", "keys": ["sk-a"]}, {"name": "b", "keys": ["sk-b"]}],
+                  "redis": {"url": redis_url, "prefix": f"test:{uuid.uuid4().hex[:12]}", **PATIENT}}
+    one, two = [await aiohttp_client(create_app(two_workers(urls, governance=governance))) for _ in range(2)]
+    stored_one = one.app[keys.STORED_RESPONSES]
+    held = []
+    stored_one.shared.put = lambda rid, entry: held.append((rid, entry))  # the write is late
+    first = await one.post("/v1/responses", json=ASK, headers={"Authorization": "Bearer sk-a"})
+    made = (await first.json())["id"]
+    stored_two = two.app[keys.STORED_RESPONSES]
+    ask = stored_two._ask_workers
+
+    async def ask_then_land(session, response_id):
+        found = await ask(session, response_id)
+        await SharedRecords._put(stored_one.shared, *held[0])
+        return found
+
+    stored_two._ask_workers = ask_then_land
+    assert (await two.get(f"/v1/responses/{made}", headers={"Authorization": "Bearer sk-b"})).status == 404
+    assert (await two.get(f"/v1/responses/{made}", headers={"Authorization": "Bearer sk-a"})).status == 200
