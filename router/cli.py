@@ -95,7 +95,7 @@ def _fleet_up(args: argparse.Namespace) -> int:
     fleet = start_fleet(workers=args.workers, kv_blocks=args.kv_blocks, base_port=args.base_port,
                         events_port=args.events_port, model=args.model,
                         served_names=args.served_name or None, block_size=args.block_size, embed=args.embed,
-                        store_responses=args.store_responses)
+                        classify=args.classify, store_responses=args.store_responses)
     print("workers:")
     for w in fleet.workers:
         print(f"  {w.url}  (kv events tcp://127.0.0.1:{w.events_port})")
@@ -177,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--events-port", type=int, default=5601)
     up.add_argument("--model", help="model folder (default: build the tiny local model)")
     up.add_argument("--served-name", action="append", help="served model name (repeat)")
-    up.add_argument("--embed", action="store_true", help="embedding workers (/v1/embeddings), not completions")
+    kind = up.add_mutually_exclusive_group()
+    kind.add_argument("--embed", action="store_true", help="embedding workers (/v1/embeddings), not completions")
+    kind.add_argument("--classify", action="store_true",
+                      help="classification workers (/classify, /pooling) of a tiny two-label classifier")
     up.add_argument("--store-responses", action="store_true",
                     help="workers keep Responses answers, for previous_response_id (vLLM never evicts them)")
     up.add_argument("--detach", action="store_true", help="leave running; stop with fleet down")

@@ -29,15 +29,20 @@ TOKENIZE = "tokenize"  # vLLM's /tokenize and /detokenize: the model's own token
 DETOKENIZE = "detokenize"
 SCORE = "score"  # vLLM's scoring and rerank APIs, on pooling workers: text pairs scored, nothing generated
 RERANK = "rerank"
+CLASSIFY = "classify"  # vLLM's /classify, on sequence-classification workers: labels and probabilities
+POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
          RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
-         TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank"}
+         TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank",
+         CLASSIFY: "/classify", POOL: "/pooling"}
 # vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
 ALIASES = {"/v1/score": SCORE, "/v1/rerank": RERANK, "/v2/rerank": RERANK}
 # Requests a worker answers without a prefill: nothing to route by, cache, or generate.
 NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE})
 # Requests a worker prefills and generates nothing for.
-POOLING = frozenset({EMBEDDING, SCORE, RERANK})
+POOLING = frozenset({EMBEDDING, SCORE, RERANK, CLASSIFY, POOL})
+# Pooling APIs that take a prompt as a completion's ``input`` or a chat's ``messages``.
+INPUT_OR_MESSAGES = frozenset({EMBEDDING, CLASSIFY, POOL})
 # A score request's two sides, in the forms vLLM takes.
 _SCORE_SIDES = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
@@ -101,11 +106,12 @@ class ParsedRequest:
     @cached_property
     def prompt_view(self) -> dict:
         """The prompt as the router reads it (prefix keys, the classifier, loops, prompt logs):
-        a chat's or completion's body; ``{"prompt": input}`` for embeddings, and a score's or
-        rerank's texts, query first; a Responses or Anthropic Messages request as the chat
-        messages vLLM renders from it."""
-        if self.kind == EMBEDDING:
-            return {"prompt": self.body["input"]}
+        a chat's or completion's body; ``{"prompt": input}`` for embeddings, classification
+        and pooling (a conversation as a chat's messages), and a score's or rerank's texts,
+        query first; a Responses or Anthropic Messages request as the chat messages vLLM
+        renders from it."""
+        if self.kind in INPUT_OR_MESSAGES:
+            return pooled_view(self.body)
         if self.kind in (SCORE, RERANK):
             return {"prompt": pair_texts(self.kind, self.body)}
         if self.kind == RESPONSES:
@@ -115,6 +121,38 @@ class ParsedRequest:
         if self.kind == DETOKENIZE:
             return {"prompt": self.body["tokens"]}
         return self.body
+
+
+def pooled_view(body: dict) -> dict:
+    """An embeddings, classification or pooling prompt as the router reads it: text or token
+    ids as a completion's prompt; one conversation (``messages``, or embeddings' ``input``)
+    as a chat's messages, keyed as its template renders them; a batch of conversations as
+    their texts, which count toward load and budgets but key only approximately."""
+    messages = body.get("messages")
+    if messages is None and _conversations(body.get("input")):
+        messages = body["input"]
+    if messages is None:
+        return {"prompt": body["input"]}
+    if _conversation(messages):
+        return {"messages": messages}
+    return {"prompt": ["".join(_message_text(m) for m in conversation) for conversation in messages]}
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p.get("text"), str))
+    return f"{message.get('role', '')}: {content or ''}\n"
+
+
+def _conversation(value: Any) -> bool:
+    """A list of message objects, as vLLM tells one apart from a list of texts or ids."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _conversations(value: Any) -> bool:
+    """One conversation, or a batch of them (a list of conversations)."""
+    return _conversation(value) or (isinstance(value, list) and bool(value) and all(_conversation(c) for c in value))
 
 
 def pair_texts(kind: str, body: dict) -> list[str]:
@@ -249,23 +287,22 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any, name: str = "messages") -> None:
     if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list of message objects", param="messages")
+        raise InvalidRequest(f"'{name}' must be a non-empty list of message objects", param=name)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
+            raise InvalidRequest(f"'{name}[{i}]' must be an object", param=f"{name}[{i}]")
         role = m.get("role")
         if not isinstance(role, str) or role not in _ROLES:
-            raise InvalidRequest(f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}",
-                                 param=f"messages[{i}].role")
+            raise InvalidRequest(f"'{name}[{i}].role' must be one of {', '.join(sorted(_ROLES))}",
+                                 param=f"{name}[{i}].role")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of parts",
-                                 param=f"messages[{i}].content")
+            raise InvalidRequest(f"'{name}[{i}].content' must be a string or a list of parts",
+                                 param=f"{name}[{i}].content")
         if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
-            raise InvalidRequest(f"'messages[{i}].content' parts must be objects",
-                                 param=f"messages[{i}].content")
+            raise InvalidRequest(f"'{name}[{i}].content' parts must be objects", param=f"{name}[{i}].content")
 
 
 def _ids(value: Any) -> bool:
@@ -394,10 +431,27 @@ def _check_anthropic(body: dict) -> None:
         raise InvalidRequest("'tools' must be a list of objects", param="tools")
 
 
+def _check_pooled(kind: str, body: dict) -> None:
+    """``input`` (text or token ids; for embeddings also a conversation or a batch of them)
+    or ``messages`` (one conversation; for embeddings also a batch), not both."""
+    has_input, has_messages = body.get("input") is not None, body.get("messages") is not None
+    if has_input == has_messages:
+        raise InvalidRequest("Give exactly one of 'input' and 'messages'" if has_input
+                             else "'input' is required (or 'messages', a conversation)", param="input")
+    batch_ok = kind == EMBEDDING  # vLLM takes batched conversations on /v1/embeddings only
+    name = "messages" if has_messages else "input"
+    value = body[name]
+    if batch_ok and not _conversation(value) and _conversations(value):
+        for j, conversation in enumerate(value):
+            _check_messages(conversation, f"{name}[{j}]")
+    elif has_messages or (batch_ok and _conversation(value)):
+        _check_messages(value, name)
+    else:
+        _check_input(value)
+
+
 def _check_embedding(body: dict) -> None:
-    if "input" not in body:
-        raise InvalidRequest("'input' is required", param="input")
-    _check_input(body["input"])
+    _check_pooled(EMBEDDING, body)
     if _field(body, "stream", (bool,), "a boolean"):
         raise InvalidRequest("'stream' is not supported for embeddings", param="stream")
     fmt = body.get("encoding_format")
@@ -434,6 +488,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_tokenize(body)
     elif kind in (SCORE, RERANK):
         _check_scoring(kind, body)
+    elif kind in (CLASSIFY, POOL):
+        _check_pooled(kind, body)
     elif kind == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")

@@ -164,8 +164,10 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
         app[SEEN].append({**body, "path": request.path})
-        inputs = body["input"] if isinstance(body["input"], list) and not isinstance(body["input"][0], int) \
-            else [body["input"]]
+        given = body.get("input", body.get("messages"))  # text, ids, or conversations
+        if isinstance(given, list) and given and isinstance(given[0], dict):
+            given = [given]  # one conversation
+        inputs = given if isinstance(given, list) and not isinstance(given[0], int) else [given]
         data = [{"index": i, "object": "embedding", "embedding": [float(len(str(x))), 0.5, -0.5]}
                 for i, x in enumerate(inputs)]
         tokens = sum(len(str(x)) // 4 + 1 for x in inputs)
@@ -309,6 +311,27 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         return web.json_response({"id": "rerank-x", "model": body["model"], "usage": usage, "results": [
             {"index": i, "document": {"text": docs[i]}, "relevance_score": score[i]} for i in ranked]})
 
+    async def pooled(request: web.Request) -> web.Response:
+        """vLLM's /classify (two labels) and /pooling (the raw scores) on a classification
+        model: one row per input text (or one for a conversation), here by its length."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        given = body.get("input", body.get("messages"))
+        texts = [str(given)] if "messages" in body or not isinstance(given, list) or isinstance(given[0], int) \
+            else [str(x) for x in given]
+        probs = [[1 / (2 + len(t) % 3), 1 - 1 / (2 + len(t) % 3)] for t in texts]
+        tokens = sum(len(t) // 4 + 1 for t in texts)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+        if request.path == "/classify":
+            data = [{"index": i, "label": "yes" if p[1] > p[0] else "no", "probs": p, "num_classes": 2}
+                    for i, p in enumerate(probs)]
+        else:
+            data = [{"index": i, "object": "pooling", "data": p} for i, p in enumerate(probs)]
+        return web.json_response({"id": f"{request.path[1:]}-x", "object": "list", "created": 0,
+                                  "model": body["model"], "data": data, "usage": usage})
+
+    app.router.add_post("/classify", pooled)
+    app.router.add_post("/pooling", pooled)
     app.router.add_post("/score", scores)
     app.router.add_post("/rerank", scores)
     app.router.add_post("/tokenize", tokenize)

@@ -6,8 +6,8 @@ a forced tier, and the canonical body: keys sorted at every depth, with ``stream
 the answer). Everything else stays, so any sampling field that differs is another entry.
 
 Cacheable by default: ``n`` of 1 and a deterministic sampler (``temperature`` 0, a ``seed``,
-or no ``temperature`` on a model marked ``greedy_by_default``), and every embeddings
-request: an embedding model gives the same vectors again. The client overrides with
+or no ``temperature`` on a model marked ``greedy_by_default``), and every embeddings,
+classification and pooling request: a pooling model gives the same output again. The client overrides with
 ``x-kvroute-cache: use | refresh | bypass`` and HTTP's ``Cache-Control``: ``no-store``
 bypasses, ``no-cache`` refreshes (answers from a worker, then stores that answer).
 """
@@ -22,10 +22,21 @@ import orjson
 
 from kvroute.router.cache.config import ExactCacheConfig, SemanticCacheConfig
 from kvroute.router.errors import InvalidRequest
-from kvroute.router.requests import EMBEDDING, MESSAGES, NO_PREFILL, RERANK, RESPONSES, SCORE, ParsedRequest
+from kvroute.router.requests import (
+    CLASSIFY,
+    EMBEDDING,
+    MESSAGES,
+    NO_PREFILL,
+    POOL,
+    RERANK,
+    RESPONSES,
+    SCORE,
+    ParsedRequest,
+)
 
 HEADER = "x-kvroute-cache"
 _DROPPED = ("stream", "stream_options", "user")
+_SAME_AGAIN = (EMBEDDING, CLASSIFY, POOL)  # a pooling model gives the same output again
 
 
 class Mode(enum.Enum):
@@ -44,7 +55,7 @@ def decide(req: ParsedRequest, cache_control: str | None, cfg: ExactCacheConfig 
     directives = {d.strip().split("=")[0].lower() for d in (cache_control or "").split(",")}
     if asked == "bypass" or "no-store" in directives:
         return Mode.BYPASS
-    if asked is None and req.kind != EMBEDDING and not deterministic(req.body, cfg.greedy_by_default):
+    if asked is None and req.kind not in _SAME_AGAIN and not deterministic(req.body, cfg.greedy_by_default):
         return Mode.BYPASS
     if asked == "refresh" or "no-cache" in directives:
         return Mode.REFRESH

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from kvroute.router.local.tinymodel import build_tiny_model, cache_root
+from kvroute.router.local.tinymodel import build_tiny_classifier, build_tiny_model, cache_root
 
 STARTUP_TIMEOUT_S = 420.0
 REPLAY_PORT_OFFSET = 1000  # a worker's KV-event replay endpoint: events port + this
@@ -56,6 +56,8 @@ class LocalFleet:
     otlp_endpoint: str | None = None
     # Serve /v1/embeddings instead of completions: vLLM's pooling runner, the model as an embedder.
     embed: bool = False
+    # Serve /classify (and /pooling): vLLM's pooling runner on a sequence-classification model.
+    classify: bool = False
     # Keep Responses answers for previous_response_id and GET /v1/responses/{id} (vLLM's store).
     store_responses: bool = False
 
@@ -90,7 +92,8 @@ def state_file(base_port: int) -> Path:
 
 
 def worker_command(model_dir: str, served_names: list[str], port: int, events_port: int,
-                   block_size: int, kv_blocks: int | None, max_model_len: int, embed: bool = False) -> list[str]:
+                   block_size: int, kv_blocks: int | None, max_model_len: int, embed: bool = False,
+                   classify: bool = False) -> list[str]:
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
               "endpoint": f"tcp://*:{events_port}",
               "replay_endpoint": f"tcp://*:{events_port + REPLAY_PORT_OFFSET}"}
@@ -108,6 +111,8 @@ def worker_command(model_dir: str, served_names: list[str], port: int, events_po
         cmd += ["--num-gpu-blocks-override", str(kv_blocks)]
     if embed:  # last-token pooling keeps the prefix cache: a shared instruction prefix hits
         cmd += ["--runner", "pooling", "--convert", "embed"]
+    elif classify:  # the model's architecture (…ForSequenceClassification) makes it a classifier
+        cmd += ["--runner", "pooling"]
     return cmd
 
 
@@ -125,22 +130,26 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 max_model_len: int = 2048, log_dir: Path | None = None,
                 wait: bool = True, progress=print, record_state: bool = True,
                 api_key: str | None = None, otlp_endpoint: str | None = None,
-                embed: bool = False, store_responses: bool = False) -> LocalFleet:
+                embed: bool = False, store_responses: bool = False, classify: bool = False) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy; ``embed``:
-    embedding servers (``/v1/embeddings``) rather than completion servers; ``store_responses``:
-    workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``)."""
+    embedding servers (``/v1/embeddings``) rather than completion servers; ``classify``:
+    classification servers (``/classify``, ``/pooling``) of the tiny classifier by default;
+    ``store_responses``: workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``)."""
+    if embed and classify:
+        raise ValueError("a fleet serves embeddings or classification, not both")
     running = load_state(base_port)
     if record_state and running and any(_alive(w.pid) for w in running[0].workers):
         raise RuntimeError(f"a fleet started on port {base_port} is still running; "
                            f"stop it with `kvroute fleet down --base-port {base_port}` or pick another port")
-    model_dir = str(model or build_tiny_model())
+    model_dir = str(model or (build_tiny_classifier() if classify else build_tiny_model()))
     names = served_names or ["tiny"]
     if kv_blocks is not None and kv_blocks * block_size < max_model_len:
         raise ValueError(f"kv_blocks * block_size must be at least max_model_len ({max_model_len})")
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key,
-                       otlp_endpoint=otlp_endpoint, embed=embed, store_responses=store_responses)
+                       otlp_endpoint=otlp_endpoint, embed=embed, classify=classify,
+                       store_responses=store_responses)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
@@ -173,7 +182,7 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
-                         fleet.kv_blocks, fleet.max_model_len, fleet.embed)
+                         fleet.kv_blocks, fleet.max_model_len, fleet.embed, fleet.classify)
     if fleet.otlp_endpoint:  # vLLM's request spans (llm_request), continuing the router's traceparent
         cmd += ["--otlp-traces-endpoint", fleet.otlp_endpoint.rstrip("/") + "/v1/traces"]
         env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME=f"vllm-{port}")
@@ -198,7 +207,7 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
 def _only(fleet: LocalFleet, i: int) -> LocalFleet:
     return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
                       fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key, fleet.otlp_endpoint,
-                      fleet.embed, fleet.store_responses)
+                      fleet.embed, fleet.classify, fleet.store_responses)
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

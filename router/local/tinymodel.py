@@ -97,5 +97,38 @@ def build_tiny_model(dest: Path | None = None, vocab_size: int = 2048) -> Path:
     return dest
 
 
+CLASSIFIER_VERSION = "tiny-llama-cls-v1"
+CLASSIFIER_LABELS = ("no", "yes")
+
+
+def build_tiny_classifier(dest: Path | None = None) -> Path:
+    """Build (once) and return the folder of a tiny sequence classifier for vLLM's
+    ``/classify``: the tiny model's tokenizer and body with a random two-label head
+    (``LlamaForSequenceClassification``, which vLLM serves with its pooling runner)."""
+    dest = dest or cache_root() / "models" / CLASSIFIER_VERSION
+    if (dest / "config.json").exists() and (dest / "tokenizer.json").exists():
+        return dest
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    base = build_tiny_model()
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy(f, tmp / f.name)
+    config = LlamaConfig.from_pretrained(base)
+    config.num_labels = len(CLASSIFIER_LABELS)
+    config.id2label = dict(enumerate(CLASSIFIER_LABELS))
+    config.label2id = {label: i for i, label in enumerate(CLASSIFIER_LABELS)}
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp)
+    tmp.rename(dest) if not dest.exists() else None
+    return dest
+
+
 if __name__ == "__main__":
     print(build_tiny_model(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

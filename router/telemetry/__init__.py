@@ -16,11 +16,13 @@ from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
 from kvroute.router.requests import (
     CHAT,
+    CLASSIFY,
     COMPLETION,
     COUNT_TOKENS,
     DETOKENIZE,
     EMBEDDING,
     MESSAGES,
+    POOL,
     REQUEST_ID,
     RERANK,
     RESPONSES,
@@ -43,7 +45,7 @@ TAGS = ("agent", "task", "feature", "user")
 # gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (the token APIs: kvroute's)
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
                MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
-               SCORE: "score", RERANK: "rerank"}
+               SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling"}
 
 
 class Telemetry:

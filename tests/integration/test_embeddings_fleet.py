@@ -126,3 +126,14 @@ def test_rerank_and_score_through_the_router(router, embedders):
     with pytest.raises(urllib.error.HTTPError) as bad:
         post(f"{router.url}/rerank", {"model": "embed", "query": query, "documents": []})
     assert bad.value.code == 400 and orjson.loads(bad.value.read())["error"]["param"] == "documents"
+
+
+def test_a_conversation_is_embedded_as_the_worker_embeds_it(router, embedders):
+    """vLLM embeds a chat conversation (``messages``) through its chat template; the router
+    keys it the same way and passes it on unchanged."""
+    messages = [{"role": "system", "content": f"[{secrets.token_hex(4)}] Represent this question."},
+                {"role": "user", "content": "How does a router find the worker that holds a prefix?"}]
+    got, _ = post(f"{router.url}/v1/embeddings", {"model": "embed", "messages": messages})
+    want = direct(embedders.urls[0], {"messages": messages})
+    assert np.allclose(got["data"][0]["embedding"], want["data"][0]["embedding"], atol=1e-3)
+    assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] > 0

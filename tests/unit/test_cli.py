@@ -32,6 +32,28 @@ def test_parser_knows_every_command():
         p.parse_args(["launch"])
 
 
+def test_fleet_up_starts_classification_workers_with_the_pooling_runner(monkeypatch, capsys):
+    from kvroute.router.local import fleet
+
+    assert build_parser().parse_args(["fleet", "up", "--classify"]).classify
+    with pytest.raises(SystemExit):  # a fleet serves one kind
+        build_parser().parse_args(["fleet", "up", "--classify", "--embed"])
+    spawned = []
+
+    def spawn(f: fleet.LocalFleet, i: int, port: int, events: int) -> fleet.LocalWorker:  # the command, not a process
+        spawned.append(fleet.worker_command(f.model_dir, f.served_names, port, events, f.block_size, f.kv_blocks,
+                                            f.max_model_len, f.embed, f.classify))
+        return fleet.LocalWorker(f"http://127.0.0.1:{port}", port, events, 0, "")
+
+    monkeypatch.setattr(fleet, "build_tiny_classifier", lambda: "/models/cls")
+    monkeypatch.setattr(fleet, "_spawn", spawn)
+    started = fleet.start_fleet(workers=1, wait=False, record_state=False, classify=True)
+    assert started.model_dir == "/models/cls" and started.classify
+    assert spawned[0][spawned[0].index("--runner") + 1] == "pooling" and "--convert" not in spawned[0]
+    with pytest.raises(ValueError):
+        fleet.start_fleet(workers=1, wait=False, record_state=False, classify=True, embed=True)
+
+
 def test_version_prints_the_installed_package_s_version(capsys):
     from importlib.metadata import version
 

@@ -45,11 +45,15 @@ VALID_TOKENIZE = {"model": "tiny", "prompt": "hello"}
 VALID_DETOKENIZE = {"model": "tiny", "tokens": [104, 105]}
 VALID_RERANK = {"model": "tiny", "query": "what is a KV cache?", "documents": ["a cache", "a router"], "top_n": 1}
 VALID_SCORE = {"model": "tiny", "text_1": "what is a KV cache?", "text_2": ["a cache", "a router"]}
+VALID_CLASSIFY = {"model": "tiny", "input": ["is this urgent?", "not at all"]}
+VALID_POOLING = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
 VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
          "/v1/responses": VALID_RESPONSES, "/v1/messages": VALID_MESSAGES, "/tokenize": VALID_TOKENIZE,
-         "/detokenize": VALID_DETOKENIZE, "/rerank": VALID_RERANK, "/v1/score": VALID_SCORE}
+         "/detokenize": VALID_DETOKENIZE, "/rerank": VALID_RERANK, "/v1/score": VALID_SCORE,
+         "/classify": VALID_CLASSIFY, "/pooling": VALID_POOLING}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-         "/tokenize", "/detokenize", "/rerank", "/v1/score", "/v1/responses/resp_x", "/v1/responses/resp_x/cancel",
+         "/tokenize", "/detokenize", "/rerank", "/v1/score", "/classify", "/pooling", "/v1/responses/resp_x",
+         "/v1/responses/resp_x/cancel",
          "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
 METHODS = ["POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "post", "BREW"]
