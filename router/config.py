@@ -195,6 +195,9 @@ class ModelConfig:
     tokenizer: str | None = None
     block_size: int | None = None  # None: read from the worker's vllm:cache_config_info
     upstream_model: str | None = None  # model name the workers serve; default: name
+    # The served name is a LoRA adapter (vLLM's --lora-modules NAME=PATH): vLLM keys its KV
+    # blocks apart from the base model's and every other adapter's, and so does the router.
+    lora: bool = False
     policy: str = "prefix"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     kv_capacity_blocks: int = 4096  # per-worker bound of the speculative index
@@ -245,7 +248,7 @@ class RouterConfig:
 
 _ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker", "cache",
               "telemetry", "routes")
-_POOL_KEYS = ("workers", "tokenizer", "block_size", "upstream_model", "policy", "policy_options",
+_POOL_KEYS = ("workers", "tokenizer", "block_size", "upstream_model", "lora", "policy", "policy_options",
              "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts", "tls")
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
@@ -563,6 +566,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
         tokenizer=tokenizer,
         block_size=v.get(raw, "block_size", int, key, d.block_size, positive=True),
         upstream_model=v.get(raw, "upstream_model", str, key),
+        lora=v.get(raw, "lora", bool, key, d.lora),
         policy=policy,
         policy_options=options,
         kv_capacity_blocks=v.get(raw, "kv_capacity_blocks", int, key, d.kv_capacity_blocks, positive=True),

@@ -219,16 +219,28 @@ class EventHub:
         self._subs: dict[str, tuple[asyncio.Task, WorkerEvents]] = {}
 
     def sync(self, index: ExactIndex, cfg: KvEventsConfig, worker_urls: Iterable[str]) -> None:
+        """Feed ``index`` the events of ``worker_urls``, and no others. A worker in several
+        pools (one server under several names, a base model and its LoRA adapters) has one
+        subscriber that feeds every pool's index."""
         wanted = set(worker_urls)
-        for url in wanted - set(self._subs):
+        for url in wanted:
+            if url in self._subs:
+                indexes = self._subs[url][1].indexes
+                if index not in indexes:
+                    indexes.append(index)
+                continue
             endpoint, replay_ep = endpoints_for(url, cfg)
             events = WorkerEvents(url, index, self.counter)
             self._subs[url] = (supervise(self.ctx, endpoint, replay_ep, cfg.topic, events), events)
             log.info("kv events: subscribed to %s for %s", endpoint, url)
-        for url in [u for u in self._subs if u not in wanted and self._subs[u][1].index is index]:
-            task, events = self._subs.pop(url)
-            task.cancel()
-            events.reset()
+        for url in [u for u in self._subs if u not in wanted and index in self._subs[u][1].indexes]:
+            task, events = self._subs[url]
+            events.indexes.remove(index)
+            index.drop_worker(url)
+            if not events.indexes:
+                del self._subs[url]
+                task.cancel()
+                events.reset()
 
     async def close(self) -> None:
         tasks = [t for t, _ in self._subs.values()]

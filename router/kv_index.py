@@ -7,7 +7,9 @@ vLLM reports every block it caches or evicts (``BlockStored`` / ``BlockRemoved``
 * ``BlockStored`` carries the blocks' token ids. kvroute recomputes its own chain key
   from them with ``router.prefix.chain_keys``, the same function requests use, so the
   index never depends on vLLM's hash seed. vLLM's hash -> our key is remembered per
-  worker so that ``BlockRemoved`` (which names only vLLM hashes) can be resolved.
+  worker so that ``BlockRemoved`` (which names only vLLM hashes) can be resolved. A chain
+  that starts with a LoRA adapter (``lora_name``) or a cache salt (the first block's
+  ``extra_keys``) starts from their key (``router.prefix.root_key``), as requests do.
 * Malformed or unknown events are counted and skipped; they never stop the subscriber.
 
 ``ExactIndex`` answers the policies' prefix matches from the confirmed blocks plus
@@ -26,7 +28,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Protocol
 
 from kvroute.router.index import discard_holder, evict_oldest, longest_prefixes, match_all
-from kvroute.router.prefix import chain_keys
+from kvroute.router.prefix import chain_keys, root_key
 
 
 class ExactIndex:
@@ -195,12 +197,15 @@ class EventApplier:
 
     def __init__(self, worker: str, index: ExactIndex, counter: EventCounter | None = None):
         self.worker = worker
-        self.index = index
+        # Every pool the worker serves in (one server under several names, or a base model
+        # and its LoRA adapters): each index keeps the blocks, and matches its own keys.
+        self.indexes = [index]
         self.counter: EventCounter = counter or _NoCounter()
         self._ours: dict[int, int] = {}  # vLLM block hash -> our chain key
 
     def reset(self) -> None:
-        self.index.drop_worker(self.worker)
+        for index in self.indexes:
+            index.drop_worker(self.worker)
         self._ours.clear()
 
     def apply_event(self, event: Any) -> None:
@@ -211,7 +216,8 @@ class EventApplier:
             elif kind == "BlockRemoved":
                 hashes = event["block_hashes"] if isinstance(event, dict) else event[1]
                 ours = [k for k in (self._ours.pop(h, None) for h in hashes) if k is not None]
-                self.index.removed(self.worker, ours)
+                for index in self.indexes:
+                    index.removed(self.worker, ours)
             elif kind == "AllBlocksCleared":
                 self.reset()
             else:
@@ -229,7 +235,7 @@ class EventApplier:
         if len(tokens) != len(hashes) * block_size:
             raise ValueError("token_ids do not fill the blocks")
         if parent_hash is None:
-            parent = 0
+            parent = _root(event)
         else:
             known = self._ours.get(parent_hash)
             if known is None:
@@ -239,4 +245,16 @@ class EventApplier:
             parent = known
         keys = chain_keys(tokens, block_size, parent)
         self._ours.update(zip(hashes, keys))
-        self.index.stored(self.worker, keys)
+        for index in self.indexes:
+            index.stored(self.worker, keys)
+
+
+def _root(event: dict) -> int:
+    """The key a chain of blocks starts from: its LoRA adapter and cache salt. vLLM lists the
+    first block's extra keys untagged: the adapter's name (with one), then pairs for images,
+    the salt, and digests of prompt embeddings."""
+    lora = event.get("lora_name")
+    extra = event.get("extra_keys") or [None]
+    first = list(extra[0] or [])[1 if lora is not None else 0:]
+    salt = next((k for k in first if isinstance(k, str)), None)
+    return root_key(lora if isinstance(lora, str) else None, salt)

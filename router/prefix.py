@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import xxhash
 
 from kvroute.router.errors import InvalidRequest
@@ -63,10 +64,19 @@ def chain_keys(token_ids: Sequence[int] | array, block_size: int, parent: int = 
     return keys
 
 
-def text_chunk_keys(text: str, chunk_chars: int) -> list[int]:
+def root_key(lora: str | None = None, salt: str | None = None) -> int:
+    """Where a prompt's chain of keys starts: 0 for the base model without a cache salt;
+    else a key of the LoRA adapter and the salt. vLLM hashes both into a prompt's blocks (the
+    adapter into every one, ``cache_salt`` into the first), so their blocks never match the
+    base model's, another adapter's or another salt's: nor do the keys that start here."""
+    if lora is None and salt is None:
+        return 0
+    return xxhash.xxh3_64_intdigest(orjson.dumps(["kvroute-root", lora, salt]))
+
+
+def text_chunk_keys(text: str, chunk_chars: int, parent: int = 0) -> list[int]:
     """Approximate mode: chained keys of each full ``chunk_chars`` chunk of ``text``."""
     keys: list[int] = []
-    parent = 0
     data = text.encode("utf-8", "surrogatepass")
     full = len(data) - len(data) % chunk_chars
     for start in range(0, full, chunk_chars):
@@ -227,23 +237,24 @@ class Prefixer:
     def exact(self) -> bool:
         return self.tokenizer is not None
 
-    def keys_sync(self, body: dict, block_size: int) -> PromptKeys:
+    def keys_sync(self, body: dict, block_size: int, root: int = 0) -> PromptKeys:
+        """``root``: where the chain starts (:func:`root_key`)."""
         messages = body.get("messages")
         tok = self.tokenizer
         if tok is not None:
             ids = self._token_ids(tok, body, messages)
             if ids is not None:
-                return PromptKeys(tuple(chain_keys(ids, block_size)), len(ids), block_size, True)
-        return self._approximate(body)
+                return PromptKeys(tuple(chain_keys(ids, block_size, root)), len(ids), block_size, True)
+        return self._approximate(body, root)
 
     def estimate(self, body: dict) -> PromptKeys:
         """No block keys, and the prompt's tokens estimated (characters / 4), without a tokenizer."""
         return PromptKeys((), max(1, len(_approx_text(body)) // 4), max(1, self.chunk_chars // 4), False)
 
-    def _approximate(self, body: dict) -> PromptKeys:
+    def _approximate(self, body: dict, root: int = 0) -> PromptKeys:
         text = _approx_text(body)
         tokens_per_chunk = max(1, self.chunk_chars // 4)
-        keys = text_chunk_keys(text, self.chunk_chars)
+        keys = text_chunk_keys(text, self.chunk_chars, root)
         return PromptKeys(tuple(keys), max(1, len(text) // 4), tokens_per_chunk, False)
 
     def _token_ids(self, tok: PromptTokenizer, body: dict,
@@ -278,11 +289,11 @@ class Prefixer:
                     "chat template" if reason == "template" else "tokenization", type(exc).__name__, exc,
                     f" ({since} more since the last report)" if since else "")
 
-    async def keys(self, body: dict, block_size: int) -> PromptKeys:
+    async def keys(self, body: dict, block_size: int, root: int = 0) -> PromptKeys:
         tok = self.tokenizer
         messages = body.get("messages")
         if tok is None or (messages is None and _prompt_chars(body) < EXECUTOR_THRESHOLD_CHARS):
-            return self.keys_sync(body, block_size)
+            return self.keys_sync(body, block_size, root)
         loop = asyncio.get_running_loop()
         if messages is not None:
             # A long chat whose pieces are mostly cached (a shared system prompt, a growing
@@ -294,21 +305,22 @@ class Prefixer:
                 raise
             except Exception as exc:
                 self._fallback("template", exc)
-                return self._approximate(body)
+                return self._approximate(body, root)
             pieces = tok.pieces(text)
             if tok.uncached_chars(pieces) < EXECUTOR_THRESHOLD_CHARS:
-                return self._from_pieces(tok, pieces, body, block_size)
-            return await loop.run_in_executor(self.executor, self._from_pieces, tok, pieces, body, block_size)
-        return await loop.run_in_executor(self.executor, self.keys_sync, body, block_size)
+                return self._from_pieces(tok, pieces, body, block_size, root)
+            return await loop.run_in_executor(self.executor, self._from_pieces, tok, pieces, body, block_size, root)
+        return await loop.run_in_executor(self.executor, self.keys_sync, body, block_size, root)
 
-    def _from_pieces(self, tok: PromptTokenizer, pieces: list[str], body: dict, block_size: int) -> PromptKeys:
+    def _from_pieces(self, tok: PromptTokenizer, pieces: list[str], body: dict, block_size: int,
+                     root: int) -> PromptKeys:
         """Keys of a rendered chat; approximate (counted, logged) if tokenizing fails."""
         try:
             ids = tok.encode_pieces(pieces)
         except Exception as exc:
             self._fallback("tokenizer", exc)
-            return self._approximate(body)
-        return PromptKeys(tuple(chain_keys(ids, block_size)), len(ids), block_size, True)
+            return self._approximate(body, root)
+        return PromptKeys(tuple(chain_keys(ids, block_size, root)), len(ids), block_size, True)
 
 
 def _completion_ids(tok: PromptTokenizer, prompt: Any) -> list[int]:

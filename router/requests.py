@@ -510,6 +510,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
             raise InvalidRequest(f"'{name}' must be at least 1", param=name)
     for name in ("temperature", "top_p"):
         _field(body, name, (int, float), "a number")
+    if _field(body, "cache_salt", (str,), "a string") == "":  # vLLM's rule; the router keys by it
+        raise InvalidRequest("'cache_salt' must be a non-empty string", param="cache_salt")
     stream_options = _field(body, "stream_options", (dict,), "an object") or {}
     return ParsedRequest(
         kind=kind,

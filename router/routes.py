@@ -24,7 +24,7 @@ from kvroute.router.kv_index import ExactIndex
 from kvroute.router.metrics import RouterMetrics
 from kvroute.router.policies.base import Policy, PolicyDeps, RequestContext
 from kvroute.router.policies.registry import create_policy
-from kvroute.router.prefix import Prefixer, PromptTokenizer, rest_of_batch_tokens
+from kvroute.router.prefix import Prefixer, PromptTokenizer, rest_of_batch_tokens, root_key
 from kvroute.router.requests import NO_PREFILL, ParsedRequest
 from kvroute.router.retry import Clock, MonotonicClock, Retrier
 from kvroute.router.tiers import TierChooser
@@ -78,7 +78,10 @@ class ModelRoute:
             # in the request. No keys to route by, or to record as cached.
             pk = self.prefixer.estimate(view)
         else:
-            pk = await self.prefixer.keys(view, self.block_size)
+            # A LoRA adapter's and a cache salt's blocks are vLLM's apart: their keys start apart too.
+            salt = req.body.get("cache_salt")
+            root = root_key(self.cfg.served_name if self.cfg.lora else None, salt) if self.cfg.lora or salt else 0
+            pk = await self.prefixer.keys(view, self.block_size, root)
         session = req.headers.get("x-kvroute-session") or req.body.get("user")
         return RequestContext(
             model=self.cfg.name,

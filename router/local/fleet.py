@@ -21,7 +21,13 @@ import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from kvroute.router.local.tinymodel import build_tiny_classifier, build_tiny_model, cache_root
+from kvroute.router.local.tinymodel import (
+    LORA_RANK,
+    build_tiny_classifier,
+    build_tiny_lora,
+    build_tiny_model,
+    cache_root,
+)
 
 STARTUP_TIMEOUT_S = 420.0
 REPLAY_PORT_OFFSET = 1000  # a worker's KV-event replay endpoint: events port + this
@@ -58,6 +64,8 @@ class LocalFleet:
     embed: bool = False
     # Serve /classify (and /pooling): vLLM's pooling runner on a sequence-classification model.
     classify: bool = False
+    # Also serve the tiny LoRA adapter under this model name (vLLM's --lora-modules).
+    lora: str | None = None
     # Keep Responses answers for previous_response_id and GET /v1/responses/{id} (vLLM's store).
     store_responses: bool = False
 
@@ -66,18 +74,19 @@ class LocalFleet:
         return [w.url for w in self.workers]
 
     def router_config(self, model: str | None = None, policy: str = "prefix") -> dict:
-        """A router config for this fleet, as ``kvroute serve --config`` reads it."""
-        return {
-            "models": [{
-                "name": model or self.served_names[0],
-                "upstream_model": self.served_names[0],
-                "workers": self.urls,
-                "tokenizer": self.model_dir,
-                "block_size": self.block_size,
-                "policy": policy,
-                "kv_events": self.kv_events_config(),
-            }]
+        """A router config for this fleet, as ``kvroute serve --config`` reads it (with its
+        LoRA adapter, if it serves one, as a second model)."""
+        base = {
+            "name": model or self.served_names[0],
+            "upstream_model": self.served_names[0],
+            "workers": self.urls,
+            "tokenizer": self.model_dir,
+            "block_size": self.block_size,
+            "policy": policy,
+            "kv_events": self.kv_events_config(),
         }
+        adapters = [{**base, "name": self.lora, "upstream_model": self.lora, "lora": True}] if self.lora else []
+        return {"models": [base, *adapters]}
 
 
     def kv_events_config(self) -> dict:
@@ -93,7 +102,7 @@ def state_file(base_port: int) -> Path:
 
 def worker_command(model_dir: str, served_names: list[str], port: int, events_port: int,
                    block_size: int, kv_blocks: int | None, max_model_len: int, embed: bool = False,
-                   classify: bool = False) -> list[str]:
+                   classify: bool = False, lora: str | None = None) -> list[str]:
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
               "endpoint": f"tcp://*:{events_port}",
               "replay_endpoint": f"tcp://*:{events_port + REPLAY_PORT_OFFSET}"}
@@ -113,6 +122,8 @@ def worker_command(model_dir: str, served_names: list[str], port: int, events_po
         cmd += ["--runner", "pooling", "--convert", "embed"]
     elif classify:  # the model's architecture (…ForSequenceClassification) makes it a classifier
         cmd += ["--runner", "pooling"]
+    if lora:
+        cmd += ["--enable-lora", "--max-lora-rank", str(LORA_RANK), "--lora-modules", f"{lora}={build_tiny_lora()}"]
     return cmd
 
 
@@ -130,10 +141,12 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 max_model_len: int = 2048, log_dir: Path | None = None,
                 wait: bool = True, progress=print, record_state: bool = True,
                 api_key: str | None = None, otlp_endpoint: str | None = None,
-                embed: bool = False, store_responses: bool = False, classify: bool = False) -> LocalFleet:
+                embed: bool = False, store_responses: bool = False, classify: bool = False,
+                lora: str | None = None) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy; ``embed``:
     embedding servers (``/v1/embeddings``) rather than completion servers; ``classify``:
     classification servers (``/classify``, ``/pooling``) of the tiny classifier by default;
+    ``lora``: the workers also serve the tiny LoRA adapter under this model name;
     ``store_responses``: workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``)."""
     if embed and classify:
         raise ValueError("a fleet serves embeddings or classification, not both")
@@ -148,7 +161,7 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
     log_dir = log_dir or cache_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key,
-                       otlp_endpoint=otlp_endpoint, embed=embed, classify=classify,
+                       otlp_endpoint=otlp_endpoint, embed=embed, classify=classify, lora=lora,
                        store_responses=store_responses)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
@@ -182,7 +195,7 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
-                         fleet.kv_blocks, fleet.max_model_len, fleet.embed, fleet.classify)
+                         fleet.kv_blocks, fleet.max_model_len, fleet.embed, fleet.classify, fleet.lora)
     if fleet.otlp_endpoint:  # vLLM's request spans (llm_request), continuing the router's traceparent
         cmd += ["--otlp-traces-endpoint", fleet.otlp_endpoint.rstrip("/") + "/v1/traces"]
         env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME=f"vllm-{port}")
@@ -207,7 +220,7 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
 def _only(fleet: LocalFleet, i: int) -> LocalFleet:
     return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
                       fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key, fleet.otlp_endpoint,
-                      fleet.embed, fleet.classify, fleet.store_responses)
+                      fleet.embed, fleet.classify, fleet.lora, fleet.store_responses)
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

@@ -130,5 +130,44 @@ def build_tiny_classifier(dest: Path | None = None) -> Path:
     return dest
 
 
+LORA_VERSION = "tiny-llama-lora-v1"
+LORA_RANK = 8
+
+
+def build_tiny_lora(dest: Path | None = None) -> Path:
+    """Build (once) and return the folder of a LoRA adapter for the tiny model, in PEFT's
+    format (``adapter_config.json``, ``adapter_model.safetensors``): random rank-8 updates
+    of every layer's query and value projections, for vLLM's ``--lora-modules``."""
+    dest = dest or cache_root() / "models" / LORA_VERSION
+    if (dest / "adapter_config.json").exists():
+        return dest
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    base = build_tiny_model()
+    config = json.loads((base / "config.json").read_text())
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    outputs = {"q_proj": config["num_attention_heads"] * head_dim, "v_proj": config["num_key_value_heads"] * head_dim}
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for proj, out in outputs.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(LORA_RANK, hidden, generator=generator) * 0.05
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out, LORA_RANK, generator=generator) * 0.05
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": LORA_RANK, "lora_alpha": 2 * LORA_RANK,
+        "lora_dropout": 0.0, "target_modules": list(outputs), "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base), "modules_to_save": None, "use_rslora": False, "use_dora": False,
+    }, indent=2))
+    tmp.rename(dest) if not dest.exists() else None
+    return dest
+
+
 if __name__ == "__main__":
     print(build_tiny_model(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

