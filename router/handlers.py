@@ -128,6 +128,7 @@ async def _admitted_completion(request: web.Request, kind: str) -> web.StreamRes
 
 
 async def _route(request: web.Request, req: ParsedRequest, served: ServedModel) -> web.StreamResponse:
+    req = pipeline.isolated(request, req)  # governance.isolate_kv_cache: the tenant's cache_salt
     if served.judge is not None and req.kind in (CHAT, COMPLETION) and not req.headers.get("x-kvroute-tier"):
         return await cascade.run(request, req, served)  # cheap tier first, escalate when unsure
     return await pipeline.run_request(request, req, served)

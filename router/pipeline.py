@@ -16,9 +16,10 @@ stream meter (``proxy.StreamMeter``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
@@ -28,7 +29,20 @@ from kvroute.router.errors import BudgetExceeded, InvalidRequest, NoHealthyWorke
 from kvroute.router.governance.grant import Grant
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
-from kvroute.router.requests import NO_PREFILL, POOLING, REQUEST_ID, RESPONSES, ParsedRequest, authorization
+from kvroute.router.requests import (
+    CHAT,
+    CLASSIFY,
+    COMPLETION,
+    EMBEDDING,
+    MESSAGES,
+    NO_PREFILL,
+    POOL,
+    POOLING,
+    REQUEST_ID,
+    RESPONSES,
+    ParsedRequest,
+    authorization,
+)
 from kvroute.router.routes import ModelRoute, ServedModel
 from kvroute.router.routing_table import ROUTE_RULE, RouteRule
 from kvroute.router.stored_responses import Holder
@@ -71,6 +85,22 @@ async def previous_response(request: web.Request, req: ParsedRequest, served: Se
         raise InvalidRequest(f"Response '{previous}' was made by model '{holder.route.cfg.name}', "
                              f"not '{served.name}'.", param="model")
     return holder
+
+
+# What vLLM takes a cache_salt on: every API that prefills a prompt, scoring aside.
+SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL})
+
+
+def isolated(request: web.Request, req: ParsedRequest) -> ParsedRequest:
+    """``governance.isolate_kv_cache``: the request with its tenant's ``cache_salt`` (a
+    client's own salt kept inside it), so vLLM shares no cached block between tenants; its
+    keys start from that salt too (router/prefix.py)."""
+    governor = request.app.get(keys.GOVERNOR)
+    if governor is None or not governor.cfg.isolate_kv_cache or req.kind not in SALTED:
+        return req
+    tenant = hashlib.sha256(f"kvroute-tenant\0{owner(request)}".encode()).hexdigest()[:32]
+    client = req.body.get("cache_salt")
+    return replace(req, body={**req.body, "cache_salt": f"{tenant}:{client}" if client else tenant})
 
 
 def owner(request: web.Request) -> str | None:

@@ -197,6 +197,9 @@ class GovernanceConfig:
     # settlement charges the worker's exact usage.
     estimate_factor: float = 1.25
     default_max_tokens: int = 1024  # reserved when a request names no max_tokens
+    # Each tenant's prompts get its own cache_salt: vLLM shares no cached block between
+    # tenants, so none can tell from a fast first token what another sent.
+    isolate_kv_cache: bool = False
     min_completion_tokens: int = 16  # below this much room a request is refused, not shrunk
     reservation_ttl_s: float = 900.0  # backstop: a reservation never settled expires
     session_ttl_s: float = 86400.0
@@ -467,7 +470,8 @@ def parse_governance(raw: Any, key: str = "governance", *, local: Local = Local(
     """Validate the ``governance:`` mapping into a ``GovernanceConfig``."""
     raw = v.section(raw, ("tenants", "keys_file", "admin_keys", "budgets", "kill_switch", "alerts", "loops",
                           "redis", "on_store_error", "tag_values", "default_max_tokens", "min_completion_tokens",
-                          "reservation_ttl_s", "session_ttl_s", "session_id", "rate_limits", "estimate_factor"), key)
+                          "reservation_ttl_s", "session_ttl_s", "session_id", "rate_limits", "estimate_factor",
+                          "isolate_kv_cache"), key)
     tenants = _parse_tenants(raw.get("tenants"), f"{key}.tenants", local)
     admin = list(v.secret_list(raw.get("admin_keys"), f"{key}.admin_keys", local))
     if raw.get("keys_file") is not None and not local.check:
@@ -505,8 +509,12 @@ def parse_governance(raw: Any, key: str = "governance", *, local: Local = Local(
     if factor < 1 or factor > 4:
         raise ConfigError(f"{key}.estimate_factor", "must be between 1 and 4")
     d = GovernanceConfig()
+    isolate = v.get(raw, "isolate_kv_cache", bool, key, d.isolate_kv_cache)
+    if isolate and not tenants and raw.get("keys_file") is None:
+        raise ConfigError(f"{key}.isolate_kv_cache", "needs tenants (tenants or keys_file) to isolate")
     return GovernanceConfig(
         tenants=tuple(tenants),
+        isolate_kv_cache=isolate,
         admin_keys=tuple(admin),
         budgets=tuple(budgets),
         kill_switch=_parse_kill(raw.get("kill_switch"), f"{key}.kill_switch"),

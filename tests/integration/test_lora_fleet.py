@@ -108,3 +108,26 @@ def test_the_router_predicts_no_hit_across_adapters_or_salts(lora_fleet, tmp_pat
                 assert int(headers["x-kvroute-predicted-cached-tokens"]) > 0 and cached(usage) > 0, model
 
         asyncio.run(go())
+
+
+def test_isolated_tenants_share_no_cached_block(lora_fleet, tmp_path):
+    """governance.isolate_kv_cache on a real worker: the same prompt from another tenant finds
+    nothing cached, in vLLM or in the router's prediction; the same tenant's repeat does."""
+    config = {**lora_fleet.router_config(), "governance": {"isolate_kv_cache": True, "tenants": [
+        {"name": "acme", "keys": ["sk-acme"]}, {"name": "globex", "keys": ["sk-globex"]}]}}
+    with run_router(config, tmp_path) as router:
+        prompt = system_prompt(random.Random(), 200)
+
+        async def send(key: str) -> tuple[int, int]:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s, s.post(
+                    f"{router.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1}) as r:
+                assert r.status == 200, await r.text()
+                return int(r.headers["x-kvroute-predicted-cached-tokens"]), cached((await r.json())["usage"])
+
+        async def go():
+            assert await send("sk-acme") == (0, 0)
+            assert await send("sk-globex") == (0, 0)  # another tenant: nothing shared
+            predicted, actual = await send("sk-acme")
+            assert predicted > 0 and actual > 0
+
+        asyncio.run(go())
