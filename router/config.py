@@ -198,6 +198,9 @@ class ModelConfig:
     # The served name is a LoRA adapter (vLLM's --lora-modules NAME=PATH): vLLM keys its KV
     # blocks apart from the base model's and every other adapter's, and so does the router.
     lora: bool = False
+    # Another pool's workers (a model's name, or model/tier): its static list, or what
+    # discovery finds for it. For an adapter served by its base model's workers.
+    workers_from: str | None = None
     policy: str = "prefix"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     kv_capacity_blocks: int = 4096  # per-worker bound of the speculative index
@@ -248,7 +251,8 @@ class RouterConfig:
 
 _ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker", "cache",
               "telemetry", "routes")
-_POOL_KEYS = ("workers", "tokenizer", "block_size", "upstream_model", "lora", "policy", "policy_options",
+_POOL_KEYS = ("workers", "workers_from", "tokenizer", "block_size", "upstream_model", "lora", "policy",
+             "policy_options",
              "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts", "tls")
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
@@ -567,6 +571,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
         block_size=v.get(raw, "block_size", int, key, d.block_size, positive=True),
         upstream_model=v.get(raw, "upstream_model", str, key),
         lora=v.get(raw, "lora", bool, key, d.lora),
+        workers_from=v.get(raw, "workers_from", str, key),
         policy=policy,
         policy_options=options,
         kv_capacity_blocks=v.get(raw, "kv_capacity_blocks", int, key, d.kv_capacity_blocks, positive=True),
@@ -599,6 +604,29 @@ def _parse_discovery(raw: Any, key: str, local: Local) -> DiscoveryConfig:
     )
 
 
+def _share_workers(models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+    """Pools with ``workers_from`` take the named pool's workers: its static list here, and
+    discovery's members for it at run time (``ModelRoutes.apply_discovery``)."""
+    pools = {p.key: p for m in models for p in m.pools}
+
+    def fill(pool: ModelConfig, where: str) -> ModelConfig:
+        if pool.workers_from is None:
+            return pool
+        target = pools.get(pool.workers_from)
+        if target is None or target.key == pool.key:
+            raise ConfigError(f"{where}.workers_from", f"names no other model or tier: {pool.workers_from!r} "
+                              f"(a model's name, or model/tier; known: {', '.join(sorted(pools))})")
+        if target.workers_from is not None:
+            raise ConfigError(f"{where}.workers_from", f"{target.key!r} takes its workers from "
+                              f"{target.workers_from!r}: name that one")
+        if pool.workers:
+            raise ConfigError(f"{where}.workers", "set workers or workers_from, not both")
+        return replace(pool, workers=target.workers)
+
+    return tuple(replace(m, tiers=tuple(fill(t, f"models[{i}].tiers[{j}]") for j, t in enumerate(m.tiers)))
+                 if m.tiers else fill(m, f"models[{i}]") for i, m in enumerate(models))
+
+
 def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
     """Validate a parsed YAML document into a ``RouterConfig``.
 
@@ -609,6 +637,7 @@ def config_from_dict(raw: Any, *, local: Local = Local()) -> RouterConfig:
     models_raw = v.items(raw.get("models"), "models", "required: a non-empty list of models", non_empty=True)
     models = tuple(_parse_model(m, f"models[{i}]", local) for i, m in enumerate(models_raw))
     v.unique([m.name for m in models], lambda i: f"models[{i}].name", "model name")
+    models = _share_workers(models)
     server = _parse_server(raw.get("server"), "server", local)
     health = _parse_interval(HealthConfig, raw.get("health"), "health")
     scrape = _parse_interval(ScrapeConfig, raw.get("scrape"), "scrape")

@@ -221,5 +221,8 @@ class ModelRoutes:
             if self.by_key[key].cfg.tls is not None:  # a pool with tls calls its pods over HTTPS
                 url = "https://" + url.removeprefix("http://")
             members[key].append((url, w.tier))
+        for key, route in self.by_key.items():
+            if route.cfg.workers_from is not None:  # an adapter on its base model's pods
+                members[key] = list(members.get(route.cfg.workers_from, ()))
         for key, urls in members.items():
             self.by_key[key].pool.set_members(urls)

@@ -85,7 +85,9 @@ class LocalFleet:
             "policy": policy,
             "kv_events": self.kv_events_config(),
         }
-        adapters = [{**base, "name": self.lora, "upstream_model": self.lora, "lora": True}] if self.lora else []
+        adapter = {k: v for k, v in base.items() if k != "workers"}
+        adapters = [{**adapter, "name": self.lora, "upstream_model": self.lora, "lora": True,
+                     "workers_from": base["name"]}] if self.lora else []
         return {"models": [base, *adapters]}
 
 

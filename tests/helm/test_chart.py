@@ -241,6 +241,9 @@ PROD = "production"
     ("k8s", ["redis.enabled=true"], "set router.config.governance"),
     (PROD, ["router.config.governance.redis.url=redis://elsewhere:6379"], "set by the chart when redis.enabled"),
     ("k8s", ["router.config.governance.redis.prefix=p"], "set url"),
+    # LoRA adapters: an adapter on a tiered model's pods is configured by hand.
+    ("two-tiers", ["workers[0].loraAdapters[0].name=sql", "workers[0].loraAdapters[0].path=/a"],
+     "add \"sql\" to router.config.models with lora: true and workers_from: auto/TIER"),
 ])
 def test_render_time_checks(helm, values, sets, message) -> None:
     args = ["-f", str(ci(values))] + [a for s in sets for a in ("--set", s)]
@@ -322,14 +325,23 @@ def test_every_worker_group_lands_in_a_pool_that_it_serves(helm, values) -> None
         key = _pool_of(cfg, found)
         assert key is not None, f"{dep['metadata']['name']} serves no configured pool"
         joined.setdefault(key, []).append(dep)
-    assert set(joined) == set(pools), "a pool has no worker group (or a group no pool)"
+    adapters = {key: p for key, p in pools.items() if p.workers_from is not None}
+    assert set(joined) == set(pools) - set(adapters), "a pool has no worker group (or a group no pool)"
+    for key, adapter in adapters.items():  # on its base pool's pods, which serve it by its name
+        assert adapter.lora and adapter.workers_from in joined
+        for dep in joined[adapter.workers_from]:
+            args = container(dep)["args"]
+            served = args[args.index("--lora-modules") + 1:]
+            assert any(a.split("=", 1)[0] == adapter.served_name for a in served), (key, args)
+            joined.setdefault(key, []).append(dep)  # ... and with the base pool's key
     mounts = secret_mounts(one(objs, "Deployment", "router"))
     raw = {p.key: p for p in pools.values()}
     for key, deps in joined.items():
         pool = raw[key]
         for dep in deps:
             c = container(dep)
-            assert c["args"][c["args"].index("--served-model-name") + 1] == pool.served_name
+            if pool.workers_from is None:
+                assert c["args"][c["args"].index("--served-model-name") + 1] == pool.served_name
             env = {e["name"]: e for e in c.get("env", ())}
             if "VLLM_API_KEY" in env:
                 ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
@@ -548,6 +560,25 @@ def test_worker_pods(helm) -> None:
     assert deps["large"]["spec"]["template"]["spec"]["volumes"][1]["persistentVolumeClaim"] == {
         "claimName": "llama-70b-weights"}
     assert container(deps["large"])["startupProbe"]["failureThreshold"] == 360
+
+
+def test_lora_adapters_are_served_by_the_group_and_routed_on_its_pods(helm) -> None:
+    objs = render(helm, ci("k8s"))
+    args = container(workers(objs)[0])["args"]
+    assert "--enable-lora" in args and args[args.index("--max-loras") + 1] == "2"
+    assert args[args.index("--max-lora-rank") + 1] == "32"
+    modules = args[args.index("--lora-modules") + 1:args.index("--lora-modules") + 3]
+    assert modules == ["llama-8b-sql=/root/.cache/huggingface/adapters/sql",
+                       "llama-8b-support=/root/.cache/huggingface/adapters/support"]
+    cfg = router_config(objs)
+    base = model_named(cfg, "llama-8b")
+    for name in ("llama-8b-sql", "llama-8b-support"):
+        adapter = model_named(cfg, name)
+        assert adapter.lora and adapter.workers_from == "llama-8b" and adapter.served_name == name
+        # the base model's entry otherwise: exact mode on the same events, the same price
+        assert adapter.tokenizer == base.tokenizer and adapter.kv_events == base.kv_events is not None
+        assert adapter.price == base.price
+    assert all("--enable-lora" not in container(w)["args"] for w in workers(render(helm, ci("two-tiers"))))
 
 
 def test_worker_defaults_omit_runtime_class_and_cache(helm) -> None:

@@ -16,6 +16,7 @@ from kvroute.router.metrics import RouterMetrics
 from kvroute.router.prefix import chain_keys, root_key
 from kvroute.router.requests import CHAT, COMPLETION, parse_request
 from kvroute.router.routes import Executors, ModelRoutes
+from kvroute.router.upstream.discovery import DiscoveredWorker
 from tests.governance.conftest import worker_url
 from tests.unit.apis import config
 
@@ -90,3 +91,35 @@ def test_lora_must_be_a_boolean():
     assert "models[0].lora" in str(err.value)
     assert parse_request(CHAT, orjson.dumps({"model": "m", "cache_salt": "t", "messages": [
         {"role": "user", "content": "x"}]}), {}).body["cache_salt"] == "t"
+
+
+def test_an_adapter_takes_its_base_models_workers_static_or_discovered():
+    base = {"name": "llama", "workers": ["http://a:1", "http://b:1"]}
+    cfg = config_from_dict({"models": [base, {"name": "sql", "lora": True, "workers_from": "llama"}]})
+    assert cfg.models[1].workers == ("http://a:1", "http://b:1")
+    cfg = config_from_dict({"discovery": {"source": "k8s"}, "models": [
+        {"name": "llama"}, {"name": "auto", "tiers": [{"name": "small"}, {"name": "sql", "workers_from": "auto/small",
+                                                                           "lora": True}],
+                            "classifier": {"thresholds": [0.5]}},
+        {"name": "sql", "lora": True, "workers_from": "llama"}]})
+    routes = ModelRoutes(cfg)
+    routes.apply_discovery([DiscoveredWorker("http://10.0.0.1:8000", "llama", None),
+                            DiscoveredWorker("http://10.0.0.2:8000", "auto", "small")])
+    assert [w.url for w in routes.get("sql").tiers[0].pool.all()] == ["http://10.0.0.1:8000"]
+    assert [w.url for w in routes.get("auto").tiers[1].pool.all()] == ["http://10.0.0.2:8000"]
+    routes.apply_discovery([])
+    assert routes.get("sql").tiers[0].pool.all() == []
+
+
+@pytest.mark.parametrize("models, where", [
+    ([{"name": "sql", "workers_from": "nope", "workers": ["http://a:1"]}], "models[0].workers_from"),
+    ([{"name": "sql", "workers_from": "sql", "workers": ["http://a:1"]}], "models[0].workers_from"),
+    ([{"name": "a", "workers": ["http://a:1"]}, {"name": "b", "workers_from": "a"}, {"name": "c", "workers_from": "b"}],
+     "models[2].workers_from"),
+    ([{"name": "a", "workers": ["http://a:1"]}, {"name": "b", "workers_from": "a", "workers": ["http://b:1"]}],
+     "models[1].workers"),
+])
+def test_workers_from_names_one_other_pool(models, where):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"models": models})
+    assert f"'{where}'" in str(err.value)

@@ -180,7 +180,8 @@ Called with (dict "root" $ "value" V "where" KEY "mounts" M "out" O ["path" true
 groups that serve it: model label = model, and tier label = tier for a tier. Sets
 upstream_model (what the pods serve), api_key (the groups' apiKey) and the kv_events
 port/topic (the groups' kvEvents), and resolves api_key. .pool is changed in place.
-Called with (dict "root" $ "pool" P "model" NAME "tier" TIER-or-"" "where" KEY "mounts" M). */}}
+Called with (dict "root" $ "pool" P "model" NAME "tier" TIER-or-"" "where" KEY "mounts" M);
+a LoRA adapter on those groups adds "served" ADAPTER, the name its pods serve it by. */}}
 {{- define "kvroute.wirePool" -}}
 {{- $groups := list }}
 {{- range .root.Values.workers }}
@@ -193,12 +194,13 @@ Called with (dict "root" $ "pool" P "model" NAME "tier" TIER-or-"" "where" KEY "
 {{- fail (printf "router.config.%s: no workers[] group serves it (model %q%s); discovery %s only finds this release's worker groups" .where .model (ternary (printf ", tier %q" .tier) "" (ne .tier "")) $source) }}
 {{- end }}
 {{- if $groups }}
-{{- if and (hasKey .pool "upstream_model") (ne .pool.upstream_model .model) }}
-{{- fail (printf "router.config.%s.upstream_model: its worker groups serve --served-model-name %q; remove upstream_model" .where .model) }}
+{{- $served := default .model .served }}
+{{- if and (hasKey .pool "upstream_model") (ne .pool.upstream_model $served) }}
+{{- fail (printf "router.config.%s.upstream_model: its worker groups serve --served-model-name %q; remove upstream_model" .where $served) }}
 {{- end }}
-{{- if .tier }}
+{{- if or .tier .served }}
 {{- /* A tier's default upstream name is the tier's own; the pods serve the model's. */}}
-{{- $_ := set .pool "upstream_model" .model }}
+{{- $_ := set .pool "upstream_model" $served }}
 {{- end }}
 {{- $keyRef := "" }}
 {{- range $groups }}
@@ -291,6 +293,28 @@ secretKeyRef references into mounted files. */}}
 {{- $models = append $models (dict "name" .model) }}
 {{- end }}
 {{- end }}
+{{- /* a LoRA adapter of a worker group: its base model's entry, on the same pods */}}
+{{- range $group := .Values.workers }}
+{{- range $group.loraAdapters }}
+{{- if not (hasKey $seen .name) }}
+{{- $_ := set $seen .name true }}
+{{- $base := dict "name" $group.model }}
+{{- range $r.config.models }}
+{{- if eq .name $group.model }}
+{{- $base = deepCopy . }}
+{{- end }}
+{{- end }}
+{{- if $base.tiers }}
+{{- fail (printf "workers[%s].loraAdapters: model %q has tiers; add %q to router.config.models with lora: true and workers_from: %s/TIER" $group.name $group.model .name $group.model) }}
+{{- end }}
+{{- $entry := omit $base "workers" "upstream_model" }}
+{{- $_ := set $entry "name" .name }}
+{{- $_ := set $entry "lora" true }}
+{{- $_ := set $entry "workers_from" $group.model }}
+{{- $models = append $models $entry }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if not $models }}
 {{- fail "no models: set workers[] or router.config.models" }}
 {{- end }}
@@ -313,6 +337,11 @@ secretKeyRef references into mounted files. */}}
 {{- fail (printf "workers[%s]: model %q has tiers %s; set tier to one of them" .name $m.name (keys $tierNames | sortAlpha | join ", ")) }}
 {{- end }}
 {{- end }}
+{{- else if $m.workers_from }}
+{{- /* on another pool's pods (a LoRA adapter): wired to that pool's worker groups */}}
+{{- $parts := splitList "/" $m.workers_from }}
+{{- $served := default $m.name $m.upstream_model }}
+{{- include "kvroute.wirePool" (dict "root" $ "pool" $m "model" (first $parts) "tier" (ternary (last $parts) "" (gt (len $parts) 1)) "served" $served "where" $where "mounts" $mounts) }}
 {{- else }}
 {{- if and (eq $r.discovery.source "static") (not $m.workers) }}
 {{- fail (printf "router.discovery.source=static: router.config.models entry %q needs workers: [URL, ...]" $m.name) }}
