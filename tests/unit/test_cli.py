@@ -54,6 +54,20 @@ def test_fleet_up_starts_classification_workers_with_the_pooling_runner(monkeypa
         fleet.start_fleet(workers=1, wait=False, record_state=False, classify=True, embed=True)
 
 
+def test_fleet_up_lora_serves_an_adapter_and_configures_it(monkeypatch):
+    from kvroute.router.local import fleet
+
+    assert build_parser().parse_args(["fleet", "up", "--lora", "tiny-sql"]).lora == "tiny-sql"
+    monkeypatch.setattr(fleet, "build_tiny_lora", lambda: "/models/lora")
+    cmd = fleet.worker_command("/models/tiny", ["tiny"], 8101, 5601, 32, 128, 2048, lora="tiny-sql")
+    assert cmd[cmd.index("--lora-modules") + 1] == "tiny-sql=/models/lora" and "--enable-lora" in cmd
+    local = fleet.LocalFleet("/models/tiny", ["tiny"], 32, 128, lora="tiny-sql",
+                             workers=[fleet.LocalWorker("http://127.0.0.1:8101", 8101, 5601, 0, "")])
+    base, adapter = local.router_config()["models"]
+    assert adapter == {**{k: v for k, v in base.items() if k != "workers"}, "name": "tiny-sql",
+                       "upstream_model": "tiny-sql", "lora": True, "workers_from": "tiny"}
+
+
 def test_version_prints_the_installed_package_s_version(capsys):
     from importlib.metadata import version
 
