@@ -9,6 +9,7 @@ subprocesses on free ports.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -91,6 +92,30 @@ class Router:
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=5, context=self.trust) as resp:
             return resp.read().decode()
+
+
+@contextmanager
+def side_fleet(tmp_path_factory, offset: int, name: str, workers: int = 1, **options) -> Iterator[LocalFleet]:
+    """A module's own small fleet beside the session's (embedding, classification, LoRA or
+    locked workers), on ports from ``KVROUTE_TEST_BASE_PORT`` + ``offset``; ``options`` go to
+    ``start_fleet``."""
+    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + offset
+    fleet = start_fleet(workers=workers, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
+                        events_port=base - 12000, log_dir=tmp_path_factory.mktemp(f"{name}-logs"),
+                        progress=lambda s: None, record_state=False, **options)
+    try:
+        yield fleet
+    finally:
+        stop_fleet(fleet)
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds (events arrive asynchronously); assert it then."""
+    for _ in range(int(timeout_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    assert predicate()
 
 
 @contextmanager

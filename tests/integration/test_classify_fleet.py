@@ -5,7 +5,6 @@ counted on the worker's metrics."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import urllib.error
 import urllib.request
@@ -15,32 +14,19 @@ import numpy as np
 import orjson
 import pytest
 
-from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.local.fleet import LocalFleet
 from kvroute.router.local.tinymodel import CLASSIFIER_LABELS
-from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router
+from tests.integration.conftest import Router, run_router, side_fleet
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Iterator[LocalFleet]:
-    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + 70
-    fleet = start_fleet(workers=1, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
-                        events_port=base - 12000, served_names=["tiny-cls"],
-                        log_dir=tmp_path_factory.mktemp("classify-logs"), progress=lambda s: None,
-                        record_state=False, classify=True)
-    try:
-        yield fleet
-    finally:
-        stop_fleet(fleet)
-
-
-@pytest.fixture(scope="module")
-def router(classifier, tmp_path_factory):
-    model = {"name": "sorter", "upstream_model": "tiny-cls", "workers": classifier.urls,
-             "tokenizer": classifier.model_dir, "policy": "prefix", "kv_events": classifier.kv_events_config()}
-    with run_router({"models": [model]}, tmp_path_factory.mktemp("classify-router")) as r:
-        yield r
+def served(tmp_path_factory) -> Iterator[tuple[LocalFleet, Router]]:
+    """One classification worker, and a router in exact mode (it publishes KV events too)."""
+    with side_fleet(tmp_path_factory, 70, "classify", served_names=["tiny-cls"], classify=True) as fleet, \
+            run_router(fleet.router_config("sorter"), tmp_path_factory.mktemp("classify-router")) as router:
+        yield fleet, router
 
 
 def post(url: str, body: dict) -> dict:
@@ -50,7 +36,8 @@ def post(url: str, body: dict) -> dict:
         return orjson.loads(resp.read())
 
 
-def test_classify_and_pooling_answers_are_the_workers_own(router, classifier):
+def test_classify_and_pooling_answers_are_the_workers_own(served):
+    classifier, router = served
     system = f"[{secrets.token_hex(4)}] Decide whether this support ticket is urgent. " * 8
     worker = classifier.urls[0]
     asks = [{"input": [system + "the router is down", system + "a typo on the pricing page"]},

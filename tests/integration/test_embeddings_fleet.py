@@ -7,7 +7,6 @@ through the router."""
 from __future__ import annotations
 
 import base64
-import os
 import re
 import secrets
 import urllib.request
@@ -18,30 +17,21 @@ import openai
 import orjson
 import pytest
 
-from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
-from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router, scrape
+from kvroute.router.local.fleet import LocalFleet
+from tests.integration.conftest import run_router, scrape, side_fleet
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def embedders(tmp_path_factory) -> Iterator[LocalFleet]:
-    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + 60
-    fleet = start_fleet(workers=2, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
-                        events_port=base - 12000, served_names=["tiny-embed"],
-                        log_dir=tmp_path_factory.mktemp("embed-logs"), progress=lambda s: None,
-                        record_state=False, embed=True)
-    try:
+    with side_fleet(tmp_path_factory, 60, "embed", workers=2, served_names=["tiny-embed"], embed=True) as fleet:
         yield fleet
-    finally:
-        stop_fleet(fleet)
 
 
 @pytest.fixture(scope="module")
 def router(embedders, tmp_path_factory):
-    model = {"name": "embed", "upstream_model": "tiny-embed", "workers": embedders.urls,
-             "tokenizer": embedders.model_dir, "policy": "prefix", "kv_events": embedders.kv_events_config()}
-    with run_router({"models": [model]}, tmp_path_factory.mktemp("embed-router")) as r:
+    with run_router(embedders.router_config("embed"), tmp_path_factory.mktemp("embed-router")) as r:
         yield r
 
 

@@ -13,7 +13,7 @@ from kvroute.router.config import KvEventsConfig
 from kvroute.router.kv_events import EventHub, WorkerEvents, endpoints_for, subscribe
 from kvroute.router.kv_index import ExactIndex
 from kvroute.router.prefix import PromptTokenizer, chain_keys
-from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, scrape
+from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, scrape, until
 from tests.integration.workload import system_prompt
 
 pytestmark = pytest.mark.integration
@@ -47,14 +47,6 @@ async def send(url: str, messages: list[dict]) -> dict:
                           json={"model": "tiny", "messages": messages, "max_tokens": 1}) as r:
             assert r.status == 200
             return await r.json()
-
-
-async def until(predicate, timeout_s: float = 10.0) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    assert predicate()
 
 
 async def test_index_holds_exactly_the_blocks_the_worker_reported(fleet, tok):

@@ -7,7 +7,6 @@ hit where it has one."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import Iterator
 
@@ -17,9 +16,9 @@ import pytest
 from kvroute.router.config import KvEventsConfig
 from kvroute.router.kv_events import EventHub
 from kvroute.router.kv_index import ExactIndex
-from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.local.fleet import LocalFleet
 from kvroute.router.prefix import PromptTokenizer, chain_keys, root_key
-from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router
+from tests.integration.conftest import BLOCK_SIZE, run_router, side_fleet, until
 from tests.integration.workload import system_prompt
 
 pytestmark = pytest.mark.integration
@@ -37,14 +36,8 @@ class Counts:
 
 @pytest.fixture(scope="module")
 def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
-    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + 80
-    fleet = start_fleet(workers=1, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
-                        events_port=base - 12000, served_names=["tiny"], lora=ADAPTER,
-                        log_dir=tmp_path_factory.mktemp("lora-logs"), progress=lambda s: None, record_state=False)
-    try:
+    with side_fleet(tmp_path_factory, 80, "lora", lora=ADAPTER) as fleet:
         yield fleet
-    finally:
-        stop_fleet(fleet)
 
 
 async def complete(url: str, model: str, prompt: str, **extra) -> tuple[dict, dict]:
@@ -52,14 +45,6 @@ async def complete(url: str, model: str, prompt: str, **extra) -> tuple[dict, di
             "model": model, "prompt": prompt, "max_tokens": 1, **extra}) as r:
         assert r.status == 200, await r.text()
         return (await r.json())["usage"], dict(r.headers)
-
-
-async def until(predicate, timeout_s: float = 10.0) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    assert predicate()
 
 
 def cached(usage: dict) -> int:

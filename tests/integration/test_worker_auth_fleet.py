@@ -3,7 +3,6 @@ reaches it only with the model's ``api_key`` reference, and the key never shows 
 
 from __future__ import annotations
 
-import os
 import secrets
 import urllib.error
 import urllib.request
@@ -13,8 +12,8 @@ import openai
 import orjson
 import pytest
 
-from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
-from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, run_router
+from kvroute.router.local.fleet import LocalFleet
+from tests.integration.conftest import run_router, side_fleet
 
 pytestmark = pytest.mark.integration
 KEY = "sk-vllm-" + secrets.token_hex(8)
@@ -22,14 +21,8 @@ KEY = "sk-vllm-" + secrets.token_hex(8)
 
 @pytest.fixture(scope="module")
 def locked_worker(tmp_path_factory) -> Iterator[LocalFleet]:
-    base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + 50
-    fleet = start_fleet(workers=1, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,
-                        events_port=base - 12000, log_dir=tmp_path_factory.mktemp("locked-logs"),
-                        progress=lambda s: None, record_state=False, api_key=KEY)
-    try:
+    with side_fleet(tmp_path_factory, 50, "locked", api_key=KEY) as fleet:
         yield fleet
-    finally:
-        stop_fleet(fleet)
 
 
 def chat_directly(url: str, auth: str | None) -> int:
