@@ -252,8 +252,8 @@ class RouterConfig:
 _ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker", "cache",
               "telemetry", "routes")
 _POOL_KEYS = ("workers", "workers_from", "tokenizer", "block_size", "upstream_model", "lora", "policy",
-             "policy_options",
-             "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key", "timeouts", "tls")
+              "policy_options", "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key",
+              "timeouts", "tls")
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
 
