@@ -136,6 +136,9 @@ class ModelRoutes:
         self._metrics = metrics
         self._clock = clock or MonotonicClock()
         self._rng = rng or random.Random()
+        # One copy of each tokenizer folder: a base model and its LoRA adapters (or one
+        # server under several names) share it, its memory and its cache of prompt pieces.
+        self._tokenizers: dict[str, PromptTokenizer] = {}
         for m in cfg.models:
             pools = [self._pool(p, executors.tokenizer) for p in m.pools]
             chooser = None
@@ -150,7 +153,10 @@ class ModelRoutes:
             index = ExactIndex(m.kv_capacity_blocks, m.kv_events.speculative_ttl_s)
         else:
             index = PrefixIndex(m.kv_capacity_blocks)
-        tokenizer = PromptTokenizer(m.tokenizer) if m.tokenizer else None
+        tokenizer = None
+        if m.tokenizer:
+            tokenizer = self._tokenizers.get(m.tokenizer) or self._tokenizers.setdefault(
+                m.tokenizer, PromptTokenizer(m.tokenizer))
         if tokenizer is None:
             log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
                         "(character chunks, not KV blocks)", m.key)

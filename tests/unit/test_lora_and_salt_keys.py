@@ -123,3 +123,17 @@ def test_workers_from_names_one_other_pool(models, where):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"models": models})
     assert f"'{where}'" in str(err.value)
+
+
+def test_pools_on_one_tokenizer_folder_share_one_tokenizer(tiny_model_dir, tmp_path):
+    other = tmp_path / "copy"
+    other.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    pool = {"workers": ["http://127.0.0.1:9"], "tokenizer": str(tiny_model_dir)}
+    cfg = config_from_dict({"models": [{"name": "base", **pool}, {"name": "sql", "lora": True, **pool},
+                                       {"name": "other", **pool, "tokenizer": str(other)}]})
+    routes = ModelRoutes(cfg, Executors(), RouterMetrics())
+    base, sql, elsewhere = (routes.by_key[k].prefixer.tokenizer for k in ("base", "sql", "other"))
+    assert base is sql and base is not None and elsewhere is not base
