@@ -79,8 +79,7 @@ class ModelRoute:
             pk = self.prefixer.estimate(view)
         else:
             # A LoRA adapter's and a cache salt's blocks are vLLM's apart: their keys start apart too.
-            salt = req.body.get("cache_salt")
-            root = root_key(self.cfg.served_name if self.cfg.lora else None, salt) if self.cfg.lora or salt else 0
+            root = root_key(self.cfg.served_name if self.cfg.lora else None, req.body.get("cache_salt"))
             pk = await self.prefixer.keys(view, self.block_size, root)
         session = req.headers.get("x-kvroute-session") or req.body.get("user")
         return RequestContext(
@@ -153,10 +152,9 @@ class ModelRoutes:
             index = ExactIndex(m.kv_capacity_blocks, m.kv_events.speculative_ttl_s)
         else:
             index = PrefixIndex(m.kv_capacity_blocks)
-        tokenizer = None
-        if m.tokenizer:
-            tokenizer = self._tokenizers.get(m.tokenizer) or self._tokenizers.setdefault(
-                m.tokenizer, PromptTokenizer(m.tokenizer))
+        if m.tokenizer and m.tokenizer not in self._tokenizers:
+            self._tokenizers[m.tokenizer] = PromptTokenizer(m.tokenizer)
+        tokenizer = self._tokenizers[m.tokenizer] if m.tokenizer else None
         if tokenizer is None:
             log.warning("model %s: no tokenizer configured, routing in APPROXIMATE mode "
                         "(character chunks, not KV blocks)", m.key)
