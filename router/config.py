@@ -21,6 +21,7 @@ import yaml
 
 from kvroute.router import validate as v
 from kvroute.router.cache.config import CacheConfig, ModelCache, model_cache, parse_cache
+from kvroute.router.chat_template import CONTENT_FORMATS, RESERVED_KWARGS, check_template, load_template
 from kvroute.router.cors import CorsConfig, parse_cors
 from kvroute.router.errors import ConfigError
 from kvroute.router.governance.config import GovernanceConfig, RedisConfig, parse_governance
@@ -201,6 +202,13 @@ class ModelConfig:
     # Another pool's workers (a model's name, or model/tier): its static list, or what
     # discovery finds for it. For an adapter served by its base model's workers.
     workers_from: str | None = None
+    # The chat template settings of the pool's vLLM servers (--chat-template, as a file or
+    # the template itself; --default-chat-template-kwargs; --chat-template-content-format;
+    # --trust-request-chat-template): the router renders prompts as they do.
+    chat_template: str | None = None
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    chat_template_content_format: str = "auto"
+    trust_request_chat_template: bool = False
     policy: str = "prefix"
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     kv_capacity_blocks: int = 4096  # per-worker bound of the speculative index
@@ -253,7 +261,10 @@ _ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance",
               "telemetry", "routes")
 _POOL_KEYS = ("workers", "workers_from", "tokenizer", "block_size", "upstream_model", "lora", "policy",
               "policy_options", "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key",
-              "timeouts", "tls")
+              "timeouts", "tls", "chat_template", "chat_template_kwargs", "chat_template_content_format",
+              "trust_request_chat_template")
+_TEMPLATE_KEYS = ("chat_template", "chat_template_kwargs", "chat_template_content_format",
+                  "trust_request_chat_template")
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
 
@@ -558,6 +569,17 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
     if raw.get("api_key") is not None:
         api_key = local.secret(raw["api_key"], f"{key}.api_key", literal=False)
     d = ModelConfig(name)
+    if tokenizer is None and (given := next((k for k in _TEMPLATE_KEYS if raw.get(k) is not None), None)):
+        raise ConfigError(f"{key}.{given}", "the router renders chat templates only with the model's "
+                          "tokenizer (set tokenizer)")
+    template = v.get(raw, "chat_template", str, key)
+    if template is not None:
+        _check_chat_template(template, f"{key}.chat_template", local)
+    template_kwargs = dict(v.mapping(raw.get("chat_template_kwargs"), f"{key}.chat_template_kwargs"))
+    for reserved in RESERVED_KWARGS:
+        if reserved in template_kwargs:
+            raise ConfigError(f"{key}.chat_template_kwargs.{reserved}", "is not a template variable"
+                              + (" (set chat_template)" if reserved == "chat_template" else ""))
     return ModelConfig(
         name=name,
         tier=tier,
@@ -572,11 +594,29 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
         upstream_model=v.get(raw, "upstream_model", str, key),
         lora=v.get(raw, "lora", bool, key, d.lora),
         workers_from=v.get(raw, "workers_from", str, key),
+        chat_template=template,
+        chat_template_kwargs=template_kwargs,
+        chat_template_content_format=v.get(raw, "chat_template_content_format", str, key,
+                                           d.chat_template_content_format, choices=CONTENT_FORMATS),
+        trust_request_chat_template=v.get(raw, "trust_request_chat_template", bool, key,
+                                          d.trust_request_chat_template),
         policy=policy,
         policy_options=options,
         kv_capacity_blocks=v.get(raw, "kv_capacity_blocks", int, key, d.kv_capacity_blocks, positive=True),
         approx_chunk_chars=v.get(raw, "approx_chunk_chars", int, key, d.approx_chunk_chars, positive=True),
     )
+
+
+def _check_chat_template(value: str, key: str, local: Local) -> None:
+    """A template file must exist (when looking at this machine) and any template compile."""
+    if "{" not in value and "\n" not in value and not local.check:
+        return  # a path on the machine the config is for
+    try:
+        check_template(load_template(value))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+    except Exception as exc:  # jinja2's syntax errors name the line
+        raise ConfigError(key, f"does not compile: {type(exc).__name__}: {exc}") from None
 
 
 def _parse_discovery(raw: Any, key: str, local: Local) -> DiscoveryConfig:

@@ -32,7 +32,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,8 @@ from typing import Any
 import orjson
 import xxhash
 
+from kvroute.router import chat_template
+from kvroute.router.chat_template import TemplateConfig
 from kvroute.router.errors import InvalidRequest
 from kvroute.router.metrics import RouterMetrics
 
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 EXECUTOR_THRESHOLD_CHARS = 4096  # less new text is tokenized inline: an executor hop costs more
 PIECE_CACHE_SIZE = 8192
+DEFAULT_TEMPLATE = TemplateConfig()
 FALLBACK_LOG_INTERVAL_S = 60.0  # a client that keeps sending what the template rejects logs once a minute
 
 
@@ -129,12 +132,9 @@ class PromptTokenizer:
         self._pieces: OrderedDict[str, array] = OrderedDict()
         self._pieces_lock = threading.Lock()  # held for the cache's bookkeeping, never while tokenizing
 
-    def render_chat(self, messages: list[dict], tools: list | None) -> str:
-        msgs = [{**m, "content": normalize_content(m.get("content"))} for m in messages]
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
-        if tools:
-            kwargs["tools"] = tools
-        return str(self.tok.apply_chat_template(msgs, **kwargs))
+    def render_chat(self, view: Mapping[str, Any], template: TemplateConfig = DEFAULT_TEMPLATE) -> str:
+        """A chat ``view`` (``messages``, ``tools`` and the template fields) as vLLM renders it."""
+        return chat_template.render(self.tok, template, view)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tok.convert_tokens_to_ids(token)
@@ -185,7 +185,7 @@ class PromptTokenizer:
             return sum(len(p) for p in pieces if p and p not in self._special_ids and p not in self._pieces)
 
     def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        return self.encode_text(self.render_chat(messages, tools))
+        return self.encode_text(self.render_chat({"messages": messages, "tools": tools}))
 
     def completion_ids(self, prompt: str) -> list[int]:
         return self._completion_prefix + self.encode_text(prompt)
@@ -222,8 +222,9 @@ class Prefixer:
 
     def __init__(self, tokenizer: PromptTokenizer | None, chunk_chars: int, executor: Executor | None = None,
                  *, model: str = "", metrics: RouterMetrics | None = None,
-                 now: Callable[[], float] = time.monotonic):
+                 now: Callable[[], float] = time.monotonic, template: TemplateConfig = DEFAULT_TEMPLATE):
         self.tokenizer = tokenizer
+        self.template = template  # the chat template settings of the model's vLLM servers
         self.chunk_chars = chunk_chars
         self.executor = executor
         self.model = model
@@ -263,7 +264,7 @@ class Prefixer:
         reason = "template"
         try:
             if messages is not None:
-                text = tok.render_chat(messages, body.get("tools"))
+                text = tok.render_chat(body, self.template)
                 reason = "tokenizer"
                 return tok.encode_pieces(tok.pieces(text))
             reason = "tokenizer"
@@ -300,7 +301,7 @@ class Prefixer:
             # conversation) costs less inline than the executor hop: render it here, and go
             # to the executor only when much of it is new text to tokenize.
             try:
-                text = tok.render_chat(messages, body.get("tools"))
+                text = tok.render_chat(body, self.template)
             except InvalidRequest:
                 raise
             except Exception as exc:

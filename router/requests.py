@@ -46,6 +46,12 @@ INPUT_OR_MESSAGES = frozenset({EMBEDDING, CLASSIFY, POOL})
 # A score request's two sides, in the forms vLLM takes.
 _SCORE_SIDES = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+# A chat's fields that vLLM passes to its template (router/chat_template.py renders them too);
+# the pooling APIs take the first four with a conversation, the Responses and Messages APIs
+# only chat_template_kwargs.
+_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+                    "documents", "reasoning_effort")
+_POOLED_TEMPLATE_FIELDS = _TEMPLATE_FIELDS[:4]
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
 _DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
@@ -134,7 +140,9 @@ def pooled_view(body: dict) -> dict:
     if messages is None:
         return {"prompt": body["input"]}
     if _conversation(messages):
-        return {"messages": messages}
+        # vLLM's pooling APIs render a conversation without a generation prompt unless asked
+        return {"messages": messages, "add_generation_prompt": body.get("add_generation_prompt", False),
+                **{k: body[k] for k in _POOLED_TEMPLATE_FIELDS if k in body}}
     return {"prompt": ["".join(_message_text(m) for m in conversation) for conversation in messages]}
 
 
@@ -191,7 +199,14 @@ def responses_as_chat(body: dict) -> dict:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+    # A partial assistant message (or reasoning) last is continued, as vLLM does it.
+    last = items[-1] if items else None
+    partial = (isinstance(last, dict) and last.get("type", "message") in ("message", "reasoning")
+               and last.get("status") in ("in_progress", "incomplete"))
     view: dict[str, Any] = {"messages": messages}
+    if partial:
+        view.update(add_generation_prompt=False, continue_final_message=True)
+    _template_fields(view, body, (body.get("reasoning") or {}).get("effort"))
     tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
              for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"]
     if tools:
@@ -226,12 +241,22 @@ def anthropic_as_chat(body: dict) -> dict:
         if text or calls:
             messages.append({"role": m["role"], "content": text or None, **({"tool_calls": calls} if calls else {})})
     view: dict[str, Any] = {"messages": messages}
+    _template_fields(view, body, (body.get("output_config") or {}).get("effort"))
     tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
                                                "parameters": t.get("input_schema")}}
              for t in body.get("tools") or () if isinstance(t, dict) and "name" in t]
     if tools:
         view["tools"] = tools
     return view
+
+
+def _template_fields(view: dict[str, Any], body: dict, effort: Any) -> None:
+    """A Responses or Messages request's ``chat_template_kwargs`` and reasoning effort, which
+    vLLM passes to the template."""
+    if body.get("chat_template_kwargs"):
+        view["chat_template_kwargs"] = body["chat_template_kwargs"]
+    if isinstance(effort, str):
+        view["reasoning_effort"] = effort
 
 
 def _block_text(blocks: list) -> str:
@@ -305,6 +330,28 @@ def _check_messages(messages: Any, name: str = "messages") -> None:
             raise InvalidRequest(f"'{name}[{i}].content' parts must be objects", param=f"{name}[{i}].content")
 
 
+def _check_template_fields(body: dict, names: tuple[str, ...] = _TEMPLATE_FIELDS) -> None:
+    """The template fields a chat may carry, as vLLM checks them: the router renders with them."""
+    if "chat_template" in names:
+        _field(body, "chat_template", (str,), "a string")
+    kwargs = _field(body, "chat_template_kwargs", (dict,), "an object")
+    for reserved in ("chat_template", "tokenize"):
+        if kwargs and reserved in kwargs:
+            raise InvalidRequest(f"'chat_template_kwargs.{reserved}' is not allowed; it is not a template variable",
+                                 param=f"chat_template_kwargs.{reserved}")
+    if "add_generation_prompt" not in names:
+        return
+    add = _field(body, "add_generation_prompt", (bool,), "a boolean")
+    if _field(body, "continue_final_message", (bool,), "a boolean") and add:
+        raise InvalidRequest("Cannot set both 'continue_final_message' and 'add_generation_prompt' to true",
+                             param="continue_final_message")
+    if "documents" in names:
+        documents = _field(body, "documents", (list,), "a list of objects")
+        if documents is not None and not all(isinstance(d, dict) for d in documents):
+            raise InvalidRequest("'documents' must be a list of objects", param="documents")
+        _field(body, "reasoning_effort", (str,), "a string")
+
+
 def _ids(value: Any) -> bool:
     """A list of token ids: integers that fit the 32 bits vLLM's ids (and the block hashes) use."""
     return isinstance(value, list) and all(
@@ -363,6 +410,8 @@ def _check_responses(body: dict) -> None:
     value = _field(body, "max_output_tokens", (int,), "an integer")
     if value is not None and value < 1:
         raise InvalidRequest("'max_output_tokens' must be at least 1", param="max_output_tokens")
+    _check_template_fields(body, ("chat_template_kwargs",))
+    _field(body, "reasoning", (dict,), "an object")
     previous = _field(body, "previous_response_id", (str,), "a string")
     if previous is not None and not RESPONSE_ID.fullmatch(previous):
         raise InvalidRequest("'previous_response_id' must be a response id (letters, digits, '_' and '-')",
@@ -405,6 +454,7 @@ def _check_tokenize(body: dict) -> None:
         raise InvalidRequest("'prompt' must be a string", param="prompt")
     if "messages" in body:
         _check_messages(body["messages"])
+        _check_template_fields(body)
 
 
 def _check_anthropic(body: dict) -> None:
@@ -429,6 +479,8 @@ def _check_anthropic(body: dict) -> None:
     tools = _field(body, "tools", (list,), "a list")
     if tools is not None and not all(isinstance(t, dict) for t in tools):
         raise InvalidRequest("'tools' must be a list of objects", param="tools")
+    _check_template_fields(body, ("chat_template_kwargs",))
+    _field(body, "output_config", (dict,), "an object")
 
 
 def _check_pooled(kind: str, body: dict) -> None:
@@ -446,6 +498,7 @@ def _check_pooled(kind: str, body: dict) -> None:
             _check_messages(conversation, f"{name}[{j}]")
     elif has_messages or (batch_ok and _conversation(value)):
         _check_messages(value, name)
+        _check_template_fields(body, _POOLED_TEMPLATE_FIELDS)
     else:
         _check_input(value)
 
@@ -478,6 +531,7 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         if "messages" not in body:
             raise InvalidRequest("'messages' is required", param="messages")
         _check_messages(body["messages"])
+        _check_template_fields(body)
     elif kind == EMBEDDING:
         _check_embedding(body)
     elif kind == RESPONSES:

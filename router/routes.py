@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from kvroute.router.chat_template import TemplateConfig, load_template
 from kvroute.router.confidence import AnswerJudge
 from kvroute.router.config import ModelConfig, RouterConfig
 from kvroute.router.errors import ModelNotFound
@@ -172,8 +173,11 @@ class ModelRoutes:
         pool.on_join(joined)
         pool.on_leave(self._forget)
         pool.on_breaker_change(lambda w: metrics.breaker_state.labels(w.model, w.url).set(int(w.breaker.state)))
+        template = TemplateConfig(load_template(m.chat_template) if m.chat_template else None,
+                                  m.chat_template_kwargs, m.chat_template_content_format,
+                                  m.trust_request_chat_template)
         prefixer = Prefixer(tokenizer, m.approx_chunk_chars, executor, model=m.key, metrics=metrics,
-                            now=self._clock.time)
+                            now=self._clock.time, template=template)
         route = ModelRoute(m, pool, policy, index, prefixer,
                            Retrier(self._cfg.retries, self._clock, self._rng))
         self.by_key[m.key] = route

@@ -48,8 +48,12 @@ def test_what_the_router_reads_of_each_prompt_shape():
         return parse_request(kind, orjson.dumps({"model": "m", **body}), {}).prompt_view
 
     assert view(CLASSIFY, input="a") == {"prompt": "a"} and view(POOL, input=[1, 2]) == {"prompt": [1, 2]}
-    assert view(CLASSIFY, messages=CHAT) == {"messages": CHAT}
-    assert view(EMBEDDING, input=CHAT) == {"messages": CHAT}  # vLLM reads a conversation in 'input' too
+    # vLLM's pooling APIs render a conversation without a generation prompt unless asked for one
+    assert view(CLASSIFY, messages=CHAT) == {"messages": CHAT, "add_generation_prompt": False}
+    assert view(POOL, messages=CHAT, add_generation_prompt=True, chat_template_kwargs={"a": 1}) == {
+        "messages": CHAT, "add_generation_prompt": True, "chat_template_kwargs": {"a": 1}}
+    # vLLM reads a conversation in 'input' too
+    assert view(EMBEDDING, input=CHAT) == {"messages": CHAT, "add_generation_prompt": False}
     batch = view(EMBEDDING, messages=[CHAT, CHAT[1:]])  # a batch: every conversation's text counts
     assert batch["prompt"][1] == "user: the router is down\n" and SYSTEM in batch["prompt"][0]
     assert view(EMBEDDING, input=[CHAT[1:], CHAT[1:]])["prompt"] == ["user: the router is down\n"] * 2

@@ -35,7 +35,7 @@ def test_chat_ids_equal_the_template_rendered_and_tokenized_whole(tok):
         {"role": "assistant", "content": "4"},
         {"role": "user", "content": [{"type": "text", "text": "And 3 + 3?"}]},
     ]
-    text = tok.render_chat(messages, None)
+    text = tok.render_chat({"messages": messages})
     whole = tok.tok(text, add_special_tokens=False).input_ids
     assert tok.chat_ids(messages) == whole
 
@@ -120,7 +120,7 @@ def test_the_tokenizer_can_be_shared_by_threads(tok):
 
     conversations = [[{"role": "system", "content": f"System prompt {i % 5}. " * 200},
                       {"role": "user", "content": f"question {i} " * (1 + i % 30)}] for i in range(64)]
-    expected = [tok.tok(tok.render_chat(c, None), add_special_tokens=False).input_ids for c in conversations]
+    expected = [tok.tok(tok.render_chat({"messages": c}), add_special_tokens=False).input_ids for c in conversations]
     with ThreadPoolExecutor(8) as ex:
         assert list(ex.map(tok.chat_ids, conversations)) == expected
 
@@ -130,7 +130,7 @@ def test_the_tokenizer_can_be_shared_by_threads(tok):
 class BrokenTokenizer:
     """Its chat template rejects every conversation; its encoder fails on 'boom'."""
 
-    def render_chat(self, messages, tools):
+    def render_chat(self, view, template):
         raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
 
     def completion_ids(self, prompt):
