@@ -95,7 +95,8 @@ def _fleet_up(args: argparse.Namespace) -> int:
     fleet = start_fleet(workers=args.workers, kv_blocks=args.kv_blocks, base_port=args.base_port,
                         events_port=args.events_port, model=args.model,
                         served_names=args.served_name or None, block_size=args.block_size, embed=args.embed,
-                        classify=args.classify, lora=args.lora, store_responses=args.store_responses)
+                        classify=args.classify, lora=args.lora, store_responses=args.store_responses,
+                        chat_template=args.chat_template)
     print("workers:")
     for w in fleet.workers:
         print(f"  {w.url}  (kv events tcp://127.0.0.1:{w.events_port})")
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--classify", action="store_true",
                       help="classification workers (/classify, /pooling) of a tiny two-label classifier")
     up.add_argument("--lora", metavar="NAME", help="workers also serve a tiny LoRA adapter as model NAME")
+    up.add_argument("--chat-template", metavar="FILE",
+                    help="workers render chats with this template (vLLM's --chat-template); so does the router")
     up.add_argument("--store-responses", action="store_true",
                     help="workers keep Responses answers, for previous_response_id (vLLM never evicts them)")
     up.add_argument("--detach", action="store_true", help="leave running; stop with fleet down")

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from kvroute.router.local.tinymodel import (
@@ -68,6 +68,11 @@ class LocalFleet:
     lora: str | None = None
     # Keep Responses answers for previous_response_id and GET /v1/responses/{id} (vLLM's store).
     store_responses: bool = False
+    # vLLM's --chat-template (a file), --default-chat-template-kwargs and
+    # --trust-request-chat-template; the router config says the same.
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    trust_request_chat_template: bool = False
 
     @property
     def urls(self) -> list[str]:
@@ -85,11 +90,24 @@ class LocalFleet:
             "policy": policy,
             "kv_events": self.kv_events_config(),
         }
+        if self.chat_template:
+            base["chat_template"] = self.chat_template
+        if self.chat_template_kwargs:
+            base["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.trust_request_chat_template:
+            base["trust_request_chat_template"] = True
         adapter = {k: v for k, v in base.items() if k != "workers"}
         adapters = [{**adapter, "name": self.lora, "upstream_model": self.lora, "lora": True,
                      "workers_from": base["name"]}] if self.lora else []
         return {"models": [base, *adapters]}
 
+
+    def template_args(self) -> list[str]:
+        """vLLM's chat template flags for this fleet's workers."""
+        args = ["--chat-template", self.chat_template] if self.chat_template else []
+        if self.chat_template_kwargs:
+            args += ["--default-chat-template-kwargs", json.dumps(self.chat_template_kwargs)]
+        return args + (["--trust-request-chat-template"] if self.trust_request_chat_template else [])
 
     def kv_events_config(self) -> dict:
         """Events port = HTTP port + a fixed offset on every worker of a local fleet."""
@@ -144,12 +162,15 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 wait: bool = True, progress=print, record_state: bool = True,
                 api_key: str | None = None, otlp_endpoint: str | None = None,
                 embed: bool = False, store_responses: bool = False, classify: bool = False,
-                lora: str | None = None) -> LocalFleet:
+                lora: str | None = None, chat_template: str | None = None,
+                chat_template_kwargs: dict | None = None, trust_request_chat_template: bool = False) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy; ``embed``:
     embedding servers (``/v1/embeddings``) rather than completion servers; ``classify``:
     classification servers (``/classify``, ``/pooling``) of the tiny classifier by default;
     ``lora``: the workers also serve the tiny LoRA adapter under this model name;
-    ``store_responses``: workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``)."""
+    ``store_responses``: workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``);
+    ``chat_template`` (a file), ``chat_template_kwargs`` and ``trust_request_chat_template``:
+    vLLM's template flags, which the fleet's router config repeats."""
     if embed and classify:
         raise ValueError("a fleet serves embeddings or classification, not both")
     running = load_state(base_port)
@@ -164,7 +185,10 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = LocalFleet(model_dir, names, block_size, kv_blocks, max_model_len, str(log_dir), api_key=api_key,
                        otlp_endpoint=otlp_endpoint, embed=embed, classify=classify, lora=lora,
-                       store_responses=store_responses)
+                       store_responses=store_responses,
+                       chat_template=str(Path(chat_template).resolve()) if chat_template else None,
+                       chat_template_kwargs=chat_template_kwargs,
+                       trust_request_chat_template=trust_request_chat_template)
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
@@ -198,6 +222,7 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
                          fleet.kv_blocks, fleet.max_model_len, fleet.embed, fleet.classify, fleet.lora)
+    cmd += fleet.template_args()
     if fleet.otlp_endpoint:  # vLLM's request spans (llm_request), continuing the router's traceparent
         cmd += ["--otlp-traces-endpoint", fleet.otlp_endpoint.rstrip("/") + "/v1/traces"]
         env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME=f"vllm-{port}")
@@ -220,9 +245,7 @@ def restart_worker(fleet: LocalFleet, i: int, wait: bool = True) -> LocalWorker:
 
 
 def _only(fleet: LocalFleet, i: int) -> LocalFleet:
-    return LocalFleet(fleet.model_dir, fleet.served_names, fleet.block_size, fleet.kv_blocks,
-                      fleet.max_model_len, fleet.log_dir, [fleet.workers[i]], fleet.api_key, fleet.otlp_endpoint,
-                      fleet.embed, fleet.classify, fleet.lora, fleet.store_responses)
+    return replace(fleet, workers=[fleet.workers[i]])
 
 
 def wait_healthy(fleet: LocalFleet, timeout_s: float = STARTUP_TIMEOUT_S, progress=print) -> None:

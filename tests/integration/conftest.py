@@ -66,6 +66,21 @@ def fleet(tmp_path_factory, otlp) -> Iterator[LocalFleet]:
         stop_fleet(fleet)
 
 
+LORA_ADAPTER = "tiny-sql"
+CHAT_TEMPLATE = Path(__file__).parent / "data" / "chat_template.jinja"
+TEMPLATE_DEFAULTS = {"persona": "a ship's navigator"}
+
+
+@pytest.fixture(scope="session")
+def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
+    """One worker beside the session's fleet that also serves a tiny LoRA adapter
+    (``LORA_ADAPTER``) and renders chats with its own template and default kwargs, trusting
+    requests' templates: test_lora_fleet.py and test_chat_template_fleet.py."""
+    with side_fleet(tmp_path_factory, 80, "lora", lora=LORA_ADAPTER, chat_template=str(CHAT_TEMPLATE),
+                    chat_template_kwargs=TEMPLATE_DEFAULTS, trust_request_chat_template=True) as fleet:
+        yield fleet
+
+
 def record_result(name: str, value: dict) -> None:
     """Keep a measured figure from a test run in test-results/ (git-ignored) for notes."""
     out = Path(__file__).resolve().parents[2] / "test-results"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -16,14 +15,13 @@ import pytest
 from kvroute.router.config import KvEventsConfig
 from kvroute.router.kv_events import EventHub
 from kvroute.router.kv_index import ExactIndex
-from kvroute.router.local.fleet import LocalFleet
 from kvroute.router.prefix import PromptTokenizer, chain_keys, root_key
-from tests.integration.conftest import BLOCK_SIZE, run_router, side_fleet, until
+from tests.integration.conftest import BLOCK_SIZE, LORA_ADAPTER, run_router, until
 from tests.integration.workload import system_prompt
 
 pytestmark = pytest.mark.integration
 
-ADAPTER = "tiny-sql"
+ADAPTER = LORA_ADAPTER  # the session's lora_fleet (conftest.py) serves it
 
 
 class Counts:
@@ -32,12 +30,6 @@ class Counts:
 
     def gap(self, worker):
         pass
-
-
-@pytest.fixture(scope="module")
-def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
-    with side_fleet(tmp_path_factory, 80, "lora", lora=ADAPTER) as fleet:
-        yield fleet
 
 
 async def complete(url: str, model: str, prompt: str, **extra) -> tuple[dict, dict]:

@@ -68,6 +68,20 @@ def test_fleet_up_lora_serves_an_adapter_and_configures_it(monkeypatch):
                        "upstream_model": "tiny-sql", "lora": True, "workers_from": "tiny"}
 
 
+def test_fleet_up_chat_template_starts_workers_and_router_with_it():
+    from kvroute.router.local import fleet
+
+    assert build_parser().parse_args(["fleet", "up", "--chat-template", "t.jinja"]).chat_template == "t.jinja"
+    local = fleet.LocalFleet("/models/tiny", ["tiny"], 32, 128, chat_template="/t.jinja",
+                             chat_template_kwargs={"persona": "p"}, trust_request_chat_template=True,
+                             workers=[fleet.LocalWorker("http://127.0.0.1:8101", 8101, 5601, 0, "")])
+    assert local.template_args() == ["--chat-template", "/t.jinja", "--default-chat-template-kwargs",
+                                     '{"persona": "p"}', "--trust-request-chat-template"]
+    (model,) = local.router_config()["models"]
+    assert (model["chat_template"], model["chat_template_kwargs"], model["trust_request_chat_template"]) == (
+        "/t.jinja", {"persona": "p"}, True)
+
+
 def test_version_prints_the_installed_package_s_version(capsys):
     from importlib.metadata import version
 
