@@ -234,6 +234,9 @@ PROD = "production"
     (PROD, ["router.config.models[0].tiers[1].kv_events.port=6000"], "publish on kvEvents port 5557"),
     ("two-tiers", ["workers[0].apiKey.existingSecret=a", "workers[2].name=small2", "workers[2].model=auto",
                    "workers[2].tier=small", "workers[2].apiKey.existingSecret=b"], "different apiKey Secrets"),
+    ("k8s", ["router.config.models[0].chat_template=x"], "set from its worker groups' chatTemplate"),
+    ("two-tiers", ["workers[0].chatTemplateKwargs.a=1", "workers[2].name=small2", "workers[2].model=auto",
+                   "workers[2].tier=small"], "different chatTemplate or chatTemplateKwargs"),
     # Secrets and Redis.
     ("k8s", ["router.config.governance.admin_keys[0].secretKeyRef.key=k"], "set router.secrets.create=true"),
     ("k8s", ["router.config.governance.admin_keys[0].secretKeyRef.key=k", "router.secrets.create=true"],
@@ -931,3 +934,23 @@ def test_production_model(helm) -> None:
     assert [t.name for t in gov.tenants] == ["acme", "globex"] and len(gov.admin_keys) == 1
     assert {b.name for b in gov.budgets} >= {"per-call", "session", "acme-day", "org-hour"}
     assert gov.alerts.webhook_url and gov.redis is not None
+
+
+def test_a_groups_chat_template_reaches_its_pods_and_the_router(helm) -> None:
+    objs = render(helm, ci("k8s"))
+    dep = workers(objs)[0]
+    args = container(dep)["args"]
+    assert args[args.index("--chat-template") + 1] == "/etc/vllm/chat-template/template.jinja"
+    assert json.loads(args[args.index("--default-chat-template-kwargs") + 1]) == {"enable_thinking": False}
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-chat-template")]
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "chat-template")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert {"name": "chat-template", "mountPath": "/etc/vllm/chat-template", "readOnly": True} in container(
+        dep)["volumeMounts"]
+    cfg = router_config(objs)
+    # the model and its adapters render with the pods' template and kwargs
+    for name in ("llama-8b", "llama-8b-sql", "llama-8b-support"):
+        entry = model_named(cfg, name)
+        assert entry.chat_template == cm["data"]["template.jinja"]
+        assert entry.chat_template_kwargs == {"enable_thinking": False}
+    assert not [o for o in by_kind(render(helm), "ConfigMap") if o["metadata"]["name"].endswith("-chat-template")]

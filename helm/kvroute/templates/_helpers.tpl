@@ -216,6 +216,29 @@ a LoRA adapter on those groups adds "served" ADAPTER, the name its pods serve it
 {{- end }}
 {{- $_ := set .pool "api_key" (dict "secretKeyRef" ($keyRef | fromJson)) }}
 {{- end }}
+{{- /* the groups' chat template and default kwargs (one of each per pool): rendered by the
+router as the pods render them, when it has the pool's tokenizer */}}
+{{- $templates := dict }}
+{{- range $groups }}
+{{- $_ := set $templates (dict "t" (default "" .chatTemplate) "k" (default dict .chatTemplateKwargs) | toJson) true }}
+{{- end }}
+{{- if gt (len $templates) 1 }}
+{{- fail (printf "router.config.%s: its worker groups have different chatTemplate or chatTemplateKwargs; a pool renders one way" .where) }}
+{{- end }}
+{{- $template := keys $templates | first | fromJson }}
+{{- if and (or $template.t $template.k) (hasKey .pool "tokenizer") }}
+{{- range $key := list "chat_template" "chat_template_kwargs" }}
+{{- if hasKey $.pool $key }}
+{{- fail (printf "router.config.%s.%s: set from its worker groups' chatTemplate and chatTemplateKwargs; remove it here" $.where $key) }}
+{{- end }}
+{{- end }}
+{{- if $template.t }}
+{{- $_ := set .pool "chat_template" $template.t }}
+{{- end }}
+{{- if $template.k }}
+{{- $_ := set .pool "chat_template_kwargs" $template.k }}
+{{- end }}
+{{- end }}
 {{- if hasKey .pool "kv_events" }}
 {{- $kv := .pool.kv_events }}
 {{- $ports := dict }}
