@@ -29,7 +29,7 @@ def stages(tok: PromptTokenizer, bodies: list[dict], gap_s: float) -> dict[str, 
         if gap_s:
             time.sleep(gap_s)
         t0 = time.perf_counter()
-        text = tok.render_chat(body["messages"], None)
+        text = tok.render_chat(body)
         t1 = time.perf_counter()
         pieces = tok.pieces(text)
         tok.uncached_chars(pieces)

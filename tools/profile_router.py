@@ -104,10 +104,10 @@ def serve_timed(argv: list[str]) -> int:
     timed(prefix, "chain_keys")
     keys = prefix.Prefixer.keys
 
-    async def timed_keys(self, body, block_size):
+    async def timed_keys(self, body, block_size, root=0):
         start = time.thread_time()  # the inline path has no await: the thread's time is this request's
         try:
-            return await keys(self, body, block_size)
+            return await keys(self, body, block_size, root)
         finally:
             spent["keys (all)"] += time.thread_time() - start
             calls["keys (all)"] += 1
