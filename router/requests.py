@@ -7,6 +7,7 @@ field, so a client always gets a 4xx with a clear message and never a crash.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -176,9 +177,12 @@ def pair_texts(kind: str, body: dict) -> list[str]:
 
 
 def responses_as_chat(body: dict) -> dict:
-    """A Responses request's ``instructions``, ``input`` and ``tools`` as chat ``messages`` and
-    ``tools``, in the order vLLM renders them: instructions as the system message, then each
-    input item (messages, function calls and their outputs; other items carry no prompt text)."""
+    """A Responses request's ``instructions``, ``input`` and ``tools`` as the chat vLLM renders
+    from them (``construct_input_messages`` in vllm/entrypoints/openai/responses/utils.py):
+    instructions as the system message, then each input item. Function calls, reasoning and
+    an assistant message's text join the assistant message before them while it lacks one;
+    an assistant message keeps its first part's text; other messages go as they are, their
+    text parts joined when rendered."""
     messages: list[dict] = []
     if isinstance(body.get("instructions"), str) and body["instructions"]:
         messages.append({"role": "system", "content": body["instructions"]})
@@ -186,19 +190,34 @@ def responses_as_chat(body: dict) -> dict:
     if isinstance(items, str):
         messages.append({"role": "user", "content": items})
         items = []
+    turn: list[dict] = []  # the input items' messages: a merge never reaches the instructions
     for item in items:
         kind = item.get("type", "message")
-        if kind == "message" and "role" in item:
-            content = item.get("content")
-            if isinstance(content, list):  # input_text / output_text parts
-                content = "".join(p["text"] for p in content if isinstance(p.get("text"), str))
-            messages.append({"role": item["role"], "content": content})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
-            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+        previous = turn[-1] if turn and turn[-1].get("role") == "assistant" else None
+        if kind == "function_call":
+            function = {"name": item.get("name"), "arguments": item.get("arguments")}
+            call = {"id": item.get("call_id"), "function": function, "type": "function"}
+            if previous is not None:
+                previous["tool_calls"] = [*(previous.get("tool_calls") or ()), call]
+            else:
+                turn.append({"role": "assistant", "tool_calls": [call]})
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or [{}]
+            text = parts[0].get("text", "") if isinstance(parts[0], dict) else ""
+            if previous is not None and previous.get("reasoning") is None:
+                previous["reasoning"] = text
+            else:
+                turn.append({"role": "assistant", "reasoning": text})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            turn.append({"role": "tool", "content": item.get("output"), "tool_call_id": item.get("call_id")})
+        elif item.get("role") == "assistant" and (text := _first_text(item.get("content"))) is not None:
+            if previous is not None and previous.get("content") is None:
+                previous["content"] = text
+            else:
+                turn.append({"role": "assistant", "content": text})
+        elif "role" in item:
+            turn.append(dict(item))  # a copy: a later call may join it, and the body goes to the worker
+    messages += turn
     # A partial assistant message (or reasoning) last is continued, as vLLM does it.
     last = items[-1] if items else None
     partial = (isinstance(last, dict) and last.get("type", "message") in ("message", "reasoning")
@@ -207,47 +226,87 @@ def responses_as_chat(body: dict) -> dict:
     if partial:
         view.update(add_generation_prompt=False, continue_final_message=True)
     _template_fields(view, body, (body.get("reasoning") or {}).get("effort"))
-    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
+    tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
              for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"]
     if tools:
         view["tools"] = tools
     return view
 
 
+def _first_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        return content[0].get("text")
+    return None
+
+
+_BILLING_HEADER = "x-anthropic-billing-header"  # Claude Code's per-request system block: vLLM drops it
+
+
 def anthropic_as_chat(body: dict) -> dict:
-    """An Anthropic Messages request as the chat vLLM renders from it: ``system`` as the system
-    message; each message's text blocks joined, ``tool_use`` blocks as tool calls and
-    ``tool_result`` blocks as tool messages; ``tools`` in chat form."""
+    """An Anthropic Messages request as the chat vLLM renders from it
+    (vllm/entrypoints/anthropic/serving.py): ``system``'s text blocks joined, less Claude
+    Code's billing header; in each message, text blocks as parts (one alone as a string),
+    ``thinking`` as reasoning, ``tool_use`` as tool calls (arguments as ``json.dumps``
+    writes them), and a user's ``tool_result`` blocks as tool messages before it; ``tools``
+    in chat form."""
     messages: list[dict] = []
     system = body.get("system")
     if isinstance(system, list):
-        system = _block_text(system)
+        system = "".join(b["text"] for b in system if b.get("type") == "text" and isinstance(b.get("text"), str)
+                         and b["text"] and not b["text"].startswith(_BILLING_HEADER))
     if system:
         messages.append({"role": "system", "content": system})
     for m in body["messages"]:
         content = m.get("content")
-        if not isinstance(content, list):
+        if isinstance(content, str):
             messages.append({"role": m["role"], "content": content})
             continue
-        calls = [{"id": b.get("id"), "type": "function",
-                  "function": {"name": b.get("name"), "arguments": orjson.dumps(b.get("input")).decode()}}
-                 for b in content if b.get("type") == "tool_use"]
+        message: dict[str, Any] = {"role": m["role"]}
+        parts: list[dict] = []
+        calls: list[dict] = []
+        reasoning: list[str] = []
         for b in content:
-            if b.get("type") == "tool_result":
-                result = b.get("content")
-                messages.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
-                                 "content": _block_text(result) if isinstance(result, list) else result})
-        text = _block_text(content)
-        if text or calls:
-            messages.append({"role": m["role"], "content": text or None, **({"tool_calls": calls} if calls else {})})
+            kind = b.get("type")
+            if kind == "text" and isinstance(b.get("text"), str) and b["text"]:
+                parts.append({"type": "text", "text": b["text"]})
+            elif kind == "image":
+                parts.append({"type": "image_url"})  # not text: keys leave it out, but the content stays parts
+            elif kind == "thinking" and isinstance(b.get("thinking"), str):
+                reasoning.append(b["thinking"])
+            elif kind == "tool_use":
+                calls.append({"id": b.get("id") or "", "type": "function", "function": {
+                    "name": b.get("name") or "", "arguments": json.dumps(b.get("input") or {})}})
+            elif kind == "tool_result" and m["role"] == "user":
+                messages.append({"role": "tool", "tool_call_id": b.get("tool_use_id") or "",
+                                 "content": _result_text(b.get("content"))})
+            elif kind == "tool_result":
+                parts.append({"type": "text", "text": f"Tool result: {b['content'] if b.get('content') else ''}"})
+        if reasoning:
+            message["reasoning"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = calls
+        if parts:
+            message["content"] = parts[0]["text"] if len(parts) == 1 and parts[0]["type"] == "text" else parts
+        if m["role"] != "user" or "content" in message:
+            messages.append(message)
     view: dict[str, Any] = {"messages": messages}
     _template_fields(view, body, (body.get("output_config") or {}).get("effort"))
     tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
-                                               "parameters": t.get("input_schema")}}
+                                               "parameters": t.get("input_schema"), "strict": t.get("strict"),
+                                               "defer_loading": t.get("defer_loading")}}
              for t in body.get("tools") or () if isinstance(t, dict) and "name" in t]
     if tools:
         view["tools"] = tools
     return view
+
+
+def _result_text(content: Any) -> str:
+    """A user's ``tool_result`` content as vLLM writes it into the tool message."""
+    if isinstance(content, list):
+        return "\n".join(i.get("text", "") for i in content if isinstance(i, dict) and i.get("type") == "text")
+    return content if isinstance(content, str) else ""
 
 
 def _template_fields(view: dict[str, Any], body: dict, effort: Any) -> None:
@@ -257,11 +316,6 @@ def _template_fields(view: dict[str, Any], body: dict, effort: Any) -> None:
         view["chat_template_kwargs"] = body["chat_template_kwargs"]
     if isinstance(effort, str):
         view["reasoning_effort"] = effort
-
-
-def _block_text(blocks: list) -> str:
-    return "".join(b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text"
-                   and isinstance(b.get("text"), str))
 
 
 def authorization(headers: Mapping[str, str]) -> str | None:

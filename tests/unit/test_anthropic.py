@@ -39,22 +39,29 @@ async def test_a_messages_request_is_passed_through_and_its_usage_counted(aiohtt
 
 
 def test_the_prompt_is_read_as_the_chat_messages_vllm_renders():
-    body = {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "be brief"}], "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "find "}, {"type": "text", "text": "it"}]},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "search", "input": {"q": 1}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
-                                      "content": [{"type": "text", "text": "nothing"}]}]},
+    """As vllm/entrypoints/anthropic/serving.py converts it (test_chat_template_fleet.py holds
+    the rendering to a real worker's count)."""
+    parts = [{"type": "text", "text": "find "}, {"type": "text", "text": "it"}]
+    body = {"model": "m", "max_tokens": 5, "system": [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=3f2a;"},  # dropped, as vLLM does
+        {"type": "text", "text": "be brief"}, {"type": "text", "text": " and kind"}], "messages": [
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "look it up"},
+                                          {"type": "tool_use", "id": "t1", "name": "search", "input": {"q": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "text", "text": "nothing"}, {"type": "text", "text": "at all"}]}]},
     ], "tools": [{"name": "search", "description": "look", "input_schema": {"type": "object"}}]}
     view = parse_request(MESSAGES, orjson.dumps(body), {}).prompt_view
     assert view["messages"] == [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "find it"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "t1", "type": "function", "function": {"name": "search", "arguments": '{"q":1}'}}]},
-        {"role": "tool", "tool_call_id": "t1", "content": "nothing"},
+        {"role": "system", "content": "be brief and kind"},
+        {"role": "user", "content": parts},  # two parts stay parts: the template gets them joined by a newline
+        {"role": "assistant", "reasoning": "look it up", "tool_calls": [  # arguments as json.dumps writes them
+            {"id": "t1", "type": "function", "function": {"name": "search", "arguments": '{"q": 1}'}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "nothing\nat all"},  # the user message had only results
     ]
-    assert view["tools"] == [{"type": "function", "function": {"name": "search", "description": "look",
-                                                               "parameters": {"type": "object"}}}]
+    assert view["tools"] == [{"type": "function", "function": {
+        "name": "search", "description": "look", "parameters": {"type": "object"}, "strict": None,
+        "defer_loading": None}}]
 
 
 @pytest.mark.parametrize("body, param", [

@@ -201,3 +201,27 @@ async def test_an_untrusted_request_template_is_a_400_from_the_router(aiohttp_cl
     ok = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHATS,
                                                          "add_generation_prompt": False})
     assert ok.status == 200
+
+
+def test_tool_calls_reach_the_template_with_object_arguments(tok):
+    calls = ("{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }};"
+             "{% endfor %}{% endfor %}")
+    view = {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"b": 1, "a": [2]}'}},
+        {"id": "b", "type": "function", "function": {"name": "f", "arguments": "not json"}},
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}},
+        {"id": "d", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}]}
+    assert render(tok.tok, TemplateConfig(calls), view) == '{"b": 1, "a": [2]};{};{};{"x": 1};'
+    assert view["messages"][0]["tool_calls"][0]["function"]["arguments"] == '{"b": 1, "a": [2]}'  # left as sent
+
+
+def test_tools_are_written_as_vllm_dumps_them(tok):
+    dump = "{% for t in tools %}{{ t | tojson }};{% endfor %}"
+    view = {"messages": CHATS, "tools": [
+        {"type": "function", "function": {"name": "bare"}},
+        {"type": "function", "defer_loading": True, "extra": 1,
+         "function": {"name": "f", "strict": True, "parameters": {"b": 1}, "extra": 2}}]}
+    assert render(tok.tok, TemplateConfig(dump), view) == (
+        '{"type": "function", "function": {"name": "bare", "description": null, "parameters": null}};'
+        '{"type": "function", "function": {"name": "f", "description": null, "parameters": {"b": 1}, '
+        '"strict": true, "defer_loading": true}, "defer_loading": true};')

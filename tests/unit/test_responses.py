@@ -42,21 +42,35 @@ async def test_a_responses_request_is_passed_through_and_its_usage_counted(aioht
 
 
 def test_the_prompt_is_read_as_the_chat_messages_vllm_renders():
+    """As vLLM's construct_input_messages builds it: a call, reasoning or text joins the
+    assistant message before it while that lacks one; an assistant message keeps its first
+    part's text; other messages go as they are."""
+    parts = [{"type": "input_text", "text": "find "}, {"type": "input_text", "text": "it"}]
     body = {"model": "m", "instructions": "be brief", "input": [
-        {"role": "user", "content": [{"type": "input_text", "text": "find "}, {"type": "input_text", "text": "it"}]},
+        {"role": "user", "content": parts},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "search first"}]},
         {"type": "function_call", "call_id": "c1", "name": "search", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "search", "arguments": "{\"q\": 2}"},
         {"type": "function_call_output", "call_id": "c1", "output": "nothing"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "None."},
+                                                             {"type": "output_text", "text": "Sorry."}]},
         {"type": "reasoning", "summary": []},
     ], "tools": [{"type": "function", "name": "search", "parameters": {"type": "object"}}]}
     view = parse_request(RESPONSES, orjson.dumps(body), {}).prompt_view
+    call = {"type": "function", "function": {"name": "search", "arguments": "{}"}}
     assert view["messages"] == [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "find it"},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+        {"role": "user", "content": parts},
+        {"role": "assistant", "reasoning": "search first", "tool_calls": [
+            {"id": "c1", **call}, {"id": "c2", **call, "function": {"name": "search", "arguments": '{"q": 2}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "nothing"},
+        {"role": "assistant", "content": "None.", "reasoning": ""},
     ]
     assert view["tools"] == [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    # a call joins an assistant message sent as it is; the body the worker gets keeps it as it was
+    empty = {"role": "assistant", "content": []}
+    req = parse_request(RESPONSES, orjson.dumps({"model": "m", "input": [empty, body["input"][2]]}), {})
+    assert req.prompt_view["messages"][0]["tool_calls"][0]["id"] == "c1" and req.body["input"][0] == empty
     plain = parse_request(RESPONSES, b'{"model": "m", "input": "hi"}', {})
     assert plain.prompt_view == {"messages": [{"role": "user", "content": "hi"}]} and plain.max_tokens is None
 
