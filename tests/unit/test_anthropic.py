@@ -149,3 +149,21 @@ async def test_a_token_count_leaves_no_trace_in_the_prefix_index(aiohttp_client,
     assert first.headers["x-kvroute-predicted-cached-tokens"] == "0"  # the count cached nothing
     again = await client.post("/v1/messages", json=long)
     assert int(again.headers["x-kvroute-predicted-cached-tokens"]) > 0
+
+
+def test_claude_codes_billing_block_does_not_split_a_session():
+    """It changes on every request; a session fingerprinted from the prompt's opening
+    (governance.session_id.derive: fingerprint) must not change with it."""
+    from kvroute.router.governance.identity import derive_session
+
+    def session(billing: str, question: str) -> str | None:
+        body = {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": billing},
+                                                          {"type": "text", "text": "You are a coding agent."}],
+                "messages": [{"role": "user", "content": "Fix main.py"}, {"role": "assistant", "content": "Done."},
+                             {"role": "user", "content": question}]}
+        view = parse_request(MESSAGES, orjson.dumps(body), {}).prompt_view
+        return derive_session(("fingerprint",), None, "kid", "t", view)[0]
+
+    first = session("x-anthropic-billing-header: cc_version=2.1; cch=0a1b;", "Now the tests.")
+    assert first is not None
+    assert session("x-anthropic-billing-header: cc_version=2.1; cch=77ff;", "And the docs.") == first
