@@ -40,8 +40,8 @@ _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "ref
 _NOT_VARIABLES = frozenset({"conversation", "tools", "chat_template", "tokenize", "padding", "truncation",
                             "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
                             "tokenizer_kwargs"})
-# A view's fields that reach the template's variables.
-_VIEW_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "documents",
+# A chat view's fields that reach the template's variables (router/requests.py checks them).
+VIEW_FIELDS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "documents",
                 "reasoning_effort")
 # Refused in a request's chat_template_kwargs, as vLLM refuses them.
 RESERVED_KWARGS = ("chat_template", "tokenize")
@@ -100,7 +100,7 @@ def template_kwargs(defaults: Mapping[str, Any], view: Mapping[str, Any]) -> dic
     """The template's variables: the server's defaults, the request's ``chat_template_kwargs``
     over them, and the request's own fields over both (vLLM's ``merge_kwargs``: a None or
     ``"auto"`` value does not override)."""
-    if not defaults and not any(f in view for f in _VIEW_FIELDS):
+    if not defaults and not any(f in view for f in VIEW_FIELDS):
         return {"add_generation_prompt": True}  # most chats: vLLM's defaults
     requested = view.get("chat_template_kwargs") or {}
     extras: dict[str, Any] = {

@@ -259,12 +259,11 @@ class RouterConfig:
 
 _ROOT_KEYS = ("models", "server", "health", "scrape", "discovery", "governance", "retries", "breaker", "cache",
               "telemetry", "routes")
-_POOL_KEYS = ("workers", "workers_from", "tokenizer", "block_size", "upstream_model", "lora", "policy",
-              "policy_options", "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key",
-              "timeouts", "tls", "chat_template", "chat_template_kwargs", "chat_template_content_format",
-              "trust_request_chat_template")
 _TEMPLATE_KEYS = ("chat_template", "chat_template_kwargs", "chat_template_content_format",
                   "trust_request_chat_template")
+_POOL_KEYS = ("workers", "workers_from", "tokenizer", "block_size", "upstream_model", "lora", "policy",
+              "policy_options", "kv_capacity_blocks", "approx_chunk_chars", "price", "kv_events", "api_key",
+              "timeouts", "tls", *_TEMPLATE_KEYS)
 _TIERED_KEYS = ("name", "tiers", "classifier", "mode", "cascade", "cache")  # cache: parsed in config_from_dict
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kvroute.router.chat_template import VIEW_FIELDS
 from kvroute.router.errors import InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 
 CHAT = "chat"
@@ -50,8 +51,7 @@ _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # A chat's fields that vLLM passes to its template (router/chat_template.py renders them too);
 # the pooling APIs take the first four with a conversation, the Responses and Messages APIs
 # only chat_template_kwargs.
-_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-                    "documents", "reasoning_effort")
+_TEMPLATE_FIELDS = ("chat_template", *VIEW_FIELDS)
 _POOLED_TEMPLATE_FIELDS = _TEMPLATE_FIELDS[:4]
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
