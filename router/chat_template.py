@@ -57,6 +57,11 @@ class TemplateConfig:
     trust_request: bool = False  # --trust-request-chat-template
 
 
+def is_inline(value: str) -> bool:
+    """A ``--chat-template`` value that can be the template itself, not only a file's name."""
+    return "{" in value or "\n" in value
+
+
 def load_template(value: str) -> str:
     """vLLM's reading of ``--chat-template``: a file's text, else the template itself."""
     path = Path(value)
@@ -65,7 +70,7 @@ def load_template(value: str) -> str:
             return path.read_text()
     except OSError:  # a long inline template is no file name
         pass
-    if "{" not in value and "\n" not in value:
+    if not is_inline(value):
         raise ValueError(f"no such file: {value!r} (an inline template contains '{{')")
     return value
 

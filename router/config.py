@@ -21,7 +21,7 @@ import yaml
 
 from kvroute.router import validate as v
 from kvroute.router.cache.config import CacheConfig, ModelCache, model_cache, parse_cache
-from kvroute.router.chat_template import CONTENT_FORMATS, RESERVED_KWARGS, check_template, load_template
+from kvroute.router.chat_template import CONTENT_FORMATS, RESERVED_KWARGS, check_template, is_inline, load_template
 from kvroute.router.cors import CorsConfig, parse_cors
 from kvroute.router.errors import ConfigError
 from kvroute.router.governance.config import GovernanceConfig, RedisConfig, parse_governance
@@ -608,7 +608,7 @@ def _parse_pool(raw: Mapping[str, Any], key: str, name: str, tier: str | None, l
 
 def _check_chat_template(value: str, key: str, local: Local) -> None:
     """A template file must exist (when looking at this machine) and any template compile."""
-    if "{" not in value and "\n" not in value and not local.check:
+    if not is_inline(value) and not local.check:
         return  # a path on the machine the config is for
     try:
         check_template(load_template(value))

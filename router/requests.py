@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kvroute.router.chat_template import VIEW_FIELDS
+from kvroute.router.chat_template import RESERVED_KWARGS, VIEW_FIELDS
 from kvroute.router.errors import InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 
 CHAT = "chat"
@@ -52,7 +52,7 @@ _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # the pooling APIs take the first four with a conversation, the Responses and Messages APIs
 # only chat_template_kwargs.
 _TEMPLATE_FIELDS = ("chat_template", *VIEW_FIELDS)
-_POOLED_TEMPLATE_FIELDS = _TEMPLATE_FIELDS[:4]
+_POOLED_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
 _DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
@@ -389,7 +389,7 @@ def _check_template_fields(body: dict, names: tuple[str, ...] = _TEMPLATE_FIELDS
     if "chat_template" in names:
         _field(body, "chat_template", (str,), "a string")
     kwargs = _field(body, "chat_template_kwargs", (dict,), "an object")
-    for reserved in ("chat_template", "tokenize"):
+    for reserved in RESERVED_KWARGS:
         if kwargs and reserved in kwargs:
             raise InvalidRequest(f"'chat_template_kwargs.{reserved}' is not allowed; it is not a template variable",
                                  param=f"chat_template_kwargs.{reserved}")

@@ -101,7 +101,6 @@ class LocalFleet:
                      "workers_from": base["name"]}] if self.lora else []
         return {"models": [base, *adapters]}
 
-
     def template_args(self) -> list[str]:
         """vLLM's chat template flags for this fleet's workers."""
         args = ["--chat-template", self.chat_template] if self.chat_template else []
