@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,12 +232,27 @@ def map_paths(command: str, paths: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="session")
-def image_venv(tmp_path_factory) -> BuiltVenv:
-    """The venv of the image as built with its default ARGs (EXTRAS=k8s)."""
-    return run_builder(tmp_path_factory.mktemp("image"))
+def builds(request, tmp_path_factory) -> Iterator[dict[str, Future[BuiltVenv]]]:
+    """Every venv the session's tests use, built side by side: each build spends much of its
+    time waiting on pip, so two take little longer than one."""
+    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {}
+        if "image_venv" in wanted:
+            futures["image_venv"] = pool.submit(run_builder, tmp_path_factory.mktemp("image"))
+        if "image_venv_no_extras" in wanted:
+            futures["image_venv_no_extras"] = pool.submit(run_builder, tmp_path_factory.mktemp("image-no-extras"),
+                                                          extras="")
+        yield futures
 
 
 @pytest.fixture(scope="session")
-def image_venv_no_extras(tmp_path_factory) -> BuiltVenv:
+def image_venv(builds) -> BuiltVenv:
+    """The venv of the image as built with its default ARGs (EXTRAS=k8s)."""
+    return builds["image_venv"].result()
+
+
+@pytest.fixture(scope="session")
+def image_venv_no_extras(builds) -> BuiltVenv:
     """The venv of ``docker build --build-arg EXTRAS= .``: no k8s extra."""
-    return run_builder(tmp_path_factory.mktemp("image-no-extras"), extras="")
+    return builds["image_venv_no_extras"].result()
