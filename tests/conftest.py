@@ -14,6 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that kills a shared worker runs last: one after it would wait a minute for the
+    # worker's restart (tests/integration/conftest.py restarts it for any test that follows).
+    items.sort(key=lambda item: item.get_closest_marker("kills_worker") is not None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from kvroute.router.local.tinymodel import build_tiny_model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import socket
 import ssl
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvroute.router.local.fleet import LocalFleet, start_fleet, stop_fleet
+from kvroute.router.local.fleet import LocalFleet, restart_worker, start_fleet, stop_fleet
 from kvroute.router.upstream.scraper import VllmStats, parse_vllm_metrics
 from tests.otlp_receiver import OtlpReceiver
 
@@ -69,16 +70,34 @@ def fleet(tmp_path_factory, otlp) -> Iterator[LocalFleet]:
 LORA_ADAPTER = "tiny-sql"
 CHAT_TEMPLATE = Path(__file__).parent / "data" / "chat_template.jinja"
 TEMPLATE_DEFAULTS = {"persona": "a ship's navigator"}
+WORKER_KEY = "sk-vllm-" + secrets.token_hex(8)
 
 
 @pytest.fixture(scope="session")
 def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
     """One worker beside the session's fleet that also serves a tiny LoRA adapter
-    (``LORA_ADAPTER``) and renders chats with its own template and default kwargs, trusting
-    requests' templates: test_lora_fleet.py and test_chat_template_fleet.py."""
+    (``LORA_ADAPTER``), renders chats with its own template and default kwargs, trusting
+    requests' templates, and requires an API key (``WORKER_KEY``) on /v1: test_lora_fleet.py,
+    test_chat_template_fleet.py and test_worker_auth_fleet.py. Its ``router_config()`` reads
+    the key from a file; a call straight to the worker sends ``WORKER_AUTH``."""
     with side_fleet(tmp_path_factory, 80, "lora", lora=LORA_ADAPTER, chat_template=str(CHAT_TEMPLATE),
-                    chat_template_kwargs=TEMPLATE_DEFAULTS, trust_request_chat_template=True) as fleet:
+                    chat_template_kwargs=TEMPLATE_DEFAULTS, trust_request_chat_template=True,
+                    api_key=WORKER_KEY) as fleet:
         yield fleet
+
+
+WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def whole_fleet(request) -> None:
+    """The session's fleet with every worker up, for a test that uses it: a test marked
+    ``kills_worker`` leaves its victim dead (it runs last, so usually nothing follows)."""
+    if "fleet" in request.fixturenames:
+        fleet = request.getfixturevalue("fleet")
+        for i, worker in enumerate(fleet.workers):
+            if worker.proc is not None and worker.proc.poll() is not None:
+                restart_worker(fleet, i)
 
 
 def record_result(name: str, value: dict) -> None:
@@ -111,8 +130,8 @@ class Router:
 
 @contextmanager
 def side_fleet(tmp_path_factory, offset: int, name: str, workers: int = 1, **options) -> Iterator[LocalFleet]:
-    """A module's own small fleet beside the session's (embedding, classification, LoRA or
-    locked workers), on ports from ``KVROUTE_TEST_BASE_PORT`` + ``offset``; ``options`` go to
+    """A module's own small fleet beside the session's (embedding, classification or LoRA
+    workers), on ports from ``KVROUTE_TEST_BASE_PORT`` + ``offset``; ``options`` go to
     ``start_fleet``."""
     base = int(os.environ.get("KVROUTE_TEST_BASE_PORT", "18101")) + offset
     fleet = start_fleet(workers=workers, kv_blocks=KV_BLOCKS, block_size=BLOCK_SIZE, base_port=base,

@@ -18,7 +18,7 @@ from kvroute.router.config import config_from_dict
 from kvroute.router.prefix import Prefixer, PromptTokenizer
 from kvroute.router.requests import COUNT_TOKENS, parse_request
 from kvroute.router.routes import ModelRoutes
-from tests.integration.conftest import BLOCK_SIZE, run_router
+from tests.integration.conftest import BLOCK_SIZE, WORKER_AUTH, run_router
 from tests.integration.workload import system_prompt
 
 pytestmark = pytest.mark.integration
@@ -142,8 +142,8 @@ def test_a_coding_agents_messages_request_counts_what_the_worker_counts(lora_fle
     ours = len(tok.encode_text(tok.render_chat(view, prefixer.template)))
 
     async def count() -> int:
-        async with aiohttp.ClientSession() as s, s.post(f"{lora_fleet.urls[0]}/v1/messages/count_tokens",
-                                                        json=body) as r:
+        async with aiohttp.ClientSession(headers=WORKER_AUTH) as s, \
+                s.post(f"{lora_fleet.urls[0]}/v1/messages/count_tokens", json=body) as r:
             assert r.status == 200, await r.text()
             return (await r.json())["input_tokens"]
 

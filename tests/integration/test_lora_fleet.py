@@ -16,7 +16,7 @@ from kvroute.router.config import KvEventsConfig
 from kvroute.router.kv_events import EventHub
 from kvroute.router.kv_index import ExactIndex
 from kvroute.router.prefix import PromptTokenizer, chain_keys, root_key
-from tests.integration.conftest import BLOCK_SIZE, LORA_ADAPTER, run_router, until
+from tests.integration.conftest import BLOCK_SIZE, LORA_ADAPTER, WORKER_AUTH, run_router, until
 from tests.integration.workload import system_prompt
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ class Counts:
 
 
 async def complete(url: str, model: str, prompt: str, **extra) -> tuple[dict, dict]:
-    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json={
+    async with aiohttp.ClientSession(headers=WORKER_AUTH) as s, s.post(f"{url}/v1/completions", json={
             "model": model, "prompt": prompt, "max_tokens": 1, **extra}) as r:
         assert r.status == 200, await r.text()
         return (await r.json())["usage"], dict(r.headers)
