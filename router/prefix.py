@@ -125,7 +125,8 @@ class PromptTokenizer:
         with_special = self.tok("x").input_ids
         without = self.tok("x", add_special_tokens=False).input_ids
         n = len(with_special) - len(without)
-        self._completion_prefix = list(with_special[:n]) if n > 0 and with_special[n:] == without else []
+        # What the tokenizer adds before a text it encodes with special tokens (a BOS)
+        self.special_prefix = list(with_special[:n]) if n > 0 and with_special[n:] == without else []
         # The Rust tokenizer behind the HF wrapper: the same ids for a piece without special
         # tokens, without the wrapper's per-call Python (a third of a short piece's cost).
         self._rust = getattr(self.tok, "backend_tokenizer", None)
@@ -187,8 +188,8 @@ class PromptTokenizer:
     def chat_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
         return self.encode_text(self.render_chat({"messages": messages, "tools": tools}))
 
-    def completion_ids(self, prompt: str) -> list[int]:
-        return self._completion_prefix + self.encode_text(prompt)
+    def completion_ids(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return (self.special_prefix if add_special_tokens else []) + self.encode_text(prompt)
 
 
 def _load_tokenizer(path: str) -> Any:
@@ -266,9 +267,9 @@ class Prefixer:
             if messages is not None:
                 text = tok.render_chat(body, self.template)
                 reason = "tokenizer"
-                return tok.encode_pieces(tok.pieces(text))
+                return _chat_ids(tok, tok.encode_pieces(tok.pieces(text)), body)
             reason = "tokenizer"
-            return _completion_ids(tok, body["prompt"])
+            return _completion_ids(tok, body)
         except InvalidRequest:
             raise
         except Exception as exc:  # e.g. a template that rejects these messages: route approximately
@@ -317,25 +318,55 @@ class Prefixer:
                      root: int) -> PromptKeys:
         """Keys of a rendered chat; approximate (counted, logged) if tokenizing fails."""
         try:
-            ids = tok.encode_pieces(pieces)
+            ids = _chat_ids(tok, tok.encode_pieces(pieces), body)
         except Exception as exc:
             self._fallback("tokenizer", exc)
             return self._approximate(body, root)
         return PromptKeys(tuple(chain_keys(ids, block_size, root)), len(ids), block_size, True)
 
 
-def _completion_ids(tok: PromptTokenizer, prompt: Any) -> list[int]:
+def _chat_ids(tok: PromptTokenizer, ids: array, view: dict) -> array | list[int]:
+    """A rendered chat's ids as vLLM tokenizes it: special tokens only if asked for (the
+    template writes its own), and truncated as asked."""
+    if "add_special_tokens" not in view and "truncate_prompt_tokens" not in view:
+        return ids
+    special = view.get("add_special_tokens") is True
+    with_special = tok.special_prefix + ids.tolist() if special else ids.tolist()
+    return _truncated(with_special, view, len(tok.special_prefix) if special else 0)
+
+
+def _completion_ids(tok: PromptTokenizer, view: dict) -> list[int]:
+    """A completion's first prompt as vLLM tokenizes it: a text with the tokenizer's special
+    tokens unless ``add_special_tokens`` is false, token ids as they are; truncated as asked."""
+    prompt = view["prompt"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
     if isinstance(prompt, str):
-        return tok.completion_ids(prompt)
+        special = view.get("add_special_tokens") is not False
+        ids = tok.completion_ids(prompt, special)
+        return _truncated(ids, view, len(tok.special_prefix) if special else 0)
     if isinstance(prompt, list) and prompt:
-        first = prompt[0]
-        if isinstance(first, str):
-            return tok.completion_ids(first)
-        if isinstance(first, int):
-            return list(prompt)
-        if isinstance(first, list):
-            return list(first)
+        ids = list(prompt) if isinstance(prompt[0], int) else list(prompt[0]) if isinstance(prompt[0], list) else []
+        return _truncated(ids, view, 0)
     return []
+
+
+def _truncated(ids: list[int], view: dict, specials: int) -> list[int]:
+    """``ids`` cut to the request's ``truncate_prompt_tokens`` as vLLM cuts them
+    (vllm/renderers/params.py): the last ones with ``truncation_side: left``, the first with
+    ``right``. Without a side, vLLM's tokenizer truncates a generation prompt from the left
+    as it encodes, keeping the ``specials`` it adds in front (the pooling views say
+    ``right``, the pooling runner's side). -1 (the model's length, which the router does
+    not know) is left to the worker."""
+    keep = view.get("truncate_prompt_tokens")
+    if type(keep) is not int or keep < 1 or keep >= len(ids):
+        return ids
+    side = view.get("truncation_side")
+    if side == "left":
+        return ids[-keep:]
+    if side == "right":
+        return ids[:keep]
+    return ids[:specials] + ids[len(ids) - max(keep - specials, 0):]
 
 
 def rest_of_batch_tokens(prompt: Any) -> int:

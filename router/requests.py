@@ -53,6 +53,8 @@ _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 # only chat_template_kwargs.
 _TEMPLATE_FIELDS = ("chat_template", *VIEW_FIELDS)
 _POOLED_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+# How vLLM tokenizes a prompt (router/prefix.py keys it the same way).
+_TOKENIZE_FIELDS = ("add_special_tokens", "truncate_prompt_tokens", "truncation_side")
 # Content codings aiohttp decodes (br and zstd only with their libraries installed; without
 # them aiohttp refuses the request before any handler runs: router/server.py answers that).
 _DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
@@ -138,12 +140,15 @@ def pooled_view(body: dict) -> dict:
     messages = body.get("messages")
     if messages is None and _conversations(body.get("input")):
         messages = body["input"]
+    tokenizing = {k: body[k] for k in _TOKENIZE_FIELDS if k in body}
+    if "truncate_prompt_tokens" in tokenizing:
+        tokenizing.setdefault("truncation_side", "right")  # vLLM's pooling runner truncates so
     if messages is None:
-        return {"prompt": body["input"]}
+        return {"prompt": body["input"], **tokenizing}
     if _conversation(messages):
         # vLLM's pooling APIs render a conversation without a generation prompt unless asked
         return {"messages": messages, "add_generation_prompt": body.get("add_generation_prompt", False),
-                **{k: body[k] for k in _POOLED_TEMPLATE_FIELDS if k in body}}
+                **{k: body[k] for k in _POOLED_TEMPLATE_FIELDS if k in body}, **tokenizing}
     return {"prompt": ["".join(_message_text(m) for m in conversation) for conversation in messages]}
 
 
@@ -222,7 +227,9 @@ def responses_as_chat(body: dict) -> dict:
     last = items[-1] if items else None
     partial = (isinstance(last, dict) and last.get("type", "message") in ("message", "reasoning")
                and last.get("status") in ("in_progress", "incomplete"))
-    view: dict[str, Any] = {"messages": messages}
+    # vLLM tokenizes a Responses prompt with the tokenizer's special tokens (a BOS), where a
+    # chat's has none (ResponsesRequest.build_tok_params).
+    view: dict[str, Any] = {"messages": messages, "add_special_tokens": True}
     if partial:
         view.update(add_generation_prompt=False, continue_final_message=True)
     _template_fields(view, body, (body.get("reasoning") or {}).get("effort"))

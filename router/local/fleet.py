@@ -73,10 +73,16 @@ class LocalFleet:
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
     trust_request_chat_template: bool = False
+    # vLLM's --tokenizer: a tokenizer folder other than the model's; the router config's too.
+    tokenizer: str | None = None
 
     @property
     def urls(self) -> list[str]:
         return [w.url for w in self.workers]
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer or self.model_dir
 
     @property
     def api_key_file(self) -> Path | None:
@@ -90,7 +96,7 @@ class LocalFleet:
             "name": model or self.served_names[0],
             "upstream_model": self.served_names[0],
             "workers": self.urls,
-            "tokenizer": self.model_dir,
+            "tokenizer": self.tokenizer_dir,
             "block_size": self.block_size,
             "policy": policy,
             "kv_events": self.kv_events_config(),
@@ -169,14 +175,16 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                 api_key: str | None = None, otlp_endpoint: str | None = None,
                 embed: bool = False, store_responses: bool = False, classify: bool = False,
                 lora: str | None = None, chat_template: str | None = None,
-                chat_template_kwargs: dict | None = None, trust_request_chat_template: bool = False) -> LocalFleet:
+                chat_template_kwargs: dict | None = None, trust_request_chat_template: bool = False,
+                tokenizer: str | None = None) -> LocalFleet:
     """Start ``workers`` vLLM servers and (by default) wait until all are healthy; ``embed``:
     embedding servers (``/v1/embeddings``) rather than completion servers; ``classify``:
     classification servers (``/classify``, ``/pooling``) of the tiny classifier by default;
     ``lora``: the workers also serve the tiny LoRA adapter under this model name;
     ``store_responses``: workers keep Responses answers (``VLLM_ENABLE_RESPONSES_API_STORE``);
     ``chat_template`` (a file), ``chat_template_kwargs`` and ``trust_request_chat_template``:
-    vLLM's template flags, which the fleet's router config repeats."""
+    vLLM's template flags, which the fleet's router config repeats; ``tokenizer``: a
+    tokenizer folder other than the model's, for the workers and the router."""
     if embed and classify:
         raise ValueError("a fleet serves embeddings or classification, not both")
     running = load_state(base_port)
@@ -194,7 +202,8 @@ def start_fleet(workers: int = 2, kv_blocks: int | None = None, base_port: int =
                        store_responses=store_responses,
                        chat_template=str(Path(chat_template).resolve()) if chat_template else None,
                        chat_template_kwargs=chat_template_kwargs,
-                       trust_request_chat_template=trust_request_chat_template)
+                       trust_request_chat_template=trust_request_chat_template,
+                       tokenizer=str(Path(tokenizer).resolve()) if tokenizer else None)
     if fleet.api_key_file:
         fleet.api_key_file.touch(mode=0o600)
         fleet.api_key_file.write_text(f"{fleet.api_key}\n")
@@ -239,7 +248,7 @@ def _spawn(fleet: LocalFleet, i: int, port: int, events_port: int) -> LocalWorke
     log_path = Path(fleet.log_dir) / f"worker-{port}.log"
     cmd = worker_command(fleet.model_dir, fleet.served_names, port, events_port, fleet.block_size,
                          fleet.kv_blocks, fleet.max_model_len, fleet.embed, fleet.classify, fleet.lora)
-    cmd += fleet.template_args()
+    cmd += fleet.template_args() + (["--tokenizer", fleet.tokenizer] if fleet.tokenizer else [])
     if fleet.otlp_endpoint:  # vLLM's request spans (llm_request), continuing the router's traceparent
         cmd += ["--otlp-traces-endpoint", fleet.otlp_endpoint.rstrip("/") + "/v1/traces"]
         env.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf", OTEL_SERVICE_NAME=f"vllm-{port}")

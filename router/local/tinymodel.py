@@ -169,5 +169,31 @@ def build_tiny_lora(dest: Path | None = None) -> Path:
     return dest
 
 
+BOS_TOKENIZER_VERSION = "tiny-llama-bos-tokenizer-v1"
+BOS_TOKEN = "<|endoftext|>"
+
+
+def build_tiny_bos_tokenizer(dest: Path | None = None) -> Path:
+    """Build (once) and return a folder with the tiny model's tokenizer that puts a BOS
+    token (``BOS_TOKEN``, already in its vocabulary) before each text it encodes with
+    special tokens, as Llama's and Mistral's do: a worker started with ``--tokenizer`` on it
+    tokenizes as those models do."""
+    dest = dest or cache_root() / "models" / BOS_TOKENIZER_VERSION
+    if (dest / "tokenizer.json").exists():
+        return dest
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(build_tiny_model(), local_files_only=True)
+    bos_id = tok.convert_tokens_to_ids(BOS_TOKEN)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)])
+    tok.bos_token = BOS_TOKEN
+    tmp = dest.with_name(dest.name + ".tmp")
+    tok.save_pretrained(tmp)
+    tmp.rename(dest) if not dest.exists() else None
+    return dest
+
+
 if __name__ == "__main__":
     print(build_tiny_model(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from kvroute.router.local.fleet import LocalFleet, restart_worker, start_fleet, stop_fleet
+from kvroute.router.local.tinymodel import build_tiny_bos_tokenizer
 from kvroute.router.upstream.scraper import VllmStats, parse_vllm_metrics
 from tests.otlp_receiver import OtlpReceiver
 
@@ -77,16 +78,26 @@ WORKER_KEY = "sk-vllm-" + secrets.token_hex(8)
 def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
     """One worker beside the session's fleet that also serves a tiny LoRA adapter
     (``LORA_ADAPTER``), renders chats with its own template and default kwargs, trusting
-    requests' templates, and requires an API key (``WORKER_KEY``) on /v1: test_lora_fleet.py,
+    requests' templates, tokenizes with a tokenizer that adds a BOS token (as Llama's
+    does), and requires an API key (``WORKER_KEY``) on /v1: test_lora_fleet.py,
     test_chat_template_fleet.py and test_worker_auth_fleet.py. Its ``router_config()`` reads
     the key from a file; a call straight to the worker sends ``WORKER_AUTH``."""
     with side_fleet(tmp_path_factory, 80, "lora", lora=LORA_ADAPTER, chat_template=str(CHAT_TEMPLATE),
                     chat_template_kwargs=TEMPLATE_DEFAULTS, trust_request_chat_template=True,
-                    api_key=WORKER_KEY) as fleet:
+                    api_key=WORKER_KEY, tokenizer=str(build_tiny_bos_tokenizer())) as fleet:
         yield fleet
 
 
 WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
+
+
+def short_lived_guesses(fleet: LocalFleet) -> dict:
+    """The fleet's router config, where what the router guessed of its own dispatch is gone
+    within 0.2 s: after that, only the worker's events say what it holds."""
+    config = fleet.router_config()
+    for model in config["models"]:
+        model["kv_events"]["speculative_ttl_s"] = 0.2
+    return config
 
 
 @pytest.fixture(autouse=True)

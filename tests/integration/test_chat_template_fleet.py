@@ -18,7 +18,7 @@ from kvroute.router.config import config_from_dict
 from kvroute.router.prefix import Prefixer, PromptTokenizer
 from kvroute.router.requests import COUNT_TOKENS, parse_request
 from kvroute.router.routes import ModelRoutes
-from tests.integration.conftest import BLOCK_SIZE, WORKER_AUTH, run_router
+from tests.integration.conftest import BLOCK_SIZE, WORKER_AUTH, run_router, short_lived_guesses
 from tests.integration.workload import system_prompt
 
 pytestmark = pytest.mark.integration
@@ -148,15 +148,6 @@ def test_a_coding_agents_messages_request_counts_what_the_worker_counts(lora_fle
             return (await r.json())["input_tokens"]
 
     assert ours == asyncio.run(count())
-
-
-def short_lived_guesses(lora_fleet) -> dict:
-    """The fleet's router config, where what the router guessed of its own dispatch is gone
-    within 0.2 s: after that, only the worker's events say what it holds."""
-    config = lora_fleet.router_config()
-    for model in config["models"]:
-        model["kv_events"]["speculative_ttl_s"] = 0.2
-    return config
 
 
 async def post(url: str, path: str, body: dict) -> tuple[int, dict]:

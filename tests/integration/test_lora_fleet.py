@@ -51,7 +51,7 @@ async def test_the_events_of_an_adapter_and_a_salt_key_as_the_router_does(lora_f
     try:
         await asyncio.sleep(1.0)  # subscribed
         prompt = system_prompt(random.Random(), 200)
-        ids = PromptTokenizer(lora_fleet.model_dir).completion_ids(prompt)
+        ids = PromptTokenizer(lora_fleet.tokenizer_dir).completion_ids(prompt)
         runs = {"base": ("tiny", {}, root_key()), "adapter": (ADAPTER, {}, root_key(ADAPTER)),
                 "salted": ("tiny", {"cache_salt": "tenant-a"}, root_key(None, "tenant-a")),
                 "both": (ADAPTER, {"cache_salt": "tenant-a"}, root_key(ADAPTER, "tenant-a"))}

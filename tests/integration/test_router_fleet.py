@@ -6,22 +6,34 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
 
 from kvroute.router.local.fleet import kill_worker
-from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, record_result, scrape_fleet
+from tests.integration.conftest import BLOCK_SIZE, KV_BLOCKS, Router, record_result, scrape_fleet
 from tests.integration.workload import shared_prefix_requests, system_prompt
 
 pytestmark = pytest.mark.integration
 
 
-def client(router) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+@pytest.fixture
+def client() -> Iterator[Callable[[Router], openai.OpenAI]]:
+    """``client(router)``: an openai client of the router, closed after the test (a dropped
+    client's sockets warn later, in another test or at the session's end)."""
+    opened: list[openai.OpenAI] = []
+
+    def make(router: Router) -> openai.OpenAI:
+        opened.append(openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60))
+        return opened[-1]
+
+    yield make
+    for c in opened:
+        c.close()
 
 
-def test_openai_client_chat_and_completions_streaming_and_not(router_for):
+def test_openai_client_chat_and_completions_streaming_and_not(router_for, client):
     router = router_for("prefix")
     c = client(router)
     messages = [{"role": "user", "content": "Say something."}]
@@ -58,7 +70,7 @@ def test_openai_client_chat_and_completions_streaming_and_not(router_for):
         c.chat.completions.create(model="tiny", messages=[{"role": "user"}], max_tokens=-3)
 
 
-def test_requests_sharing_a_long_system_prompt_land_on_the_same_worker(router_for):
+def test_requests_sharing_a_long_system_prompt_land_on_the_same_worker(router_for, client):
     router = router_for("prefix")
     c = client(router)
     system = system_prompt(random.Random(), 500)
@@ -71,9 +83,9 @@ def test_requests_sharing_a_long_system_prompt_land_on_the_same_worker(router_fo
     assert len(workers) == 1
 
 
-def run_workload(router, seed: int) -> tuple[float, dict[str, int]]:
-    """Shared-prefix workload through ``router``; vLLM's own prefix-cache hit rate."""
-    c = client(router)
+def run_workload(c: openai.OpenAI, router, seed: int) -> tuple[float, dict[str, int]]:
+    """Shared-prefix workload through ``router`` with its client ``c``; vLLM's own
+    prefix-cache hit rate."""
     before = scrape_fleet_for(router)
     for _group, messages in shared_prefix_requests(seed, groups=8, questions=6, words=400):
         c.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
@@ -88,12 +100,12 @@ def scrape_fleet_for(router):
     return scrape_fleet(router.fleet)
 
 
-def test_prefix_policy_beats_round_robin_hit_rate_with_capped_kv(router_for, fleet):
+def test_prefix_policy_beats_round_robin_hit_rate_with_capped_kv(router_for, fleet, client):
     rates = {}
     for policy in ("round_robin", "prefix"):
         router = router_for(policy)
         router.fleet = fleet
-        rates[policy], _ = run_workload(router, seed=random.randrange(1 << 30))
+        rates[policy], _ = run_workload(client(router), router, seed=random.randrange(1 << 30))
     print(f"\nvLLM prefix-cache hit rate, 8 groups x 6 questions, {KV_BLOCKS} blocks x {BLOCK_SIZE} "
           f"tokens per worker: {rates}")
     record_result("hit_rate_prefix_vs_round_robin", {
@@ -109,10 +121,10 @@ def worker_counter(text: str, name: str) -> dict[str, float]:
     return out
 
 
-def test_router_prompt_tokens_equal_each_workers_own_counter(router_for, fleet):
+def test_router_prompt_tokens_equal_each_workers_own_counter(router_for, fleet, client):
     router = router_for("prefix")
     router.fleet = fleet
-    _, vllm_prompts = run_workload(router, seed=7)
+    _, vllm_prompts = run_workload(client(router), router, seed=7)
     mine = worker_counter(router.metrics_text(), "kvroute_worker_prompt_tokens_total")
     assert {u: int(mine.get(u, 0)) for u in fleet.urls} == vllm_prompts
     cached = worker_counter(router.metrics_text(), "kvroute_worker_cached_prompt_tokens_total")
@@ -125,7 +137,7 @@ def _model_sample(text: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_the_routers_own_time_is_a_small_part_of_vllms_time_to_first_token(router_for):
+def test_the_routers_own_time_is_a_small_part_of_vllms_time_to_first_token(router_for, client):
     """kvroute_router_added_seconds counts each answered request once, and holds kvroute's
     own time, well under what the workers took to their first token."""
     router = router_for("prefix")
@@ -162,7 +174,7 @@ def _in_flight(router, worker_url: str) -> int:
 
 
 @pytest.mark.kills_worker
-def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streaming(router_for, fleet):
+def test_killing_a_worker_mid_run_loses_no_request_that_had_not_started_streaming(router_for, fleet, client):
     router = router_for("round_robin")
     c = client(router)
     outcomes: list[tuple[int, bool, bool, str]] = []  # (n, stream, ok, detail)

@@ -72,7 +72,9 @@ def test_the_prompt_is_read_as_the_chat_messages_vllm_renders():
     req = parse_request(RESPONSES, orjson.dumps({"model": "m", "input": [empty, body["input"][2]]}), {})
     assert req.prompt_view["messages"][0]["tool_calls"][0]["id"] == "c1" and req.body["input"][0] == empty
     plain = parse_request(RESPONSES, b'{"model": "m", "input": "hi"}', {})
-    assert plain.prompt_view == {"messages": [{"role": "user", "content": "hi"}]} and plain.max_tokens is None
+    # keyed with the tokenizer's special tokens, as vLLM tokenizes a Responses prompt
+    assert plain.prompt_view == {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}
+    assert plain.max_tokens is None
 
 
 async def test_a_shared_instruction_is_predicted_cached(aiohttp_client, upstream):
