@@ -130,10 +130,12 @@ def test_the_tokenizer_can_be_shared_by_threads(tok):
 class BrokenTokenizer:
     """Its chat template rejects every conversation; its encoder fails on 'boom'."""
 
+    special_prefix: list[int] = []
+
     def render_chat(self, view, template):
         raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
 
-    def completion_ids(self, prompt):
+    def completion_ids(self, prompt, add_special_tokens=True):
         if "boom" in prompt:
             raise RuntimeError("tokenizer exploded")
         return [1, 2, 3]
