@@ -201,3 +201,22 @@ async def test_a_stream_is_cut_when_its_session_runs_out_of_wall_clock():
         gov.finish(g, dispatch(g, 1))
     await gov.drain()
     await gov.close()
+
+
+@pytest.mark.timeout(30)  # a spinning drain never yields, so only the signal can stop it
+async def test_drain_returns_when_a_settlement_finished_before_its_own_cleanup_ran():
+    """A finished task leaves ``pending`` on a later loop turn. On Python 3.12+ gathering
+    finished tasks returns without giving the loop that turn, and drain once spun forever."""
+    govs, _, _ = await setup({}, n=1)
+    gov = govs[0]
+
+    async def settled() -> None:
+        return None
+
+    task = asyncio.get_running_loop().create_task(settled())
+    gov.pending.add(task)
+    task.add_done_callback(gov.pending.discard)
+    await asyncio.sleep(0)  # the task runs and finishes; its discard waits for the next turn
+    assert task.done() and task in gov.pending
+    await asyncio.wait_for(gov.drain(), timeout=5)
+    assert not gov.pending
