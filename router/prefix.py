@@ -345,9 +345,10 @@ def _completion_ids(tok: PromptTokenizer, view: dict) -> list[int]:
         special = view.get("add_special_tokens") is not False
         ids = tok.completion_ids(prompt, special)
         return _truncated(ids, view, len(tok.special_prefix) if special else 0)
-    if isinstance(prompt, list) and prompt:
-        ids = list(prompt) if isinstance(prompt[0], int) else list(prompt[0]) if isinstance(prompt[0], list) else []
-        return _truncated(ids, view, 0)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return _truncated(list(prompt), view, 0)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        return _truncated(list(prompt[0]), view, 0)
     return []
 
 

@@ -72,6 +72,7 @@ LORA_ADAPTER = "tiny-sql"
 CHAT_TEMPLATE = Path(__file__).parent / "data" / "chat_template.jinja"
 TEMPLATE_DEFAULTS = {"persona": "a ship's navigator"}
 WORKER_KEY = "sk-vllm-" + secrets.token_hex(8)
+WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -80,15 +81,13 @@ def lora_fleet(tmp_path_factory) -> Iterator[LocalFleet]:
     (``LORA_ADAPTER``), renders chats with its own template and default kwargs, trusting
     requests' templates, tokenizes with a tokenizer that adds a BOS token (as Llama's
     does), and requires an API key (``WORKER_KEY``) on /v1: test_lora_fleet.py,
-    test_chat_template_fleet.py and test_worker_auth_fleet.py. Its ``router_config()`` reads
-    the key from a file; a call straight to the worker sends ``WORKER_AUTH``."""
+    test_chat_template_fleet.py, test_prompt_tokens_fleet.py and test_worker_auth_fleet.py.
+    Its ``router_config()`` reads the key from a file; a call straight to the worker sends
+    ``WORKER_AUTH``."""
     with side_fleet(tmp_path_factory, 80, "lora", lora=LORA_ADAPTER, chat_template=str(CHAT_TEMPLATE),
                     chat_template_kwargs=TEMPLATE_DEFAULTS, trust_request_chat_template=True,
                     api_key=WORKER_KEY, tokenizer=str(build_tiny_bos_tokenizer())) as fleet:
         yield fleet
-
-
-WORKER_AUTH = {"Authorization": f"Bearer {WORKER_KEY}"}
 
 
 def short_lived_guesses(fleet: LocalFleet) -> dict:
