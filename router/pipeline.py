@@ -34,6 +34,7 @@ from kvroute.router.requests import (
     CLASSIFY,
     COMPLETION,
     EMBEDDING,
+    GENERATE,
     MESSAGES,
     NO_PREFILL,
     POOL,
@@ -68,7 +69,8 @@ async def run_request(request: web.Request, req: ParsedRequest, served: ServedMo
             if rule.to_model:
                 served = request.app[keys.ROUTES].get(rule.to_model)
     route = await choose_tier(served, req, record=request.get(keys.RECORD), rule=rule)
-    return (await attempt(request, served, route, req)).response
+    # Token ids are one tier's tokenizer's: a budget refuses a generate request rather than move it.
+    return (await attempt(request, served, route, req, may_downgrade=req.kind != GENERATE)).response
 
 
 async def previous_response(request: web.Request, req: ParsedRequest, served: ServedModel) -> Holder:
@@ -88,7 +90,7 @@ async def previous_response(request: web.Request, req: ParsedRequest, served: Se
 
 
 # What vLLM takes a cache_salt on: every API that prefills a prompt, scoring aside.
-SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL})
+SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL, GENERATE})
 
 
 def isolated(request: web.Request, req: ParsedRequest) -> ParsedRequest:
@@ -192,7 +194,8 @@ async def choose_tier(served: ServedModel, req: ParsedRequest, *,
             if record is not None:
                 record.on_tier(route.cfg.tier, None, "routes")
             return route
-    if served.chooser is not None and req.kind not in POOLING and req.kind not in NO_PREFILL:  # questions only
+    # Questions only; a generate request's token ids are one tier's tokenizer's, not a question.
+    if served.chooser is not None and req.kind not in POOLING and req.kind not in NO_PREFILL and req.kind != GENERATE:
         index, score = await served.chooser.choose(prompt_text(req.prompt_view))
         if record is not None:
             record.on_tier(served.tiers[index].cfg.tier, score, "classifier")

@@ -51,7 +51,16 @@ from kvroute.router.errors import (
     sse_error,
 )
 from kvroute.router.policies.base import RequestContext
-from kvroute.router.requests import CHAT, COMPLETION, MESSAGES, REQUEST_ID, RESPONSES, ParsedRequest
+from kvroute.router.requests import (
+    CHAT,
+    COMPLETION,
+    GENERATE,
+    MESSAGES,
+    RENDERED,
+    REQUEST_ID,
+    RESPONSES,
+    ParsedRequest,
+)
 from kvroute.router.retry import classify
 from kvroute.router.routes import ModelRoute
 from kvroute.router.upstream.breaker import Outcome
@@ -157,7 +166,7 @@ class Dispatch:
 def upstream_body(d: Dispatch) -> bytes:
     body = dict(d.req.body)
     body["model"] = d.route.cfg.served_name
-    if d.req.stream and d.req.kind in (CHAT, COMPLETION):  # other APIs' streams carry their usage anyway
+    if d.req.stream and d.req.kind in (CHAT, COMPLETION, GENERATE):  # other APIs' streams carry their usage anyway
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return orjson.dumps(body)
 
@@ -283,6 +292,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         parsed = None
+    if d.req.kind in RENDERED and resp.status == 200:
+        return _relay_render(parsed, resp, d)
     if not isinstance(parsed, dict):  # e.g. an ingress's HTML page: not a completion to pass on
         raise UpstreamError(f"Worker {d.worker.url} answered HTTP {resp.status} with a body that is "
                             f"not a JSON object (content-type {resp.content_type})")
@@ -299,6 +310,19 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
     else:
         d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
+                        headers=response_headers(d))
+
+
+def _relay_render(parsed: object, resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
+    """A render's answer: a generate request's body (a list of them for a completion), under
+    the model name the client used, so it can be sent back through this router as it is."""
+    bodies = parsed if isinstance(parsed, list) else [parsed]
+    if not bodies or not all(isinstance(b, dict) for b in bodies):
+        raise UpstreamError(f"Worker {d.worker.url} answered a render with a body that is not a generate "
+                            f"request (content-type {resp.content_type})")
+    for b in bodies:
+        b["model"] = d.req.model
+    return web.Response(body=orjson.dumps(parsed), status=resp.status, content_type="application/json",
                         headers=response_headers(d))
 
 
@@ -579,7 +603,8 @@ def _keep_event(data: bytes, d: Dispatch) -> bool:
             d.raw_usage = {**(d.raw_usage or {}), **usage}
             d.usage = anthropic_usage(d.raw_usage)
         return True
-    if not data.startswith(b"data: {") or b'"usage"' not in data:
+    # A generate stream's events carry "usage":null but the last: nothing to parse there.
+    if not data.startswith(b"data: {") or b'"usage"' not in data or b'"usage":null' in data:
         return True
     try:
         chunk = orjson.loads(data[6:])

@@ -33,14 +33,27 @@ SCORE = "score"  # vLLM's scoring and rerank APIs, on pooling workers: text pair
 RERANK = "rerank"
 CLASSIFY = "classify"  # vLLM's /classify, on sequence-classification workers: labels and probabilities
 POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
+# vLLM's token-in, token-out API (workers started with --enable-scale-out): a prompt's token
+# ids and sampling params in, token ids out. Its renders turn a chat, completion, Messages or
+# Responses request into that API's body, token ids and all, without a prefill.
+GENERATE = "generate"
+CHAT_RENDER = "chat_render"
+COMPLETION_RENDER = "completion_render"
+MESSAGES_RENDER = "messages_render"
+RESPONSES_RENDER = "responses_render"
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
          RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
          TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank",
-         CLASSIFY: "/classify", POOL: "/pooling"}
+         CLASSIFY: "/classify", POOL: "/pooling", GENERATE: "/inference/v1/generate",
+         CHAT_RENDER: "/v1/chat/completions/render", COMPLETION_RENDER: "/v1/completions/render",
+         MESSAGES_RENDER: "/v1/messages/render", RESPONSES_RENDER: "/v1/responses/render"}
 # vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
 ALIASES = {"/v1/score": SCORE, "/v1/rerank": RERANK, "/v2/rerank": RERANK}
+# A render takes the request it renders: checked, and read, as that request.
+RENDERED = {CHAT_RENDER: CHAT, COMPLETION_RENDER: COMPLETION, MESSAGES_RENDER: MESSAGES,
+            RESPONSES_RENDER: RESPONSES}
 # Requests a worker answers without a prefill: nothing to route by, cache, or generate.
-NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE})
+NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE, *RENDERED})
 # Requests a worker prefills and generates nothing for.
 POOLING = frozenset({EMBEDDING, SCORE, RERANK, CLASSIFY, POOL})
 # Pooling APIs that take a prompt as a completion's ``input`` or a chat's ``messages``.
@@ -95,19 +108,25 @@ class ParsedRequest:
             return 0
         if self.kind == RESPONSES:
             value = self.body.get("max_output_tokens")
+        elif self.kind == GENERATE:
+            value = self.body["sampling_params"].get("max_tokens")
         else:
             value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
 
     @property
     def continues_stored(self) -> bool:
-        """A Responses request that continues a stored one: most of its prompt is on a worker."""
-        return self.kind == RESPONSES and bool(self.body.get("previous_response_id"))
+        """A Responses request (or its render) that continues a stored one: most of its prompt
+        is on a worker, the only one that can read it."""
+        return self.kind in (RESPONSES, RESPONSES_RENDER) and bool(self.body.get("previous_response_id"))
 
     def with_max_tokens(self, n: int) -> ParsedRequest:
         """The same request asking for ``n`` completion tokens, under the key the client used."""
         if self.kind == RESPONSES:
             key = "max_output_tokens"
+        elif self.kind == GENERATE:
+            params = {**self.body["sampling_params"], "max_tokens": n}
+            return replace(self, body={**self.body, "sampling_params": params})
         else:
             key = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
         return replace(self, body={**self.body, key: n})
@@ -118,17 +137,21 @@ class ParsedRequest:
         a chat's or completion's body; ``{"prompt": input}`` for embeddings, classification
         and pooling (a conversation as a chat's messages), and a score's or rerank's texts,
         query first; a Responses or Anthropic Messages request as the chat messages vLLM
-        renders from it."""
-        if self.kind in INPUT_OR_MESSAGES:
+        renders from it; a generate request's token ids as a completion's; a render as the
+        request it renders."""
+        kind = RENDERED.get(self.kind, self.kind)
+        if kind in INPUT_OR_MESSAGES:
             return pooled_view(self.body)
-        if self.kind in (SCORE, RERANK):
-            return {"prompt": pair_texts(self.kind, self.body)}
-        if self.kind == RESPONSES:
+        if kind in (SCORE, RERANK):
+            return {"prompt": pair_texts(kind, self.body)}
+        if kind == RESPONSES:
             return responses_as_chat(self.body)
-        if self.kind in (MESSAGES, COUNT_TOKENS):
+        if kind in (MESSAGES, COUNT_TOKENS):
             return anthropic_as_chat(self.body)
-        if self.kind == DETOKENIZE:
+        if kind == DETOKENIZE:
             return {"prompt": self.body["tokens"]}
+        if kind == GENERATE:
+            return {"prompt": self.body["token_ids"]}
         return self.body
 
 
@@ -564,6 +587,23 @@ def _check_pooled(kind: str, body: dict) -> None:
         _check_input(value)
 
 
+def _check_generate(body: dict) -> None:
+    """A token-in request: ``token_ids`` (not empty) and ``sampling_params`` (an object, whose
+    ``max_tokens`` and ``n`` the router reads)."""
+    ids = body.get("token_ids")
+    if not _ids(ids) or not ids:
+        raise InvalidRequest("'token_ids' is required: a non-empty list of token ids (0 to 2^32 - 1)",
+                             param="token_ids")
+    params = body.get("sampling_params")
+    if not isinstance(params, dict):
+        raise InvalidRequest("'sampling_params' is required and must be an object", param="sampling_params")
+    for name in ("max_tokens", "n"):
+        value = params.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise InvalidRequest(f"'sampling_params.{name}' must be an integer of at least 1",
+                                 param=f"sampling_params.{name}")
+
+
 def _check_embedding(body: dict) -> None:
     _check_pooled(EMBEDDING, body)
     if _field(body, "stream", (bool,), "a boolean"):
@@ -588,24 +628,27 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string", param="model")
-    if kind == CHAT:
+    checked = RENDERED.get(kind, kind)
+    if checked == CHAT:
         if "messages" not in body:
             raise InvalidRequest("'messages' is required", param="messages")
         _check_messages(body["messages"])
         _check_template_fields(body)
-    elif kind == EMBEDDING:
+    elif checked == EMBEDDING:
         _check_embedding(body)
-    elif kind == RESPONSES:
+    elif checked == RESPONSES:
         _check_responses(body)
-    elif kind in (MESSAGES, COUNT_TOKENS):
+    elif checked in (MESSAGES, COUNT_TOKENS):
         _check_anthropic(body)
-    elif kind == TOKENIZE:
+    elif checked == TOKENIZE:
         _check_tokenize(body)
-    elif kind in (SCORE, RERANK):
+    elif checked in (SCORE, RERANK):
         _check_scoring(kind, body)
-    elif kind in (CLASSIFY, POOL):
+    elif checked in (CLASSIFY, POOL):
         _check_pooled(kind, body)
-    elif kind == DETOKENIZE:
+    elif checked == GENERATE:
+        _check_generate(body)
+    elif checked == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")
     else:
@@ -616,7 +659,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         # (router/prefix.py): junk in it must be a 400 here, not a 500 there.
         if body.get("messages") is not None:
             _check_messages(body["messages"])
-    stream = bool(_field(body, "stream", (bool,), "a boolean"))
+    # A render's answer is a body, streamed or not: its 'stream' is for the request it renders.
+    stream = bool(_field(body, "stream", (bool,), "a boolean")) and kind not in RENDERED
     if stream and (kind in NO_PREFILL or kind in POOLING):
         raise InvalidRequest(f"'stream' is not supported on {PATHS[kind]}", param="stream")
     for name in ("max_tokens", "max_completion_tokens", "n"):

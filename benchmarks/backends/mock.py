@@ -330,6 +330,21 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         return web.json_response({"id": f"{request.path[1:]}-x", "object": "list", "created": 0,
                                   "model": body["model"], "data": data, "usage": usage})
 
+    async def render(request: web.Request) -> web.Response:
+        """vLLM's renders: the token-in API's body; a completion's, one per prompt."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        rendered = {"token_ids": list(range(1, 41)), "model": body["model"], "stream": body.get("stream", False),
+                    "sampling_params": {"max_tokens": body.get("max_tokens", 16)}}
+        prompt = body.get("prompt")
+        if request.path == "/v1/completions/render":
+            return web.json_response([rendered] * (len(prompt) if isinstance(prompt, list) else 1))
+        return web.json_response(rendered)
+
+    for path in ("/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render",
+                 "/v1/responses/render"):
+        app.router.add_post(path, render)
+    app.router.add_post("/inference/v1/generate", completion)  # its answers are shaped as a chat's
     app.router.add_post("/classify", pooled)
     app.router.add_post("/pooling", pooled)
     app.router.add_post("/score", scores)

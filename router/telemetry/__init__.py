@@ -21,8 +21,10 @@ from kvroute.router.requests import (
     COUNT_TOKENS,
     DETOKENIZE,
     EMBEDDING,
+    GENERATE,
     MESSAGES,
     POOL,
+    RENDERED,
     REQUEST_ID,
     RERANK,
     RESPONSES,
@@ -42,10 +44,12 @@ if TYPE_CHECKING:
 __all__ = ["Capture", "RequestRecord", "Telemetry"]
 
 TAGS = ("agent", "task", "feature", "user")
-# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (the token APIs: kvroute's)
+# gen_ai.operation.name, as OpenTelemetry's GenAI conventions spell each kind (the token and
+# render APIs, which the conventions do not name: kvroute's)
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
                MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
-               SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling"}
+               SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling", GENERATE: "generate",
+               **dict.fromkeys(RENDERED, "render")}
 
 
 class Telemetry:

@@ -42,15 +42,18 @@ async def test_tenants_get_their_own_salt_and_keys(aiohttp_client, upstream):
     assert salted == f"{acme}:user-7" and own == 0  # a client's salt partitions within its tenant
 
 
-async def test_apis_that_take_no_salt_are_sent_as_they_came(aiohttp_client, upstream):
+async def test_apis_that_take_no_salt_are_sent_as_they_came_and_the_others_salted(aiohttp_client, upstream):
     client = await aiohttp_client(create_app(cfg(upstream)))
     for path, body in (("/tokenize", {"model": "tiny", "prompt": "hi"}),
-                       ("/score", {"model": "tiny", "text_1": "a", "text_2": "b"})):
+                       ("/score", {"model": "tiny", "text_1": "a", "text_2": "b"}),
+                       ("/v1/chat/completions/render", {"model": "tiny", "messages": [{"role": "user",
+                                                                                        "content": "hi"}]})):
         assert (await client.post(path, json=body, headers=bearer("sk-acme"))).status == 200
         assert "cache_salt" not in upstream.app[SEEN][-1]
-    assert (await client.post("/v1/embeddings", json={"model": "tiny", "input": "x"},
-                              headers=bearer("sk-acme"))).status == 200
-    assert "cache_salt" in upstream.app[SEEN][-1]
+    for path, body in (("/v1/embeddings", {"model": "tiny", "input": "x"}),
+                       ("/inference/v1/generate", {"model": "tiny", "token_ids": [1, 2], "sampling_params": {}})):
+        assert (await client.post(path, json=body, headers=bearer("sk-acme"))).status == 200
+        assert "cache_salt" in upstream.app[SEEN][-1], path
 
 
 def test_isolation_needs_tenants_and_is_a_boolean(upstream):

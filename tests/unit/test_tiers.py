@@ -193,3 +193,24 @@ async def test_tokenizer_classifier_and_answer_scorer_have_their_own_executors(a
 
 async def _noop() -> None:
     return None
+
+
+async def test_a_generate_request_stays_on_the_first_tier_unless_one_is_forced(aiohttp_client, aiohttp_server):
+    """Token ids are one tier's tokenizer's: the classifier does not read them or move them."""
+    small, large = await aiohttp_server(fake_worker("small")), await aiohttp_server(fake_worker("large"))
+    url = lambda s: str(s.make_url("")).rstrip("/")  # noqa: E731
+    cfg = config_from_dict({"models": [{"name": "auto", "tiers": [
+        {"name": "small", "workers": [url(small)]}, {"name": "large", "workers": [url(large)]},
+    ], "classifier": {"thresholds": [0.0]}}], "health": {"interval_s": 60}})  # every question scores strong
+    app = create_app(cfg)
+    served = app[keys.ROUTES].get("auto")
+    served.chooser.load = _no_load(served.chooser)
+    client = await aiohttp_client(app)
+    chat = await client.post("/v1/chat/completions", json={"model": "auto", "messages": [
+        {"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert chat.headers["x-kvroute-tier"] == "large" and served.chooser.scorer.batches == [1]
+    body = {"model": "auto", "token_ids": list(range(1, 200)), "sampling_params": {"max_tokens": 2}}
+    resp = await client.post("/inference/v1/generate", json=body)
+    assert resp.status == 200 and resp.headers["x-kvroute-tier"] == "small"
+    forced = await client.post("/inference/v1/generate", json=body, headers={"x-kvroute-tier": "large"})
+    assert forced.headers["x-kvroute-tier"] == "large" and served.chooser.scorer.batches == [1]
