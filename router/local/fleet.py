@@ -154,6 +154,8 @@ def worker_command(model_dir: str, served_names: list[str], port: int, events_po
         cmd += ["--runner", "pooling", "--convert", "embed"]
     elif classify:  # the model's architecture (…ForSequenceClassification) makes it a classifier
         cmd += ["--runner", "pooling"]
+    else:  # the token-in API (/inference/v1/generate) and the renders that feed it
+        cmd += ["--enable-scale-out"]
     if lora:
         cmd += ["--enable-lora", "--max-lora-rank", str(LORA_RANK), "--lora-modules", f"{lora}={build_tiny_lora()}"]
     return cmd
