@@ -316,8 +316,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
 def _relay_render(parsed: object, resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
     """A render's answer: a generate request's body (a list of them for a completion), under
     the model name the client used, so it can be sent back through this router as it is."""
-    bodies = parsed if isinstance(parsed, list) else [parsed]
-    if not bodies or not all(isinstance(b, dict) for b in bodies):
+    bodies = [b for b in (parsed if isinstance(parsed, list) else [parsed]) if isinstance(b, dict)]
+    if not bodies or len(bodies) != (len(parsed) if isinstance(parsed, list) else 1):
         raise UpstreamError(f"Worker {d.worker.url} answered a render with a body that is not a generate "
                             f"request (content-type {resp.content_type})")
     for b in bodies:
