@@ -115,6 +115,18 @@ class ParsedRequest:
         return value if isinstance(value, int) else None
 
     @property
+    def sequences(self) -> int:
+        """The sequences the worker generates, each up to ``max_tokens``: ``n`` for each of a
+        completion's prompts (a generate request's ``n`` is in its ``sampling_params``)."""
+        params = self.body["sampling_params"] if self.kind == GENERATE else self.body
+        n = params.get("n")
+        n = n if type(n) is int and n > 1 else 1
+        prompt = self.body.get("prompt") if self.kind == COMPLETION else None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return n * len(prompt)  # a batch of prompts (token ids alone are one prompt)
+        return n
+
+    @property
     def continues_stored(self) -> bool:
         """A Responses request (or its render) that continues a stored one: most of its prompt
         is on a worker, the only one that can read it."""

@@ -330,6 +330,32 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         return web.json_response({"id": f"{request.path[1:]}-x", "object": "list", "created": 0,
                                   "model": body["model"], "data": data, "usage": usage})
 
+    async def generate(request: web.Request) -> web.StreamResponse:
+        """vLLM's token-in API: ``sampling_params.max_tokens`` (default 3) token ids for each of
+        ``sampling_params.n`` choices, or ``fake_completion_tokens`` whatever max_tokens says."""
+        body = await request.json()
+        app[SEEN].append(body)
+        params = body["sampling_params"]
+        n, choices = body.get("fake_completion_tokens") or params.get("max_tokens") or 3, params.get("n") or 1
+        usage = {"prompt_tokens": len(body["token_ids"]), "completion_tokens": n * choices,
+                 "total_tokens": len(body["token_ids"]) + n * choices, "prompt_tokens_details": {"cached_tokens": 0}}
+        if not body.get("stream"):
+            return web.json_response({"request_id": "x", "model": body["model"], "usage": usage, "choices": [
+                {"index": c, "finish_reason": "length", "token_ids": [7] * n} for c in range(choices)]})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for _ in range(n):
+                for c in range(choices):
+                    chunk = {"request_id": "x", "usage": None, "choices": [{"index": c, "token_ids": [7]}]}
+                    await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await resp.write(b"data: " + orjson.dumps({"request_id": "x", "choices": [], "usage": usage}) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, ConnectionError):
+            pass  # the router cut the stream
+        return resp
+
     async def render(request: web.Request) -> web.Response:
         """vLLM's renders: the token-in API's body; a completion's, one per prompt."""
         body = await request.json()
@@ -344,7 +370,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     for path in ("/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render",
                  "/v1/responses/render"):
         app.router.add_post(path, render)
-    app.router.add_post("/inference/v1/generate", completion)  # its answers are shaped as a chat's
+    app.router.add_post("/inference/v1/generate", generate)
     app.router.add_post("/classify", pooled)
     app.router.add_post("/pooling", pooled)
     app.router.add_post("/score", scores)
@@ -370,8 +396,9 @@ async def fake_generation(request: web.Request, body: dict) -> web.StreamRespons
     n = int(body["fake_completion_tokens"])
     if body.get("fake_honor_max_tokens"):
         n = min(n, body.get("max_completion_tokens") or body.get("max_tokens") or n)
+    choices = body.get("n") or 1  # n tokens for each choice
     prompt = int(body.get("fake_prompt_tokens", 11))
-    usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
+    usage = {"prompt_tokens": prompt, "completion_tokens": n * choices, "total_tokens": prompt + n * choices,
              "prompt_tokens_details": {"cached_tokens": 0}}
     tool = body.get("fake_tool_call")
     call = {"id": "call_1", "type": "function", "function": {"name": tool, "arguments": "{}"}} if tool else None
@@ -380,8 +407,9 @@ async def fake_generation(request: web.Request, body: dict) -> web.StreamRespons
         if call:
             message["tool_calls"] = [call]
         return web.json_response({"id": "x", "object": "chat.completion", "model": body["model"],
-                                  "choices": [{"index": 0, "message": message,
-                                               "finish_reason": "tool_calls" if call else "stop"}],
+                                  "choices": [{"index": c, "message": message,
+                                               "finish_reason": "tool_calls" if call else "stop"}
+                                              for c in range(choices)],
                                   "usage": usage})
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await resp.prepare(request)
@@ -389,9 +417,10 @@ async def fake_generation(request: web.Request, body: dict) -> web.StreamRespons
     try:
         for i in range(n):
             delta = {"content": "x"} if not (call and i == 0) else {"tool_calls": [{"index": 0, **call}]}
-            chunk = {"id": "x", "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            for c in range(choices):  # vLLM sends each choice's delta in an event of its own
+                chunk = {"id": "x", "object": "chat.completion.chunk",
+                         "choices": [{"index": c, "delta": delta, "finish_reason": None}]}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             if delay:
                 await asyncio.sleep(delay)
         if (body.get("stream_options") or {}).get("include_usage"):

@@ -270,14 +270,14 @@ class Governor:
         return math.ceil(ctx.prompt_tokens * self.cfg.estimate_factor)
 
     def _completion_asked(self, req: ParsedRequest) -> int:
-        """Completion tokens to reserve: the request's, else ``default_max_tokens``; 0 for
-        embeddings and token counts."""
-        return self.cfg.default_max_tokens if req.max_tokens is None else req.max_tokens
+        """Completion tokens to reserve: the request's ``max_tokens`` (else ``default_max_tokens``)
+        for each sequence it asks for (``n``, a batch's prompts); 0 for embeddings and token counts."""
+        return (self.cfg.default_max_tokens if req.max_tokens is None else req.max_tokens) * req.sequences
 
     async def _reserve(self, req: ParsedRequest, served: ServedModel, route: ModelRoute, ctx: RequestContext,
                        attrs: Attribution) -> Grant:
         requested = self._completion_asked(req)
-        need = min(self.cfg.min_completion_tokens, requested)
+        need = min(self.cfg.min_completion_tokens * req.sequences, requested)
         now = self.clock.time()
         budgets = applicable(self.cfg.budgets, attrs)
         pairs = slots_for(budgets, attrs, now, self.cfg.session_ttl_s, self.cfg.session_id.ttl_s)
@@ -401,8 +401,9 @@ class Governor:
         return served.tiers[i - 1] if i > 0 else None
 
     def _grant(self, rid, attrs, served, route, req, ctx, pairs, got: Granted, binding) -> Grant:
-        if got.completion != req.max_tokens:
-            req = req.with_max_tokens(got.completion)
+        each = got.completion // req.sequences  # vLLM reads max_tokens per sequence
+        if each != req.max_tokens:
+            req = req.with_max_tokens(each)
         return Grant(self, rid, attrs, served.name, route, req, ctx, pairs, got, binding)
 
     # ---- during the stream ----------------------------------------------------------

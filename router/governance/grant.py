@@ -90,6 +90,9 @@ class Grant:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
+            if isinstance(ids := choice.get("token_ids"), list) and "delta" not in choice:
+                tokens += len(ids)  # a generate stream's event: its new token ids
+                continue
             delta = choice.get("delta") or {}
             calls = delta.get("tool_calls") or ()
             self.tool_calls += sum(1 for c in calls if isinstance(c, dict) and c.get("id"))

@@ -26,7 +26,7 @@ class RequestContext:
     block_keys: tuple[int, ...]  # chained hashes of the prompt's full KV blocks
     block_size: int  # tokens per block (characters per chunk in approximate mode)
     prompt_tokens: int  # exact with a tokenizer, estimated in approximate mode
-    max_tokens: int  # expected decode tokens (clamped)
+    max_tokens: int  # expected decode tokens (clamped), for all the sequences it asks for
     session_key: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
 
