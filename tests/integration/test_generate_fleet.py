@@ -105,3 +105,30 @@ def test_ids_under_a_lora_adapter_are_keyed_apart_from_the_base_models(lora_flee
             assert await send("tiny") == (0, 0)
 
         asyncio.run(go())
+
+
+def test_several_choices_stream_to_their_end_under_a_budget(fleet, tmp_path):
+    """vLLM generates max_tokens for each choice: a per-request budget reserves for all of
+    them, and neither a chat's nor a generate request's stream is cut short."""
+    config = {**fleet.router_config(), "governance": {
+        "budgets": [{"name": "per-call", "scope": "request", "limit": {"tokens": 2000}}]}}
+    with run_router(config, tmp_path) as router:
+
+        async def stream(path: str, body: dict) -> list[dict]:
+            async with aiohttp.ClientSession() as s, s.post(f"{router.url}{path}", json={
+                    "model": "tiny", "stream": True, "stream_options": {"include_usage": True}, **body}) as r:
+                assert r.status == 200, await r.text()
+                return [json.loads(line[6:]) for line in (await r.text()).split("\n") if line.startswith("data: {")]
+
+        async def go():
+            chat = await stream("/v1/chat/completions", {
+                "messages": [{"role": "user", "content": "Count to twenty."}], "n": 2, "max_tokens": 24,
+                "min_tokens": 24, "temperature": 1.0})
+            assert "error" not in chat[-1] and chat[-1]["usage"]["completion_tokens"] == 48
+            assert {c["index"] for e in chat for c in e["choices"]} == {0, 1}
+            generated = await stream("/inference/v1/generate", {
+                "token_ids": list(range(5, 60)), "sampling_params": {"n": 2, "max_tokens": 24, "min_tokens": 24}})
+            assert "error" not in generated[-1] and generated[-1]["usage"]["completion_tokens"] == 48
+            assert sum(len(c["token_ids"]) for e in generated for c in e["choices"]) == 48
+
+        asyncio.run(go())
