@@ -31,6 +31,7 @@ from kvroute.router.policies.base import RequestContext
 from kvroute.router.proxy import Dispatch, forward
 from kvroute.router.requests import (
     CHAT,
+    CHAT_BATCH,
     CLASSIFY,
     COMPLETION,
     EMBEDDING,
@@ -90,7 +91,7 @@ async def previous_response(request: web.Request, req: ParsedRequest, served: Se
 
 
 # What vLLM takes a cache_salt on: every API that prefills a prompt, scoring aside.
-SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL, GENERATE})
+SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL, GENERATE, CHAT_BATCH})
 
 
 def isolated(request: web.Request, req: ParsedRequest) -> ParsedRequest:
@@ -194,8 +195,10 @@ async def choose_tier(served: ServedModel, req: ParsedRequest, *,
             if record is not None:
                 record.on_tier(route.cfg.tier, None, "routes")
             return route
-    # Questions only; a generate request's token ids are one tier's tokenizer's, not a question.
-    if served.chooser is not None and req.kind not in POOLING and req.kind not in NO_PREFILL and req.kind != GENERATE:
+    # Questions, one at a time: a generate request's token ids are one tier's tokenizer's, not a
+    # question, and a batch of conversations goes to one tier as a whole.
+    if served.chooser is not None and req.kind not in POOLING and req.kind not in NO_PREFILL \
+            and req.kind not in (GENERATE, CHAT_BATCH):
         index, score = await served.chooser.choose(prompt_text(req.prompt_view))
         if record is not None:
             record.on_tier(served.tiers[index].cfg.tier, score, "classifier")

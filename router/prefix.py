@@ -370,9 +370,14 @@ def _truncated(ids: list[int], view: dict, specials: int) -> list[int]:
     return ids[:specials] + ids[len(ids) - max(keep - specials, 0):]
 
 
-def rest_of_batch_tokens(prompt: Any) -> int:
+def rest_of_batch_tokens(view: dict) -> int:
     """Tokens of a batch's prompts after the first, whose keys route it: counted for load and
-    budgets, strings estimated at 4 characters a token."""
+    budgets, texts (and a chat batch's other conversations, ``batch``) estimated at 4
+    characters a token."""
+    batch = view.get("batch")
+    if isinstance(batch, list):
+        return sum(len(_chat_text_approx(c)) // 4 + 1 for c in batch)
+    prompt = view.get("prompt")
     if not isinstance(prompt, list) or len(prompt) < 2:
         return 0
     if isinstance(prompt[0], str):

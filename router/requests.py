@@ -37,6 +37,7 @@ POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
 # ids and sampling params in, token ids out. Its renders turn a chat, completion, Messages or
 # Responses request into that API's body, token ids and all, without a prefill.
 GENERATE = "generate"
+CHAT_BATCH = "chat_batch"  # vLLM's batch of conversations, each answered as a chat, in one request
 CHAT_RENDER = "chat_render"
 COMPLETION_RENDER = "completion_render"
 MESSAGES_RENDER = "messages_render"
@@ -45,6 +46,7 @@ PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING:
          RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
          TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank",
          CLASSIFY: "/classify", POOL: "/pooling", GENERATE: "/inference/v1/generate",
+         CHAT_BATCH: "/v1/chat/completions/batch",
          CHAT_RENDER: "/v1/chat/completions/render", COMPLETION_RENDER: "/v1/completions/render",
          MESSAGES_RENDER: "/v1/messages/render", RESPONSES_RENDER: "/v1/responses/render"}
 # vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
@@ -121,6 +123,8 @@ class ParsedRequest:
         params = self.body["sampling_params"] if self.kind == GENERATE else self.body
         n = params.get("n")
         n = n if type(n) is int and n > 1 else 1
+        if self.kind == CHAT_BATCH:
+            return n * len(self.body["messages"])
         prompt = self.body.get("prompt") if self.kind == COMPLETION else None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             return n * len(prompt)  # a batch of prompts (token ids alone are one prompt)
@@ -164,6 +168,8 @@ class ParsedRequest:
             return {"prompt": self.body["tokens"]}
         if kind == GENERATE:
             return {"prompt": self.body["token_ids"]}
+        if kind == CHAT_BATCH:  # keyed by its first conversation; the others count toward the estimates
+            return {**self.body, "messages": self.body["messages"][0], "batch": self.body["messages"][1:]}
         return self.body
 
 
@@ -660,6 +666,15 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_pooled(kind, body)
     elif checked == GENERATE:
         _check_generate(body)
+    elif checked == CHAT_BATCH:
+        conversations = body.get("messages")
+        if not isinstance(conversations, list) or not conversations or not all(
+                isinstance(c, list) for c in conversations):
+            raise InvalidRequest("'messages' must be a non-empty list of conversations (lists of messages)",
+                                 param="messages")
+        for j, conversation in enumerate(conversations):
+            _check_messages(conversation, f"messages[{j}]")
+        _check_template_fields(body)
     elif checked == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")
@@ -673,7 +688,7 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
             _check_messages(body["messages"])
     # A render's answer is a body, streamed or not: its 'stream' is for the request it renders.
     stream = bool(_field(body, "stream", (bool,), "a boolean")) and kind not in RENDERED
-    if stream and (kind in NO_PREFILL or kind in POOLING):
+    if stream and (kind in NO_PREFILL or kind in POOLING or kind == CHAT_BATCH):
         raise InvalidRequest(f"'stream' is not supported on {PATHS[kind]}", param="stream")
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = _field(body, name, (int,), "an integer")

@@ -87,7 +87,7 @@ class ModelRoute:
             model=self.cfg.name,
             block_keys=pk.block_keys,
             block_size=pk.block_size,
-            prompt_tokens=pk.prompt_tokens + rest_of_batch_tokens(view.get("prompt")),
+            prompt_tokens=pk.prompt_tokens + rest_of_batch_tokens(view),
             max_tokens=expected_max_tokens(req.max_tokens) * req.sequences,
             session_key=session if isinstance(session, str) else None,
             headers=req.headers,

@@ -356,6 +356,18 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
             pass  # the router cut the stream
         return resp
 
+    async def chat_batch(request: web.Request) -> web.Response:
+        """vLLM's batch of conversations: one choice each, their usage summed."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        each = body.get("max_completion_tokens") or body.get("max_tokens") or 3
+        conversations = body["messages"]
+        usage = {"prompt_tokens": 11 * len(conversations), "completion_tokens": each * len(conversations),
+                 "total_tokens": (11 + each) * len(conversations)}
+        return web.json_response({"id": "x", "object": "chat.completion", "model": body["model"], "usage": usage,
+                                  "choices": [{"index": i, "message": {"role": "assistant", "content": "x" * each},
+                                               "finish_reason": "length"} for i in range(len(conversations))]})
+
     async def render(request: web.Request) -> web.Response:
         """vLLM's renders: the token-in API's body; a completion's, one per prompt."""
         body = await request.json()
@@ -371,6 +383,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                  "/v1/responses/render"):
         app.router.add_post(path, render)
     app.router.add_post("/inference/v1/generate", generate)
+    app.router.add_post("/v1/chat/completions/batch", chat_batch)
     app.router.add_post("/classify", pooled)
     app.router.add_post("/pooling", pooled)
     app.router.add_post("/score", scores)

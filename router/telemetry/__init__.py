@@ -16,6 +16,7 @@ from kvroute.router.governance.budgets import Rates
 from kvroute.router.governance.identity import trace_id as w3c_trace_id
 from kvroute.router.requests import (
     CHAT,
+    CHAT_BATCH,
     CLASSIFY,
     COMPLETION,
     COUNT_TOKENS,
@@ -49,6 +50,7 @@ TAGS = ("agent", "task", "feature", "user")
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
                MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
                SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling", GENERATE: "generate",
+               CHAT_BATCH: "chat",
                **dict.fromkeys(RENDERED, "render")}
 
 

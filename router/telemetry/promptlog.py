@@ -71,7 +71,10 @@ class PromptLog:
 
     def request_part(self, body: dict) -> dict:
         if isinstance(body.get("messages"), list):
-            return {"messages": self.redact_value(body["messages"])}
+            part = {"messages": self.redact_value(body["messages"])}
+            if isinstance(body.get("batch"), list):  # a chat batch's other conversations
+                part["batch"] = self.redact_value(body["batch"])
+            return part
         return {"prompt": self.redact_value(body.get("prompt"))}
 
     # ---- output -----------------------------------------------------------------------
