@@ -227,6 +227,7 @@ class EventHub:
             if url in self._subs:
                 indexes = self._subs[url][1].indexes
                 if index not in indexes:
+                    index.adopt(url, indexes[0])  # the blocks stored before this pool joined
                     indexes.append(index)
                 continue
             endpoint, replay_ep = endpoints_for(url, cfg)

@@ -140,6 +140,11 @@ class ExactIndex:
     def confirmed_blocks(self, worker: str) -> set[int]:
         return set(self._confirmed.get(worker, ()))
 
+    def adopt(self, worker: str, other: ExactIndex) -> None:
+        """Take ``worker``'s confirmed blocks from ``other``, oldest first: a pool that joins a
+        worker whose events another pool already reads starts from what it holds."""
+        self.stored(worker, list(other._confirmed.get(worker, ())))
+
     # -- internals ------------------------------------------------------------------------
 
     def _holds(self, worker: str, key: int, now: float) -> bool:

@@ -205,6 +205,26 @@ def test_a_worker_in_two_pools_feeds_both_indexes():
     assert base.confirmed_blocks("w1") == adapter.confirmed_blocks("w1") == {chain_keys(list(range(8)), 4)[0]}
 
 
+async def test_a_pool_that_joins_a_worker_later_starts_from_what_it_holds():
+    """A pool added later (a config reload, an adapter discovered after its base model) shares
+    the worker's subscriber, and with it the blocks the worker reported before."""
+    base, adapter = ExactIndex(capacity_blocks=100), ExactIndex(capacity_blocks=100)
+    hub = EventHub(Counts())
+    cfg = KvEventsConfig(port_offset=1000)
+    url = "http://127.0.0.1:9"
+    try:
+        hub.sync(base, cfg, [url])
+        hub._subs[url][1].apply_event(stored([111, 222], list(range(8))))
+        hub.sync(adapter, cfg, [url])
+        keys = chain_keys(list(range(8)), 4)
+        assert adapter.confirmed_blocks(url) == base.confirmed_blocks(url) == set(keys)
+        assert adapter.match(keys, [url]) == {url: 2}
+        hub._subs[url][1].apply_event({"type": "BlockRemoved", "block_hashes": [222], "medium": "GPU"})
+        assert adapter.confirmed_blocks(url) == {keys[0]}  # and follows the worker from there
+    finally:
+        await hub.close()
+
+
 async def test_the_hub_subscribes_once_per_worker_and_feeds_each_pool():
     base, adapter = ExactIndex(capacity_blocks=100), ExactIndex(capacity_blocks=100)
     hub = EventHub(Counts())
