@@ -13,7 +13,7 @@ from kvroute.router.app import create_app
 from kvroute.router.requests import CHAT, CHAT_BATCH, parse_request
 from tests.clock import FakeClock
 from tests.governance.conftest import worker_url
-from tests.unit.apis import config, counter
+from tests.unit.apis import config, counter, refused
 
 SYSTEM = {"role": "system", "content": "You answer questions about routers in one line. " * 30}
 BATCH = [[SYSTEM, {"role": "user", "content": f"Question {i}: what is a KV cache?"}] for i in range(3)]
@@ -65,11 +65,8 @@ async def test_a_budget_reserves_for_every_conversation_and_cuts_each_alike(aioh
     ({"messages": BATCH, "chat_template_kwargs": "x"}, "chat_template_kwargs"),
 ])
 async def test_bad_input_is_a_400_that_names_the_field(aiohttp_client, upstream, body, param):
-    client = await aiohttp_client(create_app(config(worker_url(upstream))))
-    resp = await client.post("/v1/chat/completions/batch", json={"model": "tiny", **body})
-    err = (await resp.json())["error"]
-    assert resp.status == 400 and err["param"] == param, err
-    assert not upstream.app[SEEN]
+    err = await refused(aiohttp_client, upstream, "/v1/chat/completions/batch", body)
+    assert err["param"] == param, err
 
 
 def test_a_prompt_log_keeps_every_conversation_of_a_batch_redacted():

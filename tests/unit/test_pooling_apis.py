@@ -13,7 +13,7 @@ from kvroute.router.app import create_app
 from kvroute.router.requests import CLASSIFY, EMBEDDING, POOL, parse_request
 from tests.clock import FakeClock
 from tests.governance.conftest import worker_url
-from tests.unit.apis import config, counter
+from tests.unit.apis import config, counter, refused
 
 SYSTEM = "You sort support tickets by urgency. " * 40
 CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "the router is down"}]
@@ -81,11 +81,8 @@ async def test_embeddings_of_a_batch_of_conversations_count_every_one(aiohttp_cl
     ("/v1/embeddings", {"input": [CHAT[0], "text"]}, "input"),
 ])
 async def test_bad_input_is_a_400_that_names_the_field(aiohttp_client, upstream, path, body, param):
-    client = await aiohttp_client(create_app(config(worker_url(upstream))))
-    resp = await client.post(path, json={"model": "tiny", **body})
-    err = (await resp.json())["error"]
-    assert resp.status == 400 and err["param"] == param, err
-    assert not upstream.app[SEEN]
+    err = await refused(aiohttp_client, upstream, path, body)
+    assert err["param"] == param, err
 
 
 @pytest.mark.parametrize("path", ["/classify", "/pooling"])
