@@ -53,6 +53,7 @@ from kvroute.router.errors import (
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.requests import (
     CHAT,
+    COHERE_EMBED,
     COMPLETION,
     GENERATE,
     MESSAGES,
@@ -307,6 +308,10 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
             d.on_response_id(parsed["id"])
     elif d.req.kind == MESSAGES:
         d.usage = anthropic_usage(parsed.get("usage"))
+    elif d.req.kind == COHERE_EMBED:  # Cohere bills the input tokens in 'meta'
+        billed = (parsed.get("meta") or {}).get("billed_units") or {}
+        tokens = _int(billed.get("input_tokens")) + _int(billed.get("image_tokens"))
+        d.usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
     else:
         d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",

@@ -38,6 +38,7 @@ POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
 # Responses request into that API's body, token ids and all, without a prefill.
 GENERATE = "generate"
 CHAT_BATCH = "chat_batch"  # vLLM's batch of conversations, each answered as a chat, in one request
+COHERE_EMBED = "cohere_embed"  # Cohere's embed API (v2), which vLLM's embedding servers also serve
 CHAT_RENDER = "chat_render"
 COMPLETION_RENDER = "completion_render"
 MESSAGES_RENDER = "messages_render"
@@ -46,7 +47,7 @@ PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING:
          RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
          TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank",
          CLASSIFY: "/classify", POOL: "/pooling", GENERATE: "/inference/v1/generate",
-         CHAT_BATCH: "/v1/chat/completions/batch",
+         CHAT_BATCH: "/v1/chat/completions/batch", COHERE_EMBED: "/v2/embed",
          CHAT_RENDER: "/v1/chat/completions/render", COMPLETION_RENDER: "/v1/completions/render",
          MESSAGES_RENDER: "/v1/messages/render", RESPONSES_RENDER: "/v1/responses/render"}
 # vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
@@ -57,7 +58,7 @@ RENDERED = {CHAT_RENDER: CHAT, COMPLETION_RENDER: COMPLETION, MESSAGES_RENDER: M
 # Requests a worker answers without a prefill: nothing to route by, cache, or generate.
 NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE, *RENDERED})
 # Requests a worker prefills and generates nothing for.
-POOLING = frozenset({EMBEDDING, SCORE, RERANK, CLASSIFY, POOL})
+POOLING = frozenset({EMBEDDING, SCORE, RERANK, CLASSIFY, POOL, COHERE_EMBED})
 # Pooling APIs that take a prompt as a completion's ``input`` or a chat's ``messages``.
 INPUT_OR_MESSAGES = frozenset({EMBEDDING, CLASSIFY, POOL})
 # A score request's two sides, in the forms vLLM takes.
@@ -168,6 +169,8 @@ class ParsedRequest:
             return {"prompt": self.body["tokens"]}
         if kind == GENERATE:
             return {"prompt": self.body["token_ids"]}
+        if kind == COHERE_EMBED:
+            return cohere_view(self.body)
         if kind == CHAT_BATCH:  # keyed by its first conversation; the others count toward the estimates
             return {**self.body, "messages": self.body["messages"][0], "batch": self.body["messages"][1:]}
         return self.body
@@ -191,6 +194,21 @@ def pooled_view(body: dict) -> dict:
         return {"messages": messages, "add_generation_prompt": body.get("add_generation_prompt", False),
                 **{k: body[k] for k in _POOLED_TEMPLATE_FIELDS if k in body}, **tokenizing}
     return {"prompt": ["".join(_message_text(m) for m in conversation) for conversation in messages]}
+
+
+def cohere_view(body: dict) -> dict:
+    """A Cohere embed request's texts as a completion batch's prompts, cut as vLLM cuts them
+    (``truncate`` START keeps the last ``max_tokens``, END the first); ``inputs`` as the
+    texts of their parts, and images as nothing, which count but key only approximately."""
+    texts = body.get("texts")
+    if texts is None:
+        texts = ["".join(p.get("text") or "" for p in i["content"] if isinstance(p.get("text"), str))
+                 for i in body.get("inputs") or ()] or [""]
+    view: dict[str, Any] = {"prompt": texts}
+    if body.get("truncate", "END") != "NONE" and isinstance(body.get("max_tokens"), int):
+        view["truncate_prompt_tokens"] = body["max_tokens"]
+        view["truncation_side"] = "left" if body.get("truncate") == "START" else "right"
+    return view
 
 
 def _message_text(message: dict) -> str:
@@ -622,6 +640,23 @@ def _check_generate(body: dict) -> None:
                                  param=f"sampling_params.{name}")
 
 
+def _check_cohere_embed(body: dict) -> None:
+    """Exactly one of ``texts`` (strings), ``images`` (strings) and ``inputs`` (objects with
+    ``content`` parts), not empty; ``truncate`` one of NONE, START, END."""
+    given = [name for name in ("texts", "images", "inputs") if body.get(name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("Give exactly one of 'texts', 'images' and 'inputs'", param="texts")
+    name, value = given[0], body[given[0]]
+    ok = isinstance(value, list) and value and all(
+        isinstance(v, dict) and isinstance(v.get("content"), list) and all(isinstance(p, dict) for p in v["content"])
+        if name == "inputs" else isinstance(v, str) for v in value)
+    if not ok:
+        what = "objects with a 'content' list of parts" if name == "inputs" else "strings"
+        raise InvalidRequest(f"'{name}' must be a non-empty list of {what}", param=name)
+    if body.get("truncate", "END") not in ("NONE", "START", "END"):
+        raise InvalidRequest("'truncate' must be NONE, START or END", param="truncate")
+
+
 def _check_embedding(body: dict) -> None:
     _check_pooled(EMBEDDING, body)
     if _field(body, "stream", (bool,), "a boolean"):
@@ -666,6 +701,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_pooled(kind, body)
     elif checked == GENERATE:
         _check_generate(body)
+    elif checked == COHERE_EMBED:
+        _check_cohere_embed(body)
     elif checked == CHAT_BATCH:
         conversations = body.get("messages")
         if not isinstance(conversations, list) or not conversations or not all(

@@ -175,6 +175,17 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                                   "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
                                                           "completion_tokens": 0}})
 
+    async def cohere_embed(request: web.Request) -> web.Response:
+        """Cohere's embed API: its texts' vectors by type, the input tokens billed in 'meta'."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        texts = body.get("texts") or body.get("images") or body.get("inputs") or []
+        tokens = sum(len(str(t)) // 4 + 1 for t in texts)
+        return web.json_response({"id": "embd-x", "response_type": "embeddings_by_type",
+                                  "embeddings": {"float": [[float(len(str(t))), 0.5] for t in texts]},
+                                  "texts": body.get("texts"),
+                                  "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}}})
+
     async def responses(request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API as vLLM answers it: one message of ``fake_output_tokens``
         words (default 3, at most ``max_output_tokens``), whole or as events that end with
@@ -395,6 +406,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v2/embed", cohere_embed)
     app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/responses/{id}", stored_response)
     app.router.add_post("/v1/responses/{id}/cancel", stored_response)

@@ -18,6 +18,7 @@ from kvroute.router.requests import (
     CHAT,
     CHAT_BATCH,
     CLASSIFY,
+    COHERE_EMBED,
     COMPLETION,
     COUNT_TOKENS,
     DETOKENIZE,
@@ -50,7 +51,7 @@ TAGS = ("agent", "task", "feature", "user")
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
                MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
                SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling", GENERATE: "generate",
-               CHAT_BATCH: "chat",
+               CHAT_BATCH: "chat", COHERE_EMBED: "embeddings",
                **dict.fromkeys(RENDERED, "render")}
 
 

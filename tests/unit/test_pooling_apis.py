@@ -10,7 +10,7 @@ import pytest
 
 from kvroute.benchmarks.backends.mock import SEEN
 from kvroute.router.app import create_app
-from kvroute.router.requests import CLASSIFY, EMBEDDING, POOL, parse_request
+from kvroute.router.requests import CLASSIFY, COHERE_EMBED, EMBEDDING, POOL, parse_request
 from tests.clock import FakeClock
 from tests.governance.conftest import worker_url
 from tests.unit.apis import config, counter, refused
@@ -100,3 +100,52 @@ async def test_budgets_reserve_no_completion_tokens(aiohttp_client, upstream):
     client = await aiohttp_client(create_app(config(worker_url(upstream), governance=governance), clock=FakeClock()))
     resp = await client.post("/classify", json={"model": "tiny", "input": "short"})
     assert resp.status == 200  # 5,000 completion tokens reserved would have broken the 100-token budget
+
+
+async def test_cohere_embed_is_routed_by_its_texts_and_its_billed_tokens_counted(aiohttp_client, upstream):
+    client = await aiohttp_client(create_app(config(worker_url(upstream))))
+    ask = {"model": "tiny", "texts": [SYSTEM + "one", SYSTEM + "two"], "input_type": "search_document",
+           "embedding_types": ["float"]}
+    first = await client.post("/v2/embed", json=ask)
+    body = await first.json()
+    assert first.status == 200 and len(body["embeddings"]["float"]) == 2
+    assert upstream.app[SEEN][-1] == {**ask, "model": "tiny-up", "path": "/v2/embed"}
+    again = await client.post("/v2/embed", json={**ask, "texts": [SYSTEM + "three"]})
+    assert int(again.headers["x-kvroute-predicted-cached-tokens"]) > 0  # the same opening
+    page = (await (await client.get("/metrics")).read()).decode()
+    billed = body["meta"]["billed_units"]["input_tokens"] + (await again.json())["meta"]["billed_units"]["input_tokens"]
+    assert counter(page, "kvroute_worker_prompt_tokens_total") == billed
+    assert counter(page, "kvroute_worker_completion_tokens_total") == 0
+
+
+def test_what_the_router_reads_of_a_cohere_embed_request():
+    def view(**body):
+        return parse_request(COHERE_EMBED, orjson.dumps({"model": "m", **body}), {}).prompt_view
+
+    assert view(texts=["a", "b"]) == {"prompt": ["a", "b"]}
+    # vLLM cuts at max_tokens unless truncate is NONE: START keeps the last tokens, END the first
+    assert view(texts=["a"], max_tokens=8, truncate="START") == {
+        "prompt": ["a"], "truncate_prompt_tokens": 8, "truncation_side": "left"}
+    assert view(texts=["a"], max_tokens=8)["truncation_side"] == "right"
+    assert "truncate_prompt_tokens" not in view(texts=["a"], max_tokens=8, truncate="NONE")
+    inputs = [{"content": [{"type": "text", "text": "a photo of "}, {"type": "image_url", "image_url": {"url": "x"}},
+                           {"type": "text", "text": "a router"}]}]
+    assert view(inputs=inputs) == {"prompt": ["a photo of a router"]} and view(images=["data:x"]) == {"prompt": [""]}
+    req = parse_request(COHERE_EMBED, orjson.dumps({"model": "m", "texts": ["a"], "max_tokens": 8}), {})
+    assert req.max_tokens == 0  # max_tokens cuts the input here: nothing is generated
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "texts"),
+    ({"texts": ["a"], "images": ["x"]}, "texts"),
+    ({"texts": []}, "texts"),
+    ({"texts": ["a", 3]}, "texts"),
+    ({"inputs": [{"content": "a"}]}, "inputs"),
+    ({"images": [{"url": "x"}]}, "images"),
+    ({"texts": ["a"], "truncate": "MIDDLE"}, "truncate"),
+    ({"texts": ["a"], "max_tokens": 0}, "max_tokens"),
+    ({"texts": ["a"], "stream": True}, "stream"),
+])
+async def test_a_bad_cohere_embed_request_is_a_400_that_names_the_field(aiohttp_client, upstream, body, param):
+    err = await refused(aiohttp_client, upstream, "/v2/embed", body)
+    assert err["param"] == param, err
