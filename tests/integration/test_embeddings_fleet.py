@@ -127,3 +127,23 @@ def test_a_conversation_is_embedded_as_the_worker_embeds_it(router, embedders):
     want = direct(embedders.urls[0], {"messages": messages})
     assert np.allclose(got["data"][0]["embedding"], want["data"][0]["embedding"], atol=1e-3)
     assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] > 0
+
+
+def test_cohere_embed_through_the_router(router, embedders):
+    """Cohere's ``/v2/embed`` on the same workers: the router's vectors and billed tokens are
+    the worker's own, and texts that open alike are keyed by the tokens vLLM caches."""
+    opening = f"[{secrets.token_hex(4)}] Represent this passage about KV caches for retrieval. " * 10
+    texts = [opening + "the first", opening + "the second"]
+    got, first = post(f"{router.url}/v2/embed", {"model": "embed", "texts": texts, "embedding_types": ["float"]})
+    want, _ = post(f"{embedders.urls[0]}/v2/embed", {"model": "tiny-embed", "texts": texts,
+                                                     "embedding_types": ["float"]})
+    assert np.allclose(got["embeddings"]["float"], want["embeddings"]["float"], atol=1e-3)
+    billed = got["meta"]["billed_units"]["input_tokens"]
+    assert billed == want["meta"]["billed_units"]["input_tokens"] > 0
+    assert first["x-kvroute-predicted-cached-tokens"] == "0"
+    _, again = post(f"{router.url}/v2/embed", {"model": "embed", "texts": [opening + "the third"]})
+    assert again["x-kvroute-worker"] == first["x-kvroute-worker"]
+    assert int(again["x-kvroute-predicted-cached-tokens"]) > 0  # the opening's blocks, where they are
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        post(f"{router.url}/v2/embed", {"model": "embed", "texts": texts, "images": ["data:image/png;base64,x"]})
+    assert bad.value.code == 400 and orjson.loads(bad.value.read())["error"]["param"] == "texts"
