@@ -33,12 +33,12 @@ SCORE = "score"  # vLLM's scoring and rerank APIs, on pooling workers: text pair
 RERANK = "rerank"
 CLASSIFY = "classify"  # vLLM's /classify, on sequence-classification workers: labels and probabilities
 POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
+CHAT_BATCH = "chat_batch"  # vLLM's batch of conversations, each answered as a chat, in one request
+COHERE_EMBED = "cohere_embed"  # Cohere's embed API (v2), which vLLM's embedding servers also serve
 # vLLM's token-in, token-out API (workers started with --enable-scale-out): a prompt's token
 # ids and sampling params in, token ids out. Its renders turn a chat, completion, Messages or
 # Responses request into that API's body, token ids and all, without a prefill.
 GENERATE = "generate"
-CHAT_BATCH = "chat_batch"  # vLLM's batch of conversations, each answered as a chat, in one request
-COHERE_EMBED = "cohere_embed"  # Cohere's embed API (v2), which vLLM's embedding servers also serve
 CHAT_RENDER = "chat_render"
 COMPLETION_RENDER = "completion_render"
 MESSAGES_RENDER = "messages_render"
