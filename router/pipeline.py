@@ -90,6 +90,11 @@ async def previous_response(request: web.Request, req: ParsedRequest, served: Se
     return holder
 
 
+# What the classifier does not read: requests that are no question (pooling, token counts,
+# renders), a generate request's token ids (one tier's tokenizer's), and a batch of
+# conversations (one tier for all of them).
+_UNCLASSIFIED = POOLING | NO_PREFILL | {GENERATE, CHAT_BATCH}
+
 # What vLLM takes a cache_salt on: every API that prefills a prompt, scoring aside.
 SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL, GENERATE, CHAT_BATCH})
 
@@ -195,10 +200,7 @@ async def choose_tier(served: ServedModel, req: ParsedRequest, *,
             if record is not None:
                 record.on_tier(route.cfg.tier, None, "routes")
             return route
-    # Questions, one at a time: a generate request's token ids are one tier's tokenizer's, not a
-    # question, and a batch of conversations goes to one tier as a whole.
-    if served.chooser is not None and req.kind not in POOLING and req.kind not in NO_PREFILL \
-            and req.kind not in (GENERATE, CHAT_BATCH):
+    if served.chooser is not None and req.kind not in _UNCLASSIFIED:
         index, score = await served.chooser.choose(prompt_text(req.prompt_view))
         if record is not None:
             record.on_tier(served.tiers[index].cfg.tier, score, "classifier")

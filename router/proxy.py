@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -308,10 +308,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
             d.on_response_id(parsed["id"])
     elif d.req.kind == MESSAGES:
         d.usage = anthropic_usage(parsed.get("usage"))
-    elif d.req.kind == COHERE_EMBED:  # Cohere bills the input tokens in 'meta'
-        billed = (parsed.get("meta") or {}).get("billed_units") or {}
-        tokens = _int(billed.get("input_tokens")) + _int(billed.get("image_tokens"))
-        d.usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+    elif d.req.kind == COHERE_EMBED:
+        d.usage = cohere_usage(parsed.get("meta"))
     else:
         d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
@@ -321,8 +319,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
 def _relay_render(parsed: object, resp: aiohttp.ClientResponse, d: Dispatch) -> web.Response:
     """A render's answer: a generate request's body (a list of them for a completion), under
     the model name the client used, so it can be sent back through this router as it is."""
-    bodies = [b for b in (parsed if isinstance(parsed, list) else [parsed]) if isinstance(b, dict)]
-    if not bodies or len(bodies) != (len(parsed) if isinstance(parsed, list) else 1):
+    bodies: list[Any] = parsed if isinstance(parsed, list) else [parsed]
+    if not bodies or not all(isinstance(b, dict) for b in bodies):
         raise UpstreamError(f"Worker {d.worker.url} answered a render with a body that is not a generate "
                             f"request (content-type {resp.content_type})")
     for b in bodies:
@@ -560,6 +558,13 @@ def responses_usage(usage: object) -> dict | None:
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
             "total_tokens": usage.get("total_tokens"), "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def cohere_usage(meta: object) -> dict:
+    """A Cohere embed answer's billed input tokens (in ``meta``) as chat usage: prompt tokens only."""
+    billed = (meta.get("billed_units") if isinstance(meta, dict) else None) or {}
+    tokens = _int(billed.get("input_tokens")) + _int(billed.get("image_tokens"))
+    return {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
 
 
 def anthropic_usage(usage: object) -> dict | None:

@@ -117,7 +117,7 @@ class ParsedRequest:
             value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
 
-    @property
+    @cached_property
     def sequences(self) -> int:
         """The sequences the worker generates, each up to ``max_tokens``: ``n`` for each of a
         completion's prompts (a generate request's ``n`` is in its ``sampling_params``)."""
@@ -647,14 +647,30 @@ def _check_cohere_embed(body: dict) -> None:
     if len(given) != 1:
         raise InvalidRequest("Give exactly one of 'texts', 'images' and 'inputs'", param="texts")
     name, value = given[0], body[given[0]]
-    ok = isinstance(value, list) and value and all(
-        isinstance(v, dict) and isinstance(v.get("content"), list) and all(isinstance(p, dict) for p in v["content"])
-        if name == "inputs" else isinstance(v, str) for v in value)
-    if not ok:
+    item_ok = _cohere_input if name == "inputs" else lambda v: isinstance(v, str)
+    if not isinstance(value, list) or not value or not all(item_ok(v) for v in value):
         what = "objects with a 'content' list of parts" if name == "inputs" else "strings"
         raise InvalidRequest(f"'{name}' must be a non-empty list of {what}", param=name)
     if body.get("truncate", "END") not in ("NONE", "START", "END"):
         raise InvalidRequest("'truncate' must be NONE, START or END", param="truncate")
+
+
+def _cohere_input(value: Any) -> bool:
+    """One of a Cohere embed request's ``inputs``: an object with a ``content`` list of parts."""
+    content = value.get("content") if isinstance(value, dict) else None
+    return isinstance(content, list) and all(isinstance(p, dict) for p in content)
+
+
+def _check_chat_batch(body: dict) -> None:
+    """``messages``: a non-empty list of conversations, each checked as a chat's."""
+    conversations = body.get("messages")
+    if not isinstance(conversations, list) or not conversations or not all(
+            isinstance(c, list) for c in conversations):
+        raise InvalidRequest("'messages' must be a non-empty list of conversations (lists of messages)",
+                             param="messages")
+    for j, conversation in enumerate(conversations):
+        _check_messages(conversation, f"messages[{j}]")
+    _check_template_fields(body)
 
 
 def _check_embedding(body: dict) -> None:
@@ -704,14 +720,7 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
     elif checked == COHERE_EMBED:
         _check_cohere_embed(body)
     elif checked == CHAT_BATCH:
-        conversations = body.get("messages")
-        if not isinstance(conversations, list) or not conversations or not all(
-                isinstance(c, list) for c in conversations):
-            raise InvalidRequest("'messages' must be a non-empty list of conversations (lists of messages)",
-                                 param="messages")
-        for j, conversation in enumerate(conversations):
-            _check_messages(conversation, f"messages[{j}]")
-        _check_template_fields(body)
+        _check_chat_batch(body)
     elif checked == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")
