@@ -36,8 +36,10 @@ from kvroute.router.requests import (
     COMPLETION,
     EMBEDDING,
     GENERATE,
+    GENERATIVE_SCORING,
     MESSAGES,
     NO_PREFILL,
+    ONE_TOKENIZER,
     POOL,
     POOLING,
     REQUEST_ID,
@@ -70,8 +72,8 @@ async def run_request(request: web.Request, req: ParsedRequest, served: ServedMo
             if rule.to_model:
                 served = request.app[keys.ROUTES].get(rule.to_model)
     route = await choose_tier(served, req, record=request.get(keys.RECORD), rule=rule)
-    # Token ids are one tier's tokenizer's: a budget refuses a generate request rather than move it.
-    return (await attempt(request, served, route, req, may_downgrade=req.kind != GENERATE)).response
+    # Token ids are one tier's tokenizer's: a budget refuses such a request rather than move it.
+    return (await attempt(request, served, route, req, may_downgrade=req.kind not in ONE_TOKENIZER)).response
 
 
 async def previous_response(request: web.Request, req: ParsedRequest, served: ServedModel) -> Holder:
@@ -91,12 +93,13 @@ async def previous_response(request: web.Request, req: ParsedRequest, served: Se
 
 
 # What the classifier does not read: requests that are no question (pooling, token counts,
-# renders), a generate request's token ids (one tier's tokenizer's), and a batch of
-# conversations (one tier for all of them).
-_UNCLASSIFIED = POOLING | NO_PREFILL | {GENERATE, CHAT_BATCH}
+# renders), token ids (one tier's tokenizer's: a generate request's prompt, a generative
+# scoring request's labels), and a batch of conversations (one tier for all of them).
+_UNCLASSIFIED = POOLING | NO_PREFILL | ONE_TOKENIZER | {CHAT_BATCH}
 
-# What vLLM takes a cache_salt on: every API that prefills a prompt, scoring aside.
-SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL, GENERATE, CHAT_BATCH})
+# What vLLM takes a cache_salt on: every API that prefills a prompt but score and rerank.
+SALTED = frozenset({CHAT, COMPLETION, RESPONSES, MESSAGES, EMBEDDING, CLASSIFY, POOL, GENERATE, CHAT_BATCH,
+                    GENERATIVE_SCORING})
 
 
 def isolated(request: web.Request, req: ParsedRequest) -> ParsedRequest:

@@ -339,6 +339,8 @@ def _completion_ids(tok: PromptTokenizer, view: dict) -> list[int]:
     """A completion's first prompt as vLLM tokenizes it: a text with the tokenizer's special
     tokens unless ``add_special_tokens`` is false, token ids as they are; truncated as asked."""
     prompt = view["prompt"]
+    if "items" in view:
+        return _scoring_ids(tok, view)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -350,6 +352,17 @@ def _completion_ids(tok: PromptTokenizer, view: dict) -> list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
         return _truncated(list(prompt[0]), view, 0)
     return []
+
+
+def _scoring_ids(tok: PromptTokenizer, view: dict) -> list[int]:
+    """A generative scoring request's first prompt as vLLM builds it: the query's ids (a text
+    with the tokenizer's special tokens unless ``add_special_tokens`` is false) and the first
+    item's (a text without), the item first with ``item_first``."""
+    query, item = view["prompt"], view["items"][0]
+    query_ids = tok.completion_ids(query, view.get("add_special_tokens") is not False) if isinstance(query, str) \
+        else list(query)
+    item_ids = tok.encode_text(item) if isinstance(item, str) else list(item)
+    return item_ids + query_ids if view.get("item_first") else query_ids + item_ids
 
 
 def _truncated(ids: list[int], view: dict, specials: int) -> list[int]:
@@ -372,12 +385,15 @@ def _truncated(ids: list[int], view: dict, specials: int) -> list[int]:
 
 def rest_of_batch_tokens(view: dict) -> int:
     """Tokens of a batch's prompts after the first, whose keys route it: counted for load and
-    budgets, texts (and a chat batch's other conversations, ``batch``) estimated at 4
-    characters a token."""
+    budgets, texts (and a chat batch's other conversations, ``batch``; a generative scoring
+    request's other items, each with its query) estimated at 4 characters a token."""
     batch = view.get("batch")
     if isinstance(batch, list):
         return sum(len(_chat_text_approx(c)) // 4 + 1 for c in batch)
     prompt = view.get("prompt")
+    items = view.get("items")
+    if isinstance(items, list):
+        return sum(_estimated_tokens(prompt) + _estimated_tokens(i) for i in items[1:])
     if not isinstance(prompt, list) or len(prompt) < 2:
         return 0
     if isinstance(prompt[0], str):
@@ -385,6 +401,10 @@ def rest_of_batch_tokens(view: dict) -> int:
     if isinstance(prompt[0], list):
         return sum(len(p) for p in prompt[1:] if isinstance(p, list))
     return 0  # one prompt of token ids
+
+
+def _estimated_tokens(text_or_ids: Any) -> int:
+    return len(text_or_ids) // 4 + 1 if isinstance(text_or_ids, str) else len(text_or_ids)
 
 
 def _prompt_text(prompt: Any) -> str:

@@ -35,6 +35,9 @@ CLASSIFY = "classify"  # vLLM's /classify, on sequence-classification workers: l
 POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
 CHAT_BATCH = "chat_batch"  # vLLM's batch of conversations, each answered as a chat, in one request
 COHERE_EMBED = "cohere_embed"  # Cohere's embed API (v2), which vLLM's embedding servers also serve
+# vLLM's generative scoring: a query and items, each item scored by the probabilities of
+# label tokens after query + item (one token generated per item).
+GENERATIVE_SCORING = "generative_scoring"
 # vLLM's token-in, token-out API (workers started with --enable-scale-out): a prompt's token
 # ids and sampling params in, token ids out. Its renders turn a chat, completion, Messages or
 # Responses request into that API's body, token ids and all, without a prefill.
@@ -48,6 +51,7 @@ PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING:
          TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank",
          CLASSIFY: "/classify", POOL: "/pooling", GENERATE: "/inference/v1/generate",
          CHAT_BATCH: "/v1/chat/completions/batch", COHERE_EMBED: "/v2/embed",
+         GENERATIVE_SCORING: "/generative_scoring",
          CHAT_RENDER: "/v1/chat/completions/render", COMPLETION_RENDER: "/v1/completions/render",
          MESSAGES_RENDER: "/v1/messages/render", RESPONSES_RENDER: "/v1/responses/render"}
 # vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
@@ -59,6 +63,9 @@ RENDERED = {CHAT_RENDER: CHAT, COMPLETION_RENDER: COMPLETION, MESSAGES_RENDER: M
 NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE, *RENDERED})
 # Requests a worker prefills and generates nothing for.
 POOLING = frozenset({EMBEDDING, SCORE, RERANK, CLASSIFY, POOL, COHERE_EMBED})
+# Requests that name token ids of their model's tokenizer (a prompt's, or labels to score):
+# no other tier's model reads them the same.
+ONE_TOKENIZER = frozenset({GENERATE, GENERATIVE_SCORING})
 # Pooling APIs that take a prompt as a completion's ``input`` or a chat's ``messages``.
 INPUT_OR_MESSAGES = frozenset({EMBEDDING, CLASSIFY, POOL})
 # A score request's two sides, in the forms vLLM takes.
@@ -109,6 +116,8 @@ class ParsedRequest:
         0 for embeddings and token counts, which generate none."""
         if self.kind in POOLING or self.kind in NO_PREFILL:
             return 0
+        if self.kind == GENERATIVE_SCORING:
+            return 1  # one token per item, whatever the body says
         if self.kind == RESPONSES:
             value = self.body.get("max_output_tokens")
         elif self.kind == GENERATE:
@@ -120,7 +129,10 @@ class ParsedRequest:
     @cached_property
     def sequences(self) -> int:
         """The sequences the worker generates, each up to ``max_tokens``: ``n`` for each of a
-        completion's prompts (a generate request's ``n`` is in its ``sampling_params``)."""
+        completion's prompts (a generate request's ``n`` is in its ``sampling_params``); one for
+        each of a generative scoring request's items."""
+        if self.kind == GENERATIVE_SCORING:
+            return len(self.body["items"])
         params = self.body["sampling_params"] if self.kind == GENERATE else self.body
         n = params.get("n")
         n = n if type(n) is int and n > 1 else 1
@@ -139,6 +151,8 @@ class ParsedRequest:
 
     def with_max_tokens(self, n: int) -> ParsedRequest:
         """The same request asking for ``n`` completion tokens, under the key the client used."""
+        if self.kind == GENERATIVE_SCORING:
+            return self  # vLLM generates one token per item and reads no max_tokens
         if self.kind == RESPONSES:
             key = "max_output_tokens"
         elif self.kind == GENERATE:
@@ -154,8 +168,9 @@ class ParsedRequest:
         a chat's or completion's body; ``{"prompt": input}`` for embeddings, classification
         and pooling (a conversation as a chat's messages), and a score's or rerank's texts,
         query first; a Responses or Anthropic Messages request as the chat messages vLLM
-        renders from it; a generate request's token ids as a completion's; a render as the
-        request it renders."""
+        renders from it; a generate request's token ids as a completion's; a generative
+        scoring request's query and items as they are joined; a render as the request it
+        renders."""
         kind = RENDERED.get(self.kind, self.kind)
         if kind in INPUT_OR_MESSAGES:
             return pooled_view(self.body)
@@ -171,6 +186,8 @@ class ParsedRequest:
             return {"prompt": self.body["token_ids"]}
         if kind == COHERE_EMBED:
             return cohere_view(self.body)
+        if kind == GENERATIVE_SCORING:
+            return scoring_view(self.body)
         if kind == CHAT_BATCH:  # keyed by its first conversation; the others count toward the estimates
             return {**self.body, "messages": self.body["messages"][0], "batch": self.body["messages"][1:]}
         return self.body
@@ -208,6 +225,17 @@ def cohere_view(body: dict) -> dict:
     if body.get("truncate", "END") != "NONE" and isinstance(body.get("max_tokens"), int):
         view["truncate_prompt_tokens"] = body["max_tokens"]
         view["truncation_side"] = "left" if body.get("truncate") == "START" else "right"
+    return view
+
+
+def scoring_view(body: dict) -> dict:
+    """A generative scoring request's prompts: the query (tokenized with special tokens
+    unless ``add_special_tokens`` is false) joined to each item (without), the item first
+    with ``item_first``. The first item's prompt routes it; the others count."""
+    view: dict[str, Any] = {"prompt": body["query"], "items": body["items"],
+                            "item_first": body.get("item_first") is True}
+    if body.get("add_special_tokens") is False:
+        view["add_special_tokens"] = False
     return view
 
 
@@ -673,6 +701,26 @@ def _check_chat_batch(body: dict) -> None:
     _check_template_fields(body)
 
 
+def _check_generative_scoring(body: dict) -> None:
+    """``query`` (a string or token ids), ``items`` (strings, or lists of token ids; not
+    empty) and ``label_token_ids`` (not empty), as vLLM takes them."""
+    query = body.get("query")
+    if not (isinstance(query, str) or (_ids(query) and query)):
+        raise InvalidRequest("'query' is required: a string or a non-empty list of token ids (0 to 2^32 - 1)",
+                             param="query")
+    items = body.get("items")
+    if not isinstance(items, list) or not items or not (
+            all(isinstance(i, str) for i in items) or all(_ids(i) and i for i in items)):
+        raise InvalidRequest("'items' must be a non-empty list of strings, or of non-empty lists of token ids "
+                             "(0 to 2^32 - 1)", param="items")
+    labels = body.get("label_token_ids")
+    if not _ids(labels) or not labels:
+        raise InvalidRequest("'label_token_ids' is required: a non-empty list of token ids (0 to 2^32 - 1)",
+                             param="label_token_ids")
+    for name in ("item_first", "add_special_tokens", "apply_softmax"):
+        _field(body, name, (bool,), "a boolean")
+
+
 def _check_embedding(body: dict) -> None:
     _check_pooled(EMBEDDING, body)
     if _field(body, "stream", (bool,), "a boolean"):
@@ -721,6 +769,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_cohere_embed(body)
     elif checked == CHAT_BATCH:
         _check_chat_batch(body)
+    elif checked == GENERATIVE_SCORING:
+        _check_generative_scoring(body)
     elif checked == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")
@@ -733,7 +783,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         if body.get("messages") is not None:
             _check_messages(body["messages"])
     # A render's answer is a body, streamed or not: its 'stream' is for the request it renders.
-    stream = bool(_field(body, "stream", (bool,), "a boolean")) and kind not in RENDERED
+    # vLLM answers generative scoring whole too, and takes a 'stream' there without reading it.
+    stream = bool(_field(body, "stream", (bool,), "a boolean")) and kind not in RENDERED and kind != GENERATIVE_SCORING
     if stream and (kind in NO_PREFILL or kind in POOLING or kind == CHAT_BATCH):
         raise InvalidRequest(f"'stream' is not supported on {PATHS[kind]}", param="stream")
     for name in ("max_tokens", "max_completion_tokens", "n"):

@@ -379,6 +379,22 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                                   "choices": [{"index": i, "message": {"role": "assistant", "content": "x" * each},
                                                "finish_reason": "length"} for i in range(len(conversations))]})
 
+    async def generative_scoring(request: web.Request) -> web.Response:
+        """vLLM's generative scoring: a score per item, one token generated for each, the
+        prompt tokens of every query + item counted (text at 4 characters a token)."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+
+        def tokens(x: str | list) -> int:
+            return len(x) // 4 + 1 if isinstance(x, str) else len(x)
+
+        items = body["items"]
+        prompt = sum(tokens(body["query"]) + tokens(i) for i in items)
+        return web.json_response({"id": "generative-scoring-x", "object": "list", "created": 0, "model": body["model"],
+                                  "data": [{"index": i, "object": "score", "score": 0.5} for i in range(len(items))],
+                                  "usage": {"prompt_tokens": prompt, "completion_tokens": len(items),
+                                            "total_tokens": prompt + len(items)}})
+
     async def render(request: web.Request) -> web.Response:
         """vLLM's renders: the token-in API's body; a completion's, one per prompt."""
         body = await request.json()
@@ -395,6 +411,7 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         app.router.add_post(path, render)
     app.router.add_post("/inference/v1/generate", generate)
     app.router.add_post("/v1/chat/completions/batch", chat_batch)
+    app.router.add_post("/generative_scoring", generative_scoring)
     app.router.add_post("/classify", pooled)
     app.router.add_post("/pooling", pooled)
     app.router.add_post("/score", scores)

@@ -28,6 +28,7 @@ from kvroute.router.requests import (
     COHERE_EMBED,
     EMBEDDING,
     GENERATE,
+    GENERATIVE_SCORING,
     MESSAGES,
     NO_PREFILL,
     POOL,
@@ -50,7 +51,8 @@ class Mode(enum.Enum):
 
 def decide(req: ParsedRequest, cache_control: str | None, cfg: ExactCacheConfig | SemanticCacheConfig) -> Mode:
     asked = req.headers.get(HEADER)
-    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK, GENERATE, CHAT_BATCH, COHERE_EMBED) or req.kind in NO_PREFILL:
+    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK, GENERATE, CHAT_BATCH, COHERE_EMBED, GENERATIVE_SCORING) \
+            or req.kind in NO_PREFILL:
         return Mode.BYPASS  # answers the cache cannot replay (streams of these APIs, scores); a count is cheap
     if asked is not None and asked.strip().lower() not in ("use", "refresh", "bypass"):
         raise InvalidRequest(f"Header '{HEADER}' must be use, refresh or bypass", param=HEADER)

@@ -40,6 +40,8 @@ def signature(body: dict) -> str:
     else:
         prompt = body.get("prompt")
         text = prompt if isinstance(prompt, str) else repr(prompt)[:4096]
+        if "items" in body:  # generative scoring: one query, new items each time, is no loop
+            text += repr(body["items"])[:4096]
     text = _SPACE.sub(" ", _DIGITS.sub("0", text.lower())).strip()
     return tools + _SEP + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 

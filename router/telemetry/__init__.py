@@ -24,6 +24,7 @@ from kvroute.router.requests import (
     DETOKENIZE,
     EMBEDDING,
     GENERATE,
+    GENERATIVE_SCORING,
     MESSAGES,
     POOL,
     RENDERED,
@@ -51,7 +52,7 @@ TAGS = ("agent", "task", "feature", "user")
 _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddings", RESPONSES: "chat",
                MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
                SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling", GENERATE: "generate",
-               CHAT_BATCH: "chat", COHERE_EMBED: "embeddings",
+               CHAT_BATCH: "chat", COHERE_EMBED: "embeddings", GENERATIVE_SCORING: "generative_scoring",
                **dict.fromkeys(RENDERED, "render")}
 
 

@@ -75,7 +75,10 @@ class PromptLog:
             if isinstance(body.get("batch"), list):  # a chat batch's other conversations
                 part["batch"] = self.redact_value(body["batch"])
             return part
-        return {"prompt": self.redact_value(body.get("prompt"))}
+        part = {"prompt": self.redact_value(body.get("prompt"))}
+        if isinstance(body.get("items"), list):  # a generative scoring request's items
+            part["items"] = self.redact_value(body["items"])
+        return part
 
     # ---- output -----------------------------------------------------------------------
 

@@ -51,7 +51,9 @@ async def test_apis_that_take_no_salt_are_sent_as_they_came_and_the_others_salte
         assert (await client.post(path, json=body, headers=bearer("sk-acme"))).status == 200
         assert "cache_salt" not in upstream.app[SEEN][-1]
     for path, body in (("/v1/embeddings", {"model": "tiny", "input": "x"}),
-                       ("/inference/v1/generate", {"model": "tiny", "token_ids": [1, 2], "sampling_params": {}})):
+                       ("/inference/v1/generate", {"model": "tiny", "token_ids": [1, 2], "sampling_params": {}}),
+                       ("/generative_scoring", {"model": "tiny", "query": "q", "items": ["a"],
+                                                "label_token_ids": [5]})):
         assert (await client.post(path, json=body, headers=bearer("sk-acme"))).status == 200
         assert "cache_salt" in upstream.app[SEEN][-1], path
 

@@ -10,7 +10,7 @@ import pytest
 
 from kvroute.benchmarks.backends.mock import SEEN
 from kvroute.router import keys
-from kvroute.router.requests import CHAT, COMPLETION, GENERATE, parse_request
+from kvroute.router.requests import CHAT, COMPLETION, GENERATE, GENERATIVE_SCORING, parse_request
 from tests.governance.conftest import make_client
 
 DAY = {"name": "day", "scope": "global", "window": "day", "limit": {"tokens": 100_000}}
@@ -28,6 +28,7 @@ def per_call(tokens: int) -> dict:
     (COMPLETION, {"prompt": [[1, 2], [3, 4]], "n": 2}, 4),
     (COMPLETION, {"prompt": [1, 2, 3]}, 1),  # token ids: one prompt
     (GENERATE, {"token_ids": [1, 2], "sampling_params": {"n": 8}}, 8),
+    (GENERATIVE_SCORING, {"query": "q", "items": ["a", "b", "c", "d"], "label_token_ids": [5]}, 4),  # a token each
 ])
 def test_the_sequences_a_request_generates(kind, body, sequences):
     assert parse_request(kind, orjson.dumps({"model": "m", **body}), {}).sequences == sequences
@@ -69,4 +70,20 @@ async def test_a_generate_stream_past_its_grant_is_cut(aiohttp_client, upstream,
     assert orjson.loads(events[-1][6:])["error"]["code"] == "budget_exceeded"
     granted = upstream.app[SEEN][-1]["sampling_params"]["max_tokens"]
     assert len(events) - 1 == granted  # every token the budget allowed, then the error
+    await client.server.app[keys.GOVERNOR].drain()
+
+
+async def test_generative_scoring_reserves_a_token_and_a_prompt_for_each_item(aiohttp_client, upstream, clock):
+    """Each item's prompt repeats the query: a request is charged for all of them, and one
+    whose items do not fit a budget is refused before a worker sees it."""
+    client = await make_client(aiohttp_client, upstream, {"budgets": [per_call(1000), DAY], "estimate_factor": 1},
+                               clock)
+    ask = {"model": "tiny", "query": "q" * 400, "label_token_ids": [5]}
+    fits = await client.post("/generative_scoring", json={**ask, "items": ["good", "bad"]})
+    assert fits.status == 200, await fits.text()
+    assert "max_tokens" not in upstream.app[SEEN][-1]  # nothing to cut: vLLM generates one token an item
+    sent = len(upstream.app[SEEN])
+    too_many = await client.post("/generative_scoring", json={**ask, "items": ["x"] * 12})  # 12 × ~101 tokens
+    assert too_many.status == 429 and (await too_many.json())["error"]["code"] == "budget_exceeded"
+    assert len(upstream.app[SEEN]) == sent
     await client.server.app[keys.GOVERNOR].drain()

@@ -195,8 +195,13 @@ async def _noop() -> None:
     return None
 
 
-async def test_a_generate_request_stays_on_the_first_tier_unless_one_is_forced(aiohttp_client, aiohttp_server):
-    """Token ids are one tier's tokenizer's: the classifier does not read them or move them."""
+@pytest.mark.parametrize("path, body", [
+    ("/inference/v1/generate", {"token_ids": list(range(1, 200)), "sampling_params": {"max_tokens": 2}}),
+    ("/generative_scoring", {"query": "Is this a question?", "items": ["yes", "no"], "label_token_ids": [5]}),
+])
+async def test_token_ids_stay_on_the_first_tier_unless_one_is_forced(aiohttp_client, aiohttp_server, path, body):
+    """Token ids (a generate request's prompt, generative scoring's labels) are one tier's
+    tokenizer's: the classifier does not read them or move them."""
     small, large = await aiohttp_server(fake_worker("small")), await aiohttp_server(fake_worker("large"))
     url = lambda s: str(s.make_url("")).rstrip("/")  # noqa: E731
     cfg = config_from_dict({"models": [{"name": "auto", "tiers": [
@@ -209,8 +214,8 @@ async def test_a_generate_request_stays_on_the_first_tier_unless_one_is_forced(a
     chat = await client.post("/v1/chat/completions", json={"model": "auto", "messages": [
         {"role": "user", "content": "hi"}], "max_tokens": 2})
     assert chat.headers["x-kvroute-tier"] == "large" and served.chooser.scorer.batches == [1]
-    body = {"model": "auto", "token_ids": list(range(1, 200)), "sampling_params": {"max_tokens": 2}}
-    resp = await client.post("/inference/v1/generate", json=body)
+    body = {"model": "auto", **body}
+    resp = await client.post(path, json=body)
     assert resp.status == 200 and resp.headers["x-kvroute-tier"] == "small"
-    forced = await client.post("/inference/v1/generate", json=body, headers={"x-kvroute-tier": "large"})
+    forced = await client.post(path, json=body, headers={"x-kvroute-tier": "large"})
     assert forced.headers["x-kvroute-tier"] == "large" and served.chooser.scorer.batches == [1]
