@@ -40,7 +40,9 @@ from kvroute.router.requests import (
 
 HEADER = "x-kvroute-cache"
 _DROPPED = ("stream", "stream_options", "user")
-_SAME_AGAIN = (EMBEDDING, CLASSIFY, POOL)  # a pooling model gives the same output again
+# A pooling model gives the same output again; so does generative scoring (label
+# probabilities after a prefill, no sampling).
+_SAME_AGAIN = (EMBEDDING, CLASSIFY, POOL, GENERATIVE_SCORING)
 
 
 class Mode(enum.Enum):
@@ -51,8 +53,7 @@ class Mode(enum.Enum):
 
 def decide(req: ParsedRequest, cache_control: str | None, cfg: ExactCacheConfig | SemanticCacheConfig) -> Mode:
     asked = req.headers.get(HEADER)
-    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK, GENERATE, CHAT_BATCH, COHERE_EMBED, GENERATIVE_SCORING) \
-            or req.kind in NO_PREFILL:
+    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK, GENERATE, CHAT_BATCH, COHERE_EMBED) or req.kind in NO_PREFILL:
         return Mode.BYPASS  # answers the cache cannot replay (streams of these APIs, scores); a count is cheap
     if asked is not None and asked.strip().lower() not in ("use", "refresh", "bypass"):
         raise InvalidRequest(f"Header '{HEADER}' must be use, refresh or bypass", param=HEADER)

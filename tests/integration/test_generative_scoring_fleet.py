@@ -2,7 +2,7 @@
 each item's prompt is the query's token ids and the item's, as the router keys it, so
 requests that share a query go to the worker that holds it, and a completion of the first
 item's prompt afterwards finds there the hit the router predicts (vLLM's scoring answer
-reports no cached tokens of its own)."""
+reports no cached tokens of its own). A repeat is the exact cache's."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 def test_items_that_share_a_query_share_its_worker_and_blocks(fleet, tmp_path):
     query = system_prompt(random.Random(7), 120) + "\nDoes the following text answer the question?"
     items = [" Yes, it holds the prefix.", " No.", " It depends on the worker's load."]
-    with run_router(short_lived_guesses(fleet), tmp_path) as router:
+    config = {**short_lived_guesses(fleet), "cache": {"exact": True}}
+    with run_router(config, tmp_path) as router:
 
         async def go():
             async with aiohttp.ClientSession() as s:
@@ -38,6 +39,7 @@ def test_items_that_share_a_query_share_its_worker_and_blocks(fleet, tmp_path):
                     answer = await r.json()
                     worker = r.headers["x-kvroute-worker"]
                     assert r.headers["x-kvroute-predicted-cached-tokens"] == "0"
+                    assert r.headers["x-kvroute-cache"] == "miss"
                 assert [d["index"] for d in answer["data"]] == [0, 1, 2]
                 assert all(0.0 <= d["score"] <= 1.0 for d in answer["data"])
                 usage = answer["usage"]
@@ -63,6 +65,9 @@ def test_items_that_share_a_query_share_its_worker_and_blocks(fleet, tmp_path):
                 completion = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
                                  if line.startswith("kvroute_worker_completion_tokens_total{"))
                 assert completion == 3 + 1 + 1  # a token for each item scored, and the completion's
+
+                async with s.post(f"{router.url}/generative_scoring", json=ask) as r:
+                    assert r.headers["x-kvroute-cache"] == "hit" and (await r.json())["data"] == answer["data"]
 
                 async with s.post(f"{router.url}/generative_scoring", json={**ask, "label_token_ids": [10**6]}) as r:
                     assert r.status == 400 and "label_token_id" in (await r.json())["error"]["message"]  # vLLM's

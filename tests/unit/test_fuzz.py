@@ -47,12 +47,24 @@ VALID_RERANK = {"model": "tiny", "query": "what is a KV cache?", "documents": ["
 VALID_SCORE = {"model": "tiny", "text_1": "what is a KV cache?", "text_2": ["a cache", "a router"]}
 VALID_CLASSIFY = {"model": "tiny", "input": ["is this urgent?", "not at all"]}
 VALID_POOLING = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
+VALID_GENERATE = {"model": "tiny", "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 3}}
+VALID_RENDER = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+VALID_CHAT_BATCH = {"model": "tiny", "messages": [[{"role": "user", "content": "hello"}],
+                                                  [{"role": "user", "content": "there"}]], "max_tokens": 3}
+VALID_COHERE_EMBED = {"model": "tiny", "texts": ["hello", "there"], "input_type": "search_query",
+                      "embedding_types": ["float"]}
+VALID_GENERATIVE_SCORING = {"model": "tiny", "query": "Is this positive?", "items": ["yes", "no"],
+                            "label_token_ids": [5, 6]}
 VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
          "/v1/responses": VALID_RESPONSES, "/v1/messages": VALID_MESSAGES, "/tokenize": VALID_TOKENIZE,
          "/detokenize": VALID_DETOKENIZE, "/rerank": VALID_RERANK, "/v1/score": VALID_SCORE,
-         "/classify": VALID_CLASSIFY, "/pooling": VALID_POOLING}
+         "/classify": VALID_CLASSIFY, "/pooling": VALID_POOLING, "/inference/v1/generate": VALID_GENERATE,
+         "/v1/chat/completions/render": VALID_RENDER, "/v1/chat/completions/batch": VALID_CHAT_BATCH,
+         "/v2/embed": VALID_COHERE_EMBED, "/generative_scoring": VALID_GENERATIVE_SCORING}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-         "/tokenize", "/detokenize", "/rerank", "/v1/score", "/classify", "/pooling", "/v1/responses/resp_x",
+         "/tokenize", "/detokenize", "/rerank", "/v1/score", "/classify", "/pooling", "/inference/v1/generate",
+         "/v1/chat/completions/render", "/v1/chat/completions/batch", "/v2/embed", "/generative_scoring",
+         "/v1/responses/resp_x",
          "/v1/responses/resp_x/cancel",
          "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
@@ -80,7 +92,8 @@ json_values = st.recursive(json_scalars, lambda kids: st.one_of(
 FIELDS = ["model", "messages", "prompt", "stream", "max_tokens", "max_completion_tokens", "n", "temperature",
           "top_p", "stream_options", "tools", "user", "input", "instructions", "max_output_tokens",
           "encoding_format", "dimensions", "previous_response_id", "system", "tokens", "store", "query",
-          "documents", "top_n", "text_1", "text_2", "queries"]
+          "documents", "top_n", "text_1", "text_2", "queries", "token_ids", "sampling_params", "texts", "inputs",
+          "images", "truncate", "items", "label_token_ids", "item_first", "add_special_tokens", "cache_salt"]
 
 
 def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4):
@@ -95,7 +108,8 @@ def mutated_request(draw, valid: dict | None = None) -> bytes:
     fields set to junk, deleted, or a junk message."""
     base = valid or draw(st.sampled_from(list(VALID.values())))
     body = dict(base)
-    if base not in (VALID_EMBEDDING, VALID_TOKENIZE, VALID_DETOKENIZE, VALID_RERANK, VALID_SCORE) or \
+    if base not in (VALID_EMBEDDING, VALID_TOKENIZE, VALID_DETOKENIZE, VALID_RERANK, VALID_SCORE, VALID_CHAT_BATCH,
+                    VALID_COHERE_EMBED) or \
             draw(st.integers(0, 3)) == 0:  # the APIs that generate nothing refuse any stream
         body["stream"] = draw(st.booleans())
     for _ in range(mostly(draw, st.just(0), st.integers(1, 3), odds=2)):
@@ -159,18 +173,21 @@ headers = st.lists(st.tuples(st.sampled_from(HEADER_NAMES).map(str.encode), head
 
 
 @st.composite
-def cases(draw) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def cases(draw, paths: list[str] | None = None) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+    """A request to any path, most of them to the five main APIs; or to one of ``paths``."""
     method = mostly(draw, st.just("POST"), st.one_of(
         st.sampled_from(METHODS), st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_", min_size=1, max_size=12)), odds=6).encode()
-    path = mostly(draw, st.sampled_from(PATHS[:5]), st.one_of(
+    path = draw(st.sampled_from(paths)) if paths else mostly(draw, st.sampled_from(PATHS[:5]), st.one_of(
         st.sampled_from(PATHS),
         st.tuples(st.sampled_from(PATHS), st.text(max_size=20)).map(lambda t: t[0] + "?" + t[1]),
         st.text(max_size=30).map(lambda s: "/" + s),
-    ), odds=5).encode("utf-8", "surrogatepass")
+    ), odds=5)
+    path = path.encode("utf-8", "surrogatepass")
     hdrs = mostly(draw, st.sampled_from(PLAIN_HEADERS), headers, odds=3)
     if draw(st.integers(0, 7)):  # most cases carry the tenant's key, so they get past governance
         hdrs = [(b"Authorization", b"Bearer " + KEY.encode()), *hdrs]
-    valid = next((v for p, v in VALID.items() if path.startswith(p.encode())), VALID_CHAT)
+    route = max((p for p in VALID if path.startswith(p.encode())), key=len, default=None)  # the longest: a batch's
+    valid = VALID[route] if route is not None else VALID_CHAT
     body = mostly(draw, mutated_request(valid), bodies, odds=3)
     encoding = mostly(draw, st.none(), st.sampled_from(ENCODINGS), odds=6)
     if encoding is not None:
@@ -255,6 +272,12 @@ async def port(request, aiohttp_server):
 @example(case=(b"POST", b"/v1/chat/completions", [(b"Authorization", b"Bearer " + KEY.encode()),
                                                    (b"Content-Encoding", b"\xff\xfe-x")], orjson.dumps(VALID_CHAT)))
 async def test_no_input_gets_a_5xx_or_a_non_openai_error(port, case, caplog):
+    await answered_below_500(port, case, caplog)
+
+
+async def answered_below_500(port: int, case: tuple, caplog) -> None:
+    """``case`` answered below 500, with an OpenAI error body when refused, and nothing logged
+    as an error."""
     method, path, hdrs, body = case
     caplog.clear()  # one fixture serves every example
     with caplog.at_level(logging.ERROR, logger="kvroute"):
@@ -265,6 +288,16 @@ async def test_no_input_gets_a_5xx_or_a_non_openai_error(port, case, caplog):
         assert_openai_error(fields, payload)
     crashes = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not crashes, crashes
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(case=cases(paths=list(VALID)[5:]))
+async def test_no_input_to_vllms_other_apis_gets_a_5xx(port, case, caplog):
+    """The same, for the APIs beyond chat, completions, embeddings, Responses and Messages:
+    each reads fields of its own (token ids, items, Cohere's texts, batches)."""
+    await answered_below_500(port, case, caplog)
 
 
 async def test_the_router_still_serves_after_a_fuzz_burst(port):

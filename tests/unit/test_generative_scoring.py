@@ -1,8 +1,8 @@
 """vLLM's generative scoring (``/generative_scoring``: a query and items, each scored by the
 probabilities of label tokens after query + item) through the router against the fake
 worker: keyed as vLLM builds the first item's prompt, so requests that share a query share a
-worker; one token counted and reserved per item; never moved to another tier; bad input a
-400 that names the field. ``tests/integration/test_generative_scoring_fleet.py`` runs it on
+worker; one token counted and reserved per item; never moved to another tier; a repeat
+answered by the exact cache; bad input a 400 that names the field. ``tests/integration/test_generative_scoring_fleet.py`` runs it on
 a real vLLM worker."""
 
 from __future__ import annotations
@@ -78,6 +78,17 @@ async def test_requests_that_share_a_query_share_a_worker_and_are_counted(aiohtt
     prompt = answer["usage"]["prompt_tokens"] + (await again.json())["usage"]["prompt_tokens"]
     assert counter(page, "kvroute_worker_prompt_tokens_total") == prompt  # the worker's counts
     assert counter(page, "kvroute_worker_completion_tokens_total") == 3 + 2  # a token per item
+
+
+async def test_a_repeat_is_answered_by_the_exact_cache(aiohttp_client, upstream):
+    """Label probabilities after a prefill are the same again: no sampler, no temperature."""
+    client = await aiohttp_client(create_app(config(worker_url(upstream), cache={"exact": True})))
+    ask = {"model": "tiny", "query": QUERY, "items": ["good", "bad"], "label_token_ids": [5, 6]}
+    first, again = [await client.post("/generative_scoring", json=ask) for _ in range(2)]
+    assert first.headers["x-kvroute-cache"] == "miss" and again.headers["x-kvroute-cache"] == "hit"
+    assert (await again.json())["data"] == (await first.json())["data"] and len(upstream.app[SEEN]) == 1
+    other = await client.post("/generative_scoring", json={**ask, "items": ["good", "fine"]})
+    assert other.headers["x-kvroute-cache"] == "miss" and len(upstream.app[SEEN]) == 2
 
 
 def test_one_query_with_new_items_is_no_loop():
