@@ -73,13 +73,16 @@ class KvrouteError(Exception):
 
 
 ANTHROPIC_PATH = "/v1/messages"  # its clients read errors as {"type": "error", "error": {type, message}}
+COHERE_PREFIX = "/cohere/"  # Cohere's clients read an error's top-level "message"
 
 
 def error_body(err: KvrouteError, path: str) -> dict:
     """The error's JSON body for a request to ``path``: OpenAI's shape, which Anthropic's
-    clients read too once it says ``"type": "error"``."""
+    clients read too once it says ``"type": "error"``, and Cohere's with the message on top."""
     body = err.to_body()
-    return {"type": "error", **body} if path == ANTHROPIC_PATH else body
+    if path == ANTHROPIC_PATH:
+        return {"type": "error", **body}
+    return {"message": err.message, **body} if path.startswith(COHERE_PREFIX) else body
 
 
 def sse_error(err: KvrouteError, path: str) -> bytes:

@@ -33,6 +33,7 @@ from kvroute.router.requests import (
     CHAT,
     CHAT_BATCH,
     CLASSIFY,
+    COHERE_CHAT,
     COMPLETION,
     EMBEDDING,
     GENERATE,
@@ -107,7 +108,12 @@ def isolated(request: web.Request, req: ParsedRequest) -> ParsedRequest:
     client's own salt kept inside it), so vLLM shares no cached block between tenants; its
     keys start from that salt too (router/prefix.py)."""
     governor = request.app.get(keys.GOVERNOR)
-    if governor is None or not governor.cfg.isolate_kv_cache or req.kind not in SALTED:
+    if governor is None or not governor.cfg.isolate_kv_cache:
+        return req
+    if req.kind == COHERE_CHAT:  # vLLM reads no cache_salt there: its blocks would be every tenant's
+        raise InvalidRequest("This router keeps tenants' KV caches apart (governance.isolate_kv_cache), and vLLM's "
+                             "Cohere chat API takes no cache_salt: send the chat to /v1/chat/completions.")
+    if req.kind not in SALTED:
         return req
     tenant = hashlib.sha256(f"kvroute-tenant\0{owner(request)}".encode()).hexdigest()[:32]
     client = req.body.get("cache_salt")

@@ -53,6 +53,7 @@ from kvroute.router.errors import (
 from kvroute.router.policies.base import RequestContext
 from kvroute.router.requests import (
     CHAT,
+    COHERE_CHAT,
     COHERE_EMBED,
     COMPLETION,
     GENERATE,
@@ -310,6 +311,8 @@ async def _relay_whole(resp: aiohttp.ClientResponse, d: Dispatch) -> web.Respons
         d.usage = anthropic_usage(parsed.get("usage"))
     elif d.req.kind == COHERE_EMBED:
         d.usage = cohere_usage(parsed.get("meta"))
+    elif d.req.kind == COHERE_CHAT:
+        d.usage = cohere_chat_usage(parsed.get("usage"))
     else:
         d.usage = parsed.get("usage")
     return web.Response(body=raw, status=resp.status, content_type="application/json",
@@ -567,6 +570,18 @@ def cohere_usage(meta: object) -> dict:
     return {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
 
 
+def cohere_chat_usage(usage: object) -> dict | None:
+    """A Cohere chat's ``usage`` (its ``tokens``, else its ``billed_units``) under the chat names."""
+    if not isinstance(usage, dict):
+        return None
+    tokens = usage.get("tokens") if isinstance(usage.get("tokens"), dict) else usage.get("billed_units")
+    if not isinstance(tokens, dict):
+        return None
+    prompt, output = _int(tokens.get("input_tokens")), _int(tokens.get("output_tokens"))
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
+            "prompt_tokens_details": {"cached_tokens": _int(usage.get("cached_tokens"))}}
+
+
 def anthropic_usage(usage: object) -> dict | None:
     """An Anthropic ``usage`` under the chat names: its ``input_tokens`` leave out the cache's
     reads and writes, which the prompt's tokens include."""
@@ -583,6 +598,9 @@ def anthropic_usage(usage: object) -> dict | None:
 _RESPONSE_END = re.compile(rb"event: response\.(completed|incomplete|failed)\r?\ndata: ")
 # Its first: the response's id.
 _RESPONSE_START = re.compile(rb"event: response\.created\r?\ndata: ")
+# The last event of a Cohere chat stream, which carries its usage (a JSON string's quotes are
+# escaped, so no text inside one matches).
+_COHERE_END = b'"type":"message-end"'
 # The events of an Anthropic stream that carry usage: message_start (the input), message_delta (all of it).
 _MESSAGE_USAGE = re.compile(rb"event: message_(start|delta)\r?\ndata: ")
 
@@ -612,6 +630,11 @@ def _keep_event(data: bytes, d: Dispatch) -> bool:
         if isinstance(usage, dict):  # message_delta's counts are the running totals: later keys win
             d.raw_usage = {**(d.raw_usage or {}), **usage}
             d.usage = anthropic_usage(d.raw_usage)
+        return True
+    if d.req.kind == COHERE_CHAT:
+        if data.startswith(b"data: {") and _COHERE_END in data:  # message-end: the usage, as a delta
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                d.usage = cohere_chat_usage(orjson.loads(data[6:]).get("delta", {}).get("usage")) or d.usage
         return True
     # A generate stream's events carry "usage":null but the last: nothing to parse there.
     if not data.startswith(b"data: {") or b'"usage"' not in data or b'"usage":null' in data:
@@ -674,6 +697,9 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 
 def _int(value: object) -> int:
+    """A token count; a whole float counts too (Cohere's usage writes 27.0)."""
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 

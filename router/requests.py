@@ -35,6 +35,7 @@ CLASSIFY = "classify"  # vLLM's /classify, on sequence-classification workers: l
 POOL = "pooling"  # vLLM's /pooling: a pooling model's raw output
 CHAT_BATCH = "chat_batch"  # vLLM's batch of conversations, each answered as a chat, in one request
 COHERE_EMBED = "cohere_embed"  # Cohere's embed API (v2), which vLLM's embedding servers also serve
+COHERE_CHAT = "cohere_chat"  # Cohere's chat API (v2), which vLLM serves with VLLM_ENABLE_COHERE_API=1
 # vLLM's generative scoring: a query and items, each item scored by the probabilities of
 # label tokens after query + item (one token generated per item).
 GENERATIVE_SCORING = "generative_scoring"
@@ -46,19 +47,21 @@ CHAT_RENDER = "chat_render"
 COMPLETION_RENDER = "completion_render"
 MESSAGES_RENDER = "messages_render"
 RESPONSES_RENDER = "responses_render"
+COHERE_CHAT_RENDER = "cohere_chat_render"
 PATHS = {CHAT: "/v1/chat/completions", COMPLETION: "/v1/completions", EMBEDDING: "/v1/embeddings",
          RESPONSES: "/v1/responses", MESSAGES: "/v1/messages", COUNT_TOKENS: "/v1/messages/count_tokens",
          TOKENIZE: "/tokenize", DETOKENIZE: "/detokenize", SCORE: "/score", RERANK: "/rerank",
          CLASSIFY: "/classify", POOL: "/pooling", GENERATE: "/inference/v1/generate",
          CHAT_BATCH: "/v1/chat/completions/batch", COHERE_EMBED: "/v2/embed",
-         GENERATIVE_SCORING: "/generative_scoring",
+         GENERATIVE_SCORING: "/generative_scoring", COHERE_CHAT: "/cohere/v2/chat",
          CHAT_RENDER: "/v1/chat/completions/render", COMPLETION_RENDER: "/v1/completions/render",
-         MESSAGES_RENDER: "/v1/messages/render", RESPONSES_RENDER: "/v1/responses/render"}
+         MESSAGES_RENDER: "/v1/messages/render", RESPONSES_RENDER: "/v1/responses/render",
+         COHERE_CHAT_RENDER: "/cohere/v2/chat/render"}
 # vLLM's other paths for the same APIs; the worker is sent the one in PATHS.
 ALIASES = {"/v1/score": SCORE, "/v1/rerank": RERANK, "/v2/rerank": RERANK}
 # A render takes the request it renders: checked, and read, as that request.
 RENDERED = {CHAT_RENDER: CHAT, COMPLETION_RENDER: COMPLETION, MESSAGES_RENDER: MESSAGES,
-            RESPONSES_RENDER: RESPONSES}
+            RESPONSES_RENDER: RESPONSES, COHERE_CHAT_RENDER: COHERE_CHAT}
 # Requests a worker answers without a prefill: nothing to route by, cache, or generate.
 NO_PREFILL = frozenset({COUNT_TOKENS, TOKENIZE, DETOKENIZE, *RENDERED})
 # Requests a worker prefills and generates nothing for.
@@ -169,8 +172,8 @@ class ParsedRequest:
         and pooling (a conversation as a chat's messages), and a score's or rerank's texts,
         query first; a Responses or Anthropic Messages request as the chat messages vLLM
         renders from it; a generate request's token ids as a completion's; a generative
-        scoring request's query and items as they are joined; a render as the request it
-        renders."""
+        scoring request's query and items as they are joined; a Cohere chat as the chat vLLM
+        renders from it; a render as the request it renders."""
         kind = RENDERED.get(self.kind, self.kind)
         if kind in INPUT_OR_MESSAGES:
             return pooled_view(self.body)
@@ -188,6 +191,8 @@ class ParsedRequest:
             return cohere_view(self.body)
         if kind == GENERATIVE_SCORING:
             return scoring_view(self.body)
+        if kind == COHERE_CHAT:
+            return cohere_as_chat(self.body)
         if kind == CHAT_BATCH:  # keyed by its first conversation; the others count toward the estimates
             return {**self.body, "messages": self.body["messages"][0], "batch": self.body["messages"][1:]}
         return self.body
@@ -237,6 +242,84 @@ def scoring_view(body: dict) -> dict:
     if body.get("add_special_tokens") is False:
         view["add_special_tokens"] = False
     return view
+
+
+def cohere_as_chat(body: dict) -> dict:
+    """A Cohere chat request as the chat vLLM renders from it (``CohereServingChatV2`` in
+    vllm/entrypoints/cohere/serving.py): text blocks joined (a user's kept as parts unless one
+    text), an assistant's ``thinking`` blocks and ``tool_plan`` as its reasoning, a tool's
+    documents as their JSON; ``tools`` in chat form; ``documents`` as the template's."""
+    messages = [_cohere_message(m) for m in body["messages"]]
+    view: dict[str, Any] = {"messages": messages}
+    kwargs = dict(body.get("chat_template_kwargs") or {})
+    if body.get("documents"):
+        kwargs.setdefault("documents", [
+            {"id": f"doc_{i}", "data": {"text": d}} if isinstance(d, str) else
+            {"id": d.get("id") or f"doc_{i}", "data": d["data"] if isinstance(d.get("data"), dict)
+             else {"text": d.get("data")}} for i, d in enumerate(body["documents"])])
+    if kwargs:
+        view["chat_template_kwargs"] = kwargs
+    strict = {"strict": True} if body.get("strict_tools") else {}
+    tools = [{"type": "function", "function": {**{k: (t.get("function") or {}).get(k) for k in
+                                                  ("name", "description", "parameters")}, **strict}}
+             for t in body.get("tools") or ()]
+    if tools:
+        view["tools"] = tools
+    return view
+
+
+def _cohere_message(m: dict) -> dict:
+    role, content = m["role"], m.get("content")
+    if role == "system":
+        return {"role": "system", "content": _cohere_text(content)}
+    if role == "user":
+        if isinstance(content, str):
+            return {"role": "user", "content": content}
+        parts = [{"type": "text", "text": _str(b.get("text"))} if b.get("type") == "text" else {"type": "image_url"}
+                 for b in content or () if b.get("type") in ("text", "image_url")]
+        if len(parts) == 1 and parts[0]["type"] == "text":
+            return {"role": "user", "content": parts[0]["text"]}
+        return {"role": "user", "content": parts}
+    if role == "tool":
+        if not isinstance(content, list):
+            return {"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content}
+        parts = [{"type": "text", "text": _str(b.get("text")) if b.get("type") == "text" else _document(b)}
+                 for b in content if b.get("type") in ("text", "document")]
+        return {"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": parts}
+    out: dict[str, Any] = {"role": "assistant"}  # the check let only these four roles through
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or ()
+    text = [_str(b.get("text")) for b in blocks if b.get("type") == "text"]
+    thinking = [_str(b.get("thinking")) for b in blocks if b.get("type") == "thinking"]
+    if m.get("tool_plan") and isinstance(m["tool_plan"], str):
+        thinking.append(m["tool_plan"])
+    if text:
+        out["content"] = "".join(text)
+    if thinking:
+        out["reasoning"] = "".join(thinking)
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": {
+            "name": (c.get("function") or {}).get("name") or "",
+            "arguments": (c.get("function") or {}).get("arguments") or "{}"}} for c in m["tool_calls"]]
+    return out
+
+
+def _cohere_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(_str(b.get("text")) for b in content or ())
+
+
+def _str(value: Any) -> str:
+    """A text field as the router keys it: anything else (which vLLM refuses) as nothing."""
+    return value if isinstance(value, str) else ""
+
+
+def _document(block: dict) -> str:
+    """A tool result's document as vLLM writes it into the tool message: its JSON."""
+    document = block.get("document")
+    if not isinstance(document, dict):
+        return ""
+    return json.dumps({k: document[k] for k in ("data", "id") if document.get(k) is not None})  # the SDK's order
 
 
 def _message_text(message: dict) -> str:
@@ -721,6 +804,40 @@ def _check_generative_scoring(body: dict) -> None:
         _field(body, name, (bool,), "a boolean")
 
 
+_COHERE_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_cohere_chat(body: dict) -> None:
+    """The fields of a Cohere chat the router reads: ``messages`` (roles, content as a
+    string or block objects, an assistant's ``tool_calls``), ``tools`` and ``documents``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of message objects", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
+        if m.get("role") not in _COHERE_ROLES:
+            raise InvalidRequest(f"'messages[{i}].role' must be one of {', '.join(_COHERE_ROLES)}",
+                                 param=f"messages[{i}].role")
+        content = m.get("content")
+        if not (isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
+                or (content is None and m["role"] == "assistant")):
+            raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of content blocks",
+                                 param=f"messages[{i}].content")
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)):
+            raise InvalidRequest(f"'messages[{i}].tool_calls' must be a list of tool call objects",
+                                 param=f"messages[{i}].tool_calls")
+    tools = _field(body, "tools", (list,), "a list")
+    if tools is not None and not all(isinstance(t, dict) and isinstance(t.get("function", {}), dict) for t in tools):
+        raise InvalidRequest("'tools' must be a list of tool objects", param="tools")
+    documents = _field(body, "documents", (list,), "a list")
+    if documents is not None and not all(isinstance(d, (str, dict)) for d in documents):
+        raise InvalidRequest("'documents' must be a list of strings or document objects", param="documents")
+    _check_template_fields(body, ("chat_template_kwargs",))
+
+
 def _check_embedding(body: dict) -> None:
     _check_pooled(EMBEDDING, body)
     if _field(body, "stream", (bool,), "a boolean"):
@@ -771,6 +888,8 @@ def parse_request(kind: str, raw: bytes, headers: Mapping[str, str], rid: str | 
         _check_chat_batch(body)
     elif checked == GENERATIVE_SCORING:
         _check_generative_scoring(body)
+    elif checked == COHERE_CHAT:
+        _check_cohere_chat(body)
     elif checked == DETOKENIZE:
         if not _ids(body.get("tokens")):
             raise InvalidRequest("'tokens' is required: a list of token ids (0 to 2^32 - 1)", param="tokens")

@@ -379,6 +379,39 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
                                   "choices": [{"index": i, "message": {"role": "assistant", "content": "x" * each},
                                                "finish_reason": "length"} for i in range(len(conversations))]})
 
+    async def cohere_chat(request: web.Request) -> web.StreamResponse:
+        """Cohere's chat API as vLLM answers it: ``fake_output_tokens`` words (default 3, at
+        most ``max_tokens`` unless ``fake_ignore_max_tokens``), whole or as Cohere's events,
+        the usage in ``message-end``, its counts written as floats."""
+        body = await request.json()
+        app[SEEN].append({**body, "path": request.path})
+        n = body.get("fake_output_tokens", 3)
+        if body.get("max_tokens") and not body.get("fake_ignore_max_tokens"):
+            n = min(n, body["max_tokens"])
+        prompt = float(sum(len(str(m.get("content"))) // 4 + 1 for m in body["messages"]))
+        usage = {"billed_units": {"input_tokens": prompt, "output_tokens": float(n)},
+                 "tokens": {"input_tokens": prompt, "output_tokens": float(n)}, "cached_tokens": 0.0}
+        if not body.get("stream"):
+            return web.json_response({"id": "x", "finish_reason": "MAX_TOKENS", "usage": usage, "message": {
+                "role": "assistant", "content": [{"type": "text", "text": " x" * n}]}})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(**data) -> None:
+            await resp.write(b"data: " + orjson.dumps(data) + b"\n\n")
+
+        try:
+            await event(id="x", delta={"message": {"role": "assistant"}}, type="message-start")
+            await event(index=0, delta={"message": {"content": {"text": "", "type": "text"}}}, type="content-start")
+            for _ in range(n):
+                await event(index=0, delta={"message": {"content": {"text": " x"}}}, type="content-delta")
+            await event(index=0, type="content-end")
+            await event(id="x", delta={"finish_reason": "MAX_TOKENS", "usage": usage}, type="message-end")
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, ConnectionError):
+            pass  # the router cut the stream
+        return resp
+
     async def generative_scoring(request: web.Request) -> web.Response:
         """vLLM's generative scoring: a score per item, one token generated for each, the
         prompt tokens of every query + item counted (text at 4 characters a token)."""
@@ -407,11 +440,12 @@ def fake_worker(name: str = "fake", api_key: str | None = None) -> web.Applicati
         return web.json_response(rendered)
 
     for path in ("/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render",
-                 "/v1/responses/render"):
+                 "/v1/responses/render", "/cohere/v2/chat/render"):
         app.router.add_post(path, render)
     app.router.add_post("/inference/v1/generate", generate)
     app.router.add_post("/v1/chat/completions/batch", chat_batch)
     app.router.add_post("/generative_scoring", generative_scoring)
+    app.router.add_post("/cohere/v2/chat", cohere_chat)
     app.router.add_post("/classify", pooled)
     app.router.add_post("/pooling", pooled)
     app.router.add_post("/score", scores)

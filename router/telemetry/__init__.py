@@ -18,6 +18,7 @@ from kvroute.router.requests import (
     CHAT,
     CHAT_BATCH,
     CLASSIFY,
+    COHERE_CHAT,
     COHERE_EMBED,
     COMPLETION,
     COUNT_TOKENS,
@@ -53,6 +54,7 @@ _OPERATIONS = {CHAT: "chat", COMPLETION: "text_completion", EMBEDDING: "embeddin
                MESSAGES: "chat", COUNT_TOKENS: "count_tokens", TOKENIZE: "tokenize", DETOKENIZE: "detokenize",
                SCORE: "score", RERANK: "rerank", CLASSIFY: "classify", POOL: "pooling", GENERATE: "generate",
                CHAT_BATCH: "chat", COHERE_EMBED: "embeddings", GENERATIVE_SCORING: "generative_scoring",
+               COHERE_CHAT: "chat",
                **dict.fromkeys(RENDERED, "render")}
 
 

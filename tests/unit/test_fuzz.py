@@ -53,6 +53,9 @@ VALID_CHAT_BATCH = {"model": "tiny", "messages": [[{"role": "user", "content": "
                                                   [{"role": "user", "content": "there"}]], "max_tokens": 3}
 VALID_COHERE_EMBED = {"model": "tiny", "texts": ["hello", "there"], "input_type": "search_query",
                       "embedding_types": ["float"]}
+VALID_COHERE_CHAT = {"model": "tiny", "max_tokens": 3, "documents": ["a doc"],
+                     "messages": [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+                                  {"role": "user", "content": "hello"}]}
 VALID_GENERATIVE_SCORING = {"model": "tiny", "query": "Is this positive?", "items": ["yes", "no"],
                             "label_token_ids": [5, 6]}
 VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION, "/v1/embeddings": VALID_EMBEDDING,
@@ -60,11 +63,12 @@ VALID = {"/v1/chat/completions": VALID_CHAT, "/v1/completions": VALID_COMPLETION
          "/detokenize": VALID_DETOKENIZE, "/rerank": VALID_RERANK, "/v1/score": VALID_SCORE,
          "/classify": VALID_CLASSIFY, "/pooling": VALID_POOLING, "/inference/v1/generate": VALID_GENERATE,
          "/v1/chat/completions/render": VALID_RENDER, "/v1/chat/completions/batch": VALID_CHAT_BATCH,
-         "/v2/embed": VALID_COHERE_EMBED, "/generative_scoring": VALID_GENERATIVE_SCORING}
+         "/v2/embed": VALID_COHERE_EMBED, "/generative_scoring": VALID_GENERATIVE_SCORING,
+         "/cohere/v2/chat": VALID_COHERE_CHAT}
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
          "/tokenize", "/detokenize", "/rerank", "/v1/score", "/classify", "/pooling", "/inference/v1/generate",
          "/v1/chat/completions/render", "/v1/chat/completions/batch", "/v2/embed", "/generative_scoring",
-         "/v1/responses/resp_x",
+         "/cohere/v2/chat", "/v1/responses/resp_x",
          "/v1/responses/resp_x/cancel",
          "/v1/models", "/health", "/livez", "/readyz", "/metrics",
          "/v1/kvroute/spend", "/v1/kvroute/admin/kill", "/v1/kvroute/admin/alerts", "/", "/v1", "/nope"]
@@ -93,7 +97,8 @@ FIELDS = ["model", "messages", "prompt", "stream", "max_tokens", "max_completion
           "top_p", "stream_options", "tools", "user", "input", "instructions", "max_output_tokens",
           "encoding_format", "dimensions", "previous_response_id", "system", "tokens", "store", "query",
           "documents", "top_n", "text_1", "text_2", "queries", "token_ids", "sampling_params", "texts", "inputs",
-          "images", "truncate", "items", "label_token_ids", "item_first", "add_special_tokens", "cache_salt"]
+          "images", "truncate", "items", "label_token_ids", "item_first", "add_special_tokens", "cache_salt",
+          "strict_tools", "tool_choice", "chat_template_kwargs"]
 
 
 def mostly(draw, usual: st.SearchStrategy, odd: st.SearchStrategy, odds: int = 4):

@@ -94,6 +94,7 @@ async def test_a_budget_reserves_and_cuts_a_generate_requests_max_tokens(aiohttp
     ("/v1/completions/render", {"prompt": ["one", "two"], "max_tokens": 4}, True),
     ("/v1/messages/render", {"messages": CHAT_MESSAGES, "max_tokens": 4}, False),
     ("/v1/responses/render", {"input": "hi"}, False),
+    ("/cohere/v2/chat/render", {"messages": CHAT_MESSAGES, "max_tokens": 4}, False),
 ])
 async def test_a_render_comes_back_under_the_clients_model_name(aiohttp_client, upstream, path, body, many):
     client = await aiohttp_client(create_app(config(worker_url(upstream))))

@@ -2,8 +2,8 @@
 probabilities of label tokens after query + item) through the router against the fake
 worker: keyed as vLLM builds the first item's prompt, so requests that share a query share a
 worker; one token counted and reserved per item; never moved to another tier; a repeat
-answered by the exact cache; bad input a 400 that names the field. ``tests/integration/test_generative_scoring_fleet.py`` runs it on
-a real vLLM worker."""
+answered by the exact cache; bad input a 400 that names the field.
+``tests/integration/test_generative_scoring_fleet.py`` runs it on a real vLLM worker."""
 
 from __future__ import annotations
 
