@@ -125,6 +125,8 @@ class ParsedRequest:
             value = self.body.get("max_output_tokens")
         elif self.kind == GENERATE:
             value = self.body["sampling_params"].get("max_tokens")
+        elif self.kind == COHERE_CHAT:
+            value = self.body.get("max_tokens")  # vLLM reads no other key there
         else:
             value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
@@ -136,6 +138,8 @@ class ParsedRequest:
         each of a generative scoring request's items."""
         if self.kind == GENERATIVE_SCORING:
             return len(self.body["items"])
+        if self.kind == COHERE_CHAT:
+            return 1  # Cohere's API has no n
         params = self.body["sampling_params"] if self.kind == GENERATE else self.body
         n = params.get("n")
         n = n if type(n) is int and n > 1 else 1

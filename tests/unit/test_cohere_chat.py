@@ -63,6 +63,8 @@ def test_a_cohere_chat_reads_as_the_chat_vllm_renders_from_it():
                                                     "parameters": {"type": "object"}, "strict": True}}],
     }
     assert cohere.with_max_tokens(2).body["max_tokens"] == 2  # a budget's cut lands where vLLM reads it
+    ignored = parsed(COHERE_CHAT, messages=[{"role": "user", "content": "hi"}], n=4, max_completion_tokens=9)
+    assert ignored.sequences == 1 and ignored.max_tokens is None  # fields vLLM does not read there
     render = parsed(COHERE_CHAT_RENDER, messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True)
     assert render.prompt_view == {"messages": [{"role": "user", "content": "hi"}]} and render.max_tokens == 0
 
