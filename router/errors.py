@@ -87,8 +87,13 @@ def error_body(err: KvrouteError, path: str) -> dict:
 
 def sse_error(err: KvrouteError, path: str) -> bytes:
     """A stream's final error event: ``data: {...}``, named ``event: error`` for Anthropic's
-    clients, which skip events they do not know."""
-    data = b"data: " + orjson.dumps(error_body(err, path)) + b"\n\n"
+    clients, which skip events they do not know; for Cohere's, the ``message-end`` event
+    their protocol ends a failed stream with (``finish_reason`` ERROR, the message as the
+    delta's ``error``)."""
+    body = error_body(err, path)
+    if path.startswith(COHERE_PREFIX):
+        body = {"type": "message-end", "delta": {"finish_reason": "ERROR", "error": err.message}, **body}
+    data = b"data: " + orjson.dumps(body) + b"\n\n"
     return b"event: error\n" + data if path == ANTHROPIC_PATH else data
 
 

@@ -111,7 +111,9 @@ async def test_a_budget_shrinks_a_cohere_chat_and_cuts_its_stream(aiohttp_client
     granted = upstream.app[SEEN][-1]["max_tokens"]
     deltas = [e for e in events if e.get("type") == "content-delta"]
     assert len(deltas) == granted and events[-1]["error"]["code"] == "budget_exceeded"
-    assert events[-1]["message"] == events[-1]["error"]["message"]  # Cohere's clients read the message on top
+    # Cohere's protocol ends a failed stream with message-end, finish_reason ERROR
+    assert events[-1]["type"] == "message-end" and events[-1]["delta"] == {
+        "finish_reason": "ERROR", "error": events[-1]["error"]["message"]}
     await client.server.app[keys.GOVERNOR].drain()
 
 
