@@ -692,17 +692,25 @@ def _check_tokenize(body: dict) -> None:
         _check_template_fields(body)
 
 
-def _check_anthropic(body: dict) -> None:
-    """The fields of a Messages request the router reads: ``messages`` (roles, and content as
-    a string or blocks), ``system`` and ``tools``."""
+def _message_objects(body: dict, roles: tuple[str, ...]) -> list[dict]:
+    """``messages``: a non-empty list of objects, each with one of ``roles``."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list of message objects", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
-        if m.get("role") not in ("user", "assistant"):
-            raise InvalidRequest(f"'messages[{i}].role' must be user or assistant", param=f"messages[{i}].role")
+        if m.get("role") not in roles:
+            raise InvalidRequest(f"'messages[{i}].role' must be one of {', '.join(roles)}",
+                                 param=f"messages[{i}].role")
+    return messages
+
+
+def _check_anthropic(body: dict) -> None:
+    """The fields of a Messages request the router reads: ``messages`` (roles, and content as
+    a string or blocks), ``system`` and ``tools``."""
+    messages = _message_objects(body, ("user", "assistant"))
+    for i, m in enumerate(messages):
         content = m.get("content")
         if not (isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))):
             raise InvalidRequest(f"'messages[{i}].content' must be a string or a list of content blocks",
@@ -814,15 +822,7 @@ _COHERE_ROLES = ("system", "user", "assistant", "tool")
 def _check_cohere_chat(body: dict) -> None:
     """The fields of a Cohere chat the router reads: ``messages`` (roles, content as a
     string or block objects, an assistant's ``tool_calls``), ``tools`` and ``documents``."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list of message objects", param="messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
-        if m.get("role") not in _COHERE_ROLES:
-            raise InvalidRequest(f"'messages[{i}].role' must be one of {', '.join(_COHERE_ROLES)}",
-                                 param=f"messages[{i}].role")
+    for i, m in enumerate(_message_objects(body, _COHERE_ROLES)):
         content = m.get("content")
         if not (isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
                 or (content is None and m["role"] == "assistant")):
