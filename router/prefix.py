@@ -389,21 +389,20 @@ def rest_of_batch_tokens(view: dict) -> int:
     request's other items, each with its query) estimated at 4 characters a token."""
     batch = view.get("batch")
     if isinstance(batch, list):
-        return sum(len(_chat_text_approx(c)) // 4 + 1 for c in batch)
+        return sum(_estimated_tokens(_chat_text_approx(c)) for c in batch)
     prompt = view.get("prompt")
     items = view.get("items")
     if isinstance(items, list):
         return sum(_estimated_tokens(prompt) + _estimated_tokens(i) for i in items[1:])
     if not isinstance(prompt, list) or len(prompt) < 2:
         return 0
-    if isinstance(prompt[0], str):
-        return sum(len(p) // 4 + 1 for p in prompt[1:] if isinstance(p, str))
-    if isinstance(prompt[0], list):
-        return sum(len(p) for p in prompt[1:] if isinstance(p, list))
+    if isinstance(prompt[0], (str, list)):  # texts, or lists of token ids
+        return sum(_estimated_tokens(p) for p in prompt[1:] if isinstance(p, type(prompt[0])))
     return 0  # one prompt of token ids
 
 
 def _estimated_tokens(text_or_ids: Any) -> int:
+    """A text's tokens at 4 characters a token; token ids counted."""
     return len(text_or_ids) // 4 + 1 if isinstance(text_or_ids, str) else len(text_or_ids)
 
 
